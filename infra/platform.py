@@ -1,0 +1,227 @@
+"""The whole platform on one machine: servers (embedded unless external URLs are given),
+migrations, and the four services as child processes.
+
+Used by `kiln up` (`make run`) and by the integration tests, so the tests exercise exactly
+what an operator starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import httpx
+import nats
+import nats.js.errors
+
+from infra.embedded import EmbeddedNats, EmbeddedPostgres, stop_pid
+from services.quota.migrate import upgrade
+from services.render import tiny_model
+from shared import subjects
+from shared.settings import (
+    DEFAULT_HTTP_PORT,
+    EMBEDDED_NATS_PORT,
+    EMBEDDED_POSTGRES_PORT,
+    PROJECT_ROOT,
+)
+
+SERVICES = ("quota", "context", "render", "delivery")
+# The durable consumer each service pulls from: it has pull requests waiting once the
+# service is up and serving.
+CONSUMERS = {
+    "quota": (subjects.PROMPTS.name, "quota"),
+    "context": (subjects.QUOTA.name, "context"),
+    "render": (subjects.RENDER_JOBS.name, "render"),
+    "delivery": (subjects.RENDER_EVENTS.name, "delivery"),
+}
+
+
+@dataclass
+class Platform:
+    data_dir: Path
+    nats_url: str | None = None  # external servers; None starts the embedded one
+    database_url: str | None = None
+    nats_port: int = EMBEDDED_NATS_PORT
+    postgres_port: int = EMBEDDED_POSTGRES_PORT
+    http_port: int = DEFAULT_HTTP_PORT
+    model_path: Path | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+    services: dict[str, subprocess.Popen] = field(default_factory=dict)
+    _nats: EmbeddedNats | None = None
+    _postgres: EmbeddedPostgres | None = None
+    _lock: TextIO | None = None
+
+    @classmethod
+    def from_env(cls, data_dir: Path | None = None) -> Platform:
+        env = os.environ
+        return cls(
+            data_dir=data_dir or Path(env.get("KILN_DATA_DIR", PROJECT_ROOT / ".kiln")),
+            nats_url=env.get("KILN_NATS_URL") or None,
+            database_url=env.get("KILN_DATABASE_URL") or None,
+            nats_port=int(env.get("KILN_NATS_PORT", EMBEDDED_NATS_PORT)),
+            postgres_port=int(env.get("KILN_POSTGRES_PORT", EMBEDDED_POSTGRES_PORT)),
+            http_port=int(env.get("KILN_HTTP_PORT", DEFAULT_HTTP_PORT)),
+            model_path=Path(env["KILN_MODEL"]) if env.get("KILN_MODEL") else None,
+        )
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    # -- servers --------------------------------------------------------------------------
+
+    def start_servers(self) -> None:
+        self._take_lock()
+        if self.nats_url is None:
+            self._nats = EmbeddedNats(self.data_dir / "nats", self.nats_port)
+            self.nats_url = self._nats.start()
+        if self.database_url is None:
+            self._postgres = EmbeddedPostgres(self.data_dir / "postgres" / "data", self.postgres_port)
+            self.database_url = self._postgres.start()
+        upgrade(self.database_url)
+        if self.model_path is None:
+            self.model_path = tiny_model.ensure(self.data_dir / "models" / "tiny-sd")
+
+    def stop_servers(self) -> None:
+        if self._postgres is not None:
+            self._postgres.stop()
+        if self._nats is not None:
+            self._nats.stop()
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases the lock
+            self._lock = None
+
+    def _take_lock(self) -> None:
+        """One launcher per data folder: a second would take the first's processes for
+        orphans and stop them."""
+        run_dir = self.data_dir / "run"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(run_dir / "platform.lock", "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            lock.close()
+            raise RuntimeError(
+                f"another Kiln (pid {holder}) is running on {self.data_dir}; stop it first"
+            ) from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        self._lock = lock
+
+    # -- services -------------------------------------------------------------------------
+
+    def service_env(self) -> dict[str, str]:
+        assert self.nats_url and self.database_url and self.model_path
+        return {
+            **os.environ,
+            "KILN_NATS_URL": self.nats_url,
+            "KILN_DATABASE_URL": self.database_url,
+            "KILN_MODEL": str(self.model_path),
+            "KILN_DATA_DIR": str(self.data_dir),
+            "KILN_HTTP_PORT": str(self.http_port),
+            "PYTHONUNBUFFERED": "1",
+            **self.extra_env,
+        }
+
+    def start_service(self, name: str) -> subprocess.Popen:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        pid_file = self.data_dir / "run" / f"{name}.pid"
+        pid_file.parent.mkdir(exist_ok=True)
+        if pid_file.exists() and stop_pid(int(pid_file.read_text()), f"services.{name}"):
+            print(f"stopped an orphaned {name} service left by an earlier run")
+        with open(self.log_dir / f"{name}.log", "ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", f"services.{name}"],
+                cwd=PROJECT_ROOT,
+                env=self.service_env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches the launcher, which stops us in order
+            )
+        pid_file.write_text(str(process.pid))
+        self.services[name] = process
+        return process
+
+    def start_services(self) -> None:
+        for name in SERVICES:
+            self.start_service(name)
+
+    def stop_service(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 20) -> int | None:
+        process = self.services.pop(name, None)
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.send_signal(sig)
+            try:
+                process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        return process.returncode
+
+    def stop_services(self) -> None:
+        for name in reversed(list(self.services)):
+            self.stop_service(name)
+
+    async def wait_ready(self, timeout_s: float = 120) -> None:
+        """Wait until every service is pulling from its consumer and delivery answers HTTP."""
+        deadline = time.monotonic() + timeout_s
+        nc = await nats.connect(self.nats_url)
+        try:
+            js = nc.jetstream()
+            waiting = set(SERVICES)
+            while waiting:
+                for name in list(waiting):
+                    self._check_alive(name)
+                    stream, durable = CONSUMERS[name]
+                    try:
+                        info = await js.consumer_info(stream, durable)
+                    except nats.js.errors.NotFoundError:
+                        continue
+                    if info.num_waiting and (name != "delivery" or await self._http_ok()):
+                        waiting.discard(name)
+                if waiting and time.monotonic() > deadline:
+                    raise TimeoutError(f"not ready after {timeout_s:.0f}s: {sorted(waiting)}; logs in {self.log_dir}")
+                await asyncio.sleep(0.2)
+        finally:
+            await nc.close()
+
+    def _check_alive(self, name: str) -> None:
+        process = self.services.get(name)
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(
+                f"{name} exited with {process.returncode}; see {self.log_dir / (name + '.log')}"
+            )
+
+    async def _http_ok(self) -> bool:
+        try:
+            async with httpx.AsyncClient() as client:
+                return (await client.get(f"{self.http_url}/healthz", timeout=2)).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    # -- all together ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.start_servers)
+        self.start_services()
+        await self.wait_ready()
+
+    def stop(self) -> None:
+        self.stop_services()
+        self.stop_servers()

@@ -1,0 +1,158 @@
+"""The `kiln` command line.
+
+    kiln up                                   start the whole platform (what `make run` does)
+    kiln generate "a red circle" --user alice -o out.png
+
+Exit codes of `generate`: 0 delivered, 2 denied by quota, 3 failed, 4 no outcome in time,
+64 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+from pathlib import Path
+
+import nats.errors
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from kiln.client import KilnClient
+from shared.events import ImageDelivered, QuotaDenied, RenderProgress
+from shared.settings import Settings
+
+EXIT_DENIED, EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE = 2, 3, 4, 64
+
+console = Console(stderr=True, soft_wrap=True)  # one message, one line
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kiln", description="Kiln image generation")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="start the platform (embedded servers unless KILN_*_URL are set)")
+    up.set_defaults(run=_up)
+
+    generate = commands.add_parser("generate", help="generate an image from a prompt")
+    generate.add_argument("prompt")
+    generate.add_argument("--user", required=True, help="the user asking (letters, digits, _ and -)")
+    generate.add_argument("-o", "--output", type=Path, help="where to write the PNG")
+    generate.add_argument("--conversation", default="", help="conversation id")
+    generate.add_argument("--request-id", help="idempotency key (default: a new one)")
+    generate.add_argument("--size", type=int, default=32, help="width and height in pixels")
+    generate.add_argument("--steps", type=int, default=10)
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--timeout", type=float, default=120, help="seconds to wait for the outcome")
+    generate.set_defaults(run=_generate)
+
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(_generate_async(args))
+    except ValueError as error:
+        console.print(f"kiln: {error}")
+        return EXIT_USAGE
+
+
+async def _generate_async(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    try:
+        client = await KilnClient.connect(settings.nats_url)
+    except (OSError, TimeoutError) as error:
+        console.print(f"kiln: cannot reach NATS at {settings.nats_url} ({error}); is the platform up (`make run`)?")
+        return EXIT_FAILED
+    async with client:
+        with Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(), console=console, transient=True,
+        ) as bar:
+            task = bar.add_task("waiting for quota", total=args.steps)
+
+            def on_progress(event: RenderProgress) -> None:
+                bar.update(task, description="rendering", completed=event.step, total=event.total_steps)
+
+            try:
+                outcome = await client.generate(
+                    args.prompt,
+                    user_id=args.user,
+                    conversation_id=args.conversation,
+                    request_id=args.request_id,
+                    width=args.size,
+                    height=args.size,
+                    steps=args.steps,
+                    seed=args.seed,
+                    on_progress=on_progress,
+                    timeout_s=args.timeout,
+                )
+            except TimeoutError as error:
+                console.print(f"kiln: {error}; run the same command with --request-id to keep waiting")
+                return EXIT_TIMEOUT
+            except nats.errors.Error as error:
+                console.print(f"kiln: the bus at {settings.nats_url} did not take the prompt ({error}); is Kiln up (`make run`)?")
+                return EXIT_FAILED
+
+        if isinstance(outcome, QuotaDenied):
+            retry = f" (try again after {outcome.retry_at:%Y-%m-%d %H:%M} UTC)" if outcome.retry_at else ""
+            console.print(f"denied: {outcome.reason}: {outcome.detail}{retry}")
+            return EXIT_DENIED
+        if not isinstance(outcome, ImageDelivered):
+            console.print(f"failed at {outcome.stage}: {outcome.reason}: {outcome.detail}")
+            return EXIT_FAILED
+        png = await client.download(outcome)
+        if args.output:
+            args.output.write_bytes(png)
+            console.print(f"wrote {args.output} ({len(png)} bytes); link: {outcome.url}")
+        else:
+            console.print(f"image ready: {outcome.url}")
+        return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from infra.platform import Platform
+
+    platform = Platform.from_env()
+    # Ctrl-C / SIGTERM: stop everything we started, in order.
+    stopping = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        console.print("starting Kiln …")
+        asyncio.run(platform.start())
+        console.print(
+            f"Kiln is up.\n"
+            f"  NATS      {platform.nats_url}{'' if platform._nats is None else '  (embedded)'}\n"
+            f"  Postgres  {platform.database_url}{'' if platform._postgres is None else '  (embedded)'}\n"
+            f"  HTTP      {platform.http_url}  (images, /healthz)\n"
+            f"  model     {platform.model_path}\n"
+            f"  logs      {platform.log_dir}/<service>.log\n"
+            f"Try: .venv/bin/kiln generate \"a red circle\" --user alice -o out.png\n"
+            f"Ctrl-C stops everything."
+        )
+        while not stopping:
+            for name, process in list(platform.services.items()):
+                if process.poll() is not None:
+                    console.print(f"{name} exited with {process.returncode}; restarting it (log: {platform.log_dir / name}.log)")
+                    platform.start_service(name)
+            time.sleep(1)
+    except (RuntimeError, TimeoutError, OSError) as error:
+        console.print(f"kiln up: {error}")
+        return 1
+    finally:
+        console.print("stopping Kiln …")
+        platform.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

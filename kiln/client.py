@@ -1,0 +1,179 @@
+"""The async Python SDK: publish a prompt, follow its progress, await its one outcome.
+
+    async with await KilnClient.connect("nats://127.0.0.1:14222") as kiln:
+        outcome = await kiln.generate("a red circle", user_id="alice")
+        if isinstance(outcome, ImageDelivered):
+            png = await kiln.download(outcome)
+
+`generate` subscribes to everything said about its request before publishing, then also
+looks up outcomes already recorded (for a request re-published after a lost reply). If no
+outcome arrives within `resubmit_after_s` it publishes the same prompt again: the
+`request_id` makes that idempotent, and it survives a lost bus write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+
+import httpx
+import msgspec
+import nats
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from opentelemetry import trace
+
+from shared import subjects
+from shared.events import (
+    TERMINAL,
+    ImageDelivered,
+    PromptSubmitted,
+    QuotaDenied,
+    RenderProgress,
+    RequestFailed,
+    check_ids,
+    decode,
+    encode,
+)
+from shared.telemetry import inject_headers
+
+Outcome = ImageDelivered | QuotaDenied | RequestFailed
+ProgressCallback = Callable[[RenderProgress], None]
+
+tracer = trace.get_tracer("kiln.client")
+
+# Where each outcome is kept, so one that happened before we subscribed can be found.
+_RECORDED = (
+    (subjects.QUOTA.name, subjects.quota_decided),
+    (subjects.OUTCOMES.name, subjects.delivered),
+    (subjects.OUTCOMES.name, subjects.request_failed),
+)
+
+
+class KilnClient:
+    def __init__(self, nc: NATS) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+
+    @classmethod
+    async def connect(cls, nats_url: str) -> KilnClient:
+        return cls(await nats.connect(nats_url, name="kiln-client"))
+
+    async def close(self) -> None:
+        await self.nc.close()
+
+    async def __aenter__(self) -> KilnClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def submit(self, submission: PromptSubmitted) -> None:
+        """Publish a prompt (idempotent: the same `request_id` is only taken once)."""
+        check_ids(submission)
+        headers = inject_headers({"Nats-Msg-Id": f"{submission.request_id}:prompt-submitted"})
+        await self.js.publish(subjects.prompt_submitted(submission.user_id), encode(submission), headers=headers)
+
+    async def generate(
+        self,
+        prompt: str,
+        *,
+        user_id: str,
+        conversation_id: str = "",
+        request_id: str | None = None,
+        width: int = 32,
+        height: int = 32,
+        steps: int = 10,
+        seed: int | None = None,
+        on_progress: ProgressCallback | None = None,
+        timeout_s: float = 120,
+        resubmit_after_s: float = 30,
+    ) -> Outcome:
+        """Ask for an image and wait for the request's outcome: delivered, denied or failed.
+
+        Raises ValueError for ids that cannot be used, TimeoutError if no outcome arrives."""
+        submission = PromptSubmitted(
+            request_id=request_id or uuid.uuid4().hex,
+            user_id=user_id,
+            conversation_id=conversation_id,
+            prompt=prompt,
+            width=width,
+            height=height,
+            steps=steps,
+            seed=seed,
+        )
+        check_ids(submission)
+        with tracer.start_as_current_span(
+            "kiln generate",
+            kind=trace.SpanKind.PRODUCER,
+            attributes={"kiln.request_id": submission.request_id},
+        ):
+            return await self._follow(submission, on_progress, timeout_s, resubmit_after_s)
+
+    async def _follow(
+        self,
+        submission: PromptSubmitted,
+        on_progress: ProgressCallback | None,
+        timeout_s: float,
+        resubmit_after_s: float,
+    ) -> Outcome:
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[Msg] = asyncio.Queue()
+        about = subjects.about_request(submission.user_id, submission.request_id)
+        sub = await self.nc.subscribe(about, cb=inbox.put)
+        try:
+            deadline = loop.time() + timeout_s
+            while True:
+                await self.submit(submission)
+                recorded = await self.recorded_outcome(submission.user_id, submission.request_id)
+                if recorded is not None:
+                    return recorded
+                resubmit_at = min(deadline, loop.time() + resubmit_after_s)
+                outcome = await self._next_outcome(inbox, resubmit_at, on_progress)
+                if outcome is not None:
+                    return outcome
+                if loop.time() >= deadline:
+                    raise TimeoutError(
+                        f"no outcome for request {submission.request_id} within {timeout_s:.0f}s"
+                    )
+        finally:
+            await sub.unsubscribe()
+
+    async def _next_outcome(
+        self, inbox: asyncio.Queue[Msg], until: float, on_progress: ProgressCallback | None
+    ) -> Outcome | None:
+        loop = asyncio.get_running_loop()
+        while (remaining := until - loop.time()) > 0:
+            try:
+                msg = await asyncio.wait_for(inbox.get(), remaining)
+            except TimeoutError:
+                return None
+            try:
+                event = decode(msg.data, (msg.headers or {}).get("Content-Type"))
+            except msgspec.DecodeError:
+                continue  # not ours to judge; the services dead-letter what they cannot read
+            if isinstance(event, RenderProgress) and on_progress is not None:
+                on_progress(event)
+            elif isinstance(event, TERMINAL):
+                return event
+        return None
+
+    async def recorded_outcome(self, user_id: str, request_id: str) -> Outcome | None:
+        """The request's outcome if the streams already hold one."""
+        for stream, subject in _RECORDED:
+            try:
+                raw = await self.js.get_last_msg(stream, subject(user_id, request_id))
+            except nats.js.errors.NotFoundError:
+                continue
+            event = decode(raw.data or b"", (raw.headers or {}).get("Content-Type"))
+            if isinstance(event, TERMINAL):
+                return event
+        return None
+
+    async def download(self, delivered: ImageDelivered) -> bytes:
+        async with httpx.AsyncClient() as http:
+            response = await http.get(delivered.url, timeout=30)
+            response.raise_for_status()
+            return response.content

@@ -1,0 +1,29 @@
+"""Entry point: `python -m services.context`."""
+
+from __future__ import annotations
+
+import asyncio
+
+from nats.aio.msg import Msg
+
+from services.context.compose import render_request
+from shared import service, subjects
+from shared.bus import Bus
+from shared.events import AnyEvent, QuotaGranted
+from shared.settings import Settings
+
+
+async def serve(settings: Settings, bus: Bus, stop: asyncio.Event) -> None:
+    async def handle_decision(event: AnyEvent, msg: Msg) -> None:
+        if not isinstance(event, QuotaGranted):
+            return  # a denial ends the request at quota; nothing to render
+        job = render_request(event)
+        await bus.publish(
+            subjects.render_job(job.tier), job, msg_id=f"{job.request_id}:render-requested"
+        )
+
+    await bus.consume(subjects.QUOTA, "context", handle_decision, stop)
+
+
+if __name__ == "__main__":
+    service.run("context", serve)

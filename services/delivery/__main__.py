@@ -1,0 +1,48 @@
+"""Entry point: `python -m services.delivery` (the event consumer and the HTTP server)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import uvicorn
+from nats.aio.msg import Msg
+
+from services.delivery.http import create_app
+from services.delivery.outcome import outcome
+from shared import service, subjects
+from shared.bus import Bus
+from shared.events import AnyEvent, RenderCompleted, RenderFailed
+from shared.settings import Settings
+
+
+class _HttpServer(uvicorn.Server):
+    """Signals belong to the service runner (it sets `stop`); uvicorn must not take them."""
+
+    def capture_signals(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+
+async def serve(settings: Settings, bus: Bus, stop: asyncio.Event) -> None:
+    async def handle_render_event(event: AnyEvent, msg: Msg) -> None:
+        if not isinstance(event, RenderCompleted | RenderFailed):
+            await bus.dead_letter(msg, f"expected a render outcome, got {type(event).__name__}")
+            return
+        subject, result = outcome(event, settings.public_url)
+        await bus.publish(subject, result, msg_id=f"{event.request_id}:outcome")
+
+    app = create_app(bus, await bus.image_store())
+    config = uvicorn.Config(
+        app, host=settings.http_host, port=settings.http_port, log_level="warning", lifespan="off"
+    )
+    http = _HttpServer(config)
+    http_task = asyncio.create_task(http.serve())
+    try:
+        await bus.consume(subjects.RENDER_EVENTS, "delivery", handle_render_event, stop)
+    finally:
+        http.should_exit = True
+        await http_task
+
+
+if __name__ == "__main__":
+    service.run("delivery", serve)

@@ -1,0 +1,82 @@
+"""The quota application: load the user's state from the log, run the policy, append the
+decision — then, only after the commit, publish it.
+
+Publishing after the commit and acking the prompt only after publishing makes the log the
+source of truth: if the process dies between commit and publish, JetStream redelivers the
+prompt, `decision_for` finds the recorded decision and publishes that same decision again
+(the bus drops the duplicate by its `Nats-Msg-Id`).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+
+from nats.aio.msg import Msg
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.quota import log as quota_log
+from services.quota import policy
+from shared import subjects
+from shared.bus import Bus
+from shared.events import AnyEvent, PromptSubmitted, check_ids
+
+logger = logging.getLogger("kiln.quota")
+
+MAX_CONFLICT_RETRIES = 10
+DEFAULT_PLAN = "free"
+
+
+class QuotaService:
+    def __init__(self, engine: AsyncEngine, bus: Bus) -> None:
+        self.engine = engine
+        self.bus = bus
+
+    async def handle_prompt(self, event: AnyEvent, msg: Msg) -> None:
+        # 1. Check the message: right type, ids usable as subjects, sent on its user's subject.
+        if not isinstance(event, PromptSubmitted):
+            await self.bus.dead_letter(msg, f"expected PromptSubmitted, got {type(event).__name__}")
+            return
+        try:
+            check_ids(event)
+        except ValueError as error:
+            await self.bus.dead_letter(msg, f"invalid ids: {error}")
+            return
+        if msg.subject != subjects.prompt_submitted(event.user_id):
+            await self.bus.dead_letter(msg, f"user_id {event.user_id!r} does not match the subject")
+            return
+
+        # 2. Decide (or find the decision already recorded for this request).
+        decision = await self.grant_or_deny(event)
+
+        # 3. Publish what the log holds.
+        await self.bus.publish(
+            subjects.quota_decided(event.user_id, event.request_id),
+            decision,
+            msg_id=f"{event.request_id}:quota-decision",
+        )
+
+    async def grant_or_deny(self, submission: PromptSubmitted) -> quota_log.Decision:
+        stream = quota_log.user_stream(submission.user_id)
+        for _ in range(MAX_CONFLICT_RETRIES):
+            async with self.engine.begin() as conn:
+                recorded = await quota_log.decision_for(conn, submission.request_id)
+                if recorded is not None:
+                    return recorded  # a redelivery or a re-publish: same request, same answer
+                now = datetime.now(timezone.utc)
+                version = await quota_log.stream_version(conn, stream)
+                used = await quota_log.granted_on(conn, stream, policy.utc_day(now))
+                decision = policy.decide(submission, DEFAULT_PLAN, used, now)
+                try:
+                    await quota_log.append(
+                        conn,
+                        stream,
+                        version + 1,
+                        decision,
+                        {"policy_version": policy.POLICY_VERSION, "used_before": used},
+                    )
+                except quota_log.Conflict:
+                    logger.info("conflict on %s, deciding again", stream)
+                    continue
+            return decision
+        raise quota_log.Conflict(f"{stream}: still conflicting after {MAX_CONFLICT_RETRIES} tries")

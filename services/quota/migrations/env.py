@@ -1,0 +1,29 @@
+"""Alembic environment: runs the quota migrations over asyncpg.
+
+An advisory lock serialises migrations, so several quota replicas starting at once do not
+race to create the same table."""
+
+import asyncio
+
+import sqlalchemy as sa
+from alembic import context
+from sqlalchemy.ext.asyncio import create_async_engine
+
+MIGRATION_LOCK = 0x6B696C6E  # "kiln"
+
+
+def _run(connection: sa.Connection) -> None:
+    context.configure(connection=connection, target_metadata=None)
+    with context.begin_transaction():
+        connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+        context.run_migrations()
+
+
+async def _main() -> None:
+    engine = create_async_engine(context.config.get_main_option("sqlalchemy.url"))
+    async with engine.connect() as connection:
+        await connection.run_sync(_run)
+    await engine.dispose()
+
+
+asyncio.run(_main())

@@ -1,0 +1,8 @@
+"""render: owns the GPUs (or the CPU); turns render jobs into stored PNGs.
+
+events in   RenderRequested                (kiln.render.jobs.<tier>, a JetStream work queue)
+decide      pipeline.py                    a diffusers pipeline from a local folder
+storage     JetStream Object Store         bucket `kiln-images`, key `<request_id>.png`
+events out  RenderProgress (plain NATS)    kiln.render.progress.<user>.<request>
+            RenderCompleted / RenderFailed kiln.render.events.<user>.<request>
+"""

@@ -1,0 +1,39 @@
+"""Entry point: `python -m services.render [--worker-id ID]`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import os
+import socket
+
+from services.render import tiny_model
+from services.render.pipeline import Renderer
+from services.render.worker import MAX_DELIVER, RenderWorker
+from shared import service, subjects
+from shared.bus import Bus
+from shared.settings import Settings
+
+
+def _worker_id() -> str:
+    parser = argparse.ArgumentParser(prog="python -m services.render")
+    parser.add_argument("--worker-id", default=f"{socket.gethostname()}-{os.getpid()}")
+    return parser.parse_args().worker_id
+
+
+async def serve(settings: Settings, bus: Bus, stop: asyncio.Event, *, worker_id: str) -> None:
+    if "KILN_MODEL" not in os.environ:
+        # The default model is built on first use; a configured one must already exist.
+        await asyncio.to_thread(tiny_model.ensure, settings.model_path)
+    renderer = await asyncio.to_thread(Renderer, settings.model_path)
+    worker = RenderWorker(bus, await bus.image_store(), renderer, worker_id)
+    # One job at a time per worker, so waiting jobs go to whichever worker is free.
+    await bus.consume(
+        subjects.RENDER_JOBS, "render", worker.handle_job, stop,
+        batch=1, ack_wait_s=60, max_deliver=MAX_DELIVER,
+    )
+
+
+if __name__ == "__main__":
+    service.run("render", functools.partial(serve, worker_id=_worker_id()))

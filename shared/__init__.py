@@ -1,0 +1,1 @@
+"""Code every Kiln service uses: event schemas, subjects, the bus, settings, telemetry."""

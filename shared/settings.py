@@ -1,0 +1,54 @@
+"""Settings from the environment. Every knob is a `KILN_*` variable with a default that
+works on a developer's machine; the embedded launcher sets them for its child processes."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# Where `make run` puts its embedded servers: not the standard ports, so that they never
+# collide with a NATS or PostgreSQL already running on the machine.
+EMBEDDED_NATS_PORT = 14222
+EMBEDDED_POSTGRES_PORT = 15432
+DEFAULT_HTTP_PORT = 8480
+
+
+@dataclass(frozen=True)
+class Settings:
+    nats_url: str
+    database_url: str
+    data_dir: Path
+    model_path: Path
+    http_host: str
+    http_port: int
+    public_url: str
+    otlp_endpoint: str | None
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        env = os.environ
+        data_dir = Path(env.get("KILN_DATA_DIR", PROJECT_ROOT / ".kiln"))
+        http_host = env.get("KILN_HTTP_HOST", "127.0.0.1")
+        http_port = int(env.get("KILN_HTTP_PORT", DEFAULT_HTTP_PORT))
+        return cls(
+            nats_url=env.get("KILN_NATS_URL") or f"nats://127.0.0.1:{EMBEDDED_NATS_PORT}",
+            database_url=env.get("KILN_DATABASE_URL")
+            or f"postgresql://postgres@127.0.0.1:{EMBEDDED_POSTGRES_PORT}/kiln",
+            data_dir=data_dir,
+            model_path=Path(env.get("KILN_MODEL", data_dir / "models" / "tiny-sd")),
+            http_host=http_host,
+            http_port=http_port,
+            public_url=env.get("KILN_PUBLIC_URL", f"http://{http_host}:{http_port}").rstrip("/"),
+            otlp_endpoint=env.get("KILN_OTLP_ENDPOINT") or None,
+        )
+
+
+def asyncpg_url(database_url: str) -> str:
+    """SQLAlchemy needs the driver named in the URL; operators write plain postgresql://."""
+    for prefix in ("postgresql+asyncpg://", "postgresql://", "postgres://"):
+        if database_url.startswith(prefix):
+            return "postgresql+asyncpg://" + database_url[len(prefix):]
+    raise ValueError(f"KILN_DATABASE_URL must be a postgresql:// URL but is {database_url!r}")

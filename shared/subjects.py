@@ -1,0 +1,73 @@
+"""Subjects and streams: where each event travels and which JetStream stream keeps it.
+
+Subjects carry the user (and, for outcomes, the request) as tokens so that permissions can
+be scoped per user and a client can look up the outcome of one request by its subject.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from nats.js.api import RetentionPolicy
+
+
+def prompt_submitted(user_id: str) -> str:
+    return f"kiln.prompt.submitted.{user_id}"
+
+
+def quota_decided(user_id: str, request_id: str) -> str:
+    return f"kiln.quota.decided.{user_id}.{request_id}"
+
+
+def render_job(tier: str) -> str:
+    return f"kiln.render.jobs.{tier}"
+
+
+def render_event(user_id: str, request_id: str) -> str:
+    """RenderCompleted / RenderFailed: kept in a stream for delivery."""
+    return f"kiln.render.events.{user_id}.{request_id}"
+
+
+def render_progress(user_id: str, request_id: str) -> str:
+    """Step progress: plain NATS, not stored; a missed progress event costs nothing."""
+    return f"kiln.render.progress.{user_id}.{request_id}"
+
+
+def delivered(user_id: str, request_id: str) -> str:
+    return f"kiln.delivery.ready.{user_id}.{request_id}"
+
+
+def request_failed(user_id: str, request_id: str) -> str:
+    return f"kiln.request.failed.{user_id}.{request_id}"
+
+
+def dead_letter(service: str) -> str:
+    return f"kiln.deadletter.{service}"
+
+
+def about_request(user_id: str, request_id: str) -> str:
+    """Everything said about one request: decision, progress, completion, outcome."""
+    return f"kiln.*.*.{user_id}.{request_id}"
+
+
+@dataclass(frozen=True)
+class Stream:
+    name: str
+    subjects: list[str]
+    retention: RetentionPolicy = RetentionPolicy.LIMITS
+    max_age_s: float = 7 * 24 * 3600
+    duplicate_window_s: float = 600  # Nats-Msg-Id duplicates dropped within this window
+    extra: dict = field(default_factory=dict)
+
+
+PROMPTS = Stream("KILN_PROMPTS", ["kiln.prompt.submitted.*"])
+QUOTA = Stream("KILN_QUOTA", ["kiln.quota.decided.*.*"])
+# A work queue: a job leaves the stream once a worker acks it.
+RENDER_JOBS = Stream("KILN_RENDER_JOBS", ["kiln.render.jobs.*"], RetentionPolicy.WORK_QUEUE)
+RENDER_EVENTS = Stream("KILN_RENDER_EVENTS", ["kiln.render.events.*.*"])
+OUTCOMES = Stream("KILN_OUTCOMES", ["kiln.delivery.ready.*.*", "kiln.request.failed.*.*"])
+DEAD_LETTERS = Stream("KILN_DEAD_LETTERS", ["kiln.deadletter.*"], max_age_s=30 * 24 * 3600)
+
+ALL_STREAMS = [PROMPTS, QUOTA, RENDER_JOBS, RENDER_EVENTS, OUTCOMES, DEAD_LETTERS]
+
+IMAGE_BUCKET = "kiln-images"
