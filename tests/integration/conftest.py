@@ -1,0 +1,102 @@
+"""The real stack for integration tests: NATS JetStream, PostgreSQL and the four services
+as separate processes, started exactly as `kiln up` starts them.
+
+By default the servers are the embedded ones (PyPI wheels) in a temporary folder on free
+ports. With KILN_NATS_URL / KILN_DATABASE_URL set, the tests use those servers instead,
+in a fresh database of their own; every test uses fresh users and request ids, so earlier
+runs on the same NATS do not matter.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from infra.embedded import free_port
+from infra.platform import Platform
+from kiln.client import KilnClient
+from services.render import tiny_model
+
+
+@pytest.fixture(scope="session")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_model.ensure(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+async def _fresh_database(server_url: str) -> tuple[str, str]:
+    name = f"kiln_test_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(server_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    base, _, _ = server_url.rpartition("/")
+    return f"{base}/{name}", name
+
+
+async def _drop_database(server_url: str, name: str) -> None:
+    conn = await asyncpg.connect(server_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def platform(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> AsyncIterator[Platform]:
+    external_db = os.environ.get("KILN_DATABASE_URL")
+    database_url, database_name = (None, None)
+    if external_db:
+        database_url, database_name = await _fresh_database(external_db)
+    stack = Platform(
+        data_dir=tmp_path_factory.mktemp("kiln"),
+        nats_url=os.environ.get("KILN_NATS_URL"),
+        database_url=database_url,
+        nats_port=free_port(),
+        postgres_port=free_port(),
+        http_port=free_port(),
+        model_path=model_path,
+    )
+    try:
+        await stack.start()
+        yield stack
+    except BaseException:
+        _print_service_logs(stack)
+        raise
+    finally:
+        stack.stop()
+        if external_db and database_name:
+            await _drop_database(external_db, database_name)
+
+
+def _print_service_logs(stack: Platform) -> None:
+    for log in sorted(stack.log_dir.glob("*.log")):
+        print(f"----- {log.name} (last 40 lines)")
+        print("\n".join(log.read_text(errors="replace").splitlines()[-40:]))
+
+
+@pytest_asyncio.fixture
+async def client(platform: Platform) -> AsyncIterator[KilnClient]:
+    async with await KilnClient.connect(platform.nats_url) as kiln:
+        yield kiln
+
+
+@pytest_asyncio.fixture
+async def db(platform: Platform) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(platform.database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def user() -> str:
+    """A user no other test (or earlier run) has used: a full daily allowance."""
+    return f"u{uuid.uuid4().hex[:12]}"

@@ -1,0 +1,186 @@
+"""One request through quota, context, render and delivery on real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import io
+import sys
+import uuid
+from datetime import timedelta
+
+import asyncpg
+import httpx
+import pytest
+from PIL import Image
+
+from infra.platform import Platform
+from kiln.client import KilnClient
+from shared import subjects
+from shared.bus import ORIGINAL_SUBJECT_HEADER, REASON_HEADER
+from shared.events import (
+    ImageDelivered,
+    PromptSubmitted,
+    QuotaDenied,
+    RenderProgress,
+    encode,
+)
+
+pytestmark = pytest.mark.integration
+
+
+async def _messages_on(client: KilnClient, stream: str, subject: str) -> int:
+    info = await client.js.stream_info(stream, subjects_filter=subject)
+    return (info.state.subjects or {}).get(subject, 0)
+
+
+async def _decisions(db: asyncpg.Connection, user: str) -> list[asyncpg.Record]:
+    return await db.fetch(
+        "SELECT version, event_type, request_id, payload FROM quota_events WHERE stream_id = $1 ORDER BY version",
+        f"user:{user}",
+    )
+
+
+async def test_one_prompt_gives_one_png(client: KilnClient, db: asyncpg.Connection, user: str):
+    progress: list[RenderProgress] = []
+
+    outcome = await client.generate("a red circle", user_id=user, steps=10, on_progress=progress.append)
+
+    assert isinstance(outcome, ImageDelivered), outcome
+    png = await client.download(outcome)
+    image = Image.open(io.BytesIO(png))
+    image.load()  # decodes every pixel: a truncated or corrupt PNG raises here
+    assert (image.format, image.size) == ("PNG", (32, 32))
+    assert progress and progress[-1].step == progress[-1].total_steps == 10
+    assert [step.step for step in progress] == sorted(step.step for step in progress)
+    rows = await _decisions(db, user)
+    assert [(row["event_type"], row["request_id"]) for row in rows] == [("QuotaGranted", outcome.request_id)]
+
+
+async def test_fourth_prompt_of_a_day_is_denied_with_reason_and_reset(
+    client: KilnClient, db: asyncpg.Connection, user: str
+):
+    for _ in range(3):
+        assert isinstance(await client.generate("a blue square", user_id=user), ImageDelivered)
+
+    denied = await client.generate("a blue square", user_id=user)
+
+    assert isinstance(denied, QuotaDenied), denied
+    assert denied.reason == "daily_limit" and "3 images per UTC day" in denied.detail
+    midnight = (denied.decided_at + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    assert denied.retry_at == midnight
+    rows = await _decisions(db, user)
+    assert [row["event_type"] for row in rows] == ["QuotaGranted"] * 3 + ["QuotaDenied"]
+    assert [row["version"] for row in rows] == [1, 2, 3, 4]
+
+
+async def test_same_request_id_twice_gives_one_decision_and_one_image(
+    client: KilnClient, db: asyncpg.Connection, user: str
+):
+    request_id = uuid.uuid4().hex
+    submission = PromptSubmitted(request_id=request_id, user_id=user, prompt="a green triangle")
+    await client.submit(submission)
+    await client.submit(submission)  # dropped by JetStream as a duplicate Nats-Msg-Id
+    # Without a message id JetStream cannot tell; quota must recognise the request itself.
+    await client.js.publish(subjects.prompt_submitted(user), encode(submission))
+
+    outcome = await client.generate("a green triangle", user_id=user, request_id=request_id)
+    assert isinstance(outcome, ImageDelivered), outcome
+    await asyncio.sleep(1.0)  # let any second decision or render surface
+
+    assert await _messages_on(client, "KILN_QUOTA", subjects.quota_decided(user, request_id)) == 1
+    assert await _messages_on(client, "KILN_RENDER_EVENTS", subjects.render_event(user, request_id)) == 1
+    assert await _messages_on(client, "KILN_OUTCOMES", subjects.delivered(user, request_id)) == 1
+    rows = await _decisions(db, user)
+    assert [(row["event_type"], json.loads(row["payload"])["used"]) for row in rows] == [("QuotaGranted", 1)]
+
+
+async def _dead_letter_for(client: KilnClient, subject: str, timeout_s: float = 10) -> tuple[bytes, dict]:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while asyncio.get_running_loop().time() < deadline:
+        try:
+            last = await client.js.get_last_msg("KILN_DEAD_LETTERS", subjects.dead_letter("quota"))
+            if (last.headers or {}).get(ORIGINAL_SUBJECT_HEADER) == subject:
+                return last.data or b"", last.headers or {}
+        except Exception:  # noqa: BLE001 - nothing dead-lettered yet
+            pass
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"nothing from {subject} reached the dead-letter subject in {timeout_s}s")
+
+
+@pytest.mark.parametrize(
+    "payload,reason",
+    [
+        (b"\xff\x00 not an event", "undecodable"),
+        (b'{"type":"PromptSubmitted","request_id":"r","user_id":"u"}', "undecodable"),  # no prompt
+        (b'{"type":"RenderProgress","request_id":"r","user_id":"SUBJECT_USER","step":1,"total_steps":2}',
+         "expected PromptSubmitted"),
+        (b'{"type":"PromptSubmitted","request_id":"r","user_id":"someone-else","prompt":"p"}',
+         "does not match the subject"),
+    ],
+)
+async def test_bad_messages_are_dead_lettered_and_the_services_keep_serving(
+    client: KilnClient, user: str, payload: bytes, reason: str
+):
+    subject = subjects.prompt_submitted(user)
+    payload = payload.replace(b"SUBJECT_USER", user.encode())
+
+    await client.js.publish(subject, payload)
+
+    data, headers = await _dead_letter_for(client, subject)
+    assert data == payload
+    assert reason in headers[REASON_HEADER]
+    assert isinstance(await client.generate("a yellow circle", user_id=user), ImageDelivered)
+
+
+async def test_a_prompt_sent_while_quota_is_down_is_decided_when_it_returns(
+    platform: Platform, client: KilnClient, user: str
+):
+    platform.stop_service("quota")
+    try:
+        pending = asyncio.create_task(client.generate("a white square", user_id=user, timeout_s=90))
+        await asyncio.sleep(1.0)
+        assert not pending.done()  # nobody decides while quota is down; the prompt waits in JetStream
+    finally:
+        platform.start_service("quota")
+
+    assert isinstance(await pending, ImageDelivered)
+
+
+async def test_delivery_answers_unknown_images_with_404_and_reports_health(platform: Platform):
+    async with httpx.AsyncClient(base_url=platform.http_url) as http:
+        assert (await http.get(f"/images/{uuid.uuid4().hex}.png")).status_code == 404
+        assert (await http.get("/images/not%20an%20id.png")).status_code == 400
+        health = await http.get("/healthz")
+    assert health.status_code == 200 and health.json() == {"nats": "connected"}
+
+
+async def _kiln(platform: Platform, *args: str) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kiln.cli", *args,
+        env={**platform.service_env()},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    return process.returncode or 0, (out + err).decode()
+
+
+async def test_cli_writes_the_png_then_explains_the_denial(platform: Platform, user: str, tmp_path):
+    for index in range(3):
+        target = tmp_path / f"{index}.png"
+        code, output = await _kiln(platform, "generate", "a purple circle", "--user", user, "-o", str(target))
+        assert code == 0, output
+        assert Image.open(target).size == (32, 32)
+
+    code, output = await _kiln(platform, "generate", "a purple circle", "--user", user)
+
+    assert code == 2, output
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("denied: daily_limit:"), output
+    assert "try again after" in lines[0]
+
+
+async def test_cli_rejects_a_user_id_that_cannot_be_a_subject(platform: Platform):
+    code, output = await _kiln(platform, "generate", "a red circle", "--user", "not.a.token")
+    assert code == 64 and "`user_id`" in output
