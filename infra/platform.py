@@ -22,7 +22,7 @@ import httpx
 import nats
 import nats.js.errors
 
-from infra.embedded import EmbeddedNats, EmbeddedPostgres, stop_pid
+from infra.embedded import EmbeddedNats, EmbeddedPostgres, free_port, stop_pid
 from services.quota.migrate import upgrade
 from services.render import tiny_model
 from shared import subjects
@@ -70,6 +70,20 @@ class Platform:
             postgres_port=int(env.get("KILN_POSTGRES_PORT", EMBEDDED_POSTGRES_PORT)),
             http_port=int(env.get("KILN_HTTP_PORT", DEFAULT_HTTP_PORT)),
             model_path=Path(env["KILN_MODEL"]) if env.get("KILN_MODEL") else None,
+        )
+
+    @classmethod
+    def isolated(cls, data_dir: Path, model_path: Path) -> Platform:
+        """A platform that shares nothing with `make run`: its own data folder and free
+        ports, joining external servers only where KILN_NATS_URL / KILN_DATABASE_URL say."""
+        return cls(
+            data_dir=data_dir,
+            nats_url=os.environ.get("KILN_NATS_URL") or None,
+            database_url=os.environ.get("KILN_DATABASE_URL") or None,
+            nats_port=free_port(),
+            postgres_port=free_port(),
+            http_port=free_port(),
+            model_path=model_path,
         )
 
     @property
@@ -216,6 +230,20 @@ class Platform:
             return False
 
     # -- all together ---------------------------------------------------------------------
+
+    def describe(self) -> str:
+        """Where everything is, for the operator who just ran `kiln up`."""
+
+        def origin(server: object | None) -> str:
+            return "  (embedded)" if server is not None else "  (external)"
+
+        return (
+            f"  NATS      {self.nats_url}{origin(self._nats)}\n"
+            f"  Postgres  {self.database_url}{origin(self._postgres)}\n"
+            f"  HTTP      {self.http_url}  (images, /healthz)\n"
+            f"  model     {self.model_path}\n"
+            f"  logs      {self.log_dir}/<service>.log"
+        )
 
     async def start(self) -> None:
         await asyncio.to_thread(self.start_servers)

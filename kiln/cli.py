@@ -130,12 +130,8 @@ def _up(args: argparse.Namespace) -> int:
         console.print("starting Kiln …")
         asyncio.run(platform.start())
         console.print(
-            f"Kiln is up.\n"
-            f"  NATS      {platform.nats_url}{'' if platform._nats is None else '  (embedded)'}\n"
-            f"  Postgres  {platform.database_url}{'' if platform._postgres is None else '  (embedded)'}\n"
-            f"  HTTP      {platform.http_url}  (images, /healthz)\n"
-            f"  model     {platform.model_path}\n"
-            f"  logs      {platform.log_dir}/<service>.log\n"
+            "Kiln is up.\n"
+            f"{platform.describe()}\n"
             f"Try: .venv/bin/kiln generate \"a red circle\" --user alice -o out.png\n"
             f"Ctrl-C stops everything."
         )

@@ -18,7 +18,6 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from infra.embedded import free_port
 from infra.platform import Platform
 from kiln.client import KilnClient
 from services.render import tiny_model
@@ -51,18 +50,10 @@ async def _drop_database(server_url: str, name: str) -> None:
 @pytest_asyncio.fixture(scope="session")
 async def platform(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> AsyncIterator[Platform]:
     external_db = os.environ.get("KILN_DATABASE_URL")
-    database_url, database_name = (None, None)
+    database_name = None
+    stack = Platform.isolated(tmp_path_factory.mktemp("kiln"), model_path)
     if external_db:
-        database_url, database_name = await _fresh_database(external_db)
-    stack = Platform(
-        data_dir=tmp_path_factory.mktemp("kiln"),
-        nats_url=os.environ.get("KILN_NATS_URL"),
-        database_url=database_url,
-        nats_port=free_port(),
-        postgres_port=free_port(),
-        http_port=free_port(),
-        model_path=model_path,
-    )
+        stack.database_url, database_name = await _fresh_database(external_db)
     try:
         await stack.start()
         yield stack
@@ -71,7 +62,7 @@ async def platform(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -
         raise
     finally:
         stack.stop()
-        if external_db and database_name:
+        if database_name:
             await _drop_database(external_db, database_name)
 
 

@@ -1,0 +1,98 @@
+"""End-to-end latency of `generate` minus the render's own time.
+
+Starts the platform as the tests do (embedded servers in a temporary folder, or the servers
+in KILN_NATS_URL / KILN_DATABASE_URL), sends N sequential requests through the SDK and
+reports p50 / p95 of: the whole request, the pipeline's own render time (as the render
+worker measured it), and their difference: what the platform adds (bus hops, the quota
+decision in Postgres, storage, delivery).
+
+    python -m bench.e2e_latency [--requests 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform as host
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from infra.platform import Platform
+from kiln.client import KilnClient
+from services.render import tiny_model
+from shared.events import ImageDelivered
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {
+        "p50_ms": round(statistics.median(values), 2),
+        "p95_ms": round(percentile(values, 95), 2),
+        "min_ms": round(min(values), 2),
+        "max_ms": round(max(values), 2),
+    }
+
+
+async def measure(requests: int, warmup: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
+        stack = Platform.isolated(Path(tmp) / "kiln", tiny_model.ensure(Path(tmp) / "tiny-sd"))
+        await stack.start()
+        try:
+            async with await KilnClient.connect(stack.nats_url) as client:
+                total, render, overhead = [], [], []
+                for index in range(warmup + requests):
+                    user = f"bench{uuid.uuid4().hex[:10]}"  # one request per user: under the free limit
+                    started = time.perf_counter()
+                    outcome = await client.generate("a red circle on a blue background", user_id=user)
+                    elapsed_ms = (time.perf_counter() - started) * 1000
+                    if not isinstance(outcome, ImageDelivered):
+                        raise RuntimeError(f"request {index} did not deliver: {outcome}")
+                    if index >= warmup:
+                        total.append(elapsed_ms)
+                        render.append(outcome.render_ms)
+                        overhead.append(elapsed_ms - outcome.render_ms)
+        finally:
+            stack.stop()
+    return {
+        "benchmark": "e2e_latency",
+        "requests": requests,
+        "warmup": warmup,
+        "model": "tiny random SD pipeline, 32x32, 10 steps, CPU",
+        "servers": "external" if os.environ.get("KILN_NATS_URL") else "embedded (nats-server 2.15, PostgreSQL 18)",
+        "host": f"{host.node()} ({os.cpu_count()} cpus)",
+        "end_to_end": summary(total),
+        "render_own_time": summary(render),
+        "end_to_end_minus_render": summary(overhead),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.e2e_latency")
+    parser.add_argument("--requests", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=5)
+    args = parser.parse_args()
+    result = asyncio.run(measure(args.requests, args.warmup))
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "e2e_latency.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"generate, {result['requests']} sequential requests ({result['servers']}):")
+    for key in ("end_to_end", "render_own_time", "end_to_end_minus_render"):
+        figures = result[key]
+        print(f"  {key:<24} p50 {figures['p50_ms']:8.2f} ms   p95 {figures['p95_ms']:8.2f} ms")
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
