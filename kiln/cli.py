@@ -22,6 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kiln.client import KilnClient
 from shared.events import ImageDelivered, QuotaDenied, RenderProgress
+from shared import telemetry
 from shared.settings import Settings
 
 EXIT_DENIED, EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE = 2, 3, 4, 64
@@ -62,6 +63,15 @@ def _generate(args: argparse.Namespace) -> int:
 
 async def _generate_async(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
+    # The CLI's span is the root of the request's trace.
+    telemetry.setup("kiln-cli", settings.otlp_endpoint)
+    try:
+        return await _generate_traced(args, settings)
+    finally:
+        telemetry.shutdown()  # flush the spans before the process exits
+
+
+async def _generate_traced(args: argparse.Namespace, settings: Settings) -> int:
     try:
         client = await KilnClient.connect(settings.nats_url)
     except (OSError, TimeoutError) as error:

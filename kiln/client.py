@@ -110,24 +110,41 @@ class KilnClient:
             kind=trace.SpanKind.PRODUCER,
             attributes={"kiln.request_id": submission.request_id},
         ):
-            return await self._follow(submission, on_progress, timeout_s, resubmit_after_s)
+            return await self._follow(
+                user_id, submission.request_id, submission, on_progress, timeout_s, resubmit_after_s
+            )
+
+    async def wait_for_outcome(
+        self,
+        user_id: str,
+        request_id: str,
+        *,
+        on_progress: ProgressCallback | None = None,
+        timeout_s: float = 120,
+    ) -> Outcome:
+        """Wait for the outcome of a request submitted earlier (by anyone), without
+        submitting it again. Raises TimeoutError if none arrives."""
+        return await self._follow(user_id, request_id, None, on_progress, timeout_s, timeout_s)
 
     async def _follow(
         self,
-        submission: PromptSubmitted,
+        user_id: str,
+        request_id: str,
+        submission: PromptSubmitted | None,
         on_progress: ProgressCallback | None,
         timeout_s: float,
         resubmit_after_s: float,
     ) -> Outcome:
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue[Msg] = asyncio.Queue()
-        about = subjects.about_request(submission.user_id, submission.request_id)
-        sub = await self.nc.subscribe(about, cb=inbox.put)
+        # Subscribe before publishing or looking anything up, so nothing falls in between.
+        sub = await self.nc.subscribe(subjects.about_request(user_id, request_id), cb=inbox.put)
         try:
             deadline = loop.time() + timeout_s
             while True:
-                await self.submit(submission)
-                recorded = await self.recorded_outcome(submission.user_id, submission.request_id)
+                if submission is not None:
+                    await self.submit(submission)
+                recorded = await self.recorded_outcome(user_id, request_id)
                 if recorded is not None:
                     return recorded
                 resubmit_at = min(deadline, loop.time() + resubmit_after_s)
@@ -135,9 +152,7 @@ class KilnClient:
                 if outcome is not None:
                     return outcome
                 if loop.time() >= deadline:
-                    raise TimeoutError(
-                        f"no outcome for request {submission.request_id} within {timeout_s:.0f}s"
-                    )
+                    raise TimeoutError(f"no outcome for request {request_id} within {timeout_s:.0f}s")
         finally:
             await sub.unsubscribe()
 

@@ -18,11 +18,14 @@ from infra.platform import Platform
 from kiln.client import KilnClient
 from shared import subjects
 from shared.bus import ORIGINAL_SUBJECT_HEADER, REASON_HEADER
+from shared import telemetry
 from shared.events import (
     ImageDelivered,
     PromptSubmitted,
     QuotaDenied,
     RenderProgress,
+    RenderRequested,
+    RequestFailed,
     encode,
 )
 
@@ -93,6 +96,41 @@ async def test_same_request_id_twice_gives_one_decision_and_one_image(
     assert await _messages_on(client, "KILN_OUTCOMES", subjects.delivered(user, request_id)) == 1
     rows = await _decisions(db, user)
     assert [(row["event_type"], json.loads(row["payload"])["used"]) for row in rows] == [("QuotaGranted", 1)]
+
+
+async def test_one_trace_spans_the_client_and_all_four_services(client: KilnClient, user: str):
+    tracer = telemetry.setup("kiln-tests", otlp_endpoint=None)
+    with tracer.start_as_current_span("test") as root:
+        outcome = await client.generate("a black circle", user_id=user)
+    assert isinstance(outcome, ImageDelivered), outcome
+
+    # Each recorded event carries the traceparent of the span that published it:
+    # quota's decision, render's result (render continued context's job message) and
+    # delivery's outcome must all belong to the client's trace.
+    client_trace = format(root.get_span_context().trace_id, "032x")
+    published_by = {
+        "quota": ("KILN_QUOTA", subjects.quota_decided(user, outcome.request_id)),
+        "render": ("KILN_RENDER_EVENTS", subjects.render_event(user, outcome.request_id)),
+        "delivery": ("KILN_OUTCOMES", subjects.delivered(user, outcome.request_id)),
+    }
+    for service, (stream, subject) in published_by.items():
+        message = await client.js.get_last_msg(stream, subject)
+        version, trace_id, span_id, flags = (message.headers or {})["traceparent"].split("-")
+        assert trace_id == client_trace, f"{service} published outside the client's trace"
+
+
+async def test_a_render_that_cannot_succeed_ends_as_a_failed_request(client: KilnClient, user: str):
+    # Quota and context would never let a 12-pixel image through; a hand-made job tests
+    # the render worker's own refusal and delivery's RequestFailed.
+    request_id = uuid.uuid4().hex
+    job = RenderRequested(request_id=request_id, user_id=user, prompt="x", width=12, height=12, steps=2, seed=1)
+    await client.js.publish(subjects.render_job("free"), encode(job))
+
+    outcome = await client.wait_for_outcome(user, request_id, timeout_s=30)
+
+    assert isinstance(outcome, RequestFailed), outcome
+    assert (outcome.stage, outcome.reason) == ("render", "invalid")
+    assert "divisible by 8" in outcome.detail
 
 
 async def _dead_letter_for(client: KilnClient, subject: str, timeout_s: float = 10) -> tuple[bytes, dict]:
