@@ -73,11 +73,7 @@ class RenderWorker:
             render_ms=render_ms,
             worker_id=self.worker_id,
         )
-        await self.bus.publish(
-            subjects.render_event(event.user_id, event.request_id),
-            completed,
-            msg_id=f"{event.request_id}:render-outcome",
-        )
+        await self._report(completed)
 
     async def _stored_render_ms(self, key: str) -> float | None:
         try:
@@ -124,8 +120,12 @@ class RenderWorker:
             detail=detail,
             worker_id=self.worker_id,
         )
+        await self._report(failed)
+
+    async def _report(self, outcome: RenderCompleted | RenderFailed) -> None:
+        # One outcome per job: completed and failed share the message id.
         await self.bus.publish(
-            subjects.render_event(job.user_id, job.request_id),
-            failed,
-            msg_id=f"{job.request_id}:render-outcome",
+            subjects.render_event(outcome.user_id, outcome.request_id),
+            outcome,
+            msg_id=f"{outcome.request_id}:render-outcome",
         )

@@ -1,0 +1,53 @@
+"""The embedded servers: a server orphaned by a crashed launcher is found and replaced."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import asyncpg
+import nats
+import pytest
+
+from infra.embedded import EmbeddedNats, EmbeddedPostgres, free_port, port_in_use
+
+pytestmark = pytest.mark.integration
+
+
+async def test_orphaned_nats_server_is_stopped_at_the_next_start(tmp_path: Path):
+    port = free_port()
+    crashed_launchers_server = EmbeddedNats(tmp_path, port)
+    crashed_launchers_server.start()
+    # The launcher "crashes": its EmbeddedNats object is gone, the server still runs.
+    replacement = EmbeddedNats(tmp_path, port)
+    try:
+        replacement.start()
+
+        assert crashed_launchers_server.process.wait(5) is not None  # the orphan was stopped
+        assert int(replacement.pid_file.read_text()) == replacement.process.pid
+        nc = await nats.connect(replacement.url)
+        assert (await nc.jetstream().account_info()).streams == 0
+        await nc.close()
+    finally:
+        replacement.stop()
+    assert not port_in_use(port)
+
+
+async def test_orphaned_postgres_is_stopped_and_the_data_kept(tmp_path: Path):
+    port = free_port()
+    first = EmbeddedPostgres(tmp_path / "data", port)
+    url = first.start()
+    conn = await asyncpg.connect(url)
+    await conn.execute("CREATE TABLE kept (id int); INSERT INTO kept VALUES (7)")
+    first_start = await conn.fetchval("SELECT pg_postmaster_start_time()")
+    await conn.close()
+    second = EmbeddedPostgres(tmp_path / "data", port)  # the launcher crashed and came back
+    try:
+        second.start()
+
+        conn = await asyncpg.connect(url)
+        assert await conn.fetchval("SELECT id FROM kept") == 7
+        assert await conn.fetchval("SELECT pg_postmaster_start_time()") > first_start  # a new server
+        await conn.close()
+    finally:
+        second.stop()
+    assert not port_in_use(port)
