@@ -74,8 +74,8 @@ async def _generate_async(args: argparse.Namespace) -> int:
 async def _generate_traced(args: argparse.Namespace, settings: Settings) -> int:
     try:
         client = await KilnClient.connect(settings.nats_url)
-    except (OSError, TimeoutError) as error:
-        console.print(f"kiln: cannot reach NATS at {settings.nats_url} ({error}); is the platform up (`make run`)?")
+    except (OSError, TimeoutError, nats.errors.Error) as error:
+        console.print(f"kiln: cannot reach NATS at {settings.nats_url} ({error}); is Kiln up (`make run`)?")
         return EXIT_FAILED
     async with client:
         with Progress(

@@ -14,12 +14,14 @@ outcome arrives within `resubmit_after_s` it publishes the same prompt again: th
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import Callable
 
 import httpx
 import msgspec
 import nats
+import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -43,6 +45,7 @@ Outcome = ImageDelivered | QuotaDenied | RequestFailed
 ProgressCallback = Callable[[RenderProgress], None]
 
 tracer = trace.get_tracer("kiln.client")
+log = logging.getLogger("kiln.client")
 
 # Where each outcome is kept, so one that happened before we subscribed can be found.
 _RECORDED = (
@@ -59,7 +62,11 @@ class KilnClient:
 
     @classmethod
     async def connect(cls, nats_url: str) -> KilnClient:
-        return cls(await nats.connect(nats_url, name="kiln-client"))
+        """Connect, or raise nats.errors.NoServersError within a few seconds."""
+        nc = await nats.connect(
+            nats_url, name="kiln-client", connect_timeout=2, max_reconnect_attempts=3, reconnect_time_wait=1
+        )
+        return cls(nc)
 
     async def close(self) -> None:
         await self.nc.close()
@@ -73,7 +80,8 @@ class KilnClient:
     async def submit(self, submission: PromptSubmitted) -> None:
         """Publish a prompt (idempotent: the same `request_id` is only taken once)."""
         check_ids(submission)
-        headers = inject_headers({"Nats-Msg-Id": f"{submission.request_id}:prompt-submitted"})
+        msg_id = f"{submission.user_id}:{submission.request_id}:prompt-submitted"
+        headers = inject_headers({"Nats-Msg-Id": msg_id})
         await self.js.publish(subjects.prompt_submitted(submission.user_id), encode(submission), headers=headers)
 
     async def generate(
@@ -141,20 +149,35 @@ class KilnClient:
         sub = await self.nc.subscribe(subjects.about_request(user_id, request_id), cb=inbox.put)
         try:
             deadline = loop.time() + timeout_s
+            first = True
             while True:
-                if submission is not None:
-                    await self.submit(submission)
+                # An outcome recorded already (or missed while reconnecting) ends the wait;
+                # checked before any (re-)submission, which past the bus's duplicate
+                # window would otherwise start the request afresh.
                 recorded = await self.recorded_outcome(user_id, request_id)
                 if recorded is not None:
                     return recorded
+                if loop.time() >= deadline:
+                    raise TimeoutError(f"no outcome for request {request_id} within {timeout_s:.0f}s")
+                if submission is not None:
+                    await self._submit_again(submission, first)
+                first = False
                 resubmit_at = min(deadline, loop.time() + resubmit_after_s)
                 outcome = await self._next_outcome(inbox, resubmit_at, on_progress)
                 if outcome is not None:
                     return outcome
-                if loop.time() >= deadline:
-                    raise TimeoutError(f"no outcome for request {request_id} within {timeout_s:.0f}s")
         finally:
             await sub.unsubscribe()
+
+    async def _submit_again(self, submission: PromptSubmitted, first: bool) -> None:
+        try:
+            await self.submit(submission)
+        except nats.errors.Error:
+            if first:
+                raise  # the prompt never reached the bus: the caller must know
+            # A re-submission is insurance for a request already accepted; failing it
+            # leaves the request as it was, so keep waiting for its outcome.
+            log.warning("re-submitting %s failed; still waiting", submission.request_id)
 
     async def _next_outcome(
         self, inbox: asyncio.Queue[Msg], until: float, on_progress: ProgressCallback | None
@@ -182,7 +205,10 @@ class KilnClient:
                 raw = await self.js.get_last_msg(stream, subject(user_id, request_id))
             except nats.js.errors.NotFoundError:
                 continue
-            event = decode(raw.data or b"", (raw.headers or {}).get("Content-Type"))
+            try:
+                event = decode(raw.data or b"", (raw.headers or {}).get("Content-Type"))
+            except msgspec.DecodeError:
+                continue  # someone else's garbage on our subject: not an outcome
             if isinstance(event, TERMINAL):
                 return event
         return None

@@ -25,12 +25,12 @@ import nats
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, Header, StorageType, StreamConfig
 from nats.js.object_store import ObjectStore
 from opentelemetry import trace
 
 from shared import subjects
-from shared.events import AnyEvent, Event, decode, encode
+from shared.events import AnyEvent, Event, RequestFailed, check_ids, decode, encode
 from shared.subjects import Stream
 from shared.telemetry import context_from_headers, inject_headers
 
@@ -38,6 +38,8 @@ log = logging.getLogger("kiln.bus")
 
 Handler = Callable[[AnyEvent, Msg], Awaitable[None]]
 
+WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-sequence check
+MAX_BACKOFF_S = 30.0
 REASON_HEADER = "Kiln-Dead-Letter-Reason"
 ORIGINAL_SUBJECT_HEADER = "Kiln-Original-Subject"
 
@@ -93,13 +95,27 @@ class Bus:
 
     # -- publishing -----------------------------------------------------------------------
 
-    async def publish(self, subject: str, event: Event, *, msg_id: str | None = None) -> bool:
-        """Publish to JetStream and wait for the stream's ack. Returns False when the
-        stream dropped it as a duplicate of `msg_id` (already published earlier)."""
+    async def publish(
+        self, subject: str, event: Event, *, msg_id: str | None = None, first_on_subject: bool = False
+    ) -> bool:
+        """Publish to JetStream and wait for the stream's ack; False if it was not new.
+
+        `msg_id`: JetStream drops a second message with this id within the stream's
+        duplicate window. `first_on_subject`: JetStream refuses the message if the subject
+        already holds one; on a per-request outcome subject this makes "one outcome per
+        request" hold for as long as the stream keeps it, not only for the window.
+        """
         headers = inject_headers({})
         if msg_id is not None:
             headers["Nats-Msg-Id"] = msg_id
-        ack = await self.js.publish(subject, encode(event), headers=headers)
+        if first_on_subject:
+            headers[Header.EXPECTED_LAST_SUBJECT_SEQUENCE] = "0"
+        try:
+            ack = await self.js.publish(subject, encode(event), headers=headers)
+        except nats.js.errors.BadRequestError as error:
+            if first_on_subject and error.err_code == WRONG_LAST_SEQUENCE:
+                return False  # published before: by us before a crash, or by a twin
+            raise
         return not ack.duplicate
 
     async def announce(self, subject: str, event: Event) -> None:
@@ -125,22 +141,23 @@ class Bus:
         handler: Handler,
         stop: asyncio.Event,
         *,
-        filter_subject: str | None = None,
+        accepts: tuple[type[Event], ...],
         ack_wait_s: float = 60,
-        max_deliver: int = 5,
+        max_deliver: int = 20,
         batch: int = 16,
     ) -> None:
-        """Pull messages from a durable consumer and hand each to `handler` until `stop`."""
+        """Pull messages from a durable consumer and hand each event of an `accepts` type
+        to `handler` until `stop` is set."""
         config = ConsumerConfig(
             durable_name=durable,
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
             ack_wait=ack_wait_s,
             max_deliver=max_deliver,
-            filter_subject=filter_subject,
         )
-        subject = filter_subject or stream.subjects[0]
-        sub = await self.js.pull_subscribe(subject, durable=durable, stream=stream.name, config=config)
+        # Creates the durable consumer, or brings an existing one's config up to date.
+        await self.js.add_consumer(stream.name, config)
+        sub = await self.js.pull_subscribe_bind(durable=durable, stream=stream.name)
         try:
             while not stop.is_set():
                 try:
@@ -148,21 +165,33 @@ class Bus:
                 except TimeoutError:  # nats-py's TimeoutError subclasses it
                     continue  # nothing waiting is normal: poll again
                 for msg in messages:
-                    await self._deliver(msg, handler, max_deliver)
+                    await self._deliver(msg, stream, accepts, handler, max_deliver)
         finally:
             # The durable consumer stays on the server; only this process stops pulling.
             # (Left subscribed, a pull subscription holds up `drain` until it times out.)
             await sub.unsubscribe()
 
-    async def _deliver(self, msg: Msg, handler: Handler, max_deliver: int) -> None:
+    async def _deliver(
+        self,
+        msg: Msg,
+        stream: Stream,
+        accepts: tuple[type[Event], ...],
+        handler: Handler,
+        max_deliver: int,
+    ) -> None:
+        # 1. Check the message; what no retry can fix goes to the dead letters at once.
         headers = msg.headers or {}
         try:
             event = decode(msg.data, headers.get("Content-Type"))
         except msgspec.DecodeError as error:
-            await self.dead_letter(msg, f"undecodable: {error}")
-            await msg.term()
+            await self._reject(msg, f"undecodable: {error}")
+            return
+        problem = _misfit(event, msg.subject, stream, accepts)
+        if problem is not None:
+            await self._reject(msg, problem)
             return
 
+        # 2. Handle it, continuing the request's trace.
         attempt = msg.metadata.num_delivered
         with self.tracer.start_as_current_span(
             f"{self.service} process",
@@ -178,15 +207,49 @@ class Bus:
         ) as span:
             try:
                 await handler(event, msg)
-            # A handler may fail on anything (database down, a bug); the message is not
-            # lost: it is retried later, and after max_deliver attempts dead-lettered.
+            # A handler may fail on anything (the database down, a bug). The message is
+            # not lost: it is retried with back-off (about 8 minutes at the default
+            # max_deliver); then the request ends as a typed RequestFailed.
             except Exception as error:  # noqa: BLE001
                 span.record_exception(error)
                 log.exception("handling %s (attempt %d) failed", msg.subject, attempt)
                 if attempt >= max_deliver:
-                    await self.dead_letter(msg, f"failed {attempt} times: {error!r}")
-                    await msg.term()
+                    await self.give_up(event, msg, f"failed {attempt} times, last: {error!r}")
                 else:
-                    await msg.nak(delay=min(2.0**attempt, 30.0))
+                    await msg.nak(delay=min(2.0**attempt, MAX_BACKOFF_S))
                 return
         await msg.ack()
+
+    async def _reject(self, msg: Msg, reason: str) -> None:
+        await self.dead_letter(msg, reason)
+        await msg.term()
+
+    async def give_up(self, event: Event, msg: Msg, reason: str) -> None:
+        """End the request as failed: a typed outcome for the client, the message kept
+        as a dead letter for the operator."""
+        failed = RequestFailed(
+            request_id=event.request_id,
+            user_id=event.user_id,
+            conversation_id=event.conversation_id,
+            stage=self.service,
+            reason="gave_up",
+            detail=reason,
+        )
+        await self.publish(
+            subjects.request_failed(event.user_id, event.request_id), failed, first_on_subject=True
+        )
+        await self._reject(msg, reason)
+
+
+def _misfit(event: Event, subject: str, stream: Stream, accepts: tuple[type[Event], ...]) -> str | None:
+    """Why a decodable event cannot be handled here, or None if it can."""
+    if not isinstance(event, accepts):
+        expected = " or ".join(kind.__name__ for kind in accepts)
+        return f"expected {expected}, got {type(event).__name__}"
+    try:
+        check_ids(event)
+    except ValueError as error:
+        return f"invalid ids: {error}"
+    if stream.user_token is not None and subject.split(".")[stream.user_token] != event.user_id:
+        return f"user_id {event.user_id!r} does not match the subject {subject}"
+    return None

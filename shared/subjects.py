@@ -54,20 +54,27 @@ def about_request(user_id: str, request_id: str) -> str:
 class Stream:
     name: str
     subjects: list[str]
+    # Which subject token names the user (checked against the event), if one does.
+    user_token: int | None = None
     retention: RetentionPolicy = RetentionPolicy.LIMITS
     max_age_s: float = 7 * 24 * 3600
     duplicate_window_s: float = 600  # Nats-Msg-Id duplicates dropped within this window
     extra: dict = field(default_factory=dict)
 
 
-PROMPTS = Stream("KILN_PROMPTS", ["kiln.prompt.submitted.*"])
-QUOTA = Stream("KILN_QUOTA", ["kiln.quota.decided.*.*"])
+PROMPTS = Stream("KILN_PROMPTS", ["kiln.prompt.submitted.*"], user_token=3)
+QUOTA = Stream("KILN_QUOTA", ["kiln.quota.decided.*.*"], user_token=3)
 # A work queue: a job leaves the stream once a worker acks it.
-RENDER_JOBS = Stream("KILN_RENDER_JOBS", ["kiln.render.jobs.*"], RetentionPolicy.WORK_QUEUE)
-RENDER_EVENTS = Stream("KILN_RENDER_EVENTS", ["kiln.render.events.*.*"])
-OUTCOMES = Stream("KILN_OUTCOMES", ["kiln.delivery.ready.*.*", "kiln.request.failed.*.*"])
+RENDER_JOBS = Stream("KILN_RENDER_JOBS", ["kiln.render.jobs.*"], retention=RetentionPolicy.WORK_QUEUE)
+RENDER_EVENTS = Stream("KILN_RENDER_EVENTS", ["kiln.render.events.*.*"], user_token=3)
+OUTCOMES = Stream("KILN_OUTCOMES", ["kiln.delivery.ready.*.*", "kiln.request.failed.*.*"], user_token=3)
 DEAD_LETTERS = Stream("KILN_DEAD_LETTERS", ["kiln.deadletter.*"], max_age_s=30 * 24 * 3600)
 
 ALL_STREAMS = [PROMPTS, QUOTA, RENDER_JOBS, RENDER_EVENTS, OUTCOMES, DEAD_LETTERS]
 
 IMAGE_BUCKET = "kiln-images"
+
+
+def image_key(user_id: str, request_id: str) -> str:
+    """Where a request's PNG lives in the image bucket."""
+    return f"{user_id}/{request_id}.png"

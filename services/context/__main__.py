@@ -9,20 +9,24 @@ from nats.aio.msg import Msg
 from services.context.compose import render_request
 from shared import service, subjects
 from shared.bus import Bus
-from shared.events import AnyEvent, QuotaGranted
+from shared.events import QuotaDenied, QuotaGranted
 from shared.settings import Settings
 
 
 async def serve(settings: Settings, bus: Bus, stop: asyncio.Event) -> None:
-    async def handle_decision(event: AnyEvent, msg: Msg) -> None:
-        if not isinstance(event, QuotaGranted):
+    async def handle_decision(event: QuotaGranted | QuotaDenied, msg: Msg) -> None:
+        if isinstance(event, QuotaDenied):
             return  # a denial ends the request at quota; nothing to render
         job = render_request(event)
+        # The job subject is shared by all requests of a tier, so duplicates are caught by
+        # message id within the window; past it, render finds the stored image or outcome.
         await bus.publish(
-            subjects.render_job(job.tier), job, msg_id=f"{job.request_id}:render-requested"
+            subjects.render_job(job.tier), job, msg_id=f"{job.user_id}:{job.request_id}:render-requested"
         )
 
-    await bus.consume(subjects.QUOTA, "context", handle_decision, stop)
+    await bus.consume(
+        subjects.QUOTA, "context", handle_decision, stop, accepts=(QuotaGranted, QuotaDenied)
+    )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from services.delivery.http import create_app
 from services.delivery.outcome import outcome
 from shared import service, subjects
 from shared.bus import Bus
-from shared.events import AnyEvent, RenderCompleted, RenderFailed
+from shared.events import RenderCompleted, RenderFailed
 from shared.settings import Settings
 
 
@@ -24,12 +24,9 @@ class _HttpServer(uvicorn.Server):
 
 
 async def serve(settings: Settings, bus: Bus, stop: asyncio.Event) -> None:
-    async def handle_render_event(event: AnyEvent, msg: Msg) -> None:
-        if not isinstance(event, RenderCompleted | RenderFailed):
-            await bus.dead_letter(msg, f"expected a render outcome, got {type(event).__name__}")
-            return
+    async def handle_render_event(event: RenderCompleted | RenderFailed, msg: Msg) -> None:
         subject, result = outcome(event, settings.public_url)
-        await bus.publish(subject, result, msg_id=f"{event.request_id}:outcome")
+        await bus.publish(subject, result, first_on_subject=True)
 
     app = create_app(bus, await bus.image_store())
     config = uvicorn.Config(
@@ -38,7 +35,10 @@ async def serve(settings: Settings, bus: Bus, stop: asyncio.Event) -> None:
     http = _HttpServer(config)
     http_task = asyncio.create_task(http.serve())
     try:
-        await bus.consume(subjects.RENDER_EVENTS, "delivery", handle_render_event, stop)
+        await bus.consume(
+            subjects.RENDER_EVENTS, "delivery", handle_render_event, stop,
+            accepts=(RenderCompleted, RenderFailed),
+        )
     finally:
         http.should_exit = True
         await http_task

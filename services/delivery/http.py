@@ -11,15 +11,17 @@ from starlette.routing import Route
 
 from shared.bus import Bus
 from shared.events import ID_PATTERN
+from shared.subjects import image_key
 
 
 def create_app(bus: Bus, store: ObjectStore) -> Starlette:
     async def image(request: Request) -> Response:
-        request_id = request.path_params["request_id"]
-        if not ID_PATTERN.match(request_id):
-            return JSONResponse({"error": f"not a request id: {request_id!r}"}, status_code=400)
+        user_id, request_id = request.path_params["user_id"], request.path_params["request_id"]
+        for name, value in (("user", user_id), ("request", request_id)):
+            if not ID_PATTERN.match(value):
+                return JSONResponse({"error": f"not a {name} id: {value!r}"}, status_code=400)
         try:
-            result = await store.get(f"{request_id}.png")
+            result = await store.get(image_key(user_id, request_id))
         except ObjectNotFoundError:
             return JSONResponse({"error": f"no image for request {request_id}"}, status_code=404)
         return Response(
@@ -34,7 +36,7 @@ def create_app(bus: Bus, store: ObjectStore) -> Starlette:
 
     return Starlette(
         routes=[
-            Route("/images/{request_id}.png", image),
+            Route("/images/{user_id}/{request_id}.png", image),
             Route("/healthz", healthz),
         ]
     )

@@ -6,8 +6,8 @@ from shared import subjects
 from shared.events import ImageDelivered, RenderCompleted, RenderFailed, RequestFailed
 
 
-def image_url(public_url: str, request_id: str) -> str:
-    return f"{public_url}/images/{request_id}.png"
+def image_url(public_url: str, user_id: str, request_id: str) -> str:
+    return f"{public_url}/images/{user_id}/{request_id}.png"
 
 
 def outcome(
@@ -19,7 +19,7 @@ def outcome(
         delivered = ImageDelivered(
             **ids,
             image_key=event.image_key,
-            url=image_url(public_url, event.request_id),
+            url=image_url(public_url, event.user_id, event.request_id),
             render_ms=event.render_ms,
         )
         return subjects.delivered(event.user_id, event.request_id), delivered

@@ -10,6 +10,7 @@ from services.quota.application import QuotaService
 from services.quota.migrate import upgrade
 from shared import service, subjects
 from shared.bus import Bus
+from shared.events import PromptSubmitted
 from shared.settings import Settings, asyncpg_url
 
 
@@ -18,7 +19,7 @@ async def serve(settings: Settings, bus: Bus, stop: asyncio.Event) -> None:
     engine = create_async_engine(asyncpg_url(settings.database_url), pool_size=10)
     try:
         quota = QuotaService(engine, bus)
-        await bus.consume(subjects.PROMPTS, "quota", quota.handle_prompt, stop)
+        await bus.consume(subjects.PROMPTS, "quota", quota.handle_prompt, stop, accepts=(PromptSubmitted,))
     finally:
         await engine.dispose()
 

@@ -4,7 +4,10 @@ decision — then, only after the commit, publish it.
 Publishing after the commit and acking the prompt only after publishing makes the log the
 source of truth: if the process dies between commit and publish, JetStream redelivers the
 prompt, `decision_for` finds the recorded decision and publishes that same decision again
-(the bus drops the duplicate by its `Nats-Msg-Id`).
+(JetStream refuses a second message on the request's decision subject).
+
+A request is identified by user and request id together: the id is the client's
+idempotency key, unique only within that user's requests.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from services.quota import log as quota_log
 from services.quota import policy
 from shared import subjects
 from shared.bus import Bus
-from shared.events import AnyEvent, PromptSubmitted, check_ids
+from shared.events import PromptSubmitted
 
 logger = logging.getLogger("kiln.quota")
 
@@ -32,35 +35,20 @@ class QuotaService:
         self.engine = engine
         self.bus = bus
 
-    async def handle_prompt(self, event: AnyEvent, msg: Msg) -> None:
-        # 1. Check the message: right type, ids usable as subjects, sent on its user's subject.
-        if not isinstance(event, PromptSubmitted):
-            await self.bus.dead_letter(msg, f"expected PromptSubmitted, got {type(event).__name__}")
-            return
-        try:
-            check_ids(event)
-        except ValueError as error:
-            await self.bus.dead_letter(msg, f"invalid ids: {error}")
-            return
-        if msg.subject != subjects.prompt_submitted(event.user_id):
-            await self.bus.dead_letter(msg, f"user_id {event.user_id!r} does not match the subject")
-            return
-
-        # 2. Decide (or find the decision already recorded for this request).
+    async def handle_prompt(self, event: PromptSubmitted, msg: Msg) -> None:
+        # The bus has checked the message: a PromptSubmitted, sent on its own user's subject.
+        # 1. Decide (or find the decision already recorded for this request).
         decision = await self.grant_or_deny(event)
-
-        # 3. Publish what the log holds.
+        # 2. Publish what the log holds; once per request, however often we get here.
         await self.bus.publish(
-            subjects.quota_decided(event.user_id, event.request_id),
-            decision,
-            msg_id=f"{event.request_id}:quota-decision",
+            subjects.quota_decided(event.user_id, event.request_id), decision, first_on_subject=True
         )
 
     async def grant_or_deny(self, submission: PromptSubmitted) -> quota_log.Decision:
         stream = quota_log.user_stream(submission.user_id)
         for _ in range(MAX_CONFLICT_RETRIES):
             async with self.engine.begin() as conn:
-                recorded = await quota_log.decision_for(conn, submission.request_id)
+                recorded = await quota_log.decision_for(conn, stream, submission.request_id)
                 if recorded is not None:
                     return recorded  # a redelivery or a re-publish: same request, same answer
                 now = datetime.now(timezone.utc)

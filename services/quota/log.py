@@ -2,8 +2,8 @@
 
 Each row is one decision. `(stream_id, version)` is unique, so two quota replicas deciding
 for the same user at once cannot both append version N: the loser gets `Conflict`, reloads
-and decides again. A partial unique index on `request_id` over decisions means one request
-can never hold two decisions, whichever replica got it. A trigger refuses UPDATE and DELETE.
+and decides again. A partial unique index on `(stream_id, request_id)` over decisions means
+one request can never hold two decisions, whichever replica got it. A trigger refuses UPDATE and DELETE.
 """
 
 from __future__ import annotations
@@ -46,9 +46,10 @@ def user_stream(user_id: str) -> str:
     return f"user:{user_id}"
 
 
-async def decision_for(conn: AsyncConnection, request_id: str) -> Decision | None:
+async def decision_for(conn: AsyncConnection, stream_id: str, request_id: str) -> Decision | None:
     row = await conn.execute(
         sa.select(quota_events.c.payload).where(
+            quota_events.c.stream_id == stream_id,
             quota_events.c.request_id == request_id,
             quota_events.c.event_type.in_(DECISION_TYPES),
         )

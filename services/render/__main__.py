@@ -13,6 +13,7 @@ from services.render.pipeline import Renderer
 from services.render.worker import MAX_DELIVER, RenderWorker
 from shared import service, subjects
 from shared.bus import Bus
+from shared.events import RenderRequested
 from shared.settings import Settings
 
 
@@ -31,7 +32,7 @@ async def serve(settings: Settings, bus: Bus, stop: asyncio.Event, *, worker_id:
     # One job at a time per worker, so waiting jobs go to whichever worker is free.
     await bus.consume(
         subjects.RENDER_JOBS, "render", worker.handle_job, stop,
-        batch=1, ack_wait_s=60, max_deliver=MAX_DELIVER,
+        accepts=(RenderRequested,), batch=1, ack_wait_s=60, max_deliver=MAX_DELIVER,
     )
 
 

@@ -20,6 +20,9 @@ class Renderer:
     def __init__(self, model_path: Path) -> None:
         import torch
         from diffusers import AutoPipelineForText2Image
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()  # a log file is no place for progress bars
 
         if not (model_path / "model_index.json").exists():
             raise FileNotFoundError(

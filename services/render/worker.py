@@ -12,6 +12,7 @@ import json
 import logging
 import time
 
+import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import ObjectMeta
@@ -20,12 +21,14 @@ from nats.js.object_store import ObjectStore
 from services.render.pipeline import Renderer
 from shared import subjects
 from shared.bus import Bus
-from shared.events import AnyEvent, RenderCompleted, RenderFailed, RenderProgress, RenderRequested
+from shared.events import RenderCompleted, RenderFailed, RenderProgress, RenderRequested
 
 log = logging.getLogger("kiln.render")
 
 RENDER_ATTEMPTS = 3  # tries per job before it fails for good
-MAX_DELIVER = RENDER_ATTEMPTS + 2  # leaves room to publish the failure itself
+# Deliveries past RENDER_ATTEMPTS only publish the failure; the margin rides out a bus
+# that cannot take that publish for a while.
+MAX_DELIVER = RENDER_ATTEMPTS + 10
 PROGRESS_INTERVAL_S = 0.1  # at most ten progress events a second per job
 HEARTBEAT_S = 10.0  # tells JetStream the job is still being worked on
 
@@ -37,16 +40,19 @@ class RenderWorker:
         self.renderer = renderer
         self.worker_id = worker_id
 
-    async def handle_job(self, event: AnyEvent, msg: Msg) -> None:
-        if not isinstance(event, RenderRequested):
-            await self.bus.dead_letter(msg, f"expected RenderRequested, got {type(event).__name__}")
-            return
-        key = f"{event.request_id}.png"
+    async def handle_job(self, event: RenderRequested, msg: Msg) -> None:
+        key = subjects.image_key(event.user_id, event.request_id)
 
         # 1. A redelivered job whose image is already stored needs no second render.
         render_ms = await self._stored_render_ms(key)
         if render_ms is None:
-            # 2. Render, keeping the job alive in JetStream while it runs.
+            # 2. A job delivered more often than it may be tried crashed or stalled its
+            #    workers (no exception reached us): end it rather than try again.
+            if msg.metadata.num_delivered > RENDER_ATTEMPTS:
+                tries = msg.metadata.num_delivered - 1
+                await self._fail(event, "gave_up", f"no worker finished it in {tries} tries")
+                return
+            # 3. Render, keeping the job alive in JetStream while it runs.
             try:
                 png, render_ms = await self._render(event, msg)
             except ValueError as error:  # the pipeline rejected the job: retrying cannot help
@@ -57,11 +63,11 @@ class RenderWorker:
                     raise  # the bus retries it after a delay
                 await self._fail(event, "render_error", repr(error))
                 return
-            # 3. Store the PNG; events carry only its key.
+            # 4. Store the PNG; events carry only its key.
             meta = ObjectMeta(description=json.dumps({"render_ms": render_ms}))
             await self.store.put(key, png, meta=meta)
 
-        # 4. Report.
+        # 5. Report.
         completed = RenderCompleted(
             request_id=event.request_id,
             user_id=event.user_id,
@@ -108,7 +114,12 @@ class RenderWorker:
             done, _ = await asyncio.wait({rendering}, timeout=HEARTBEAT_S)
             if done:
                 return rendering.result()
-            await msg.in_progress()
+            try:
+                await msg.in_progress()
+            except nats.errors.Error as error:
+                # Keep waiting for the render in hand: leaving now would start a second
+                # render on the same pipeline while the first still runs.
+                log.warning("could not extend job %s: %s", job.request_id, error)
 
     async def _fail(self, job: RenderRequested, reason: str, detail: str) -> None:
         log.warning("job %s failed for good: %s %s", job.request_id, reason, detail)
@@ -123,9 +134,7 @@ class RenderWorker:
         await self._report(failed)
 
     async def _report(self, outcome: RenderCompleted | RenderFailed) -> None:
-        # One outcome per job: completed and failed share the message id.
+        # One outcome per job, ever: completed and failed share the subject.
         await self.bus.publish(
-            subjects.render_event(outcome.user_id, outcome.request_id),
-            outcome,
-            msg_id=f"{outcome.request_id}:render-outcome",
+            subjects.render_event(outcome.user_id, outcome.request_id), outcome, first_on_subject=True
         )

@@ -89,7 +89,12 @@ async def test_same_request_id_twice_gives_one_decision_and_one_image(
 
     outcome = await client.generate("a green triangle", user_id=user, request_id=request_id)
     assert isinstance(outcome, ImageDelivered), outcome
-    await asyncio.sleep(1.0)  # let any second decision or render surface
+    # The render job again, as context would send it after the duplicate window has passed.
+    job = RenderRequested(
+        request_id=request_id, user_id=user, prompt="a green triangle", width=32, height=32, steps=10, seed=1
+    )
+    await client.js.publish(subjects.render_job("free"), encode(job))
+    await asyncio.sleep(1.5)  # let any second decision, render or delivery surface
 
     assert await _messages_on(client, "KILN_QUOTA", subjects.quota_decided(user, request_id)) == 1
     assert await _messages_on(client, "KILN_RENDER_EVENTS", subjects.render_event(user, request_id)) == 1
@@ -131,6 +136,20 @@ async def test_a_render_that_cannot_succeed_ends_as_a_failed_request(client: Kil
     assert isinstance(outcome, RequestFailed), outcome
     assert (outcome.stage, outcome.reason) == ("render", "invalid")
     assert "divisible by 8" in outcome.detail
+
+
+async def test_two_users_may_use_the_same_request_id(client: KilnClient, db: asyncpg.Connection):
+    request_id = f"shared-{uuid.uuid4().hex[:8]}"
+    alice, bob = f"alice{uuid.uuid4().hex[:6]}", f"bob{uuid.uuid4().hex[:6]}"
+
+    denied = await client.generate("", user_id=alice, request_id=request_id)  # invalid: empty
+    delivered = await client.generate("a red square", user_id=bob, request_id=request_id)
+
+    assert isinstance(denied, QuotaDenied) and denied.user_id == alice
+    assert isinstance(delivered, ImageDelivered) and delivered.user_id == bob
+    assert f"/{bob}/" in delivered.url
+    assert len(await client.download(delivered)) > 0
+    assert [row["event_type"] for row in await _decisions(db, bob)] == ["QuotaGranted"]
 
 
 async def _dead_letter_for(client: KilnClient, subject: str, timeout_s: float = 10) -> tuple[bytes, dict]:
@@ -187,8 +206,9 @@ async def test_a_prompt_sent_while_quota_is_down_is_decided_when_it_returns(
 
 async def test_delivery_answers_unknown_images_with_404_and_reports_health(platform: Platform):
     async with httpx.AsyncClient(base_url=platform.http_url) as http:
-        assert (await http.get(f"/images/{uuid.uuid4().hex}.png")).status_code == 404
-        assert (await http.get("/images/not%20an%20id.png")).status_code == 400
+        assert (await http.get(f"/images/alice/{uuid.uuid4().hex}.png")).status_code == 404
+        assert (await http.get("/images/alice/not%20an%20id.png")).status_code == 400
+        assert (await http.get("/images/not.a.user/abc.png")).status_code == 400
         health = await http.get("/healthz")
     assert health.status_code == 200 and health.json() == {"nats": "connected"}
 

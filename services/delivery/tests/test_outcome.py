@@ -10,7 +10,7 @@ def test_completed_render_becomes_a_delivered_image_with_a_link():
     subject, event = outcome(completed, "http://kiln.test")
     assert subject == "kiln.delivery.ready.alice.r1"
     assert isinstance(event, ImageDelivered)
-    assert event.url == "http://kiln.test/images/r1.png" and event.render_ms == 12.5
+    assert event.url == "http://kiln.test/images/alice/r1.png" and event.render_ms == 12.5
 
 
 def test_failed_render_becomes_a_failed_request_naming_the_stage():

@@ -27,11 +27,12 @@ def upgrade() -> None:
         sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
         sa.UniqueConstraint("stream_id", "version", name="quota_events_stream_version_key"),
     )
-    # One decision per request, whichever replica made it.
+    # One decision per request, whichever replica made it. Request ids are the clients'
+    # idempotency keys, unique within one user's stream.
     op.create_index(
         "quota_events_one_decision_per_request",
         "quota_events",
-        ["request_id"],
+        ["stream_id", "request_id"],
         unique=True,
         postgresql_where=sa.text("event_type IN ('QuotaGranted', 'QuotaDenied')"),
     )
