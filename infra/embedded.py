@@ -7,6 +7,7 @@ is found and stopped at the next start before a fresh one takes its place.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -34,6 +35,9 @@ jetstream {{
 """
 
 
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
 class ServerError(RuntimeError):
     """An embedded server failed to start; the message says where its log is."""
 
@@ -57,12 +61,21 @@ def wait_for_port(port: int, timeout_s: float, what: str, log: Path) -> None:
         time.sleep(0.05)
 
 
-def stop_pid(pid: int, name_hint: str, timeout_s: float = 10) -> bool:
-    """Stop the process `pid` if it is alive and looks like `name_hint`; True if stopped."""
+def die_with_parent() -> None:
+    """Run in a child between fork and exec: Linux sends it SIGTERM when the launcher
+    dies, however it dies, so a killed `kiln up` or test run leaves nothing running."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def stop_pid(pid: int, cmdline_hint: str, timeout_s: float = 10) -> bool:
+    """Stop process `pid` if it is alive and its command line contains `cmdline_hint`
+    (a path inside our data folder); True if it was stopped. A PID file can outlive its
+    process (a reboot) and the PID be reused by something else, which we leave alone."""
     try:
         process = psutil.Process(pid)
-        if name_hint not in " ".join(process.cmdline()):
-            return False  # the PID was reused by something else: leave it alone
+        if cmdline_hint not in " ".join(process.cmdline()):
+            return False
         process.send_signal(signal.SIGTERM)
         try:
             process.wait(timeout_s)
@@ -99,6 +112,7 @@ class EmbeddedNats:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C goes to the launcher, which stops us in order
+                preexec_fn=die_with_parent,
             )
         wait_for_port(self.port, 20, "nats-server", self.log)
         return self.url
@@ -115,7 +129,7 @@ class EmbeddedNats:
     def _stop_orphan(self) -> None:
         if self.pid_file.exists():
             pid = int(self.pid_file.read_text().strip() or 0)
-            if pid and stop_pid(pid, "nats-server"):
+            if pid and stop_pid(pid, str(self.root)):
                 print(f"stopped an orphaned nats-server (pid {pid}) left by an earlier run")
             self.pid_file.unlink(missing_ok=True)
 
@@ -162,7 +176,7 @@ class EmbeddedPostgres:
                 ["-w", "-t", "60", "-o", options, "-l", str(self.log), "start"],
                 pgdata=self.pgdata, user=self.user, timeout=90,
             )
-        except subprocess.CalledProcessError as error:
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
             raise ServerError(f"PostgreSQL did not start; see {self.log}") from error
         self._create_database(pg)
         return self.url
@@ -197,12 +211,16 @@ class EmbeddedPostgres:
         self.pgdata.chmod(0o700)
 
     def _stop_orphan(self, pg) -> None:
-        if (self.pgdata / "postmaster.pid").exists():
-            try:
-                pg.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.pgdata, user=self.user, timeout=60)
-                print("stopped an orphaned PostgreSQL left by an earlier run")
-            except subprocess.CalledProcessError:
-                pass  # a stale postmaster.pid: the server is gone, PostgreSQL cleans it up
+        lock_file = self.pgdata / "postmaster.pid"
+        if not lock_file.exists():
+            return
+        pid = int(lock_file.read_text().split("\n", 1)[0] or 0)
+        if pid and stop_pid(pid, str(self.pgdata), timeout_s=60):
+            print(f"stopped an orphaned PostgreSQL (pid {pid}) left by an earlier run")
+        else:
+            # Left by a server that is gone (a reboot); its PID may now be another
+            # process's, which would make PostgreSQL think it is still running.
+            lock_file.unlink(missing_ok=True)
 
     def _create_database(self, pg) -> None:
         exists = pg.psql(

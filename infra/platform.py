@@ -20,9 +20,10 @@ from typing import TextIO
 
 import httpx
 import nats
+import psutil
 import nats.js.errors
 
-from infra.embedded import EmbeddedNats, EmbeddedPostgres, free_port, stop_pid
+from infra.embedded import EmbeddedNats, EmbeddedPostgres, die_with_parent, free_port, stop_pid
 from services.quota.migrate import upgrade
 from services.render import tiny_model
 from shared import subjects
@@ -99,14 +100,12 @@ class Platform:
     def start_servers(self) -> None:
         self._take_lock()
         if self.nats_url is None:
+            # Kept before starting, so that `stop` stops it even if starting is interrupted.
             self._nats = EmbeddedNats(self.data_dir / "nats", self.nats_port)
             self.nats_url = self._nats.start()
         if self.database_url is None:
             self._postgres = EmbeddedPostgres(self.data_dir / "postgres" / "data", self.postgres_port)
             self.database_url = self._postgres.start()
-        upgrade(self.database_url)
-        if self.model_path is None:
-            self.model_path = tiny_model.ensure(self.data_dir / "models" / "tiny-sd")
 
     def stop_servers(self) -> None:
         if self._postgres is not None:
@@ -156,7 +155,7 @@ class Platform:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         pid_file = self.data_dir / "run" / f"{name}.pid"
         pid_file.parent.mkdir(exist_ok=True)
-        if pid_file.exists() and stop_pid(int(pid_file.read_text()), f"services.{name}"):
+        if pid_file.exists() and self._stop_orphaned_service(name, int(pid_file.read_text())):
             print(f"stopped an orphaned {name} service left by an earlier run")
         with open(self.log_dir / f"{name}.log", "ab") as log:
             process = subprocess.Popen(
@@ -166,6 +165,7 @@ class Platform:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches the launcher, which stops us in order
+                preexec_fn=die_with_parent,
             )
         pid_file.write_text(str(process.pid))
         self.services[name] = process
@@ -175,8 +175,17 @@ class Platform:
         for name in SERVICES:
             self.start_service(name)
 
+    def _stop_orphaned_service(self, name: str, pid: int) -> bool:
+        """A service of ours is `python -m services.<name>` run with our data folder."""
+        try:
+            ours = psutil.Process(pid).environ().get("KILN_DATA_DIR") == str(self.data_dir)
+        except psutil.Error:
+            return False
+        return ours and stop_pid(pid, f"services.{name}")
+
     def stop_service(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 20) -> int | None:
         process = self.services.pop(name, None)
+        (self.data_dir / "run" / f"{name}.pid").unlink(missing_ok=True)
         if process is None:
             return None
         if process.poll() is None:
@@ -246,7 +255,12 @@ class Platform:
         )
 
     async def start(self) -> None:
-        await asyncio.to_thread(self.start_servers)
+        # On this thread, not a worker thread: children die with the thread that started
+        # them (PR_SET_PDEATHSIG), and a worker thread ends before the platform does.
+        self.start_servers()
+        await asyncio.to_thread(upgrade, self.database_url)  # alembic runs its own event loop
+        if self.model_path is None:
+            self.model_path = await asyncio.to_thread(tiny_model.ensure, self.data_dir / "models" / "tiny-sd")
         self.start_services()
         await self.wait_ready()
 

@@ -127,37 +127,41 @@ def _up(args: argparse.Namespace) -> int:
     from infra.platform import Platform
 
     platform = Platform.from_env()
-    # Ctrl-C / SIGTERM: stop everything we started, in order.
-    stopping = False
-
-    def request_stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    # SIGTERM stops Kiln the way Ctrl-C does, at any point, startup included. (SIGINT is
+    # set too: a shell starting us in the background would have us ignore it.)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         console.print("starting Kiln …")
         asyncio.run(platform.start())
         console.print(
             "Kiln is up.\n"
             f"{platform.describe()}\n"
-            f"Try: .venv/bin/kiln generate \"a red circle\" --user alice -o out.png\n"
-            f"Ctrl-C stops everything."
+            'Try: .venv/bin/kiln generate "a red circle" --user alice -o out.png\n'
+            "Ctrl-C stops everything."
         )
-        while not stopping:
-            for name, process in list(platform.services.items()):
-                if process.poll() is not None:
-                    console.print(f"{name} exited with {process.returncode}; restarting it (log: {platform.log_dir / name}.log)")
-                    platform.start_service(name)
-            time.sleep(1)
-    except (RuntimeError, TimeoutError, OSError) as error:
-        console.print(f"kiln up: {error}")
+        _supervise(platform)
+    except KeyboardInterrupt:
+        pass
+    # The command's boundary: whatever stopped the start, say it in one line.
+    except Exception as error:  # noqa: BLE001
+        console.print(f"kiln up: {type(error).__name__}: {error}")
         return 1
     finally:
         console.print("stopping Kiln …")
         platform.stop()
     return 0
+
+
+def _supervise(platform) -> None:
+    """Restart a service that exits on its own; runs until Ctrl-C."""
+    while True:
+        for name, process in list(platform.services.items()):
+            if process.poll() is not None:
+                log = platform.log_dir / f"{name}.log"
+                console.print(f"{name} exited with {process.returncode}; restarting it (log: {log})")
+                platform.start_service(name)
+        time.sleep(1)
 
 
 if __name__ == "__main__":

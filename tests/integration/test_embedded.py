@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import asyncpg
@@ -51,3 +52,21 @@ async def test_orphaned_postgres_is_stopped_and_the_data_kept(tmp_path: Path):
     finally:
         second.stop()
     assert not port_in_use(port)
+
+
+async def test_a_stale_postgres_lock_naming_another_process_is_cleared_not_obeyed(tmp_path: Path):
+    port = free_port()
+    server = EmbeddedPostgres(tmp_path / "data", port)
+    server.start()
+    server.stop()
+    # After a reboot, postmaster.pid can name a PID that now belongs to someone else: here,
+    # this test process. Stopping "the orphan" would signal us; starting must not.
+    lock_file = tmp_path / "data" / "postmaster.pid"
+    lock_file.write_text(f"{os.getpid()}\n{tmp_path / 'data'}\n")
+    try:
+        url = server.start()
+        conn = await asyncpg.connect(url)
+        assert await conn.fetchval("SELECT 1") == 1
+        await conn.close()
+    finally:
+        server.stop()
