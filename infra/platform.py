@@ -88,6 +88,10 @@ class Platform:
         )
 
     @property
+    def embedded_postgres(self) -> EmbeddedPostgres | None:
+        return self._postgres
+
+    @property
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 

@@ -16,7 +16,8 @@ from shared.settings import Settings, asyncpg_url
 
 async def serve(settings: Settings, bus: Bus, stop: asyncio.Event) -> None:
     await asyncio.to_thread(upgrade, settings.database_url)
-    engine = create_async_engine(asyncpg_url(settings.database_url), pool_size=10)
+    # pre_ping: after a database restart, a pooled connection is tested before use.
+    engine = create_async_engine(asyncpg_url(settings.database_url), pool_size=10, pool_pre_ping=True)
     try:
         quota = QuotaService(engine, bus)
         await bus.consume(subjects.PROMPTS, "quota", quota.handle_prompt, stop, accepts=(PromptSubmitted,))

@@ -204,6 +204,23 @@ async def test_a_prompt_sent_while_quota_is_down_is_decided_when_it_returns(
     assert isinstance(await pending, ImageDelivered)
 
 
+async def test_a_prompt_sent_while_postgres_is_down_is_decided_when_it_returns(
+    platform: Platform, client: KilnClient, db: asyncpg.Connection, user: str
+):
+    if platform.embedded_postgres is None:
+        pytest.skip("stops the database: only the embedded one is ours to stop")
+    await db.close()
+    platform.embedded_postgres.stop()
+    try:
+        pending = asyncio.create_task(client.generate("a orange circle", user_id=user, timeout_s=90))
+        await asyncio.sleep(3.0)
+        assert not pending.done()  # quota cannot record a decision, so it makes none
+    finally:
+        platform.embedded_postgres.start()
+
+    assert isinstance(await pending, ImageDelivered)
+
+
 async def test_delivery_answers_unknown_images_with_404_and_reports_health(platform: Platform):
     async with httpx.AsyncClient(base_url=platform.http_url) as http:
         assert (await http.get(f"/images/alice/{uuid.uuid4().hex}.png")).status_code == 404
