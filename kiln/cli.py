@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import nats.errors
 from rich.console import Console
@@ -30,8 +31,16 @@ EXIT_DENIED, EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE = 2, 3, 4, 64
 console = Console(stderr=True, soft_wrap=True)  # one message, one line
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on bad arguments; here 2 means "denied", so usage errors get 64."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"kiln: {message}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kiln", description="Kiln image generation")
+    parser = _Parser(prog="kiln", description="Kiln image generation")
     commands = parser.add_subparsers(dest="command", required=True)
 
     up = commands.add_parser("up", help="start the platform (embedded servers unless KILN_*_URL are set)")

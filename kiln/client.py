@@ -63,8 +63,16 @@ class KilnClient:
     @classmethod
     async def connect(cls, nats_url: str) -> KilnClient:
         """Connect, or raise nats.errors.NoServersError within a few seconds."""
+        async def on_error(error: Exception) -> None:
+            log.debug("NATS: %s", error)  # what matters reaches the caller as an exception
+
         nc = await nats.connect(
-            nats_url, name="kiln-client", connect_timeout=2, max_reconnect_attempts=3, reconnect_time_wait=1
+            nats_url,
+            name="kiln-client",
+            connect_timeout=2,
+            max_reconnect_attempts=3,
+            reconnect_time_wait=1,
+            error_cb=on_error,
         )
         return cls(nc)
 
