@@ -16,6 +16,7 @@ import logging
 from datetime import datetime, timezone
 
 from nats.aio.msg import Msg
+from opentelemetry import trace
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.quota import log as quota_log
@@ -61,10 +62,19 @@ class QuotaService:
                         stream,
                         version + 1,
                         decision,
-                        {"policy_version": policy.POLICY_VERSION, "used_before": used},
+                        {
+                            "policy_version": policy.POLICY_VERSION,
+                            "used_before": used,
+                            "trace_id": _current_trace_id(),
+                        },
                     )
                 except quota_log.Conflict:
                     logger.info("conflict on %s, deciding again", stream)
                     continue
             return decision
         raise quota_log.Conflict(f"{stream}: still conflicting after {MAX_CONFLICT_RETRIES} tries")
+
+
+def _current_trace_id() -> str:
+    """The request's trace, so an auditor can go from a log row to its trace."""
+    return format(trace.get_current_span().get_span_context().trace_id, "032x")

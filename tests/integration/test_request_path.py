@@ -103,7 +103,9 @@ async def test_same_request_id_twice_gives_one_decision_and_one_image(
     assert [(row["event_type"], json.loads(row["payload"])["used"]) for row in rows] == [("QuotaGranted", 1)]
 
 
-async def test_one_trace_spans_the_client_and_all_four_services(client: KilnClient, user: str):
+async def test_one_trace_spans_the_client_and_all_four_services(
+    client: KilnClient, db: asyncpg.Connection, user: str
+):
     tracer = telemetry.setup("kiln-tests", otlp_endpoint=None)
     with tracer.start_as_current_span("test") as root:
         outcome = await client.generate("a black circle", user_id=user)
@@ -113,6 +115,10 @@ async def test_one_trace_spans_the_client_and_all_four_services(client: KilnClie
     # quota's decision, render's result (render continued context's job message) and
     # delivery's outcome must all belong to the client's trace.
     client_trace = format(root.get_span_context().trace_id, "032x")
+    recorded = await db.fetchval(
+        "SELECT metadata FROM quota_events WHERE stream_id = $1", f"user:{user}"
+    )
+    assert json.loads(recorded)["trace_id"] == client_trace  # the log row leads to the trace
     published_by = {
         "quota": ("KILN_QUOTA", subjects.quota_decided(user, outcome.request_id)),
         "render": ("KILN_RENDER_EVENTS", subjects.render_event(user, outcome.request_id)),
