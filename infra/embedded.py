@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -61,14 +62,22 @@ def wait_for_port(port: int, timeout_s: float, what: str, log: Path) -> None:
         time.sleep(0.05)
 
 
-def die_with_parent() -> None:
-    """Run in a child between fork and exec: Linux sends it SIGTERM when the launcher
-    dies, however it dies, so a killed `kiln up` or test run leaves nothing running."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+_prctl = ctypes.CDLL(None, use_errno=True).prctl  # loaded here: a forked child should not load libraries
 
 
-def stop_pid(pid: int, cmdline_hint: str, timeout_s: float = 10) -> bool:
+def die_with(parent_pid: int) -> Callable[[], None]:
+    """A `preexec_fn` for a child of `parent_pid`: Linux sends the child SIGTERM when the
+    parent dies, however it dies, so a killed `kiln up` or test run leaves nothing running."""
+
+    def preexec() -> None:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent_pid:  # the parent died before we asked
+            os._exit(1)
+
+    return preexec
+
+
+def stop_pid(pid: int, cmdline_hint: str, timeout_s: float = 10, sig: int = signal.SIGTERM) -> bool:
     """Stop process `pid` if it is alive and its command line contains `cmdline_hint`
     (a path inside our data folder); True if it was stopped. A PID file can outlive its
     process (a reboot) and the PID be reused by something else, which we leave alone."""
@@ -76,7 +85,7 @@ def stop_pid(pid: int, cmdline_hint: str, timeout_s: float = 10) -> bool:
         process = psutil.Process(pid)
         if cmdline_hint not in " ".join(process.cmdline()):
             return False
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(sig)
         try:
             process.wait(timeout_s)
         except psutil.TimeoutExpired:
@@ -112,7 +121,7 @@ class EmbeddedNats:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C goes to the launcher, which stops us in order
-                preexec_fn=die_with_parent,
+                preexec_fn=die_with(os.getpid()),
             )
         wait_for_port(self.port, 20, "nats-server", self.log)
         return self.url
@@ -215,7 +224,8 @@ class EmbeddedPostgres:
         if not lock_file.exists():
             return
         pid = int(lock_file.read_text().split("\n", 1)[0] or 0)
-        if pid and stop_pid(pid, str(self.pgdata), timeout_s=60):
+        # SIGINT is PostgreSQL's fast shutdown: it does not wait for clients to disconnect.
+        if pid and stop_pid(pid, str(self.pgdata), timeout_s=60, sig=signal.SIGINT):
             print(f"stopped an orphaned PostgreSQL (pid {pid}) left by an earlier run")
         else:
             # Left by a server that is gone (a reboot); its PID may now be another

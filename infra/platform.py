@@ -23,7 +23,7 @@ import nats
 import psutil
 import nats.js.errors
 
-from infra.embedded import EmbeddedNats, EmbeddedPostgres, die_with_parent, free_port, stop_pid
+from infra.embedded import EmbeddedNats, EmbeddedPostgres, die_with, free_port, stop_pid
 from services.quota.migrate import upgrade
 from services.render import tiny_model
 from shared import subjects
@@ -169,7 +169,7 @@ class Platform:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches the launcher, which stops us in order
-                preexec_fn=die_with_parent,
+                preexec_fn=die_with(os.getpid()),
             )
         pid_file.write_text(str(process.pid))
         self.services[name] = process

@@ -14,9 +14,11 @@ import asyncio
 import signal
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import NoReturn
 
+import httpx
 import nats.errors
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -86,6 +88,9 @@ async def _generate_traced(args: argparse.Namespace, settings: Settings) -> int:
     except (OSError, TimeoutError, nats.errors.Error) as error:
         console.print(f"kiln: cannot reach NATS at {settings.nats_url} ({error}); is Kiln up (`make run`)?")
         return EXIT_FAILED
+    # Chosen here, not by the SDK, so that every message can name it: re-running with the
+    # same --request-id picks the request up where it is, without spending quota again.
+    request_id = args.request_id or uuid.uuid4().hex
     async with client:
         with Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -101,7 +106,7 @@ async def _generate_traced(args: argparse.Namespace, settings: Settings) -> int:
                     args.prompt,
                     user_id=args.user,
                     conversation_id=args.conversation,
-                    request_id=args.request_id,
+                    request_id=request_id,
                     width=args.size,
                     height=args.size,
                     steps=args.steps,
@@ -110,10 +115,13 @@ async def _generate_traced(args: argparse.Namespace, settings: Settings) -> int:
                     timeout_s=args.timeout,
                 )
             except TimeoutError as error:
-                console.print(f"kiln: {error}; run the same command with --request-id to keep waiting")
+                console.print(f"kiln: {error}; to keep waiting, run the same command with --request-id {request_id}")
                 return EXIT_TIMEOUT
             except nats.errors.Error as error:
-                console.print(f"kiln: the bus at {settings.nats_url} did not take the prompt ({error}); is Kiln up (`make run`)?")
+                console.print(
+                    f"kiln: the bus at {settings.nats_url} failed ({error}); is Kiln up (`make run`)? "
+                    f"Retry with --request-id {request_id}"
+                )
                 return EXIT_FAILED
 
         if isinstance(outcome, QuotaDenied):
@@ -123,12 +131,16 @@ async def _generate_traced(args: argparse.Namespace, settings: Settings) -> int:
         if not isinstance(outcome, ImageDelivered):
             console.print(f"failed at {outcome.stage}: {outcome.reason}: {outcome.detail}")
             return EXIT_FAILED
-        png = await client.download(outcome)
-        if args.output:
-            args.output.write_bytes(png)
-            console.print(f"wrote {args.output} ({len(png)} bytes); link: {outcome.url}")
-        else:
+        if not args.output:
             console.print(f"image ready: {outcome.url}")
+            return 0
+        try:
+            png = await client.download(outcome)
+            args.output.write_bytes(png)
+        except (httpx.HTTPError, OSError) as error:
+            console.print(f"kiln: the image is ready at {outcome.url} but was not saved to {args.output}: {error}")
+            return EXIT_FAILED
+        console.print(f"wrote {args.output} ({len(png)} bytes); link: {outcome.url}")
         return 0
 
 
@@ -157,6 +169,9 @@ def _up(args: argparse.Namespace) -> int:
         console.print(f"kiln up: {type(error).__name__}: {error}")
         return 1
     finally:
+        # A second Ctrl-C must not cut the stop short and leave servers running.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         console.print("stopping Kiln …")
         platform.stop()
     return 0

@@ -47,12 +47,6 @@ ProgressCallback = Callable[[RenderProgress], None]
 tracer = trace.get_tracer("kiln.client")
 log = logging.getLogger("kiln.client")
 
-# Where each outcome is kept, so one that happened before we subscribed can be found.
-_RECORDED = (
-    (subjects.QUOTA.name, subjects.quota_decided),
-    (subjects.OUTCOMES.name, subjects.delivered),
-    (subjects.OUTCOMES.name, subjects.request_failed),
-)
 
 
 class KilnClient:
@@ -154,7 +148,10 @@ class KilnClient:
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue[Msg] = asyncio.Queue()
         # Subscribe before publishing or looking anything up, so nothing falls in between.
-        sub = await self.nc.subscribe(subjects.about_request(user_id, request_id), cb=inbox.put)
+        subscriptions = [
+            await self.nc.subscribe(subject(user_id, request_id), cb=inbox.put)
+            for subject in (subjects.render_progress, subjects.outcome)
+        ]
         try:
             deadline = loop.time() + timeout_s
             first = True
@@ -171,11 +168,13 @@ class KilnClient:
                     await self._submit_again(submission, first)
                 first = False
                 resubmit_at = min(deadline, loop.time() + resubmit_after_s)
-                outcome = await self._next_outcome(inbox, resubmit_at, on_progress)
-                if outcome is not None:
-                    return outcome
+                if await self._outcome_announced(inbox, resubmit_at, on_progress):
+                    recorded = await self.recorded_outcome(user_id, request_id)
+                    if recorded is not None:
+                        return recorded
         finally:
-            await sub.unsubscribe()
+            for subscription in subscriptions:
+                await subscription.unsubscribe()
 
     async def _submit_again(self, submission: PromptSubmitted, first: bool) -> None:
         try:
@@ -187,15 +186,19 @@ class KilnClient:
             # leaves the request as it was, so keep waiting for its outcome.
             log.warning("re-submitting %s failed; still waiting", submission.request_id)
 
-    async def _next_outcome(
+    async def _outcome_announced(
         self, inbox: asyncio.Queue[Msg], until: float, on_progress: ProgressCallback | None
-    ) -> Outcome | None:
+    ) -> bool:
+        """Pass progress on until an outcome is announced (True) or `until` (False).
+
+        An announcement is only a cue: a plain subscriber also sees a second outcome that
+        JetStream refused to store, so the caller reads the stored, first one."""
         loop = asyncio.get_running_loop()
         while (remaining := until - loop.time()) > 0:
             try:
                 msg = await asyncio.wait_for(inbox.get(), remaining)
             except TimeoutError:
-                return None
+                return False
             try:
                 event = decode(msg.data, (msg.headers or {}).get("Content-Type"))
             except msgspec.DecodeError:
@@ -203,23 +206,20 @@ class KilnClient:
             if isinstance(event, RenderProgress) and on_progress is not None:
                 on_progress(event)
             elif isinstance(event, TERMINAL):
-                return event
-        return None
+                return True
+        return False
 
     async def recorded_outcome(self, user_id: str, request_id: str) -> Outcome | None:
-        """The request's outcome if the streams already hold one."""
-        for stream, subject in _RECORDED:
-            try:
-                raw = await self.js.get_last_msg(stream, subject(user_id, request_id))
-            except nats.js.errors.NotFoundError:
-                continue
-            try:
-                event = decode(raw.data or b"", (raw.headers or {}).get("Content-Type"))
-            except msgspec.DecodeError:
-                continue  # someone else's garbage on our subject: not an outcome
-            if isinstance(event, TERMINAL):
-                return event
-        return None
+        """The request's outcome if JetStream holds one."""
+        try:
+            raw = await self.js.get_last_msg(subjects.OUTCOMES.name, subjects.outcome(user_id, request_id))
+        except nats.js.errors.NotFoundError:
+            return None
+        try:
+            event = decode(raw.data or b"", (raw.headers or {}).get("Content-Type"))
+        except msgspec.DecodeError:
+            return None  # someone else's garbage on our subject: not an outcome
+        return event if isinstance(event, TERMINAL) else None
 
     async def download(self, delivered: ImageDelivered) -> bytes:
         async with httpx.AsyncClient() as http:

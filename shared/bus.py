@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 
 import msgspec
 import nats
+import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -40,6 +41,7 @@ Handler = Callable[[AnyEvent, Msg], Awaitable[None]]
 
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-sequence check
 MAX_BACKOFF_S = 30.0
+GIVE_UP_MARGIN = 5  # deliveries beyond max_attempts, to publish the failure itself
 REASON_HEADER = "Kiln-Dead-Letter-Reason"
 ORIGINAL_SUBJECT_HEADER = "Kiln-Original-Subject"
 
@@ -123,14 +125,24 @@ class Bus:
         await self.nc.publish(subject, encode(event), headers=inject_headers({}))
 
     async def dead_letter(self, msg: Msg, reason: str) -> None:
+        original = msg.headers or {}
         headers = {
             REASON_HEADER: reason[:1000],
             ORIGINAL_SUBJECT_HEADER: msg.subject,
             # One dead letter per stream message, however often it is redelivered.
             "Nats-Msg-Id": f"{msg.metadata.stream}:{msg.metadata.sequence.stream}",
+            # Kept so the payload stays readable and the request's trace findable.
+            **{key: original[key] for key in ("Content-Type", "traceparent") if key in original},
         }
         await self.js.publish(subjects.dead_letter(self.service), msg.data, headers=headers)
         log.warning("dead-lettered %s: %s", msg.subject, reason)
+
+    async def outcome_recorded(self, user_id: str, request_id: str) -> bool:
+        try:
+            await self.js.get_last_msg(subjects.OUTCOMES.name, subjects.outcome(user_id, request_id))
+        except nats.js.errors.NotFoundError:
+            return False
+        return True
 
     # -- consuming ------------------------------------------------------------------------
 
@@ -142,18 +154,24 @@ class Bus:
         stop: asyncio.Event,
         *,
         accepts: tuple[type[Event], ...],
+        max_attempts: int = 20,
         ack_wait_s: float = 60,
-        max_deliver: int = 20,
         batch: int = 16,
     ) -> None:
         """Pull messages from a durable consumer and hand each event of an `accepts` type
-        to `handler` until `stop` is set."""
+        to `handler` until `stop` is set.
+
+        A message is tried `max_attempts` times, with back-off after a failure (20 tries
+        ride out about 8 minutes of a database outage). Then the request ends as a typed
+        RequestFailed. JetStream may deliver a few times more than that, so that the
+        failure can still be published after a crash or a bus hiccup in the last attempt.
+        """
         config = ConsumerConfig(
             durable_name=durable,
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
             ack_wait=ack_wait_s,
-            max_deliver=max_deliver,
+            max_deliver=max_attempts + GIVE_UP_MARGIN,
         )
         # Creates the durable consumer, or brings an existing one's config up to date.
         await self.js.add_consumer(stream.name, config)
@@ -165,7 +183,12 @@ class Bus:
                 except TimeoutError:  # nats-py's TimeoutError subclasses it
                     continue  # nothing waiting is normal: poll again
                 for msg in messages:
-                    await self._deliver(msg, stream, accepts, handler, max_deliver)
+                    try:
+                        await self._deliver(msg, stream, accepts, handler, max_attempts)
+                    except nats.errors.Error as error:
+                        # The bus failed us mid-message (an ack, a nak, a publish): the
+                        # message was not acked, so JetStream delivers it again.
+                        log.warning("bus error on %s, will be redelivered: %s", msg.subject, error)
         finally:
             # The durable consumer stays on the server; only this process stops pulling.
             # (Left subscribed, a pull subscription holds up `drain` until it times out.)
@@ -177,7 +200,7 @@ class Bus:
         stream: Stream,
         accepts: tuple[type[Event], ...],
         handler: Handler,
-        max_deliver: int,
+        max_attempts: int,
     ) -> None:
         # 1. Check the message; what no retry can fix goes to the dead letters at once.
         headers = msg.headers or {}
@@ -191,8 +214,13 @@ class Bus:
             await self._reject(msg, problem)
             return
 
-        # 2. Handle it, continuing the request's trace.
+        # 2. A message past its attempts failed or crashed every time: end the request.
         attempt = msg.metadata.num_delivered
+        if attempt > max_attempts:
+            await self.give_up(event, msg, f"not handled in {max_attempts} attempts")
+            return
+
+        # 3. Handle it, continuing the request's trace.
         with self.tracer.start_as_current_span(
             f"{self.service} process",
             context=context_from_headers(headers),
@@ -207,13 +235,13 @@ class Bus:
         ) as span:
             try:
                 await handler(event, msg)
-            # A handler may fail on anything (the database down, a bug). The message is
-            # not lost: it is retried with back-off (about 8 minutes at the default
-            # max_deliver); then the request ends as a typed RequestFailed.
+            # A handler may fail on anything (the database down, a bug); the message is
+            # not lost: it is retried with back-off, and after its last attempt the
+            # request ends as a typed RequestFailed.
             except Exception as error:  # noqa: BLE001
                 span.record_exception(error)
                 log.exception("handling %s (attempt %d) failed", msg.subject, attempt)
-                if attempt >= max_deliver:
+                if attempt >= max_attempts:
                     await self.give_up(event, msg, f"failed {attempt} times, last: {error!r}")
                 else:
                     await msg.nak(delay=min(2.0**attempt, MAX_BACKOFF_S))
@@ -235,9 +263,7 @@ class Bus:
             reason="gave_up",
             detail=reason,
         )
-        await self.publish(
-            subjects.request_failed(event.user_id, event.request_id), failed, first_on_subject=True
-        )
+        await self.publish(subjects.outcome(event.user_id, event.request_id), failed, first_on_subject=True)
         await self._reject(msg, reason)
 
 

@@ -33,21 +33,14 @@ def render_progress(user_id: str, request_id: str) -> str:
     return f"kiln.render.progress.{user_id}.{request_id}"
 
 
-def delivered(user_id: str, request_id: str) -> str:
-    return f"kiln.delivery.ready.{user_id}.{request_id}"
-
-
-def request_failed(user_id: str, request_id: str) -> str:
-    return f"kiln.request.failed.{user_id}.{request_id}"
+def outcome(user_id: str, request_id: str) -> str:
+    """The request's one outcome — QuotaDenied, ImageDelivered or RequestFailed — on one
+    subject, so that JetStream can refuse a second one whoever sends it."""
+    return f"kiln.outcome.{user_id}.{request_id}"
 
 
 def dead_letter(service: str) -> str:
     return f"kiln.deadletter.{service}"
-
-
-def about_request(user_id: str, request_id: str) -> str:
-    """Everything said about one request: decision, progress, completion, outcome."""
-    return f"kiln.*.*.{user_id}.{request_id}"
 
 
 @dataclass(frozen=True)
@@ -67,7 +60,7 @@ QUOTA = Stream("KILN_QUOTA", ["kiln.quota.decided.*.*"], user_token=3)
 # A work queue: a job leaves the stream once a worker acks it.
 RENDER_JOBS = Stream("KILN_RENDER_JOBS", ["kiln.render.jobs.*"], retention=RetentionPolicy.WORK_QUEUE)
 RENDER_EVENTS = Stream("KILN_RENDER_EVENTS", ["kiln.render.events.*.*"], user_token=3)
-OUTCOMES = Stream("KILN_OUTCOMES", ["kiln.delivery.ready.*.*", "kiln.request.failed.*.*"], user_token=3)
+OUTCOMES = Stream("KILN_OUTCOMES", ["kiln.outcome.*.*"], user_token=2)
 DEAD_LETTERS = Stream("KILN_DEAD_LETTERS", ["kiln.deadletter.*"], max_age_s=30 * 24 * 3600)
 
 ALL_STREAMS = [PROMPTS, QUOTA, RENDER_JOBS, RENDER_EVENTS, OUTCOMES, DEAD_LETTERS]

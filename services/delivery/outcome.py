@@ -22,6 +22,6 @@ def outcome(
             url=image_url(public_url, event.user_id, event.request_id),
             render_ms=event.render_ms,
         )
-        return subjects.delivered(event.user_id, event.request_id), delivered
+        return subjects.outcome(event.user_id, event.request_id), delivered
     failed = RequestFailed(**ids, stage="render", reason=event.reason, detail=event.detail)
-    return subjects.request_failed(event.user_id, event.request_id), failed
+    return subjects.outcome(event.user_id, event.request_id), failed

@@ -23,7 +23,7 @@ from services.quota import log as quota_log
 from services.quota import policy
 from shared import subjects
 from shared.bus import Bus
-from shared.events import PromptSubmitted
+from shared.events import PromptSubmitted, QuotaDenied
 
 logger = logging.getLogger("kiln.quota")
 
@@ -38,12 +38,19 @@ class QuotaService:
 
     async def handle_prompt(self, event: PromptSubmitted, msg: Msg) -> None:
         # The bus has checked the message: a PromptSubmitted, sent on its own user's subject.
-        # 1. Decide (or find the decision already recorded for this request).
+        # 1. A request that has ended already (a copy given up on during an outage) stays ended.
+        if await self.bus.outcome_recorded(event.user_id, event.request_id):
+            return
+        # 2. Decide (or find the decision already recorded for this request).
         decision = await self.grant_or_deny(event)
-        # 2. Publish what the log holds; once per request, however often we get here.
+        # 3. Publish what the log holds; once per request, however often we get here.
         await self.bus.publish(
             subjects.quota_decided(event.user_id, event.request_id), decision, first_on_subject=True
         )
+        if isinstance(decision, QuotaDenied):  # a denial is the request's outcome
+            await self.bus.publish(
+                subjects.outcome(event.user_id, event.request_id), decision, first_on_subject=True
+            )
 
     async def grant_or_deny(self, submission: PromptSubmitted) -> quota_log.Decision:
         stream = quota_log.user_stream(submission.user_id)

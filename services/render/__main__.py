@@ -10,7 +10,7 @@ import socket
 
 from services.render import tiny_model
 from services.render.pipeline import Renderer
-from services.render.worker import MAX_DELIVER, RenderWorker
+from services.render.worker import RENDER_ATTEMPTS, RenderWorker
 from shared import service, subjects
 from shared.bus import Bus
 from shared.events import RenderRequested
@@ -32,7 +32,7 @@ async def serve(settings: Settings, bus: Bus, stop: asyncio.Event, *, worker_id:
     # One job at a time per worker, so waiting jobs go to whichever worker is free.
     await bus.consume(
         subjects.RENDER_JOBS, "render", worker.handle_job, stop,
-        accepts=(RenderRequested,), batch=1, ack_wait_s=60, max_deliver=MAX_DELIVER,
+        accepts=(RenderRequested,), max_attempts=RENDER_ATTEMPTS, batch=1, ack_wait_s=60,
     )
 
 

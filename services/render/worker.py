@@ -26,9 +26,6 @@ from shared.events import RenderCompleted, RenderFailed, RenderProgress, RenderR
 log = logging.getLogger("kiln.render")
 
 RENDER_ATTEMPTS = 3  # tries per job before it fails for good
-# Deliveries past RENDER_ATTEMPTS only publish the failure; the margin rides out a bus
-# that cannot take that publish for a while.
-MAX_DELIVER = RENDER_ATTEMPTS + 10
 PROGRESS_INTERVAL_S = 0.1  # at most ten progress events a second per job
 HEARTBEAT_S = 10.0  # tells JetStream the job is still being worked on
 
@@ -46,28 +43,19 @@ class RenderWorker:
         # 1. A redelivered job whose image is already stored needs no second render.
         render_ms = await self._stored_render_ms(key)
         if render_ms is None:
-            # 2. A job delivered more often than it may be tried crashed or stalled its
-            #    workers (no exception reached us): end it rather than try again.
-            if msg.metadata.num_delivered > RENDER_ATTEMPTS:
-                tries = msg.metadata.num_delivered - 1
-                await self._fail(event, "gave_up", f"no worker finished it in {tries} tries")
-                return
-            # 3. Render, keeping the job alive in JetStream while it runs.
+            # 2. Render, keeping the job alive in JetStream while it runs. Any other error
+            #    reaches the bus, which retries the job and after RENDER_ATTEMPTS (crashed
+            #    workers included) ends the request as failed.
             try:
                 png, render_ms = await self._render(event, msg)
             except ValueError as error:  # the pipeline rejected the job: retrying cannot help
                 await self._fail(event, "invalid", str(error))
                 return
-            except Exception as error:  # noqa: BLE001 - a render can fail on anything
-                if msg.metadata.num_delivered < RENDER_ATTEMPTS:
-                    raise  # the bus retries it after a delay
-                await self._fail(event, "render_error", repr(error))
-                return
-            # 4. Store the PNG; events carry only its key.
+            # 3. Store the PNG; events carry only its key.
             meta = ObjectMeta(description=json.dumps({"render_ms": render_ms}))
             await self.store.put(key, png, meta=meta)
 
-        # 5. Report.
+        # 4. Report.
         completed = RenderCompleted(
             request_id=event.request_id,
             user_id=event.user_id,

@@ -98,7 +98,7 @@ async def test_same_request_id_twice_gives_one_decision_and_one_image(
 
     assert await _messages_on(client, "KILN_QUOTA", subjects.quota_decided(user, request_id)) == 1
     assert await _messages_on(client, "KILN_RENDER_EVENTS", subjects.render_event(user, request_id)) == 1
-    assert await _messages_on(client, "KILN_OUTCOMES", subjects.delivered(user, request_id)) == 1
+    assert await _messages_on(client, "KILN_OUTCOMES", subjects.outcome(user, request_id)) == 1
     rows = await _decisions(db, user)
     assert [(row["event_type"], json.loads(row["payload"])["used"]) for row in rows] == [("QuotaGranted", 1)]
 
@@ -122,7 +122,7 @@ async def test_one_trace_spans_the_client_and_all_four_services(
     published_by = {
         "quota": ("KILN_QUOTA", subjects.quota_decided(user, outcome.request_id)),
         "render": ("KILN_RENDER_EVENTS", subjects.render_event(user, outcome.request_id)),
-        "delivery": ("KILN_OUTCOMES", subjects.delivered(user, outcome.request_id)),
+        "delivery": ("KILN_OUTCOMES", subjects.outcome(user, outcome.request_id)),
     }
     for service, (stream, subject) in published_by.items():
         message = await client.js.get_last_msg(stream, subject)
@@ -144,6 +144,43 @@ async def test_a_render_that_cannot_succeed_ends_as_a_failed_request(client: Kil
     assert "divisible by 8" in outcome.detail
 
 
+async def test_a_job_that_keeps_failing_is_retried_then_ends_as_a_failed_request(
+    client: KilnClient, user: str
+):
+    # steps=0 makes the pipeline raise ZeroDivisionError: not a rejection (ValueError) but
+    # an error that might pass, so render retries it before giving up.
+    request_id = uuid.uuid4().hex
+    job = RenderRequested(request_id=request_id, user_id=user, prompt="x", width=32, height=32, steps=0, seed=1)
+    await client.js.publish(subjects.render_job("free"), encode(job))
+
+    outcome = await client.wait_for_outcome(user, request_id, timeout_s=60)
+
+    assert isinstance(outcome, RequestFailed), outcome
+    assert (outcome.stage, outcome.reason) == ("render", "gave_up")
+    assert "failed 3 times" in outcome.detail and "ZeroDivisionError" in outcome.detail
+    data, headers = await _dead_letter_for(client, subjects.render_job("free"), service="render")
+    assert b"ZeroDivisionError" in headers[REASON_HEADER].encode() and request_id.encode() in data
+
+
+async def test_a_request_that_has_ended_is_not_decided_again(
+    client: KilnClient, db: asyncpg.Connection, user: str
+):
+    # An earlier copy of the request was given up on; a later copy (a re-submission past
+    # the duplicate window) must not open it again.
+    request_id = uuid.uuid4().hex
+    ended = RequestFailed(request_id=request_id, user_id=user, stage="quota", reason="gave_up", detail="outage")
+    await client.js.publish(subjects.outcome(user, request_id), encode(ended))
+    late_copy = PromptSubmitted(request_id=request_id, user_id=user, prompt="a red circle")
+    await client.js.publish(subjects.prompt_submitted(user), encode(late_copy))
+
+    outcome = await client.generate("a red circle", user_id=user, request_id=request_id)
+    await asyncio.sleep(1.0)  # give quota time to (wrongly) decide the late copy
+
+    assert isinstance(outcome, RequestFailed) and outcome.reason == "gave_up"
+    assert await _decisions(db, user) == []
+    assert await _messages_on(client, "KILN_OUTCOMES", subjects.outcome(user, request_id)) == 1
+
+
 async def test_two_users_may_use_the_same_request_id(client: KilnClient, db: asyncpg.Connection):
     request_id = f"shared-{uuid.uuid4().hex[:8]}"
     alice, bob = f"alice{uuid.uuid4().hex[:6]}", f"bob{uuid.uuid4().hex[:6]}"
@@ -158,11 +195,13 @@ async def test_two_users_may_use_the_same_request_id(client: KilnClient, db: asy
     assert [row["event_type"] for row in await _decisions(db, bob)] == ["QuotaGranted"]
 
 
-async def _dead_letter_for(client: KilnClient, subject: str, timeout_s: float = 10) -> tuple[bytes, dict]:
+async def _dead_letter_for(
+    client: KilnClient, subject: str, service: str = "quota", timeout_s: float = 10
+) -> tuple[bytes, dict]:
     deadline = asyncio.get_running_loop().time() + timeout_s
     while asyncio.get_running_loop().time() < deadline:
         try:
-            last = await client.js.get_last_msg("KILN_DEAD_LETTERS", subjects.dead_letter("quota"))
+            last = await client.js.get_last_msg("KILN_DEAD_LETTERS", subjects.dead_letter(service))
             if (last.headers or {}).get(ORIGINAL_SUBJECT_HEADER) == subject:
                 return last.data or b"", last.headers or {}
         except Exception:  # noqa: BLE001 - nothing dead-lettered yet

@@ -8,7 +8,7 @@ def test_completed_render_becomes_a_delivered_image_with_a_link():
         render_ms=12.5, worker_id="w1",
     )
     subject, event = outcome(completed, "http://kiln.test")
-    assert subject == "kiln.delivery.ready.alice.r1"
+    assert subject == "kiln.outcome.alice.r1"
     assert isinstance(event, ImageDelivered)
     assert event.url == "http://kiln.test/images/alice/r1.png" and event.render_ms == 12.5
 
@@ -16,6 +16,6 @@ def test_completed_render_becomes_a_delivered_image_with_a_link():
 def test_failed_render_becomes_a_failed_request_naming_the_stage():
     failed = RenderFailed(request_id="r1", user_id="alice", reason="render_error", detail="boom", worker_id="w1")
     subject, event = outcome(failed, "http://kiln.test")
-    assert subject == "kiln.request.failed.alice.r1"
+    assert subject == "kiln.outcome.alice.r1"
     assert isinstance(event, RequestFailed)
     assert (event.stage, event.reason, event.detail) == ("render", "render_error", "boom")
