@@ -20,8 +20,8 @@ from typing import TextIO
 
 import httpx
 import nats
-import psutil
 import nats.js.errors
+import psutil
 
 from infra.embedded import EmbeddedNats, EmbeddedPostgres, die_with, free_port, stop_pid
 from services.quota.migrate import upgrade
@@ -53,18 +53,18 @@ class Platform:
     nats_port: int = EMBEDDED_NATS_PORT
     postgres_port: int = EMBEDDED_POSTGRES_PORT
     http_port: int = DEFAULT_HTTP_PORT
-    model_path: Path | None = None
-    extra_env: dict[str, str] = field(default_factory=dict)
-    services: dict[str, subprocess.Popen] = field(default_factory=dict)
-    _nats: EmbeddedNats | None = None
-    _postgres: EmbeddedPostgres | None = None
-    _lock: TextIO | None = None
+    model_path: Path | None = None  # None builds the tiny default model in the data folder
+    services: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
+    _nats: EmbeddedNats | None = field(default=None, init=False, repr=False)
+    _postgres: EmbeddedPostgres | None = field(default=None, init=False, repr=False)
+    _lock: TextIO | None = field(default=None, init=False, repr=False)
 
     @classmethod
-    def from_env(cls, data_dir: Path | None = None) -> Platform:
+    def from_env(cls) -> Platform:
+        """The platform `make run` starts, as the KILN_* variables configure it."""
         env = os.environ
         return cls(
-            data_dir=data_dir or Path(env.get("KILN_DATA_DIR", PROJECT_ROOT / ".kiln")),
+            data_dir=Path(env.get("KILN_DATA_DIR", PROJECT_ROOT / ".kiln")),
             nats_url=env.get("KILN_NATS_URL") or None,
             database_url=env.get("KILN_DATABASE_URL") or None,
             nats_port=int(env.get("KILN_NATS_PORT", EMBEDDED_NATS_PORT)),
@@ -152,7 +152,6 @@ class Platform:
             "KILN_DATA_DIR": str(self.data_dir),
             "KILN_HTTP_PORT": str(self.http_port),
             "PYTHONUNBUFFERED": "1",
-            **self.extra_env,
         }
 
     def start_service(self, name: str) -> subprocess.Popen:

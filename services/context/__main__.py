@@ -17,6 +17,8 @@ async def serve(settings: Settings, bus: Bus, stop: asyncio.Event) -> None:
     async def handle_decision(event: QuotaGranted | QuotaDenied, msg: Msg) -> None:
         if isinstance(event, QuotaDenied):
             return  # a denial ends the request at quota; nothing to render
+        if await bus.outcome_recorded(event.user_id, event.request_id):
+            return  # ended already (given up on while we were behind): render nothing
         job = render_request(event)
         # The job subject is shared by all requests of a tier, so duplicates are caught by
         # message id within the window; past it, render finds the stored image or outcome.
