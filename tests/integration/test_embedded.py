@@ -1,15 +1,20 @@
-"""The embedded servers: a server orphaned by a crashed launcher is found and replaced."""
+"""The embedded servers: a server orphaned by a crashed launcher is found and replaced,
+and the launcher's children do not outlive it."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import asyncpg
 import nats
+import psutil
 import pytest
 
 from infra.embedded import EmbeddedNats, EmbeddedPostgres, free_port, port_in_use
+from shared.settings import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
 
@@ -70,3 +75,25 @@ async def test_a_stale_postgres_lock_naming_another_process_is_cleared_not_obeye
         await conn.close()
     finally:
         server.stop()
+
+
+def test_children_die_with_a_launcher_killed_outright():
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER], stdout=subprocess.PIPE, text=True, cwd=PROJECT_ROOT
+    )
+    child = psutil.Process(int(launcher.stdout.readline()))
+    assert child.is_running()
+
+    launcher.kill()  # SIGKILL: no chance to clean up
+    launcher.wait()
+
+    child.wait(timeout=5)  # raises psutil.TimeoutExpired if the child outlives its launcher
+
+
+LAUNCHER = """
+import os, subprocess, time
+from infra.embedded import die_with
+child = subprocess.Popen(["sleep", "60"], preexec_fn=die_with(os.getpid()))
+print(child.pid, flush=True)
+time.sleep(60)
+"""
