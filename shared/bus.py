@@ -5,13 +5,14 @@ Every service uses it the same way:
 
     bus = await Bus.connect(settings.nats_url, "quota", tracer)
     await bus.declare()
-    await bus.consume(PROMPTS, "quota", handle_prompt, stop)
+    await bus.consume(PROMPTS, "quota", handle_prompt, stop, accepts=(PromptSubmitted,))
 
-A handler receives the decoded event and returns normally to have the message acked. A
-message that does not decode goes to `kiln.deadletter.<service>` with the reason and is
-never retried; a handler that raises is retried after a delay, at most `max_deliver` times,
-then dead-lettered. Handlers must be idempotent by `request_id`: JetStream redelivers
-whatever was not acked (a crash, a timeout), so a message can arrive twice.
+A handler receives a checked event of a type it accepts and returns normally to have the
+message acked. A message that does not decode, is of another type, or names another user
+than its subject goes to `kiln.deadletter.<service>` with the reason and is never retried.
+A handler that raises is retried after a delay, `max_attempts` times, then the request ends
+as a typed RequestFailed. Handlers must be idempotent by user and request: JetStream
+redelivers whatever was not acked (a crash, a timeout), so a message can arrive twice.
 """
 
 from __future__ import annotations
