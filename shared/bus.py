@@ -81,7 +81,6 @@ class Bus:
                 storage=StorageType.FILE,
                 max_age=stream.max_age_s,
                 duplicate_window=stream.duplicate_window_s,
-                **stream.extra,
             )
             try:
                 await self.js.add_stream(config)

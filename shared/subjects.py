@@ -6,7 +6,7 @@ be scoped per user and a client can look up the outcome of one request by its su
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from nats.js.api import RetentionPolicy
 
@@ -52,7 +52,6 @@ class Stream:
     retention: RetentionPolicy = RetentionPolicy.LIMITS
     max_age_s: float = 7 * 24 * 3600
     duplicate_window_s: float = 600  # Nats-Msg-Id duplicates dropped within this window
-    extra: dict = field(default_factory=dict)
 
 
 PROMPTS = Stream("KILN_PROMPTS", ["kiln.prompt.submitted.*"], user_token=3)
