@@ -12,6 +12,8 @@ from shared.events import RenderRequested
 
 # Weights come from local folders only; never reach for a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# transformers warns at import about optional image backends no Kiln pipeline uses.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 StepCallback = Callable[[int, int], None]  # (steps done, total steps)
 
