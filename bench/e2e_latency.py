@@ -20,12 +20,14 @@ import statistics
 import tempfile
 import time
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 from infra.platform import Platform
 from kiln.client import KilnClient
 from services.render import tiny_model
-from shared.events import ImageDelivered
+from shared import subjects
+from shared.events import ImageDelivered, QuotaGranted, RenderCompleted, decode
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -45,6 +47,33 @@ def summary(values: list[float]) -> dict[str, float]:
     }
 
 
+STAGES = {
+    "quota": "submitted → decided: bus, reading the user's log",
+    "context, queue, store": "decided → rendered: commit, publishes, context, queue, PNG store",
+    "delivery": "render completed → delivered",
+    "back to client": "delivered → the client has read the stored outcome",
+}
+
+
+async def _stage_times(client: KilnClient, delivered: ImageDelivered, received_at: datetime) -> dict[str, float]:
+    """Where the time outside the render went, from the timestamps the services recorded
+    on their events (all processes share this machine's clock)."""
+    user, request = delivered.user_id, delivered.request_id
+    grant = decode((await client.js.get_last_msg("KILN_QUOTA", subjects.quota_decided(user, request))).data)
+    done = decode((await client.js.get_last_msg("KILN_RENDER_EVENTS", subjects.render_event(user, request))).data)
+    assert isinstance(grant, QuotaGranted) and isinstance(done, RenderCompleted)
+
+    def ms(start: datetime, end: datetime) -> float:
+        return (end - start).total_seconds() * 1000
+
+    return {
+        "quota": ms(grant.submission.submitted_at, grant.decided_at),
+        "context, queue, store": ms(grant.decided_at, done.completed_at) - done.render_ms,
+        "delivery": ms(done.completed_at, delivered.delivered_at),
+        "back to client": ms(delivered.delivered_at, received_at),
+    }
+
+
 async def measure(requests: int, warmup: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
         stack = Platform.isolated(Path(tmp) / "kiln", tiny_model.ensure(Path(tmp) / "tiny-sd"))
@@ -52,17 +81,21 @@ async def measure(requests: int, warmup: int) -> dict:
         try:
             async with await KilnClient.connect(stack.nats_url) as client:
                 total, render, overhead = [], [], []
+                stages: dict[str, list[float]] = {name: [] for name in STAGES}
                 for index in range(warmup + requests):
                     user = f"bench{uuid.uuid4().hex[:10]}"  # one request per user: under the free limit
                     started = time.perf_counter()
                     outcome = await client.generate("a red circle on a blue background", user_id=user)
                     elapsed_ms = (time.perf_counter() - started) * 1000
+                    received_at = datetime.now(timezone.utc)
                     if not isinstance(outcome, ImageDelivered):
                         raise RuntimeError(f"request {index} did not deliver: {outcome}")
                     if index >= warmup:
                         total.append(elapsed_ms)
                         render.append(outcome.render_ms)
                         overhead.append(elapsed_ms - outcome.render_ms)
+                        for name, ms in (await _stage_times(client, outcome, received_at)).items():
+                            stages[name].append(ms)
         finally:
             stack.stop()
     return {
@@ -75,6 +108,7 @@ async def measure(requests: int, warmup: int) -> dict:
         "end_to_end": summary(total),
         "render_own_time": summary(render),
         "end_to_end_minus_render": summary(overhead),
+        "stages": {name: summary(values) for name, values in stages.items()},
     }
 
 
@@ -91,6 +125,9 @@ def main() -> None:
     for key in ("end_to_end", "render_own_time", "end_to_end_minus_render"):
         figures = result[key]
         print(f"  {key:<24} p50 {figures['p50_ms']:8.2f} ms   p95 {figures['p95_ms']:8.2f} ms")
+    print("  of which, outside the render:")
+    for name, figures in result["stages"].items():
+        print(f"    {name:<22} p50 {figures['p50_ms']:8.2f} ms   p95 {figures['p95_ms']:8.2f} ms   ({STAGES[name]})")
     print(f"written to {out}")
 
 
