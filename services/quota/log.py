@@ -3,7 +3,8 @@
 Each row is one decision. `(stream_id, version)` is unique, so two quota replicas deciding
 for the same user at once cannot both append version N: the loser gets `Conflict`, reloads
 and decides again. A partial unique index on `(stream_id, request_id)` over decisions means
-one request can never hold two decisions, whichever replica got it. A trigger refuses UPDATE and DELETE.
+one request can never hold two decisions, whichever replica got it. A trigger refuses
+UPDATE and DELETE.
 """
 
 from __future__ import annotations

@@ -44,6 +44,19 @@ async def _decisions(db: asyncpg.Connection, user: str) -> list[asyncpg.Record]:
     )
 
 
+async def _send_render_job(
+    client: KilnClient, user: str, request_id: str | None = None, **fields: object
+) -> str:
+    """Put a render job on the queue by hand, as context would, bypassing quota."""
+    request_id = request_id or uuid.uuid4().hex
+    job = RenderRequested(
+        **({"request_id": request_id, "user_id": user, "prompt": "x", "width": 32, "height": 32,
+            "steps": 10, "seed": 1} | fields)
+    )
+    await client.js.publish(subjects.render_job("free"), encode(job))
+    return request_id
+
+
 async def test_one_prompt_gives_one_png(client: KilnClient, db: asyncpg.Connection, user: str):
     progress: list[RenderProgress] = []
 
@@ -90,10 +103,7 @@ async def test_same_request_id_twice_gives_one_decision_and_one_image(
     outcome = await client.generate("a green triangle", user_id=user, request_id=request_id)
     assert isinstance(outcome, ImageDelivered), outcome
     # The render job again, as context would send it after the duplicate window has passed.
-    job = RenderRequested(
-        request_id=request_id, user_id=user, prompt="a green triangle", width=32, height=32, steps=10, seed=1
-    )
-    await client.js.publish(subjects.render_job("free"), encode(job))
+    await _send_render_job(client, user, request_id, prompt="a green triangle")
     await asyncio.sleep(1.5)  # let any second decision, render or delivery surface
 
     assert await _messages_on(client, "KILN_QUOTA", subjects.quota_decided(user, request_id)) == 1
@@ -133,9 +143,7 @@ async def test_one_trace_spans_the_client_and_all_four_services(
 async def test_a_render_that_cannot_succeed_ends_as_a_failed_request(client: KilnClient, user: str):
     # Quota and context would never let a 12-pixel image through; a hand-made job tests
     # the render worker's own refusal and delivery's RequestFailed.
-    request_id = uuid.uuid4().hex
-    job = RenderRequested(request_id=request_id, user_id=user, prompt="x", width=12, height=12, steps=2, seed=1)
-    await client.js.publish(subjects.render_job("free"), encode(job))
+    request_id = await _send_render_job(client, user, width=12, height=12)
 
     outcome = await client.wait_for_outcome(user, request_id, timeout_s=30)
 
@@ -149,9 +157,7 @@ async def test_a_job_that_keeps_failing_is_retried_then_ends_as_a_failed_request
 ):
     # steps=0 makes the pipeline raise ZeroDivisionError: not a rejection (ValueError) but
     # an error that might pass, so render retries it before giving up.
-    request_id = uuid.uuid4().hex
-    job = RenderRequested(request_id=request_id, user_id=user, prompt="x", width=32, height=32, steps=0, seed=1)
-    await client.js.publish(subjects.render_job("free"), encode(job))
+    request_id = await _send_render_job(client, user, steps=0)
 
     outcome = await client.wait_for_outcome(user, request_id, timeout_s=60)
 
