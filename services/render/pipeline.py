@@ -12,19 +12,26 @@ from shared.events import RenderRequested
 
 # Weights come from local folders only; never reach for a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# transformers warns at import about optional image backends no Kiln pipeline uses.
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 StepCallback = Callable[[int, int], None]  # (steps done, total steps)
 
 
+def quiet_model_libraries() -> None:
+    """No import-time warnings (optional image backends no Kiln pipeline uses) and no
+    progress bars from the model libraries: a log file is no place for either. Call it
+    before importing transformers."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+
+
 class Renderer:
     def __init__(self, model_path: Path) -> None:
+        quiet_model_libraries()
         import torch
         from diffusers import AutoPipelineForText2Image
-        from diffusers.utils import logging as diffusers_logging
-
-        diffusers_logging.disable_progress_bar()  # a log file is no place for progress bars
 
         if not (model_path / "model_index.json").exists():
             raise FileNotFoundError(

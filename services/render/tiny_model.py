@@ -10,9 +10,10 @@ Kiln's own replaces it later by configuration (`KILN_MODEL`).
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
+
+from services.render.pipeline import quiet_model_libraries
 
 SEED = 0
 NATIVE_SIZE = 32
@@ -29,14 +30,10 @@ def _byte_level_vocab() -> dict[str, int]:
 
 
 def build(folder: Path) -> Path:
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no import-time chatter
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    quiet_model_libraries()
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from diffusers.utils import logging as diffusers_logging
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    diffusers_logging.disable_progress_bar()
 
     torch.manual_seed(SEED)
     tokenizer = CLIPTokenizer(vocab=_byte_level_vocab(), merges=[], model_max_length=77)
