@@ -154,24 +154,29 @@ class Platform:
             "PYTHONUNBUFFERED": "1",
         }
 
-    def start_service(self, name: str) -> subprocess.Popen:
+    def start_service(
+        self, name: str, *, instance: str | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
+        """Start `python -m services.<name>`. `instance` names an extra process of the same
+        service (e.g. "quota-2"); `env` adds variables for this process only."""
+        instance = instance or name
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        pid_file = self.data_dir / "run" / f"{name}.pid"
+        pid_file = self.data_dir / "run" / f"{instance}.pid"
         pid_file.parent.mkdir(exist_ok=True)
         if pid_file.exists() and self._stop_orphaned_service(name, int(pid_file.read_text())):
-            print(f"stopped an orphaned {name} service left by an earlier run")
-        with open(self.log_dir / f"{name}.log", "ab") as log:
+            print(f"stopped an orphaned {instance} service left by an earlier run")
+        with open(self.log_dir / f"{instance}.log", "ab") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", f"services.{name}"],
                 cwd=PROJECT_ROOT,
-                env=self.service_env(),
+                env=self.service_env() | (env or {}),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches the launcher, which stops us in order
                 preexec_fn=die_with(os.getpid()),
             )
         pid_file.write_text(str(process.pid))
-        self.services[name] = process
+        self.services[instance] = process
         return process
 
     def start_services(self) -> None:

@@ -2,6 +2,8 @@
 
     kiln up                                   start the whole platform (what `make run` does)
     kiln generate "a red circle" --user alice -o out.png
+    kiln accounts add|set-plan|list|grant    users, plans and admin grants
+    kiln audit replay|verify|export|rebuild  check the quota log
 
 Exit codes of `generate`: 0 delivered, 2 denied by quota, 3 failed, 4 no outcome in time,
 64 bad arguments.
@@ -23,6 +25,7 @@ import nats.errors
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from kiln import admin
 from kiln.client import KilnClient
 from shared.events import ImageDelivered, QuotaDenied, RenderProgress
 from shared import telemetry
@@ -59,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--seed", type=int)
     generate.add_argument("--timeout", type=float, default=120, help="seconds to wait for the outcome")
     generate.set_defaults(run=_generate)
+
+    admin.add_commands(commands)
 
     args = parser.parse_args(argv)
     return args.run(args)

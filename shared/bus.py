@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import msgspec
 import nats
@@ -38,7 +39,24 @@ from shared.telemetry import context_from_headers, inject_headers
 
 log = logging.getLogger("kiln.bus")
 
+
+
+@dataclass
+class Delivery:
+    """A checked message: its event, the message to ack, and the span continuing its
+    request's trace (current while a single-message handler runs)."""
+
+    event: AnyEvent
+    msg: Msg
+    span: trace.Span = trace.INVALID_SPAN
+
+    @property
+    def trace_id(self) -> str:
+        return format(self.span.get_span_context().trace_id, "032x")
+
+
 Handler = Callable[[AnyEvent, Msg], Awaitable[None]]
+BatchHandler = Callable[[list[Delivery]], Awaitable[None]]
 
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-sequence check
 MAX_BACKOFF_S = 30.0
@@ -157,6 +175,7 @@ class Bus:
         max_attempts: int = 20,
         ack_wait_s: float = 60,
         batch: int = 16,
+        filter_subject: str | None = None,
     ) -> None:
         """Pull messages from a durable consumer and hand each event of an `accepts` type
         to `handler` until `stop` is set.
@@ -166,12 +185,42 @@ class Bus:
         RequestFailed. JetStream may deliver a few times more than that, so that the
         failure can still be published after a crash or a bus hiccup in the last attempt.
         """
+
+        async def one_by_one(items: list[Delivery]) -> None:
+            for item in items:
+                with trace.use_span(item.span):  # what the handler publishes joins the trace
+                    await handler(item.event, item.msg)
+
+        await self.consume_batches(
+            stream, durable, one_by_one, stop, accepts=accepts, max_attempts=max_attempts,
+            ack_wait_s=ack_wait_s, batch=batch, filter_subject=filter_subject, isolate=False,
+        )
+
+    async def consume_batches(
+        self,
+        stream: Stream,
+        durable: str,
+        handler: BatchHandler,
+        stop: asyncio.Event,
+        *,
+        accepts: tuple[type[Event], ...],
+        max_attempts: int = 20,
+        ack_wait_s: float = 60,
+        batch: int = 16,
+        filter_subject: str | None = None,
+        isolate: bool = True,
+    ) -> None:
+        """Like `consume`, but `handler` gets every checked message of a fetch at once
+        (whatever was waiting, up to `batch`), so it can do one database transaction for
+        all of them. They are acked together after it returns. If it raises, each message
+        is handled again on its own (`isolate`), so one bad message fails alone."""
         config = ConsumerConfig(
             durable_name=durable,
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
             ack_wait=ack_wait_s,
             max_deliver=max_attempts + GIVE_UP_MARGIN,
+            filter_subject=filter_subject,
         )
         # Creates the durable consumer, or brings an existing one's config up to date.
         await self.js.add_consumer(stream.name, config)
@@ -182,71 +231,89 @@ class Bus:
                     messages = await sub.fetch(batch, timeout=1)
                 except TimeoutError:  # nats-py's TimeoutError subclasses it
                     continue  # nothing waiting is normal: poll again
-                for msg in messages:
-                    try:
-                        await self._deliver(msg, stream, accepts, handler, max_attempts)
-                    except nats.errors.Error as error:
-                        # The bus failed us mid-message (an ack, a nak, a publish): the
-                        # message was not acked, so JetStream delivers it again.
-                        log.warning("bus error on %s, will be redelivered: %s", msg.subject, error)
+                try:
+                    items = await self._checked(messages, stream, accepts, max_attempts)
+                    if items:
+                        await self._handle(items, handler, max_attempts, isolate)
+                except nats.errors.Error as error:
+                    # The bus failed us mid-batch (an ack, a nak, a publish): what was not
+                    # acked, JetStream delivers again.
+                    log.warning("bus error on %s, will be redelivered: %s", stream.name, error)
         finally:
             # The durable consumer stays on the server; only this process stops pulling.
             # (Left subscribed, a pull subscription holds up `drain` until it times out.)
             await sub.unsubscribe()
 
-    async def _deliver(
-        self,
-        msg: Msg,
-        stream: Stream,
-        accepts: tuple[type[Event], ...],
-        handler: Handler,
-        max_attempts: int,
+    async def _checked(
+        self, messages: list[Msg], stream: Stream, accepts: tuple[type[Event], ...], max_attempts: int
+    ) -> list[Delivery]:
+        """The messages a handler should see. What no retry can fix goes to the dead
+        letters at once; a message past its attempts ends its request."""
+        items = []
+        for msg in messages:
+            try:
+                event = decode(msg.data, (msg.headers or {}).get("Content-Type"))
+            except msgspec.DecodeError as error:
+                await self._reject(msg, f"undecodable: {error}")
+                continue
+            problem = _misfit(event, msg.subject, stream, accepts)
+            if problem is not None:
+                await self._reject(msg, problem)
+            elif msg.metadata.num_delivered > max_attempts:
+                # It failed or crashed its handler every time.
+                await self.give_up(event, msg, f"not handled in {max_attempts} attempts")
+            else:
+                items.append(Delivery(event, msg))
+        return items
+
+    async def _handle(
+        self, items: list[Delivery], handler: BatchHandler, max_attempts: int, isolate: bool
     ) -> None:
-        # 1. Check the message; what no retry can fix goes to the dead letters at once.
-        headers = msg.headers or {}
+        # One span per message, continuing each request's own trace.
+        for item in items:
+            item.span = self._span(item.event, item.msg)
         try:
-            event = decode(msg.data, headers.get("Content-Type"))
-        except msgspec.DecodeError as error:
-            await self._reject(msg, f"undecodable: {error}")
+            await handler(items)
+        # A handler may fail on anything (the database down, a bug); the message is not
+        # lost: it is retried with back-off, and after its last attempt the request ends
+        # as a typed RequestFailed.
+        except Exception as error:  # noqa: BLE001
+            for item in items:
+                item.span.record_exception(error)
+                item.span.end()
+            if isolate and len(items) > 1:
+                log.warning("a batch of %d failed (%r); handling each on its own", len(items), error)
+                for item in items:
+                    await self._handle([item], handler, max_attempts, isolate=False)
+            else:
+                for item in items:
+                    await self._retry_or_give_up(item.event, item.msg, error, max_attempts)
             return
-        problem = _misfit(event, msg.subject, stream, accepts)
-        if problem is not None:
-            await self._reject(msg, problem)
-            return
+        for item in items:
+            item.span.end()
+            await item.msg.ack()
 
-        # 2. A message past its attempts failed or crashed every time: end the request.
-        attempt = msg.metadata.num_delivered
-        if attempt > max_attempts:
-            await self.give_up(event, msg, f"not handled in {max_attempts} attempts")
-            return
-
-        # 3. Handle it, continuing the request's trace.
-        with self.tracer.start_as_current_span(
+    def _span(self, event: AnyEvent, msg: Msg) -> trace.Span:
+        return self.tracer.start_span(
             f"{self.service} process",
-            context=context_from_headers(headers),
+            context=context_from_headers(msg.headers),
             kind=trace.SpanKind.CONSUMER,
             attributes={
                 "messaging.system": "nats",
                 "messaging.destination.name": msg.subject,
                 "messaging.operation.type": "process",
                 "kiln.request_id": event.request_id,
-                "kiln.delivery_attempt": attempt,
+                "kiln.delivery_attempt": msg.metadata.num_delivered,
             },
-        ) as span:
-            try:
-                await handler(event, msg)
-            # A handler may fail on anything (the database down, a bug); the message is
-            # not lost: it is retried with back-off, and after its last attempt the
-            # request ends as a typed RequestFailed.
-            except Exception as error:  # noqa: BLE001
-                span.record_exception(error)
-                log.exception("handling %s (attempt %d) failed", msg.subject, attempt)
-                if attempt >= max_attempts:
-                    await self.give_up(event, msg, f"failed {attempt} times, last: {error!r}")
-                else:
-                    await msg.nak(delay=min(2.0**attempt, MAX_BACKOFF_S))
-                return
-        await msg.ack()
+        )
+
+    async def _retry_or_give_up(self, event: AnyEvent, msg: Msg, error: Exception, max_attempts: int) -> None:
+        attempt = msg.metadata.num_delivered
+        log.error("handling %s (attempt %d) failed: %r", msg.subject, attempt, error, exc_info=error)
+        if attempt >= max_attempts:
+            await self.give_up(event, msg, f"failed {attempt} times, last: {error!r}")
+        else:
+            await msg.nak(delay=min(2.0**attempt, MAX_BACKOFF_S))
 
     async def _reject(self, msg: Msg, reason: str) -> None:
         await self.dead_letter(msg, reason)

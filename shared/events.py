@@ -45,6 +45,8 @@ class PromptSubmitted(Event, kw_only=True):
 
 
 DenialReason = Literal["daily_limit", "rate_limit", "capacity", "invalid"]
+# Fleet pressure, from the render workers' heartbeats; quota sheds load by it.
+Pressure = Literal["normal", "elevated", "critical"]
 
 
 class QuotaGranted(Event, kw_only=True):
@@ -52,8 +54,12 @@ class QuotaGranted(Event, kw_only=True):
 
     plan: str
     used: int  # images granted today including this one
-    limit: int
+    limit: int  # images allowed today: the plan's daily limit plus admin grants
     day: str  # the UTC day the grant counts against, YYYY-MM-DD
+    tier: str = "free"  # the render lane: "paid" lanes are pulled before "free"
+    pressure: Pressure = "normal"  # the fleet pressure the decision saw
+    over_soft_cap: bool = False  # served, but past the plan's soft cap: flagged for monitoring
+    tokens_left: float | None = None  # the rate bucket after this grant (None: no bucket)
     submission: PromptSubmitted
     decided_at: datetime = msgspec.field(default_factory=utcnow)
 
@@ -63,6 +69,7 @@ class QuotaDenied(Event, kw_only=True):
     reason: DenialReason
     detail: str
     retry_at: datetime | None = None  # when asking again can succeed; None for `invalid`
+    pressure: Pressure = "normal"
     decided_at: datetime = msgspec.field(default_factory=utcnow)
 
 
@@ -131,6 +138,23 @@ AnyEvent = (
     | RequestFailed
 )
 
+class WorkerHeartbeat(msgspec.Struct, kw_only=True):
+    """A render worker's telemetry, once a second on `kiln.fleet.telemetry.<worker>` (plain
+    NATS: only the latest matters). Quota derives the fleet pressure from it."""
+
+    v: int = 1
+    worker_id: str
+    device: str  # "cpu" or "cuda:N"
+    model: str
+    queue_depth: int  # jobs waiting in the render queue, all tiers
+    cpu_load: float  # 1-minute load average per core
+    gpu_temperature_c: float | None = None
+    gpu_utilisation: float | None = None  # 0..1
+    gpu_memory_used: float | None = None  # 0..1
+    images_per_s: float = 0.0
+    at: datetime = msgspec.field(default_factory=utcnow)
+
+
 # Events that end a request: a client waits for exactly one of these.
 TERMINAL = (QuotaDenied, ImageDelivered, RequestFailed)
 
@@ -139,7 +163,7 @@ _json_decoder = msgspec.json.Decoder(AnyEvent)
 _msgpack_decoder = msgspec.msgpack.Decoder(AnyEvent)
 
 
-def encode(event: Event) -> bytes:
+def encode(event: msgspec.Struct) -> bytes:
     return _json_encoder.encode(event)
 
 

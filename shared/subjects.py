@@ -39,6 +39,14 @@ def outcome(user_id: str, request_id: str) -> str:
     return f"kiln.outcome.{user_id}.{request_id}"
 
 
+def fleet_telemetry(worker_id: str) -> str:
+    """WorkerHeartbeat: plain NATS, not stored; quota keeps the latest per worker."""
+    return f"kiln.fleet.telemetry.{worker_id}"
+
+
+FLEET_TELEMETRY = "kiln.fleet.telemetry.*"
+
+
 def dead_letter(service: str) -> str:
     return f"kiln.deadletter.{service}"
 

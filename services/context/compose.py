@@ -26,5 +26,5 @@ def render_request(grant: QuotaGranted) -> RenderRequested:
         steps=submission.steps,
         guidance=DEFAULT_GUIDANCE,
         seed=submission.seed if submission.seed is not None else seed_for(grant.request_id),
-        tier=grant.plan,
+        tier=grant.tier,
     )

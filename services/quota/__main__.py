@@ -1,29 +1,54 @@
-"""Entry point: `python -m services.quota`."""
+"""Entry point: `python -m services.quota` (run several for more throughput or redundancy)."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import sys
 
-from sqlalchemy.ext.asyncio import create_async_engine
-
+from services.quota import log as quota_log
+from services.quota import plans
 from services.quota.application import QuotaService
 from services.quota.migrate import upgrade
+from services.quota.pressure import FleetMonitor
+from services.quota.relay import run_relay
 from shared import service, subjects
 from shared.bus import Bus
-from shared.events import PromptSubmitted
-from shared.settings import Settings, asyncpg_url
+from shared.events import ImageDelivered, PromptSubmitted, QuotaDenied, RequestFailed
+from shared.settings import Settings
+
+PROMPT_BATCH = 256  # prompts decided in one transaction, at most
 
 
-async def serve(settings: Settings, bus: Bus, stop: asyncio.Event) -> None:
+async def serve(settings: Settings, bus: Bus, stop: asyncio.Event, *, config: plans.Config) -> None:
     await asyncio.to_thread(upgrade, settings.database_url)
-    # pre_ping: after a database restart, a pooled connection is tested before use.
-    engine = create_async_engine(asyncpg_url(settings.database_url), pool_size=10, pool_pre_ping=True)
+    pool = await quota_log.connect(settings.database_url)
     try:
-        quota = QuotaService(engine, bus)
-        await bus.consume(subjects.PROMPTS, "quota", quota.handle_prompt, stop, accepts=(PromptSubmitted,))
+        fleet = FleetMonitor(config.pressure)
+        await fleet.watch(bus.nc)
+        quota = QuotaService(pool, bus, config, fleet)
+        await asyncio.gather(
+            bus.consume_batches(
+                subjects.PROMPTS, "quota", quota.handle_prompts, stop,
+                accepts=(PromptSubmitted,), batch=PROMPT_BATCH,
+            ),
+            bus.consume(
+                subjects.OUTCOMES, "quota-refunds", quota.handle_outcome, stop,
+                accepts=(QuotaDenied, ImageDelivered, RequestFailed), batch=64,
+            ),
+            run_relay(pool, bus, stop),
+        )
     finally:
-        await engine.dispose()
+        await pool.close()
+
+
+def main() -> None:
+    try:
+        config = plans.load()
+    except plans.ConfigError as error:
+        sys.exit(f"quota: cannot read the plans: {error}")
+    service.run("quota", functools.partial(serve, config=config))
 
 
 if __name__ == "__main__":
-    service.run("quota", serve)
+    main()

@@ -1,87 +1,165 @@
-"""The quota application: load the user's state from the log, run the policy, append the
-decision — then, only after the commit, publish it.
+"""The quota application: decide a batch of prompts in one transaction, commit, then publish.
 
-Publishing after the commit and acking the prompt only after publishing makes the log the
-source of truth: if the process dies between commit and publish, JetStream redelivers the
-prompt, `decision_for` finds the recorded decision and publishes that same decision again
-(JetStream refuses a second message on the request's decision subject).
+For each batch the bus hands over (whatever prompts were waiting, up to a few hundred):
+  1. drop requests that have ended already (given up on during an outage): they stay ended;
+  2. under the log's append lock: find decisions already recorded (redeliveries, resends),
+     load the other users' state, run the policy in order, append the new decisions;
+  3. after the commit, publish each decision (a denial is also the request's outcome);
+  4. mark them published, so the outbox relay need not send them.
+The bus acks the prompts after that. If the process dies after the commit, the relay
+publishes what it left in the outbox, and the redelivered prompts find their decisions
+in the log: the same request always gets the same decision.
 
-A request is identified by user and request id together: the id is the client's
-idempotency key, unique only within that user's requests.
+Refunds: a request that was granted and then failed for good (its outcome is a
+RequestFailed) gets a QuotaRefunded, so the failed image does not count.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import datetime, timezone
+from typing import Any
 
-from nats.aio.msg import Msg
+import asyncpg
+import msgspec
 from opentelemetry import trace
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.quota import log as quota_log
 from services.quota import policy
+from services.quota.events import Decision, QuotaRefunded
+from services.quota.plans import DEFAULT_PLAN, Config
+from services.quota.pressure import FleetMonitor
 from shared import subjects
-from shared.bus import Bus
-from shared.events import PromptSubmitted, QuotaDenied
+from shared.bus import Bus, Delivery
+from shared.failpoints import failpoint
+from shared.events import ImageDelivered, PromptSubmitted, QuotaDenied, QuotaGranted, RequestFailed
 
 logger = logging.getLogger("kiln.quota")
 
 MAX_CONFLICT_RETRIES = 10
-DEFAULT_PLAN = "free"
 
 
 class QuotaService:
-    def __init__(self, engine: AsyncEngine, bus: Bus) -> None:
-        self.engine = engine
+    def __init__(self, pool: asyncpg.Pool, bus: Bus, config: Config, fleet: FleetMonitor) -> None:
+        self.pool = pool
         self.bus = bus
+        self.config = config
+        self.fleet = fleet
 
-    async def handle_prompt(self, event: PromptSubmitted, msg: Msg) -> None:
-        # The bus has checked the message: a PromptSubmitted, sent on its own user's subject.
-        # 1. A request that has ended already (a copy given up on during an outage) stays ended.
-        if await self.bus.outcome_recorded(event.user_id, event.request_id):
-            return
-        # 2. Decide (or find the decision already recorded for this request).
-        decision = await self.grant_or_deny(event)
-        # 3. Publish what the log holds; once per request, however often we get here.
-        await self.bus.publish(
-            subjects.quota_decided(event.user_id, event.request_id), decision, first_on_subject=True
+    # -- prompts --------------------------------------------------------------------------
+
+    async def handle_prompts(self, batch: list[Delivery]) -> None:
+        # 1. A request that has ended already stays ended.
+        ended = await asyncio.gather(
+            *(self.bus.outcome_recorded(d.event.user_id, d.event.request_id) for d in batch)
         )
-        if isinstance(decision, QuotaDenied):  # a denial is the request's outcome
-            await self.bus.publish(
-                subjects.outcome(event.user_id, event.request_id), decision, first_on_subject=True
-            )
+        live = [d for d, done in zip(batch, ended) if not done]
+        if not live:
+            return
+        # 2. Decide and commit.
+        decisions, positions = await self.decide(live)
+        failpoint("quota.after_commit")  # tests: die with decisions committed, not published
+        # 3. Publish what the log holds; once per request, however often we get here.
+        await asyncio.gather(*(self._publish(d, decisions[_key(d.event)]) for d in live))
+        # 4. The relay need not send these.
+        if positions:
+            await quota_log.published(self.pool, positions)
 
-    async def grant_or_deny(self, submission: PromptSubmitted) -> quota_log.Decision:
-        stream = quota_log.user_stream(submission.user_id)
+    async def decide(self, batch: list[Delivery]) -> tuple[dict[tuple[str, str], Decision], list[int]]:
+        """Each request's decision (recorded before, or made and appended now) and the
+        log positions of the new ones."""
         for _ in range(MAX_CONFLICT_RETRIES):
-            async with self.engine.begin() as conn:
-                recorded = await quota_log.decision_for(conn, stream, submission.request_id)
-                if recorded is not None:
-                    return recorded  # a redelivery or a re-publish: same request, same answer
-                now = datetime.now(timezone.utc)
-                version = await quota_log.stream_version(conn, stream)
-                used = await quota_log.granted_on(conn, stream, policy.utc_day(now))
-                decision = policy.decide(submission, DEFAULT_PLAN, used, now)
-                try:
-                    await quota_log.append(
-                        conn,
-                        stream,
-                        version + 1,
-                        decision,
-                        {
-                            "policy_version": policy.POLICY_VERSION,
-                            "used_before": used,
-                            "trace_id": _current_trace_id(),
+            try:
+                async with quota_log.appending(self.pool) as log:
+                    decisions = await quota_log.decisions_for(log.conn, {_key(d.event) for d in batch})
+                    entries = await self._decide_new(log.conn, batch, decisions)
+                    positions = await log.append(entries)
+                return decisions, positions
+            except quota_log.Conflict as error:  # cannot happen under the lock; the database guards anyway
+                logger.warning("append conflict, deciding the batch again: %s", error)
+        raise quota_log.Conflict(f"still conflicting after {MAX_CONFLICT_RETRIES} tries")
+
+    async def _decide_new(
+        self, conn: asyncpg.Connection, batch: list[Delivery], decisions: dict[tuple[str, str], Decision]
+    ) -> list[quota_log.Entry]:
+        now = datetime.now(timezone.utc)
+        pressure, why = self.fleet.level()
+        states = await quota_log.user_states(conn, (d.event.user_id for d in batch), policy.utc_day(now))
+        entries = []
+        for delivery in batch:
+            submission: PromptSubmitted = delivery.event
+            if _key(submission) in decisions:
+                continue  # decided before (or earlier in this batch): same answer
+            account_plan, state = states[submission.user_id]
+            plan_name = account_plan if account_plan in self.config.plans else DEFAULT_PLAN
+            plan = self.config.plan(plan_name)
+            state_before = msgspec.to_builtins(state)
+            decision = policy.decide(submission, plan_name, plan, state, pressure, self.config.shedding, now)
+            policy.apply(state, decision)  # the next request of this user in the batch sees it
+            decisions[_key(submission)] = decision
+            if isinstance(decision, QuotaGranted) and decision.over_soft_cap:
+                logger.warning(
+                    "soft cap: %s on %s has %d images today (soft cap %d)",
+                    submission.user_id, plan_name, decision.used, plan.soft_cap,
+                )
+            entries.append(
+                quota_log.Entry(
+                    decision,
+                    {
+                        "policy_version": policy.POLICY_VERSION,
+                        "trace_id": delivery.trace_id,
+                        "pressure": pressure,
+                        "pressure_why": why,
+                        # The decision's inputs, so `kiln audit replay` can re-run it.
+                        "inputs": {
+                            "submission": msgspec.to_builtins(submission),
+                            "plan": msgspec.to_builtins(plan),
+                            "shedding": msgspec.to_builtins(self.config.shedding),
+                            "state_before": state_before,
                         },
-                    )
-                except quota_log.Conflict:
-                    logger.info("conflict on %s, deciding again", stream)
-                    continue
-            return decision
-        raise quota_log.Conflict(f"{stream}: still conflicting after {MAX_CONFLICT_RETRIES} tries")
+                    },
+                )
+            )
+        return entries
+
+    async def _publish(self, delivery: Delivery, decision: Decision) -> None:
+        with trace.use_span(delivery.span):  # the decision continues the request's trace
+            await publish_decision(self.bus, decision)
+
+    # -- refunds --------------------------------------------------------------------------
+
+    async def handle_outcome(self, outcome: QuotaDenied | ImageDelivered | RequestFailed, _msg: Any) -> None:
+        if not isinstance(outcome, RequestFailed):
+            return
+        async with quota_log.appending(self.pool) as log:
+            granted = (await quota_log.decisions_for(log.conn, [_key(outcome)])).get(_key(outcome))
+            if not isinstance(granted, QuotaGranted):
+                return  # never granted (denied, or failed before quota): nothing to give back
+            if await quota_log.refund_recorded(log.conn, outcome.user_id, outcome.request_id):
+                return
+            refund = QuotaRefunded(
+                request_id=outcome.request_id,
+                user_id=outcome.user_id,
+                conversation_id=outcome.conversation_id,
+                day=granted.day,
+                reason=outcome.reason,
+                detail=f"{outcome.stage}: {outcome.detail}"[:500],
+            )
+            await log.append([quota_log.Entry(refund, {"policy_version": policy.POLICY_VERSION})])
+        logger.info("refunded %s/%s (%s)", outcome.user_id, outcome.request_id, outcome.reason)
 
 
-def _current_trace_id() -> str:
-    """The request's trace, so an auditor can go from a log row to its trace."""
-    return format(trace.get_current_span().get_span_context().trace_id, "032x")
+async def publish_decision(bus: Bus, decision: Decision) -> None:
+    """Publish a logged decision; JetStream refuses a second copy on the request's subject."""
+    await bus.publish(
+        subjects.quota_decided(decision.user_id, decision.request_id), decision, first_on_subject=True
+    )
+    if isinstance(decision, QuotaDenied):  # a denial is the request's outcome
+        await bus.publish(
+            subjects.outcome(decision.user_id, decision.request_id), decision, first_on_subject=True
+        )
+
+
+def _key(event: PromptSubmitted | Decision | RequestFailed) -> tuple[str, str]:
+    return (event.user_id, event.request_id)

@@ -1,20 +1,55 @@
-"""The quota policy: a pure function of recorded inputs, so `audit replay` can re-run it.
+"""The quota policy: pure functions of recorded inputs, so `kiln audit replay` can re-run it.
 
-No I/O here. `decide` gets the submission, the user's plan, how many images the user was
-granted on the UTC day of the decision, and the time of decision, and returns the event.
+No I/O here. `decide` gets the submission, the user's plan, the user's state (today's usage
+and rate bucket), the fleet pressure and the time, and returns the decision. `apply` folds
+any logged event into a user's state: the projection in Postgres and audit replay both
+build state with it, so the two cannot drift apart.
 """
 
 from __future__ import annotations
 
 from datetime import datetime, time, timedelta, timezone
 
-from shared.events import PromptSubmitted, QuotaDenied, QuotaGranted
+import msgspec
 
-POLICY_VERSION = "1"
-DAILY_LIMITS = {"free": 3}
+from services.quota.events import LogEvent, QuotaAdjusted, QuotaRefunded
+from services.quota.plans import Plan, Shedding
+from shared.events import Pressure, PromptSubmitted, QuotaDenied, QuotaGranted
+
+POLICY_VERSION = "2"
 MAX_PROMPT_CHARS = 1000
 SIZE_RANGE = (8, 1024)
 STEPS_RANGE = (1, 100)
+MAX_SEED = 2**63 - 1  # what every torch generator accepts
+
+
+class Usage(msgspec.Struct):
+    """One user's images on one UTC day."""
+
+    granted: int = 0
+    refunded: int = 0
+    extra: int = 0  # admin grants on top of the plan's daily limit
+
+    @property
+    def used(self) -> int:
+        return self.granted - self.refunded
+
+
+class Bucket(msgspec.Struct):
+    """The rate-limit token bucket; `tokens` None means full (never drawn from)."""
+
+    tokens: float | None = None
+    at: datetime | None = None
+
+
+class UserState(msgspec.Struct):
+    """What a decision needs to know about a user, rebuilt from the log."""
+
+    usage: dict[str, Usage] = msgspec.field(default_factory=dict)  # by UTC day
+    bucket: Bucket = msgspec.field(default_factory=Bucket)
+
+    def on(self, day: str) -> Usage:
+        return self.usage.get(day, Usage())
 
 
 def utc_day(moment: datetime) -> str:
@@ -39,38 +74,102 @@ def invalid_reason(submission: PromptSubmitted) -> str | None:
             return f"`{field}` must be a multiple of 8 between {low} and {high} but is {value}"
     if not (STEPS_RANGE[0] <= submission.steps <= STEPS_RANGE[1]):
         return f"`steps` must be between {STEPS_RANGE[0]} and {STEPS_RANGE[1]} but is {submission.steps}"
+    if submission.seed is not None and not (0 <= submission.seed <= MAX_SEED):
+        return f"`seed` must be between 0 and {MAX_SEED} but is {submission.seed}"
     return None
 
 
+def bucket_rule(plan: Plan, pressure: Pressure, shedding: Shedding) -> tuple[int, float]:
+    """(burst, images per hour) in force: free plans are limited harder under pressure."""
+    if plan.tier == "free" and pressure != "normal":
+        return min(plan.burst, shedding.elevated_burst), min(plan.per_hour, shedding.elevated_per_hour)
+    return plan.burst, plan.per_hour
+
+
+def tokens_now(bucket: Bucket, burst: int, per_hour: float, now: datetime) -> float:
+    if bucket.tokens is None or bucket.at is None:
+        return float(burst)
+    hours = max((now - bucket.at).total_seconds(), 0.0) / 3600
+    return min(float(burst), bucket.tokens + hours * per_hour)
+
+
 def decide(
-    submission: PromptSubmitted, plan: str, used_today: int, now: datetime
+    submission: PromptSubmitted,
+    plan_name: str,
+    plan: Plan,
+    state: UserState,
+    pressure: Pressure,
+    shedding: Shedding,
+    now: datetime,
 ) -> QuotaGranted | QuotaDenied:
     ids = dict(
         request_id=submission.request_id,
         user_id=submission.user_id,
         conversation_id=submission.conversation_id,
     )
+
+    def deny(reason: str, detail: str, retry_at: datetime | None) -> QuotaDenied:
+        return QuotaDenied(
+            **ids, plan=plan_name, reason=reason, detail=detail, retry_at=retry_at,
+            pressure=pressure, decided_at=now,
+        )
+
     problem = invalid_reason(submission)
     if problem is not None:
-        return QuotaDenied(**ids, plan=plan, reason="invalid", detail=problem, decided_at=now)
+        return deny("invalid", problem, None)
 
-    limit = DAILY_LIMITS[plan]
-    if used_today >= limit:
-        reset = next_utc_midnight(now)
-        return QuotaDenied(
-            **ids,
-            plan=plan,
-            reason="daily_limit",
-            detail=f"the {plan} plan allows {limit} images per UTC day and {used_today} were used today",
-            retry_at=reset,
-            decided_at=now,
+    if pressure == "critical" and plan.tier == "free":
+        retry = now + timedelta(seconds=shedding.critical_retry_after_s)
+        return deny("capacity", "the render fleet is overloaded; free images are paused", retry)
+
+    day = utc_day(now)
+    usage = state.on(day)
+    limit = plan.daily_limit + usage.extra
+    if usage.used >= limit:
+        return deny(
+            "daily_limit",
+            f"the {plan_name} plan allows {limit} images per UTC day and {usage.used} were used today",
+            next_utc_midnight(now),
         )
+
+    burst, per_hour = bucket_rule(plan, pressure, shedding)
+    tokens = tokens_now(state.bucket, burst, per_hour, now)
+    if tokens < 1:
+        wait = timedelta(hours=(1 - tokens) / per_hour)
+        return deny(
+            "rate_limit",
+            f"at most {burst} images at once, refilled at {per_hour:g} an hour"
+            + ("" if pressure == "normal" else f" while the fleet is {pressure}"),
+            now + wait,
+        )
+
+    used = usage.used + 1
     return QuotaGranted(
         **ids,
-        plan=plan,
-        used=used_today + 1,
+        plan=plan_name,
+        used=used,
         limit=limit,
-        day=utc_day(now),
+        day=day,
+        # Under critical pressure paid work is still served, but in the lower lane: the
+        # fleet first drains what it has already accepted.
+        tier="free" if pressure == "critical" else plan.tier,
+        pressure=pressure,
+        over_soft_cap=plan.soft_cap > 0 and used > plan.soft_cap,
+        tokens_left=tokens - 1,
         submission=submission,
         decided_at=now,
     )
+
+
+def apply(state: UserState, event: LogEvent) -> None:
+    """Fold one logged event into the user's state."""
+    if isinstance(event, QuotaGranted):
+        state.usage.setdefault(event.day, Usage()).granted += 1
+        # (A grant of policy 1 had no bucket: it leaves the bucket full.)
+        full = event.tokens_left is None
+        state.bucket = Bucket() if full else Bucket(tokens=event.tokens_left, at=event.decided_at)
+    elif isinstance(event, QuotaRefunded):
+        state.usage.setdefault(event.day, Usage()).refunded += 1
+    elif isinstance(event, QuotaAdjusted):
+        state.usage.setdefault(event.day, Usage()).extra += event.images
+    # QuotaDenied changes nothing: a denied request uses no quota.

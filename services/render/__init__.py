@@ -2,7 +2,8 @@
 
 events in   RenderRequested                (kiln.render.jobs.<tier>, a JetStream work queue)
 decide      pipeline.py                    a diffusers pipeline from a local folder
-storage     JetStream Object Store         bucket `kiln-images`, key `<request_id>.png`
+storage     JetStream Object Store         bucket `kiln-images`, key `<user>/<request>.png`
 events out  RenderProgress (plain NATS)    kiln.render.progress.<user>.<request>
             RenderCompleted / RenderFailed kiln.render.events.<user>.<request>
+            WorkerHeartbeat (plain NATS)   kiln.fleet.telemetry.<worker>, every second (telemetry.py)
 """

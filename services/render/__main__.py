@@ -10,6 +10,7 @@ import socket
 
 from services.render import tiny_model
 from services.render.pipeline import Renderer
+from services.render.telemetry import send_heartbeats
 from services.render.worker import RENDER_ATTEMPTS, RenderWorker
 from shared import service, subjects
 from shared.bus import Bus
@@ -29,10 +30,13 @@ async def serve(settings: Settings, bus: Bus, stop: asyncio.Event, *, worker_id:
         await asyncio.to_thread(tiny_model.ensure, settings.model_path)
     renderer = await asyncio.to_thread(Renderer, settings.model_path)
     worker = RenderWorker(bus, await bus.image_store(), renderer, worker_id)
-    # One job at a time per worker, so waiting jobs go to whichever worker is free.
-    await bus.consume(
-        subjects.RENDER_JOBS, "render", worker.handle_job, stop,
-        accepts=(RenderRequested,), max_attempts=RENDER_ATTEMPTS, batch=1, ack_wait_s=60,
+    await asyncio.gather(
+        # One job at a time per worker, so waiting jobs go to whichever worker is free.
+        bus.consume(
+            subjects.RENDER_JOBS, "render", worker.handle_job, stop,
+            accepts=(RenderRequested,), max_attempts=RENDER_ATTEMPTS, batch=1, ack_wait_s=60,
+        ),
+        send_heartbeats(bus, worker_id, renderer.device, settings.model_path.name, worker.throughput, stop),
     )
 
 

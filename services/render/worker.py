@@ -19,6 +19,7 @@ from nats.js.api import ObjectMeta
 from nats.js.object_store import ObjectStore
 
 from services.render.pipeline import Renderer
+from services.render.telemetry import Throughput
 from shared import subjects
 from shared.bus import Bus
 from shared.events import RenderCompleted, RenderFailed, RenderProgress, RenderRequested
@@ -36,6 +37,7 @@ class RenderWorker:
         self.store = store
         self.renderer = renderer
         self.worker_id = worker_id
+        self.throughput = Throughput()
 
     async def handle_job(self, event: RenderRequested, msg: Msg) -> None:
         key = subjects.image_key(event.user_id, event.request_id)
@@ -54,6 +56,7 @@ class RenderWorker:
             # 3. Store the PNG; events carry only its key.
             meta = ObjectMeta(description=json.dumps({"render_ms": render_ms}))
             await self.store.put(key, png, meta=meta)
+            self.throughput.add()
 
         # 4. Report.
         completed = RenderCompleted(

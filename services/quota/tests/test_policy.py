@@ -1,30 +1,47 @@
 """The quota policy is pure: same inputs, same decision."""
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from services.quota import policy
+from services.quota.events import QuotaAdjusted, QuotaRefunded
+from services.quota.plans import Plan, Shedding
 from shared.events import PromptSubmitted, QuotaDenied, QuotaGranted
 
 NOW = datetime(2026, 11, 26, 15, 30, tzinfo=timezone.utc)
+FREE = Plan(tier="free", daily_limit=3, burst=3, per_hour=60)
+PLUS = Plan(tier="paid", daily_limit=10, burst=2, per_hour=60, soft_cap=3)
+SHEDDING = Shedding(elevated_burst=1, elevated_per_hour=6, critical_retry_after_s=300)
 
 
 def _prompt(**overrides) -> PromptSubmitted:
-    return PromptSubmitted(**({"request_id": "r1", "user_id": "alice", "prompt": "a red circle"} | overrides))
+    fields = {"request_id": "r1", "user_id": "alice", "prompt": "a red circle", "submitted_at": NOW}
+    return PromptSubmitted(**(fields | overrides))
+
+
+def _decide(state=None, plan=FREE, pressure="normal", now=NOW, **prompt):
+    name = "free" if plan is FREE else "plus"
+    return policy.decide(_prompt(**prompt), name, plan, state or policy.UserState(), pressure, SHEDDING, now)
+
+
+def _state_after(decisions: int, plan=FREE, pressure="normal", now=NOW) -> policy.UserState:
+    state = policy.UserState()
+    for n in range(decisions):
+        policy.apply(state, _decide(state, plan, pressure, now, request_id=f"r{n}"))
+    return state
 
 
 @pytest.mark.parametrize("used", [0, 1, 2])
 def test_free_plan_grants_the_first_three_images_of_a_day(used):
-    submission = _prompt()
-    decision = policy.decide(submission, "free", used, NOW)
+    decision = _decide(_state_after(used))
     assert isinstance(decision, QuotaGranted)
-    assert (decision.used, decision.limit, decision.day) == (used + 1, 3, "2026-11-26")
-    assert decision.submission == submission
+    assert (decision.used, decision.limit, decision.day, decision.tier) == (used + 1, 3, "2026-11-26", "free")
+    assert decision.submission == _prompt()
 
 
 def test_fourth_image_is_denied_until_the_next_utc_midnight():
-    decision = policy.decide(_prompt(), "free", 3, NOW)
+    decision = _decide(_state_after(3))
     assert isinstance(decision, QuotaDenied)
     assert decision.reason == "daily_limit"
     assert decision.retry_at == datetime(2026, 11, 27, tzinfo=timezone.utc)
@@ -45,10 +62,64 @@ def test_the_day_is_the_utc_day_whatever_the_offset():
         ({"width": 30}, "width"),
         ({"height": 4096}, "height"),
         ({"steps": 0}, "steps"),
+        ({"seed": -1}, "seed"),
     ],
 )
 def test_invalid_submissions_are_denied_naming_the_field(overrides, field):
-    decision = policy.decide(_prompt(**overrides), "free", 0, NOW)
+    decision = _decide(**overrides)
     assert isinstance(decision, QuotaDenied)
     assert decision.reason == "invalid" and f"`{field}`" in decision.detail
     assert decision.retry_at is None
+
+
+def test_a_burst_past_the_bucket_is_rate_limited_until_a_token_refills():
+    state = _state_after(2, PLUS)  # burst 2, one token a minute
+    decision = _decide(state, PLUS)
+    assert isinstance(decision, QuotaDenied) and decision.reason == "rate_limit"
+    assert decision.retry_at == NOW + timedelta(minutes=1)
+    assert isinstance(_decide(state, PLUS, now=NOW + timedelta(minutes=1)), QuotaGranted)
+
+
+def test_past_the_soft_cap_grants_are_served_but_flagged():
+    state = policy.UserState()
+    flags = []
+    for n in range(5):  # a minute apart: the bucket never runs dry
+        decision = _decide(state, PLUS, now=NOW + timedelta(minutes=n), request_id=f"r{n}")
+        policy.apply(state, decision)
+        flags.append(decision.over_soft_cap)
+    assert flags == [False, False, False, True, True]
+
+
+def test_elevated_pressure_limits_free_users_harder_and_leaves_paid_ones_alone():
+    one_granted = _state_after(1, pressure="elevated")
+    denied = _decide(one_granted, pressure="elevated")
+    assert isinstance(denied, QuotaDenied) and denied.reason == "rate_limit"
+    assert "elevated" in denied.detail
+    assert denied.retry_at == NOW + timedelta(minutes=10)  # one image per 10 minutes
+    assert isinstance(_decide(one_granted, now=NOW + timedelta(minutes=1)), QuotaGranted)  # normal again
+    assert isinstance(_decide(_state_after(1, PLUS), PLUS, pressure="elevated"), QuotaGranted)
+
+
+def test_critical_pressure_sheds_free_requests_and_serves_paid_ones_in_the_lower_lane():
+    shed = _decide(pressure="critical")
+    assert isinstance(shed, QuotaDenied)
+    assert (shed.reason, shed.retry_at, shed.pressure) == ("capacity", NOW + timedelta(seconds=300), "critical")
+    paid = _decide(plan=PLUS, pressure="critical")
+    assert isinstance(paid, QuotaGranted) and (paid.tier, paid.pressure) == ("free", "critical")
+    assert _decide(plan=PLUS).tier == "paid"
+
+
+def test_a_refund_gives_the_image_back_and_an_admin_grant_raises_the_day_s_limit():
+    state = _state_after(3)
+    a_minute_later = NOW + timedelta(minutes=1)  # the rate bucket has a token again
+    assert _decide(state, now=a_minute_later).reason == "daily_limit"
+    policy.apply(state, QuotaRefunded(request_id="r0", user_id="alice", day="2026-11-26", reason="gave_up"))
+    assert _decide(state, now=a_minute_later).used == 3
+    state = _state_after(3)
+    policy.apply(state, QuotaAdjusted(request_id="a1", user_id="alice", day="2026-11-26", images=2, by="ops"))
+    granted = _decide(state, now=a_minute_later)
+    assert isinstance(granted, QuotaGranted) and (granted.used, granted.limit) == (4, 5)
+
+
+def test_a_new_day_starts_with_the_full_allowance():
+    assert isinstance(_decide(_state_after(3), now=NOW + timedelta(days=1)), QuotaGranted)

@@ -1,0 +1,170 @@
+"""Operator commands: `kiln accounts …` and `kiln audit …`. They talk to the quota
+database directly (KILN_DATABASE_URL, or the embedded default), bringing its schema up
+to date first."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import asyncpg
+from rich.console import Console
+from rich.table import Table
+
+from services.quota import accounts, audit, plans
+from services.quota import log as quota_log
+from services.quota.migrate import upgrade
+from shared.settings import Settings
+
+EXIT_FOUND_PROBLEMS, EXIT_BAD_REQUEST = 1, 64
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    acc = commands.add_parser("accounts", help="users and their plans").add_subparsers(dest="action", required=True)
+    add = acc.add_parser("add", help="give a user an account on a plan")
+    add.add_argument("user")
+    add.add_argument("plan")
+    add.set_defaults(run=_database_command(_accounts_add))
+    set_plan = acc.add_parser("set-plan", help="move a user to another plan")
+    set_plan.add_argument("user")
+    set_plan.add_argument("plan")
+    set_plan.set_defaults(run=_database_command(_accounts_set_plan))
+    acc.add_parser("list", help="accounts with today's usage").set_defaults(run=_database_command(_accounts_list))
+    grant = acc.add_parser("grant", help="allow a user more images today (logged as QuotaAdjusted)")
+    grant.add_argument("user")
+    grant.add_argument("images", type=int)
+    grant.add_argument("--note", default="")
+    grant.set_defaults(run=_database_command(_accounts_grant))
+
+    aud = commands.add_parser("audit", help="check and export the quota log").add_subparsers(dest="action", required=True)
+    replay = aud.add_parser("replay", help="re-run the recorded policy over the log; exit 1 on any mismatch")
+    replay.add_argument("--user")
+    replay.add_argument("--since", type=_timestamp, help="ISO time, e.g. 2026-11-26T00:00Z")
+    replay.set_defaults(run=_database_command(_audit_replay))
+    aud.add_parser("verify", help="check the hash chain; exit 1 naming the first broken event").set_defaults(
+        run=_database_command(_audit_verify)
+    )
+    export = aud.add_parser("export", help="write the events as JSON lines")
+    export.add_argument("--user")
+    export.add_argument("--since", type=_timestamp)
+    export.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
+    export.set_defaults(run=_database_command(_audit_export))
+    aud.add_parser("rebuild", help="drop the usage projections and rebuild them from the log").set_defaults(
+        run=_database_command(_audit_rebuild)
+    )
+
+
+def _timestamp(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO time: {text!r}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+Command = Callable[[argparse.Namespace, asyncpg.Pool], Awaitable[int]]
+
+
+def _database_command(command: Command) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return asyncio.run(_with_database(command, args))
+        except (accounts.AccountError, plans.ConfigError) as error:
+            err.print(f"kiln: {error}")
+            return EXIT_BAD_REQUEST
+        except (OSError, asyncpg.PostgresError) as error:
+            err.print(f"kiln: cannot use the quota database: {error}")
+            return EXIT_BAD_REQUEST
+
+    return run
+
+
+async def _with_database(command: Command, args: argparse.Namespace) -> int:
+    url = Settings.from_env().database_url
+    await asyncio.to_thread(upgrade, url)
+    pool = await quota_log.connect(url, size=2)
+    try:
+        return await command(args, pool)
+    finally:
+        await pool.close()
+
+
+async def _accounts_add(args: argparse.Namespace, pool: asyncpg.Pool) -> int:
+    async with pool.acquire() as conn:
+        await accounts.add(conn, plans.load(), args.user, args.plan)
+    out.print(f"{args.user}: on {args.plan}")
+    return 0
+
+
+async def _accounts_set_plan(args: argparse.Namespace, pool: asyncpg.Pool) -> int:
+    async with pool.acquire() as conn:
+        await accounts.set_plan(conn, plans.load(), args.user, args.plan)
+    out.print(f"{args.user}: now on {args.plan}")
+    return 0
+
+
+async def _accounts_list(args: argparse.Namespace, pool: asyncpg.Pool) -> int:
+    config = plans.load()
+    table = Table("user", "plan", "used today", "allowed today", "since")
+    async with pool.acquire() as conn:
+        for row in await accounts.listing(conn):
+            plan = config.plans.get(row["plan"])
+            allowed = str(plan.daily_limit + row["extra_today"]) if plan else "? (plan not in the plans file)"
+            table.add_row(row["user_id"], row["plan"], str(row["used_today"]), allowed, f"{row['updated_at']:%Y-%m-%d %H:%M}")
+    out.print(table)
+    return 0
+
+
+async def _accounts_grant(args: argparse.Namespace, pool: asyncpg.Pool) -> int:
+    adjusted = await accounts.grant(pool, plans.load(), args.user, args.images, getpass.getuser(), args.note)
+    out.print(f"{args.user}: {adjusted.images:+d} images on {adjusted.day} ({adjusted.request_id})")
+    return 0
+
+
+async def _audit_replay(args: argparse.Namespace, pool: asyncpg.Pool) -> int:
+    async with pool.acquire() as conn:
+        report = await audit.replay(conn, args.user, args.since)
+    for mismatch in report.mismatches:
+        out.print(f"NOT REPRODUCED {mismatch}")
+    out.print(
+        f"{report.events} events, {report.checked} decisions re-run, {len(report.mismatches)} not reproduced"
+        + (f", {report.skipped} of an older policy skipped" if report.skipped else "")
+    )
+    return EXIT_FOUND_PROBLEMS if report.mismatches else 0
+
+
+async def _audit_verify(args: argparse.Namespace, pool: asyncpg.Pool) -> int:
+    async with pool.acquire() as conn:
+        report = await audit.verify(conn)
+    if report.broken:
+        out.print(f"BROKEN: {report.broken[0]}")
+        if len(report.broken) > 1:
+            out.print(f"({len(report.broken) - 1} more problems after it)")
+        return EXIT_FOUND_PROBLEMS
+    out.print(f"chain intact: {report.events} events, head {report.head}")
+    return 0
+
+
+async def _audit_export(args: argparse.Namespace, pool: asyncpg.Pool) -> int:
+    async with pool.acquire() as conn:
+        if args.output is None:
+            count = await audit.export(conn, sys.stdout, args.user, args.since)
+        else:
+            with args.output.open("w") as file:
+                count = await audit.export(conn, file, args.user, args.since)
+    err.print(f"exported {count} events")
+    return 0
+
+
+async def _audit_rebuild(args: argparse.Namespace, pool: asyncpg.Pool) -> int:
+    users = await audit.rebuild_projections(pool)
+    out.print(f"usage and buckets rebuilt from the log for {users} users")
+    return 0

@@ -1,0 +1,80 @@
+"""Accounts (user → plan) and admin grants, for `kiln accounts …`.
+
+An account is plain mutable state, not history: the plan a decision was made under is
+recorded with the decision itself. An admin grant is history, so it is an event in the
+log (QuotaAdjusted), appended like any decision.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+
+import asyncpg
+
+from services.quota import log as quota_log
+from services.quota import policy
+from services.quota.events import QuotaAdjusted
+from services.quota.plans import Config
+from shared.events import ID_PATTERN
+
+
+class AccountError(Exception):
+    """A request an operator can fix: an unknown plan, a bad user id, a missing account."""
+
+
+def _check(config: Config, user_id: str, plan: str | None = None) -> None:
+    if not ID_PATTERN.match(user_id):
+        raise AccountError(f"user id must match {ID_PATTERN.pattern}: {user_id!r}")
+    if plan is not None and plan not in config.plans:
+        raise AccountError(f"unknown plan {plan!r}; the plans are: {', '.join(config.plans)}")
+
+
+async def add(conn: asyncpg.Connection, config: Config, user_id: str, plan: str) -> None:
+    _check(config, user_id, plan)
+    try:
+        await conn.execute("INSERT INTO accounts (user_id, plan) VALUES ($1, $2)", user_id, plan)
+    except asyncpg.UniqueViolationError:
+        raise AccountError(f"{user_id} has an account already; use `kiln accounts set-plan`") from None
+
+
+async def set_plan(conn: asyncpg.Connection, config: Config, user_id: str, plan: str) -> None:
+    _check(config, user_id, plan)
+    status = await conn.execute(
+        "UPDATE accounts SET plan = $2, updated_at = now() WHERE user_id = $1", user_id, plan
+    )
+    if status == "UPDATE 0":
+        raise AccountError(f"{user_id} has no account; use `kiln accounts add`")
+
+
+async def listing(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    """Every account with today's usage."""
+    return await conn.fetch(
+        """
+        SELECT a.user_id, a.plan, coalesce(u.granted - u.refunded, 0) AS used_today,
+               coalesce(u.extra, 0) AS extra_today, a.updated_at
+        FROM accounts a LEFT JOIN quota_usage u ON u.user_id = a.user_id AND u.day = $1
+        ORDER BY a.user_id
+        """,
+        policy.utc_day(datetime.now(timezone.utc)),
+    )
+
+
+async def grant(
+    pool: asyncpg.Pool, config: Config, user_id: str, images: int, by: str, note: str = ""
+) -> QuotaAdjusted:
+    """Allow `user_id` `images` more images today (an admin grant, logged)."""
+    _check(config, user_id)
+    if images == 0:
+        raise AccountError("a grant of 0 images changes nothing")
+    adjusted = QuotaAdjusted(
+        request_id=f"adjust-{uuid.uuid4().hex[:12]}",
+        user_id=user_id,
+        day=policy.utc_day(datetime.now(timezone.utc)),
+        images=images,
+        by=by,
+        note=note,
+    )
+    async with quota_log.appending(pool) as log:
+        await log.append([quota_log.Entry(adjusted, {"policy_version": policy.POLICY_VERSION})])
+    return adjusted

@@ -1,0 +1,175 @@
+"""Audit tools over the quota log, for `kiln audit …`.
+
+verify   walk the hash chain in position order; name the first event whose content or
+         predecessor does not match (edited, removed, inserted or reordered rows).
+replay   rebuild every user's state from the log alone and re-run the recorded policy on
+         each decision's recorded inputs; list each decision it does not reproduce.
+export   the events as JSON lines.
+rebuild  drop the usage and bucket projections and rebuild them from the log.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import IO, Any
+
+import asyncpg
+import msgspec
+
+from services.quota import chain, policy
+from services.quota import log as quota_log
+from services.quota.events import from_payload
+from services.quota.plans import Plan, Shedding
+from shared.events import PromptSubmitted, QuotaDenied, QuotaGranted
+
+# -- verify -----------------------------------------------------------------------------
+
+
+@dataclass
+class ChainReport:
+    events: int = 0
+    head: str = chain.GENESIS
+    broken: list[str] = field(default_factory=list)  # first one first
+
+
+async def verify(conn: asyncpg.Connection) -> ChainReport:
+    report = ChainReport()
+    previous_hash, previous_position = chain.GENESIS, None
+    versions: dict[str, int] = {}
+    async for row in quota_log.read_events(conn):
+        report.events += 1
+        where = f"event at position {row['position']} ({row['event_type']} {row['stream_id']} v{row['version']})"
+        if row["prev_hash"] != previous_hash:
+            after = f"position {previous_position}" if previous_position else "the start of the log"
+            report.broken.append(
+                f"{where}: its predecessor hash does not match the event before it ({after}):"
+                " an event was removed, inserted or reordered here"
+            )
+        if _recomputed_hash(row) != row["hash"]:
+            report.broken.append(f"{where}: its content does not match its hash: the row was edited")
+        expected_version = versions.get(row["stream_id"], 0) + 1
+        if row["version"] != expected_version:
+            report.broken.append(f"{where}: expected version {expected_version} of its stream")
+        versions[row["stream_id"]] = row["version"]
+        previous_hash, previous_position = row["hash"], row["position"]
+    report.head = previous_hash
+    return report
+
+
+def _recomputed_hash(row: asyncpg.Record) -> str:
+    return chain.event_hash(
+        stream_id=row["stream_id"],
+        version=row["version"],
+        event_type=row["event_type"],
+        request_id=row["request_id"],
+        payload=row["payload"],
+        metadata=row["metadata"],
+        recorded_at=row["recorded_at"],
+        prev_hash=row["prev_hash"],
+    )
+
+
+# -- replay -----------------------------------------------------------------------------
+
+
+@dataclass
+class ReplayReport:
+    events: int = 0
+    checked: int = 0  # decisions re-run
+    skipped: int = 0  # decisions of a policy version this code cannot re-run
+    mismatches: list[str] = field(default_factory=list)
+
+
+async def replay(conn: asyncpg.Connection, user_id: str | None = None, since: datetime | None = None) -> ReplayReport:
+    """Re-run the policy over the log. Users' states are independent, so `user_id` narrows
+    the replay to one stream; `since` checks only decisions from then on (the state before
+    is still rebuilt from the whole history)."""
+    report = ReplayReport()
+    states: dict[str, policy.UserState] = {}
+    async for row in quota_log.read_events(conn, user_id):
+        report.events += 1
+        event = from_payload(row["payload"])
+        state = states.setdefault(event.user_id, policy.UserState())
+        if isinstance(event, QuotaGranted | QuotaDenied) and (since is None or event.decided_at >= since):
+            if row["metadata"].get("policy_version") != policy.POLICY_VERSION:
+                report.skipped += 1
+            else:
+                report.checked += 1
+                problem = _replay_decision(event, row["metadata"], state)
+                if problem:
+                    report.mismatches.append(f"position {row['position']} ({event.user_id}/{event.request_id}): {problem}")
+        policy.apply(state, event)
+    return report
+
+
+def _replay_decision(recorded: QuotaGranted | QuotaDenied, meta: dict[str, Any], state: policy.UserState) -> str | None:
+    inputs = meta["inputs"]
+    day = policy.utc_day(recorded.decided_at)
+    # The state the service saw must be the state the log implies.
+    seen = msgspec.convert(inputs["state_before"], policy.UserState)
+    if seen.on(day) != state.on(day) or seen.bucket != state.bucket:
+        return f"the service saw {_state_text(seen, day)} but the log implies {_state_text(state, day)}"
+    again = policy.decide(
+        msgspec.convert(inputs["submission"], PromptSubmitted),
+        recorded.plan,
+        msgspec.convert(inputs["plan"], Plan),
+        state,
+        meta["pressure"],
+        msgspec.convert(inputs["shedding"], Shedding),
+        recorded.decided_at,
+    )
+    want, got = msgspec.to_builtins(recorded), msgspec.to_builtins(again)
+    if want != got:
+        fields = sorted(key for key in want.keys() | got.keys() if want.get(key) != got.get(key))
+        return "; ".join(f"{key}: recorded {want.get(key)!r}, policy gives {got.get(key)!r}" for key in fields)
+    return None
+
+
+def _state_text(state: policy.UserState, day: str) -> str:
+    usage = state.on(day)
+    return f"used {usage.used} (+{usage.extra}) with bucket {state.bucket.tokens}"
+
+
+# -- export -----------------------------------------------------------------------------
+
+
+async def export(
+    conn: asyncpg.Connection, out: IO[str], user_id: str | None = None, since: datetime | None = None
+) -> int:
+    count = 0
+    async for row in quota_log.read_events(conn, user_id):
+        if since is not None and row["recorded_at"] < since:
+            continue
+        record = dict(row)
+        record["recorded_at"] = chain.canonical_time(row["recorded_at"])
+        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        count += 1
+    return count
+
+
+# -- rebuild ----------------------------------------------------------------------------
+
+
+async def rebuild_projections(pool: asyncpg.Pool) -> int:
+    """Drop the usage and bucket projections and fold the whole log into them again,
+    holding the append lock so no decision is made meanwhile. Returns the users rebuilt."""
+    async with quota_log.appending(pool) as log:
+        states: dict[str, policy.UserState] = {}
+        async for row in _all_events(log.conn):
+            event = from_payload(row["payload"])
+            policy.apply(states.setdefault(event.user_id, policy.UserState()), event)
+        await log.conn.execute("TRUNCATE quota_usage, quota_buckets")
+        usage = [(user, day, u.granted, u.refunded, u.extra) for user, s in states.items() for day, u in s.usage.items()]
+        await log.conn.copy_records_to_table("quota_usage", records=usage, columns=["user_id", "day", "granted", "refunded", "extra"])
+        buckets = [(user, s.bucket.tokens, s.bucket.at) for user, s in states.items() if s.bucket.at is not None]
+        await log.conn.copy_records_to_table("quota_buckets", records=buckets, columns=["user_id", "tokens", "at"])
+    return len(states)
+
+
+async def _all_events(conn: asyncpg.Connection) -> AsyncIterator[asyncpg.Record]:
+    # Already inside the appender's transaction: a cursor needs no transaction of its own.
+    async for row in conn.cursor("SELECT payload FROM quota_events ORDER BY position", prefetch=5000):
+        yield row

@@ -1,0 +1,67 @@
+"""Fleet pressure: the render workers' heartbeats in, one level out.
+
+`level_of` is pure (tested on its own); `FleetMonitor` keeps the latest heartbeat of each
+worker from plain NATS and forgets a worker that has gone quiet.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from services.quota.plans import PRESSURE_LEVELS, PressureRules
+from shared import subjects
+from shared.events import Pressure, WorkerHeartbeat
+
+log = logging.getLogger("kiln.quota.pressure")
+
+SIGNALS = ("queue_depth", "gpu_temperature_c", "gpu_utilisation", "cpu_load")
+
+
+def level_of(heartbeats: list[WorkerHeartbeat], rules: PressureRules) -> tuple[Pressure, str]:
+    """The highest level any signal of any worker reaches, and why (for the decision's
+    metadata). No live worker means nothing to protect: normal."""
+    worst: Pressure = "normal"
+    why = "no worker reporting" if not heartbeats else "all signals below thresholds"
+    for beat in heartbeats:
+        for signal in SIGNALS:
+            value = getattr(beat, signal)
+            level = getattr(rules, signal).level(value)
+            if PRESSURE_LEVELS.index(level) > PRESSURE_LEVELS.index(worst):
+                worst, why = level, f"{signal}={value:g} on {beat.worker_id}"
+    return worst, why
+
+
+class FleetMonitor:
+    def __init__(self, rules: PressureRules) -> None:
+        self.rules = rules
+        self._latest: dict[str, tuple[float, WorkerHeartbeat]] = {}
+        self._decoder = msgspec.json.Decoder(WorkerHeartbeat)
+        self._last_level: Pressure = "normal"
+
+    async def watch(self, nc: NATS) -> None:
+        await nc.subscribe(subjects.FLEET_TELEMETRY, cb=self._on_heartbeat)
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        try:
+            beat = self._decoder.decode(msg.data)
+        except msgspec.DecodeError as error:
+            log.warning("ignoring a heartbeat that does not decode on %s: %s", msg.subject, error)
+            return
+        self.record(beat)
+
+    def record(self, beat: WorkerHeartbeat, received: float | None = None) -> None:
+        self._latest[beat.worker_id] = (received if received is not None else time.monotonic(), beat)
+
+    def level(self) -> tuple[Pressure, str]:
+        cutoff = time.monotonic() - self.rules.stale_after_s
+        live = [beat for at, beat in self._latest.values() if at >= cutoff]
+        level, why = level_of(live, self.rules)
+        if level != self._last_level:
+            log.warning("fleet pressure %s -> %s (%s)", self._last_level, level, why)
+            self._last_level = level
+        return level, why
