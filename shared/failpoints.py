@@ -1,5 +1,6 @@
-"""Failpoints: named places where a test can make a service die on purpose, to prove that
-nothing is lost when a process dies exactly there. Off unless KILN_FAILPOINT names one."""
+"""Failpoints: named places where a test can make a service fail on purpose, to prove that
+nothing is lost when it fails exactly there. Off unless KILN_FAILPOINT names one:
+`name` makes the process die there, `name:raise` makes that step raise."""
 
 from __future__ import annotations
 
@@ -8,6 +9,13 @@ import os
 EXIT_CODE = 86
 
 
+class InjectedFault(RuntimeError):
+    pass
+
+
 def failpoint(name: str) -> None:
-    if os.environ.get("KILN_FAILPOINT") == name:
+    chosen = os.environ.get("KILN_FAILPOINT")
+    if chosen == name:
         os._exit(EXIT_CODE)  # no cleanup, no flush: like a power cut to this process
+    if chosen == f"{name}:raise":
+        raise InjectedFault(f"failpoint {name}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import sys
 
 from services.quota import log as quota_log
@@ -17,7 +18,8 @@ from shared.bus import Bus
 from shared.events import ImageDelivered, PromptSubmitted, QuotaDenied, RequestFailed
 from shared.settings import Settings
 
-PROMPT_BATCH = 256  # prompts decided in one transaction, at most
+# Prompts decided in one transaction, at most.
+PROMPT_BATCH = int(os.environ.get("KILN_QUOTA_BATCH", 256))
 
 
 async def serve(settings: Settings, bus: Bus, stop: asyncio.Event, *, config: plans.Config) -> None:

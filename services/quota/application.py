@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from datetime import datetime, timezone
 from typing import Any
 
@@ -38,6 +40,7 @@ from shared.events import ImageDelivered, PromptSubmitted, QuotaDenied, QuotaGra
 logger = logging.getLogger("kiln.quota")
 
 MAX_CONFLICT_RETRIES = 10
+DECIDER = f"{socket.gethostname()}-{os.getpid()}"  # which quota process decided
 
 
 class QuotaService:
@@ -85,7 +88,8 @@ class QuotaService:
     ) -> list[quota_log.Entry]:
         now = datetime.now(timezone.utc)
         pressure, why = self.fleet.level()
-        states = await quota_log.user_states(conn, (d.event.user_id for d in batch), policy.utc_day(now))
+        today = policy.utc_day(now)
+        states = await quota_log.user_states(conn, ((d.event.user_id, today) for d in batch))
         entries = []
         for delivery in batch:
             submission: PromptSubmitted = delivery.event
@@ -108,6 +112,7 @@ class QuotaService:
                     decision,
                     {
                         "policy_version": policy.POLICY_VERSION,
+                        "decider": DECIDER,
                         "trace_id": delivery.trace_id,
                         "pressure": pressure,
                         "pressure_why": why,

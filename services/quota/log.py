@@ -31,6 +31,7 @@ import msgspec
 from services.quota import chain
 from services.quota.events import DECISION_TYPES, Decision, LogEvent, from_payload
 from services.quota.policy import Bucket, Usage, UserState, apply
+from services.quota.policy import utc_day as policy_day
 
 APPEND_LOCK = 0x6B696C6E_0001  # the advisory lock every appender takes ("kiln", 1)
 
@@ -127,21 +128,21 @@ class Appender:
         return positions
 
     async def _project(self, events: list[LogEvent]) -> None:
-        # What these events change, folded by the policy's own `apply`.
-        changes: dict[str, UserState] = {}
+        """Fold the events into the projections with the policy's own `apply`, so the
+        projections are what `audit replay` rebuilds from the log."""
+        days = {(event.user_id, getattr(event, "day", None) or _day_of(event)) for event in events}
+        states = {user: state for user, (_, state) in (await user_states(self.conn, days)).items()}
         for event in events:
-            apply(changes.setdefault(event.user_id, UserState()), event)
-        usage = {(user, day): u for user, state in changes.items() for day, u in state.usage.items()}
-        buckets = {user: state.bucket for user, state in changes.items() if state.bucket.at is not None}
+            apply(states.setdefault(event.user_id, UserState()), event)
+        usage = {(user, day): u for user, state in states.items() for day, u in state.usage.items()}
+        buckets = {user: state.bucket for user, state in states.items() if state.bucket.at is not None}
         if usage:
             await self.conn.execute(
                 """
                 INSERT INTO quota_usage (user_id, day, granted, refunded, extra)
                 SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::int[], $5::int[])
                 ON CONFLICT (user_id, day) DO UPDATE SET
-                    granted = quota_usage.granted + excluded.granted,
-                    refunded = quota_usage.refunded + excluded.refunded,
-                    extra = quota_usage.extra + excluded.extra
+                    granted = excluded.granted, refunded = excluded.refunded, extra = excluded.extra
                 """,
                 [user for user, _ in usage], [day for _, day in usage],
                 [u.granted for u in usage.values()], [u.refunded for u in usage.values()],
@@ -158,6 +159,10 @@ class Appender:
             )
 
 
+def _day_of(event: LogEvent) -> str:
+    return policy_day(event.decided_at)  # a denial: it changes no usage, any day will do
+
+
 @asynccontextmanager
 async def appending(pool: asyncpg.Pool) -> AsyncIterator[Appender]:
     """A transaction holding the append lock; reads inside it see every earlier append."""
@@ -169,26 +174,27 @@ async def appending(pool: asyncpg.Pool) -> AsyncIterator[Appender]:
 
 
 async def user_states(
-    conn: asyncpg.Connection, user_ids: Iterable[str], day: str
+    conn: asyncpg.Connection, users_on_days: Iterable[tuple[str, str]]
 ) -> dict[str, tuple[str | None, UserState]]:
-    """Each user's account plan (None: no account) and state for `day`, from the projections."""
+    """Each user's account plan (None: no account) and state on the given UTC days, from
+    the projections."""
+    pairs = list(set(users_on_days))
     rows = await conn.fetch(
         """
-        SELECT u.user_id, a.plan, q.granted, q.refunded, q.extra, b.tokens, b.at
-        FROM unnest($1::text[]) AS u(user_id)
-        LEFT JOIN accounts a ON a.user_id = u.user_id
-        LEFT JOIN quota_usage q ON q.user_id = u.user_id AND q.day = $2
-        LEFT JOIN quota_buckets b ON b.user_id = u.user_id
+        SELECT d.user_id, d.day, a.plan, q.granted, q.refunded, q.extra, b.tokens, b.at
+        FROM unnest($1::text[], $2::text[]) AS d(user_id, day)
+        LEFT JOIN accounts a ON a.user_id = d.user_id
+        LEFT JOIN quota_usage q ON q.user_id = d.user_id AND q.day = d.day
+        LEFT JOIN quota_buckets b ON b.user_id = d.user_id
         """,
-        list(set(user_ids)),
-        day,
+        [user for user, _ in pairs],
+        [day for _, day in pairs],
     )
-    states = {}
+    states: dict[str, tuple[str | None, UserState]] = {}
     for row in rows:
-        state = UserState(bucket=Bucket(row["tokens"], row["at"]))
+        _, state = states.setdefault(row["user_id"], (row["plan"], UserState(bucket=Bucket(row["tokens"], row["at"]))))
         if row["granted"] is not None:
-            state.usage[day] = Usage(row["granted"], row["refunded"], row["extra"])
-        states[row["user_id"]] = (row["plan"], state)
+            state.usage[row["day"]] = Usage(row["granted"], row["refunded"], row["extra"])
     return states
 
 

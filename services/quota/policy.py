@@ -169,7 +169,11 @@ def apply(state: UserState, event: LogEvent) -> None:
         full = event.tokens_left is None
         state.bucket = Bucket() if full else Bucket(tokens=event.tokens_left, at=event.decided_at)
     elif isinstance(event, QuotaRefunded):
+        # The failed image counts against neither the day nor the rate: the user may try
+        # again at once. (The bucket is capped at its burst when next drawn from.)
         state.usage.setdefault(event.day, Usage()).refunded += 1
+        if state.bucket.tokens is not None:
+            state.bucket = Bucket(tokens=state.bucket.tokens + 1, at=state.bucket.at)
     elif isinstance(event, QuotaAdjusted):
         state.usage.setdefault(event.day, Usage()).extra += event.images
     # QuotaDenied changes nothing: a denied request uses no quota.

@@ -22,6 +22,7 @@ from services.render.pipeline import Renderer
 from services.render.telemetry import Throughput
 from shared import subjects
 from shared.bus import Bus
+from shared.failpoints import failpoint
 from shared.events import RenderCompleted, RenderFailed, RenderProgress, RenderRequested
 
 log = logging.getLogger("kiln.render")
@@ -48,6 +49,7 @@ class RenderWorker:
             # 2. Render, keeping the job alive in JetStream while it runs. Any other error
             #    reaches the bus, which retries the job and after RENDER_ATTEMPTS (crashed
             #    workers included) ends the request as failed.
+            failpoint("render.job")  # tests: a render that fails every time
             try:
                 png, render_ms = await self._render(event, msg)
             except ValueError as error:  # the pipeline rejected the job: retrying cannot help

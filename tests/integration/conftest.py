@@ -9,6 +9,7 @@ runs on the same NATS do not matter.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -20,7 +21,11 @@ import pytest_asyncio
 
 from infra.platform import Platform
 from kiln.client import KilnClient
+from services.quota.migrate import upgrade
 from services.render import tiny_model
+
+
+TEST_PLANS = Path(__file__).with_name("plans.toml")
 
 
 @pytest.fixture(scope="session")
@@ -51,6 +56,9 @@ async def _drop_database(server_url: str, name: str) -> None:
 async def platform(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> AsyncIterator[Platform]:
     external_db = os.environ.get("KILN_DATABASE_URL")
     database_name = None
+    # The services (children) read the test plans: small paid limits, pressure only when a
+    # test injects it.
+    os.environ["KILN_PLANS"] = str(TEST_PLANS)
     stack = Platform.isolated(tmp_path_factory.mktemp("kiln"), model_path)
     if external_db:
         stack.database_url, database_name = await _fresh_database(external_db)
@@ -91,3 +99,15 @@ async def db(platform: Platform) -> AsyncIterator[asyncpg.Connection]:
 def user() -> str:
     """A user no other test (or earlier run) has used: a full daily allowance."""
     return f"u{uuid.uuid4().hex[:12]}"
+
+
+@pytest_asyncio.fixture
+async def scratch_database(platform: Platform) -> AsyncIterator[str]:
+    """A database of its own on the platform's server, migrated: for tests that tamper
+    with the log or write it directly, away from the services' database."""
+    url, name = await _fresh_database(platform.database_url)
+    try:
+        await asyncio.to_thread(upgrade, url)
+        yield url
+    finally:
+        await _drop_database(platform.database_url, name)

@@ -1,0 +1,371 @@
+"""Quota as the system of record, on real PostgreSQL and NATS: exact limits across several
+quota processes, no decision lost to a crash, refunds, load shedding, and audits that
+catch tampering and reproduce every decision."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import msgspec
+import nats.js.errors
+import pytest
+
+from infra.platform import Platform
+from kiln.client import KilnClient
+from services.quota import audit, plans
+from services.quota import log as quota_log
+from services.quota.application import QuotaService
+from services.quota.events import QuotaRefunded
+from services.quota.pressure import FleetMonitor
+from shared import subjects
+from shared.bus import Delivery
+from shared.events import (
+    ImageDelivered,
+    PromptSubmitted,
+    QuotaDenied,
+    QuotaGranted,
+    RequestFailed,
+    WorkerHeartbeat,
+    encode,
+)
+from shared.failpoints import EXIT_CODE
+from shared.settings import PROJECT_ROOT
+
+from .conftest import TEST_PLANS
+
+pytestmark = pytest.mark.integration
+
+
+def _prompt(user: str, request_id: str | None = None, text: str = "a red circle") -> PromptSubmitted:
+    return PromptSubmitted(request_id=request_id or uuid.uuid4().hex[:16], user_id=user, prompt=text)
+
+
+async def _logged(db: asyncpg.Connection, user: str) -> list[asyncpg.Record]:
+    return await db.fetch(
+        "SELECT * FROM quota_events WHERE stream_id = $1 ORDER BY version", quota_log.user_stream(user)
+    )
+
+
+async def _wait_for_decisions(db: asyncpg.Connection, user: str, count: int, timeout_s: float = 60) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = [
+            row for row in await _logged(db, user) if row["event_type"] in ("QuotaGranted", "QuotaDenied")
+        ]
+        if len(rows) >= count or time.monotonic() > deadline:
+            return [{**dict(row), "payload": json.loads(row["payload"]), "metadata": json.loads(row["metadata"])} for row in rows]
+        await asyncio.sleep(0.2)
+
+
+def _kiln(*args: str, database_url: str) -> subprocess.CompletedProcess:
+    env = os.environ | {"KILN_DATABASE_URL": database_url, "KILN_PLANS": str(TEST_PLANS)}
+    return subprocess.run(
+        [sys.executable, "-m", "kiln", *args], cwd=PROJECT_ROOT, env=env,
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+@contextlib.asynccontextmanager
+async def _fleet_pressure(client: KilnClient, queue_depth: int) -> AsyncIterator[None]:
+    """A (pretend) render worker reporting a deep queue, as long as the block runs."""
+    beat = WorkerHeartbeat(worker_id="test-hot-worker", device="cpu", model="tiny", queue_depth=queue_depth, cpu_load=0.1)
+
+    async def beat_forever() -> None:
+        while True:
+            await client.nc.publish(subjects.fleet_telemetry(beat.worker_id), encode(beat))
+            await asyncio.sleep(0.2)
+
+    beating = asyncio.create_task(beat_forever())
+    await asyncio.sleep(0.6)  # quota has heard it
+    try:
+        yield
+    finally:
+        beating.cancel()
+        await asyncio.sleep(2.5)  # stale_after_s in the test plans: pressure is normal again
+
+
+@contextlib.contextmanager
+def _replaced(platform: Platform, service: str, *instances: tuple[str, dict[str, str]]):
+    """Run `service` as the given instances (name, extra env) instead of its usual process."""
+    platform.stop_service(service)
+    try:
+        for name, env in instances:
+            platform.start_service(service, instance=name, env=env)
+        yield
+    finally:
+        for name, _ in instances:
+            platform.stop_service(name)
+        platform.start_service(service)
+
+
+# -- exact limits, nothing lost ---------------------------------------------------------
+
+
+async def test_three_quota_processes_grant_exactly_three_of_a_hundred_concurrent_prompts(
+    platform: Platform, client: KilnClient, db: asyncpg.Connection, user: str
+):
+    small_batches = {"KILN_QUOTA_BATCH": "4"}  # so that all three get a share of the work
+    with _replaced(platform, "quota", *[(f"quota-{n}", small_batches) for n in (1, 2, 3)]):
+        await asyncio.gather(*(client.submit(_prompt(user)) for _ in range(100)))
+        decisions = await _wait_for_decisions(db, user, 100)
+
+    kinds = [row["event_type"] for row in decisions]
+    assert (kinds.count("QuotaGranted"), kinds.count("QuotaDenied")) == (3, 97)
+    assert {row["payload"]["reason"] for row in decisions if row["event_type"] == "QuotaDenied"} == {"daily_limit"}
+    assert [row["version"] for row in decisions] == list(range(1, 101))
+    assert len({row["metadata"]["decider"] for row in decisions}) >= 2, "one process took all the work"
+    info = await client.js.stream_info(subjects.QUOTA.name, subjects_filter=f"kiln.quota.decided.{user}.*")
+    assert len(info.state.subjects or {}) == 100  # every decision on the bus, once
+
+
+async def test_a_decision_committed_by_a_process_that_dies_before_publishing_still_arrives(
+    platform: Platform, client: KilnClient, db: asyncpg.Connection, user: str
+):
+    prompt = _prompt(user)
+    dies_after_commit = ("quota-doomed", {"KILN_FAILPOINT": "quota.after_commit"})
+    with _replaced(platform, "quota", dies_after_commit):
+        await client.submit(prompt)
+        doomed = platform.services["quota-doomed"]
+        assert await asyncio.to_thread(doomed.wait, 60) == EXIT_CODE
+        # Committed, never published.
+        assert [row["event_type"] for row in await _logged(db, user)] == ["QuotaGranted"]
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await client.js.get_last_msg(subjects.QUOTA.name, subjects.quota_decided(user, prompt.request_id))
+
+    # The restarted quota's relay publishes it (the prompt itself is redelivered only after
+    # its 60 s ack wait), and the request completes with the logged decision.
+    outcome = await client.wait_for_outcome(user, prompt.request_id, timeout_s=30)
+    assert isinstance(outcome, ImageDelivered), outcome
+    assert len(await _logged(db, user)) == 1
+
+
+async def test_a_failed_render_is_refunded_and_the_user_can_generate_again(
+    platform: Platform, client: KilnClient, db: asyncpg.Connection, user: str
+):
+    for _ in range(2):
+        assert isinstance(await client.generate("a green square", user_id=user), ImageDelivered)
+    with _replaced(platform, "render", ("render-failing", {"KILN_FAILPOINT": "render.job:raise"})):
+        failed = await client.generate("a blue circle", user_id=user, timeout_s=90)
+    assert isinstance(failed, RequestFailed) and (failed.stage, failed.reason) == ("render", "gave_up")
+
+    refunded = await _wait_for_event(db, user, "QuotaRefunded")
+    assert (refunded["request_id"], refunded["payload"]["reason"]) == (failed.request_id, "gave_up")
+    # Three granted, one of them refunded: a third image today is allowed, a fourth is not.
+    assert isinstance(await client.generate("a blue circle", user_id=user), ImageDelivered)
+    denied = await client.generate("a blue circle", user_id=user)
+    assert isinstance(denied, QuotaDenied) and denied.reason == "daily_limit"
+    usage = await db.fetchrow("SELECT granted, refunded FROM quota_usage WHERE user_id = $1", user)
+    assert (usage["granted"], usage["refunded"]) == (4, 1)
+
+
+async def _wait_for_event(db: asyncpg.Connection, user: str, event_type: str, timeout_s: float = 20) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for row in await _logged(db, user):
+            if row["event_type"] == event_type:
+                return {**dict(row), "payload": json.loads(row["payload"])}
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"no {event_type} for {user} in {timeout_s} s")
+
+
+# -- plans and load shedding ------------------------------------------------------------
+
+
+async def test_plans_burst_limits_soft_caps_and_shedding_by_fleet_pressure(
+    platform: Platform, client: KilnClient, db: asyncpg.Connection
+):
+    free, plus, pro = (f"{plan}{uuid.uuid4().hex[:10]}" for plan in ("free", "plus", "pro"))
+    for name, plan in ((plus, "plus"), (pro, "pro")):
+        assert _kiln("accounts", "add", name, plan, database_url=platform.database_url).returncode == 0
+
+    # plus: two at once (the second past the soft cap of 1, so flagged), then rate limited.
+    first, second, third = [await client.generate("a red square", user_id=plus) for _ in range(3)]
+    assert isinstance(first, ImageDelivered) and isinstance(second, ImageDelivered)
+    assert isinstance(third, QuotaDenied) and third.reason == "rate_limit" and third.retry_at is not None
+    flags = [row["payload"]["over_soft_cap"] for row in await _wait_for_decisions(db, plus, 2) if row["event_type"] == "QuotaGranted"]
+    assert flags == [False, True]
+
+    async with _fleet_pressure(client, queue_depth=1500):  # elevated
+        # free: one image, then one per hour while elevated; paid users are not touched.
+        assert isinstance(await client.generate("a red square", user_id=free), ImageDelivered)
+        limited = await client.generate("a red square", user_id=free)
+        assert isinstance(limited, QuotaDenied) and (limited.reason, limited.pressure) == ("rate_limit", "elevated")
+        assert isinstance(await client.generate("a red square", user_id=pro), ImageDelivered)
+
+    async with _fleet_pressure(client, queue_depth=6000):  # critical
+        shed = await client.generate("a red square", user_id=free)
+        assert isinstance(shed, QuotaDenied) and (shed.reason, shed.pressure) == ("capacity", "critical")
+        assert shed.retry_at is not None
+        served = await client.generate("a red square", user_id=pro)
+        assert isinstance(served, ImageDelivered)
+
+    pro_grants = [row for row in await _wait_for_decisions(db, pro, 2) if row["event_type"] == "QuotaGranted"]
+    assert [(g["payload"]["tier"], g["metadata"]["pressure"]) for g in pro_grants] == [("paid", "elevated"), ("free", "critical")]
+
+    # An admin grant: two more images for the free user today, logged as an event.
+    assert _kiln("accounts", "grant", free, "2", "--note", "sorry", database_url=platform.database_url).returncode == 0
+    assert (await _wait_for_event(db, free, "QuotaAdjusted"))["payload"]["images"] == 2
+    listing = _kiln("accounts", "list", database_url=platform.database_url)
+    assert plus in listing.stdout and pro in listing.stdout
+
+    # Replay reproduces every decision in the log: these, and every other test's so far.
+    pool = await quota_log.connect(platform.database_url)
+    try:
+        async with pool.acquire() as conn:
+            report = await audit.replay(conn)
+    finally:
+        await pool.close()
+    assert report.mismatches == [] and report.checked >= 8  # this test made 8
+    replayed = _kiln("audit", "replay", "--user", pro, database_url=platform.database_url)
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert "2 decisions re-run, 0 not reproduced" in replayed.stdout
+
+
+async def test_account_commands_refuse_bad_requests_clearly(platform: Platform, user: str):
+    unknown_plan = _kiln("accounts", "add", user, "gold", database_url=platform.database_url)
+    assert unknown_plan.returncode == 64 and "unknown plan 'gold'" in unknown_plan.stderr
+    no_account = _kiln("accounts", "set-plan", user, "pro", database_url=platform.database_url)
+    assert no_account.returncode == 64 and "has no account" in no_account.stderr
+    assert _kiln("accounts", "add", user, "plus", database_url=platform.database_url).returncode == 0
+    twice = _kiln("accounts", "add", user, "plus", database_url=platform.database_url)
+    assert twice.returncode == 64 and "already" in twice.stderr
+    bad_user = _kiln("accounts", "add", "a.b", "plus", database_url=platform.database_url)
+    assert bad_user.returncode == 64 and "user id" in bad_user.stderr
+
+
+# -- audits on a log of their own --------------------------------------------------------
+
+
+async def _write_log(url: str, users: int = 3, prompts_each: int = 4, refund: bool = True) -> None:
+    """Decisions made by the real service code, appended to a scratch database."""
+    pool = await quota_log.connect(url)
+    config = plans.load(TEST_PLANS)
+    quota = QuotaService(pool, None, config, FleetMonitor(config.pressure))  # deciding needs no bus
+    try:
+        for n in range(prompts_each):
+            batch = [Delivery(_prompt(f"user{u}", f"r{n}"), None) for u in range(users)]
+            await quota.decide(batch)
+        if refund:
+            async with quota_log.appending(pool) as log:
+                refunded = QuotaRefunded(request_id="r0", user_id="user0", day=_today(), reason="gave_up")
+                await log.append([quota_log.Entry(refunded, {})])
+    finally:
+        await pool.close()
+
+
+def _today() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).date().isoformat()
+
+
+async def _verify(url: str) -> audit.ChainReport:
+    conn = await quota_log.connect(url)
+    try:
+        async with conn.acquire() as c:
+            return await audit.verify(c)
+    finally:
+        await conn.close()
+
+
+TAMPERING = {
+    "edited": "UPDATE quota_events SET payload = jsonb_set(payload, '{used}', '1') WHERE position = 6",
+    "deleted": "DELETE FROM quota_events WHERE position = 6",
+    # Swap two rows' contents (moved aside first, as the unique indexes want).
+    "reordered": """
+        UPDATE quota_events SET version = -version, request_id = request_id || '~' WHERE position IN (6, 7);
+        UPDATE quota_events e SET stream_id = o.stream_id, version = -o.version, event_type = o.event_type,
+            request_id = rtrim(o.request_id, '~'), payload = o.payload, metadata = o.metadata,
+            recorded_at = o.recorded_at, prev_hash = o.prev_hash, hash = o.hash
+        FROM quota_events o WHERE (e.position, o.position) IN ((6, 7), (7, 6))
+    """,
+}
+
+
+@pytest.mark.parametrize("tampering", TAMPERING)
+async def test_verify_names_the_first_edited_deleted_or_reordered_event(scratch_database: str, tampering: str):
+    await _write_log(scratch_database)
+    intact = _kiln("audit", "verify", database_url=scratch_database)
+    assert intact.returncode == 0 and "chain intact: 13 events" in intact.stdout
+
+    conn = await asyncpg.connect(scratch_database)
+    try:  # what a superuser could do: switch the append-only trigger off and rewrite history
+        await conn.execute("ALTER TABLE quota_events DISABLE TRIGGER quota_events_append_only")
+        await conn.execute(TAMPERING[tampering])
+        await conn.execute("ALTER TABLE quota_events ENABLE TRIGGER quota_events_append_only")
+    finally:
+        await conn.close()
+
+    broken = _kiln("audit", "verify", database_url=scratch_database)
+    assert broken.returncode == 1
+    first = broken.stdout.splitlines()[0]
+    named = 7 if tampering == "deleted" else 6  # after a deletion, the event that follows the gap
+    assert first.startswith(f"BROKEN: event at position {named} "), first
+    assert ("edited" if tampering == "edited" else "removed, inserted or reordered") in first
+
+
+async def test_the_log_cannot_be_changed_while_its_trigger_stands(scratch_database: str):
+    await _write_log(scratch_database, users=1, prompts_each=1)
+    conn = await asyncpg.connect(scratch_database)
+    try:
+        for statement in ("UPDATE quota_events SET version = 9", "DELETE FROM quota_events", "TRUNCATE quota_events"):
+            with pytest.raises(asyncpg.RaiseError, match="append-only"):
+                await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+async def test_replay_lists_a_decision_the_policy_would_not_make(scratch_database: str):
+    await _write_log(scratch_database, users=1, prompts_each=3, refund=False)
+    pool = await quota_log.connect(scratch_database)
+    try:  # forge a fourth grant for user0 (free: 3 a day), appended after the real three
+        third = await pool.fetchrow("SELECT payload, metadata FROM quota_events WHERE request_id = 'r2'")
+        forged = msgspec.convert(third["payload"] | {"request_id": "r9", "used": 4}, QuotaGranted)
+        metadata = third["metadata"]
+        # The state it claims to have seen is the true one: three granted, the bucket after the third.
+        metadata["inputs"]["state_before"] = {
+            "usage": {forged.day: {"granted": 3, "refunded": 0, "extra": 0}},
+            "bucket": {"tokens": third["payload"]["tokens_left"], "at": third["payload"]["decided_at"]},
+        }
+        async with quota_log.appending(pool) as log:
+            await log.append([quota_log.Entry(forged, metadata)])
+    finally:
+        await pool.close()
+
+    replayed = _kiln("audit", "replay", database_url=scratch_database)
+    assert replayed.returncode == 1
+    assert "NOT REPRODUCED position" in replayed.stdout and "user0/r9" in replayed.stdout
+    assert "1 not reproduced" in replayed.stdout and "reason" in replayed.stdout
+    # The chain is intact: the forgery was appended like any event. Replay is what catches it.
+    assert _kiln("audit", "verify", database_url=scratch_database).returncode == 0
+
+
+async def test_usage_projection_is_rebuilt_from_the_log(scratch_database: str, tmp_path: Path):
+    await _write_log(scratch_database)
+    conn = await asyncpg.connect(scratch_database)
+    try:
+        usage = "SELECT * FROM quota_usage ORDER BY user_id, day"
+        buckets = "SELECT * FROM quota_buckets ORDER BY user_id"
+        before = (await conn.fetch(usage), await conn.fetch(buckets))
+        await conn.execute("UPDATE quota_usage SET granted = 0")  # a projection gone wrong
+        rebuilt = _kiln("audit", "rebuild", database_url=scratch_database)
+        assert rebuilt.returncode == 0 and "for 3 users" in rebuilt.stdout
+        assert (await conn.fetch(usage), await conn.fetch(buckets)) == before
+        assert [row["refunded"] for row in before[0]] == [1, 0, 0]
+    finally:
+        await conn.close()
+
+    exported = tmp_path / "log.jsonl"
+    assert _kiln("audit", "export", "-o", str(exported), database_url=scratch_database).returncode == 0
+    lines = [json.loads(line) for line in exported.read_text().splitlines()]
+    assert len(lines) == 13 and lines[0]["position"] == 1 and lines[-1]["event_type"] == "QuotaRefunded"
