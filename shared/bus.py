@@ -60,6 +60,7 @@ BatchHandler = Callable[[list[Delivery]], Awaitable[None]]
 
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-sequence check
 MAX_BACKOFF_S = 30.0
+FETCH_WAIT_S = 0.1  # a pull request waits this long for messages; short, as nats-py may sit out a whole wait
 GIVE_UP_MARGIN = 5  # deliveries beyond max_attempts, to publish the failure itself
 REASON_HEADER = "Kiln-Dead-Letter-Reason"
 ORIGINAL_SUBJECT_HEADER = "Kiln-Original-Subject"
@@ -175,7 +176,6 @@ class Bus:
         max_attempts: int = 20,
         ack_wait_s: float = 60,
         batch: int = 16,
-        filter_subject: str | None = None,
     ) -> None:
         """Pull messages from a durable consumer and hand each event of an `accepts` type
         to `handler` until `stop` is set.
@@ -193,7 +193,7 @@ class Bus:
 
         await self.consume_batches(
             stream, durable, one_by_one, stop, accepts=accepts, max_attempts=max_attempts,
-            ack_wait_s=ack_wait_s, batch=batch, filter_subject=filter_subject, isolate=False,
+            ack_wait_s=ack_wait_s, batch=batch, isolate=False,
         )
 
     async def consume_batches(
@@ -207,42 +207,48 @@ class Bus:
         max_attempts: int = 20,
         ack_wait_s: float = 60,
         batch: int = 16,
-        filter_subject: str | None = None,
         isolate: bool = True,
+        pullers: int = 1,
     ) -> None:
         """Like `consume`, but `handler` gets every checked message of a fetch at once
         (whatever was waiting, up to `batch`), so it can do one database transaction for
         all of them. They are acked together after it returns. If it raises, each message
-        is handled again on its own (`isolate`), so one bad message fails alone."""
+        is handled again on its own (`isolate`), so one bad message fails alone.
+
+        `pullers` fetch-and-handle loops run side by side, so one batch's publishing
+        overlaps the next one's database work."""
         config = ConsumerConfig(
             durable_name=durable,
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
             ack_wait=ack_wait_s,
             max_deliver=max_attempts + GIVE_UP_MARGIN,
-            filter_subject=filter_subject,
         )
         # Creates the durable consumer, or brings an existing one's config up to date.
         await self.js.add_consumer(stream.name, config)
-        sub = await self.js.pull_subscribe_bind(durable=durable, stream=stream.name)
-        try:
-            while not stop.is_set():
-                try:
-                    messages = await sub.fetch(batch, timeout=1)
-                except TimeoutError:  # nats-py's TimeoutError subclasses it
-                    continue  # nothing waiting is normal: poll again
-                try:
-                    items = await self._checked(messages, stream, accepts, max_attempts)
-                    if items:
-                        await self._handle(items, handler, max_attempts, isolate)
-                except nats.errors.Error as error:
-                    # The bus failed us mid-batch (an ack, a nak, a publish): what was not
-                    # acked, JetStream delivers again.
-                    log.warning("bus error on %s, will be redelivered: %s", stream.name, error)
-        finally:
-            # The durable consumer stays on the server; only this process stops pulling.
-            # (Left subscribed, a pull subscription holds up `drain` until it times out.)
-            await sub.unsubscribe()
+
+        async def pull() -> None:
+            sub = await self.js.pull_subscribe_bind(durable=durable, stream=stream.name)
+            try:
+                while not stop.is_set():
+                    try:
+                        messages = await sub.fetch(batch, timeout=FETCH_WAIT_S)
+                    except TimeoutError:  # nats-py's TimeoutError subclasses it
+                        continue  # nothing waiting is normal: poll again
+                    try:
+                        items = await self._checked(messages, stream, accepts, max_attempts)
+                        if items:
+                            await self._handle(items, handler, max_attempts, isolate)
+                    except nats.errors.Error as error:
+                        # The bus failed us mid-batch (an ack, a nak, a publish): what was
+                        # not acked, JetStream delivers again.
+                        log.warning("bus error on %s, will be redelivered: %s", stream.name, error)
+            finally:
+                # The durable consumer stays on the server; only this loop stops pulling.
+                # (Left subscribed, a pull subscription holds up `drain` until it times out.)
+                await sub.unsubscribe()
+
+        await asyncio.gather(*(pull() for _ in range(pullers)))
 
     async def _checked(
         self, messages: list[Msg], stream: Stream, accepts: tuple[type[Event], ...], max_attempts: int

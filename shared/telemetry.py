@@ -2,8 +2,8 @@
 
 One trace covers a request: the client's span is the root, `traceparent` travels in the
 message headers, and each service continues it. Spans export over OTLP/HTTP when
-`KILN_OTLP_ENDPOINT` is set; otherwise they are created (so context still propagates) and
-dropped.
+`KILN_OTLP_ENDPOINT` is set; otherwise they are created unsampled: ids still propagate (the
+log and the messages name the request's trace), nothing is recorded.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
 
 _provider: TracerProvider | None = None
 
@@ -23,7 +24,10 @@ def setup(service_name: str, otlp_endpoint: str | None) -> trace.Tracer:
     """Install the tracer provider once per process and return this service's tracer."""
     global _provider
     if _provider is None:
-        _provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+        # Without an exporter nobody will see a span: create them unsampled (ids for
+        # propagation, nothing recorded), which costs a fraction of a recorded span.
+        sampler = ParentBased(ALWAYS_ON) if otlp_endpoint else ALWAYS_OFF
+        _provider = TracerProvider(resource=Resource.create({"service.name": service_name}), sampler=sampler)
         if otlp_endpoint:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 

@@ -20,7 +20,8 @@ import asyncio
 import logging
 import os
 import socket
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
+from collections.abc import Coroutine
 from typing import Any
 
 import asyncpg
@@ -40,6 +41,7 @@ from shared.events import ImageDelivered, PromptSubmitted, QuotaDenied, QuotaGra
 logger = logging.getLogger("kiln.quota")
 
 MAX_CONFLICT_RETRIES = 10
+FRESH = timedelta(minutes=1)  # younger prompts on a first delivery cannot have ended
 DECIDER = f"{socket.gethostname()}-{os.getpid()}"  # which quota process decided
 
 
@@ -49,14 +51,13 @@ class QuotaService:
         self.bus = bus
         self.config = config
         self.fleet = fleet
+        self._tasks: set[asyncio.Task] = set()
 
     # -- prompts --------------------------------------------------------------------------
 
     async def handle_prompts(self, batch: list[Delivery]) -> None:
         # 1. A request that has ended already stays ended.
-        ended = await asyncio.gather(
-            *(self.bus.outcome_recorded(d.event.user_id, d.event.request_id) for d in batch)
-        )
+        ended = await asyncio.gather(*(self._ended(d) for d in batch))
         live = [d for d, done in zip(batch, ended) if not done]
         if not live:
             return
@@ -65,9 +66,30 @@ class QuotaService:
         failpoint("quota.after_commit")  # tests: die with decisions committed, not published
         # 3. Publish what the log holds; once per request, however often we get here.
         await asyncio.gather(*(self._publish(d, decisions[_key(d.event)]) for d in live))
-        # 4. The relay need not send these.
+        # 4. The relay need not send these. (In the background: if it is lost, the relay
+        #    sends them again and JetStream drops the copies.)
         if positions:
-            await quota_log.published(self.pool, positions)
+            self._background(quota_log.published(self.pool, positions))
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("background work failed (the relay will cover it): %r", task.exception())
+
+    async def _ended(self, delivery: Delivery) -> bool:
+        """Whether the request has an outcome already. Only a copy that has been around can
+        find one: quota gives a request up only after minutes of retries, and clients check
+        for an outcome before sending a prompt again. So a fresh prompt on its first
+        delivery (the common case, at full load) is not looked up."""
+        fresh = datetime.now(timezone.utc) - delivery.event.submitted_at < FRESH
+        if fresh and delivery.msg.metadata.num_delivered == 1:
+            return False
+        return await self.bus.outcome_recorded(delivery.event.user_id, delivery.event.request_id)
 
     async def decide(self, batch: list[Delivery]) -> tuple[dict[tuple[str, str], Decision], list[int]]:
         """Each request's decision (recorded before, or made and appended now) and the
@@ -75,32 +97,38 @@ class QuotaService:
         for _ in range(MAX_CONFLICT_RETRIES):
             try:
                 async with quota_log.appending(self.pool) as log:
+                    now = datetime.now(timezone.utc)
                     decisions = await quota_log.decisions_for(log.conn, {_key(d.event) for d in batch})
-                    entries = await self._decide_new(log.conn, batch, decisions)
-                    positions = await log.append(entries)
+                    users = await log.users((d.event.user_id, policy.utc_day(now)) for d in batch)
+                    entries = self._decide_new(batch, decisions, users, now)
+                    positions = await log.append(entries, users)
                 return decisions, positions
             except quota_log.Conflict as error:  # cannot happen under the lock; the database guards anyway
                 logger.warning("append conflict, deciding the batch again: %s", error)
         raise quota_log.Conflict(f"still conflicting after {MAX_CONFLICT_RETRIES} tries")
 
-    async def _decide_new(
-        self, conn: asyncpg.Connection, batch: list[Delivery], decisions: dict[tuple[str, str], Decision]
+    def _decide_new(
+        self,
+        batch: list[Delivery],
+        decisions: dict[tuple[str, str], Decision],
+        users: dict[str, quota_log.UserRecord],
+        now: datetime,
     ) -> list[quota_log.Entry]:
-        now = datetime.now(timezone.utc)
+        """Decide the requests not decided before, in order; each decision is applied to
+        its user's state at once, so the next request of that user sees it."""
         pressure, why = self.fleet.level()
-        today = policy.utc_day(now)
-        states = await quota_log.user_states(conn, ((d.event.user_id, today) for d in batch))
         entries = []
         for delivery in batch:
             submission: PromptSubmitted = delivery.event
             if _key(submission) in decisions:
                 continue  # decided before (or earlier in this batch): same answer
-            account_plan, state = states[submission.user_id]
-            plan_name = account_plan if account_plan in self.config.plans else DEFAULT_PLAN
+            user = users[submission.user_id]
+            state = user.state
+            plan_name = user.plan if user.plan in self.config.plans else DEFAULT_PLAN
             plan = self.config.plan(plan_name)
             state_before = msgspec.to_builtins(state)
             decision = policy.decide(submission, plan_name, plan, state, pressure, self.config.shedding, now)
-            policy.apply(state, decision)  # the next request of this user in the batch sees it
+            policy.apply(state, decision)
             decisions[_key(submission)] = decision
             if isinstance(decision, QuotaGranted) and decision.over_soft_cap:
                 logger.warning(

@@ -8,9 +8,10 @@ head hash for the operator to keep elsewhere.
 from __future__ import annotations
 
 import hashlib
-import json
 from datetime import datetime, timezone
 from typing import Any
+
+import msgspec
 
 GENESIS = "0" * 64  # the predecessor of the first event
 
@@ -40,5 +41,5 @@ def event_hash(
         "recorded_at": canonical_time(recorded_at),
         "prev_hash": prev_hash,
     }
-    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    # Canonical JSON: keys sorted at every level, no spaces, UTF-8.
+    return hashlib.sha256(msgspec.json.encode(document, order="sorted")).hexdigest()

@@ -8,17 +8,17 @@ Tables (migrations in `migrations/`):
                  UTC day. Written in the same transaction as the events; rebuildable.
   quota_buckets  projection: each user's rate-limit bucket after their last grant.
   quota_outbox   decisions committed but not yet known to be on NATS (the relay's work).
+  quota_chain_head  one row: the last event's hash; locking it is the append lock.
 
-Appends are serialised by a transaction-scoped advisory lock: the chain needs one order,
-and holding the lock from reading the user's state to commit means two quota processes
-can never both spend the same user's last image. `(stream_id, version)` stays unique as
+Appends are serialised by a row lock on `quota_chain_head` (the last event's hash): the
+chain needs one order, and holding the lock from reading the user's state to commit means
+two quota processes can never both spend the same user's last image. `(stream_id, version)` stays unique as
 the database's own guard; a conflict there rolls the batch back and it is decided again.
 Decisions are batched, so the lock is taken once per batch, not once per request.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -29,11 +29,10 @@ import asyncpg
 import msgspec
 
 from services.quota import chain
-from services.quota.events import DECISION_TYPES, Decision, LogEvent, from_payload
+from services.quota.events import Decision, LogEvent, from_payload
 from services.quota.policy import Bucket, Usage, UserState, apply
 from services.quota.policy import utc_day as policy_day
 
-APPEND_LOCK = 0x6B696C6E_0001  # the advisory lock every appender takes ("kiln", 1)
 
 
 class Conflict(Exception):
@@ -48,13 +47,24 @@ def user_of(stream_id: str) -> str:
     return stream_id.removeprefix("user:")
 
 
+def _to_json(value: Any) -> str:
+    return msgspec.json.encode(value).decode()
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     # JSONB in and out as Python objects.
-    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    await conn.set_type_codec("jsonb", encoder=_to_json, decoder=msgspec.json.decode, schema="pg_catalog")
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """No reset when a connection goes back to the pool: every use here ends its own
+    transaction and leaves no session state, and the reset costs a round trip."""
 
 
 async def connect(database_url: str, *, size: int = 4) -> asyncpg.Pool:
-    return await asyncpg.create_pool(database_url, min_size=1, max_size=size, init=_init_connection)
+    return await asyncpg.create_pool(
+        database_url, min_size=1, max_size=size, init=_init_connection, reset=_keep_session
+    )
 
 
 @dataclass
@@ -65,6 +75,15 @@ class Entry:
     metadata: dict[str, Any]
 
 
+@dataclass
+class UserRecord:
+    """What the log knows of a user when deciding: plan, state and stream version."""
+
+    plan: str | None  # the account's plan; None: no account (the default plan)
+    state: UserState  # from the projections
+    version: int  # the user's stream's last version, 0 if none
+
+
 class Appender:
     """Appends to the log inside a transaction that holds the append lock."""
 
@@ -72,27 +91,30 @@ class Appender:
         self.conn = conn
         self.head = head  # the hash of the last event
 
-    async def append(self, entries: list[Entry]) -> list[int]:
-        """Append the entries in order, keep the projections in step and queue decisions
-        for the outbox; returns their positions."""
+    async def users(self, users_on_days: Iterable[tuple[str, str]]) -> dict[str, UserRecord]:
+        return await user_records(self.conn, users_on_days)
+
+    async def append(self, entries: list[Entry], users: dict[str, UserRecord] | None = None) -> list[int]:
+        """Append the entries in order, with the projections and the outbox, in one
+        statement; returns their positions.
+
+        `users`: the users' records with these entries already applied to their states
+        (as the decision code has them). Without it, they are loaded and applied here."""
         if not entries:
             return []
-        streams = sorted({user_stream(entry.event.user_id) for entry in entries})
-        versions = dict(
-            await self.conn.fetch(
-                "SELECT stream_id, max(version) FROM quota_events"
-                " WHERE stream_id = ANY($1::text[]) GROUP BY stream_id",
-                streams,
-            )
-        )
+        if users is None:
+            users = await self.users({(e.event.user_id, _day_of(e.event)) for e in entries})
+            for entry in entries:
+                apply(users[entry.event.user_id].state, entry.event)
+        versions = {user: record.version for user, record in users.items()}
         now = datetime.now(timezone.utc)
         rows = []
         for entry in entries:
-            stream = user_stream(entry.event.user_id)
-            versions[stream] = versions.get(stream, 0) + 1
+            user = entry.event.user_id
+            versions[user] += 1
             row = dict(
-                stream_id=stream,
-                version=versions[stream],
+                stream_id=user_stream(user),
+                version=versions[user],
                 event_type=type(entry.event).__name__,
                 request_id=entry.event.request_id,
                 payload=msgspec.to_builtins(entry.event),
@@ -102,86 +124,78 @@ class Appender:
             )
             self.head = chain.event_hash(**row)
             rows.append((*row.values(), self.head))
+        touched = {entry.event.user_id for entry in entries}
+        usage = [(user, day, u.granted, u.refunded, u.extra)
+                 for user in touched for day, u in users[user].state.usage.items()]
+        buckets = [(user, users[user].state.bucket) for user in touched if users[user].state.bucket.at]
         try:
             positions = await self.conn.fetch(
-                """
-                INSERT INTO quota_events
-                    (stream_id, version, event_type, request_id, payload, metadata,
-                     recorded_at, prev_hash, hash)
-                SELECT s, v, t, r, p, m, at, prev, h
-                FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::jsonb[],
-                            $6::jsonb[], $7::timestamptz[], $8::text[], $9::text[])
-                     WITH ORDINALITY AS x(s, v, t, r, p, m, at, prev, h, n)
-                ORDER BY n
-                RETURNING position
-                """,
+                APPEND,
                 *map(list, zip(*rows)),
+                *map(list, zip(*usage)) if usage else ([],) * 5,
+                [user for user, _ in buckets], [b.tokens for _, b in buckets], [b.at for _, b in buckets],
+                self.head,
             )
         except asyncpg.UniqueViolationError as error:
             raise Conflict(str(error)) from error
-        positions = sorted(row["position"] for row in positions)
-        await self._project([entry.event for entry in entries])
-        decided = [p for p, entry in zip(positions, entries) if type(entry.event).__name__ in DECISION_TYPES]
-        await self.conn.execute(
-            "INSERT INTO quota_outbox (position) SELECT unnest($1::bigint[])", decided
-        )
-        return positions
+        return sorted(row["position"] for row in positions)
 
-    async def _project(self, events: list[LogEvent]) -> None:
-        """Fold the events into the projections with the policy's own `apply`, so the
-        projections are what `audit replay` rebuilds from the log."""
-        days = {(event.user_id, getattr(event, "day", None) or _day_of(event)) for event in events}
-        states = {user: state for user, (_, state) in (await user_states(self.conn, days)).items()}
-        for event in events:
-            apply(states.setdefault(event.user_id, UserState()), event)
-        usage = {(user, day): u for user, state in states.items() for day, u in state.usage.items()}
-        buckets = {user: state.bucket for user, state in states.items() if state.bucket.at is not None}
-        if usage:
-            await self.conn.execute(
-                """
-                INSERT INTO quota_usage (user_id, day, granted, refunded, extra)
-                SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::int[], $5::int[])
-                ON CONFLICT (user_id, day) DO UPDATE SET
-                    granted = excluded.granted, refunded = excluded.refunded, extra = excluded.extra
-                """,
-                [user for user, _ in usage], [day for _, day in usage],
-                [u.granted for u in usage.values()], [u.refunded for u in usage.values()],
-                [u.extra for u in usage.values()],
-            )
-        if buckets:
-            await self.conn.execute(
-                """
-                INSERT INTO quota_buckets (user_id, tokens, at)
-                SELECT * FROM unnest($1::text[], $2::float8[], $3::timestamptz[])
-                ON CONFLICT (user_id) DO UPDATE SET tokens = excluded.tokens, at = excluded.at
-                """,
-                list(buckets), [b.tokens for b in buckets.values()], [b.at for b in buckets.values()],
-            )
+
+# The events, the projections (absolute values, computed by the policy's own `apply`, so
+# they are what `audit rebuild` would make), the outbox and the chain head: one statement,
+# one round trip.
+APPEND = """
+WITH events AS (
+    INSERT INTO quota_events
+        (stream_id, version, event_type, request_id, payload, metadata, recorded_at, prev_hash, hash)
+    SELECT s, v, t, r, p, m, at, prev, h
+    FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[],
+                $7::timestamptz[], $8::text[], $9::text[])
+         WITH ORDINALITY AS x(s, v, t, r, p, m, at, prev, h, n)
+    ORDER BY n
+    RETURNING position, event_type
+), outbox AS (
+    INSERT INTO quota_outbox (position)
+    SELECT position FROM events WHERE event_type IN ('QuotaGranted', 'QuotaDenied')
+), usage AS (
+    INSERT INTO quota_usage (user_id, day, granted, refunded, extra)
+    SELECT * FROM unnest($10::text[], $11::text[], $12::int[], $13::int[], $14::int[])
+    ON CONFLICT (user_id, day) DO UPDATE SET
+        granted = excluded.granted, refunded = excluded.refunded, extra = excluded.extra
+), buckets AS (
+    INSERT INTO quota_buckets (user_id, tokens, at)
+    SELECT * FROM unnest($15::text[], $16::float8[], $17::timestamptz[])
+    ON CONFLICT (user_id) DO UPDATE SET tokens = excluded.tokens, at = excluded.at
+), head AS (
+    UPDATE quota_chain_head SET hash = $18
+)
+SELECT position FROM events
+"""
 
 
 def _day_of(event: LogEvent) -> str:
-    return policy_day(event.decided_at)  # a denial: it changes no usage, any day will do
+    """The UTC day whose usage the event changes (a denial changes none: its own day)."""
+    return getattr(event, "day", None) or policy_day(event.decided_at)
 
 
 @asynccontextmanager
 async def appending(pool: asyncpg.Pool) -> AsyncIterator[Appender]:
-    """A transaction holding the append lock; reads inside it see every earlier append."""
+    """A transaction holding the append lock: the chain head's row. Every statement after
+    it sees every earlier append (in READ COMMITTED each statement takes a new snapshot,
+    and a locked row is re-read at its newest version)."""
     async with pool.acquire() as conn, conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK)
-        # A statement of its own: its snapshot is taken after the lock was granted.
-        head = await conn.fetchval("SELECT hash FROM quota_events ORDER BY position DESC LIMIT 1")
-        yield Appender(conn, head or chain.GENESIS)
+        head = await conn.fetchval("SELECT hash FROM quota_chain_head FOR UPDATE")
+        yield Appender(conn, head)
 
 
-async def user_states(
-    conn: asyncpg.Connection, users_on_days: Iterable[tuple[str, str]]
-) -> dict[str, tuple[str | None, UserState]]:
-    """Each user's account plan (None: no account) and state on the given UTC days, from
-    the projections."""
+async def user_records(conn: asyncpg.Connection, users_on_days: Iterable[tuple[str, str]]) -> dict[str, UserRecord]:
+    """Each user's account plan, state on the given UTC days, and stream version."""
     pairs = list(set(users_on_days))
     rows = await conn.fetch(
         """
-        SELECT d.user_id, d.day, a.plan, q.granted, q.refunded, q.extra, b.tokens, b.at
+        SELECT d.user_id, d.day, a.plan, q.granted, q.refunded, q.extra, b.tokens, b.at,
+               (SELECT coalesce(max(version), 0) FROM quota_events e
+                WHERE e.stream_id = 'user:' || d.user_id) AS version
         FROM unnest($1::text[], $2::text[]) AS d(user_id, day)
         LEFT JOIN accounts a ON a.user_id = d.user_id
         LEFT JOIN quota_usage q ON q.user_id = d.user_id AND q.day = d.day
@@ -190,12 +204,14 @@ async def user_states(
         [user for user, _ in pairs],
         [day for _, day in pairs],
     )
-    states: dict[str, tuple[str | None, UserState]] = {}
+    records: dict[str, UserRecord] = {}
     for row in rows:
-        _, state = states.setdefault(row["user_id"], (row["plan"], UserState(bucket=Bucket(row["tokens"], row["at"]))))
+        record = records.setdefault(
+            row["user_id"], UserRecord(row["plan"], UserState(bucket=Bucket(row["tokens"], row["at"])), row["version"])
+        )
         if row["granted"] is not None:
-            state.usage[row["day"]] = Usage(row["granted"], row["refunded"], row["extra"])
-    return states
+            record.state.usage[row["day"]] = Usage(row["granted"], row["refunded"], row["extra"])
+    return records
 
 
 async def decisions_for(

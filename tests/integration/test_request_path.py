@@ -7,7 +7,7 @@ import json
 import io
 import sys
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import asyncpg
 import httpx
@@ -176,7 +176,10 @@ async def test_a_request_that_has_ended_is_not_decided_again(
     request_id = uuid.uuid4().hex
     ended = RequestFailed(request_id=request_id, user_id=user, stage="quota", reason="gave_up", detail="outage")
     await client.js.publish(subjects.outcome(user, request_id), encode(ended))
-    late_copy = PromptSubmitted(request_id=request_id, user_id=user, prompt="a red circle")
+    late_copy = PromptSubmitted(
+        request_id=request_id, user_id=user, prompt="a red circle",
+        submitted_at=datetime.now(timezone.utc) - timedelta(minutes=10),  # sent again, much later
+    )
     await client.js.publish(subjects.prompt_submitted(user), encode(late_copy))
 
     outcome = await client.generate("a red circle", user_id=user, request_id=request_id)

@@ -63,6 +63,13 @@ def upgrade() -> None:
     )
     for table in TABLES:
         op.execute(table)
+    # The chain's head: locking this row is how appenders take turns.
+    op.execute("CREATE TABLE quota_chain_head (hash text NOT NULL)")
+    op.execute(
+        sa.text("INSERT INTO quota_chain_head VALUES (coalesce("
+                "(SELECT hash FROM quota_events ORDER BY position DESC LIMIT 1), :genesis))"
+        ).bindparams(genesis=chain.GENESIS)
+    )
     # Usage from the decisions logged before this revision (they carry no bucket).
     op.execute(
         """
@@ -100,7 +107,7 @@ def _chain_existing_events() -> None:
 
 
 def downgrade() -> None:
-    op.execute("DROP TABLE quota_outbox, quota_buckets, quota_usage, accounts")
+    op.execute("DROP TABLE quota_chain_head, quota_outbox, quota_buckets, quota_usage, accounts")
     op.execute("DROP INDEX quota_events_one_refund_per_request")
     op.execute("ALTER TABLE quota_events DISABLE TRIGGER quota_events_append_only")
     op.execute("ALTER TABLE quota_events DROP COLUMN prev_hash, DROP COLUMN hash")

@@ -1,0 +1,280 @@
+"""Quota decisions per second and decision latency, beside the raw INSERT rate of the same
+PostgreSQL, all in one run.
+
+Starts NATS and PostgreSQL (embedded, or the servers in KILN_NATS_URL / KILN_DATABASE_URL,
+in a fresh database) and only the quota service: 1, then 3 processes. Each of N users
+(1, 10, 100) runs a closed loop: publish a PromptSubmitted, wait for its decision on
+`kiln.quota.decided.<user>.<request>`, repeat. Latency is publish → decision received;
+every decision is a grant logged, hash-chained and projected in Postgres and published
+to JetStream (the bench plans allow everything, so no request is cut short by a denial).
+
+    python -m bench.quota_throughput [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform as host
+import statistics
+import tempfile
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import asyncpg
+import nats
+
+from bench.e2e_latency import RESULTS, percentile
+from infra.platform import Platform
+from services.quota.migrate import upgrade
+from shared import subjects
+from shared.events import PromptSubmitted, encode
+
+BENCH_PLANS = Path(__file__).with_name("plans.toml")
+USERS = (1, 10, 100)
+PROCESSES = (1, 3)
+RATES = (500, 1000, 2000)
+
+
+async def closed_loop(nc: nats.NATS, users: int, seconds: float, tag: str) -> dict[str, float]:
+    """`users` users each submitting one prompt at a time for `seconds`."""
+    js = nc.jetstream()
+    waiting: dict[str, asyncio.Future] = {}
+
+    async def on_decision(msg) -> None:
+        future = waiting.pop(msg.subject, None)
+        if future is not None and not future.done():
+            future.set_result(time.perf_counter())
+
+    sub = await nc.subscribe("kiln.quota.decided.>", cb=on_decision)
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+
+    async def user_loop(user: str) -> None:
+        while time.perf_counter() < deadline:
+            request = uuid.uuid4().hex[:16]
+            done = asyncio.get_running_loop().create_future()
+            waiting[subjects.quota_decided(user, request)] = done
+            prompt = PromptSubmitted(request_id=request, user_id=user, prompt="a red circle")
+            start = time.perf_counter()
+            await js.publish(
+                subjects.prompt_submitted(user), encode(prompt),
+                headers={"Nats-Msg-Id": f"{user}:{request}:prompt-submitted"},
+            )
+            latencies.append((await asyncio.wait_for(done, 30) - start) * 1000)
+
+    began = time.perf_counter()
+    await asyncio.gather(*(user_loop(f"{tag}u{n}") for n in range(users)))
+    elapsed = time.perf_counter() - began
+    await sub.unsubscribe()
+    return {
+        "decisions": len(latencies),
+        "decisions_per_s": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(statistics.median(latencies), 2),
+        "p99_ms": round(percentile(latencies, 99), 2),
+    }
+
+
+async def open_loop(nc: nats.NATS, users: int, rate: float, seconds: float, tag: str) -> dict[str, float]:
+    """Prompts offered at a fixed `rate` per second, spread over `users` users, whatever
+    the answers: the latency a steady load sees (a closed loop cannot show it: with N users
+    waiting, latency is N / throughput by Little's law)."""
+    js = nc.jetstream()
+    sent: dict[str, float] = {}
+    latencies: list[float] = []
+    all_in = asyncio.Event()
+
+    async def on_decision(msg) -> None:
+        start = sent.pop(msg.subject, None)
+        if start is not None:
+            latencies.append((time.perf_counter() - start) * 1000)
+            if not sent and publishing_done:
+                all_in.set()
+
+    sub = await nc.subscribe("kiln.quota.decided.>", cb=on_decision)
+    publishing_done = False
+    total = int(rate * seconds)
+    began = time.perf_counter()
+    pending = set()
+    for n in range(total):
+        # Keep to the schedule: request n goes out at began + n / rate.
+        delay = began + n / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        user, request = f"{tag}u{n % users}", uuid.uuid4().hex[:16]
+        sent[subjects.quota_decided(user, request)] = time.perf_counter()
+        prompt = PromptSubmitted(request_id=request, user_id=user, prompt="a red circle")
+        task = asyncio.create_task(js.publish(
+            subjects.prompt_submitted(user), encode(prompt),
+            headers={"Nats-Msg-Id": f"{user}:{request}:prompt-submitted"},
+        ))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+    offered_for = time.perf_counter() - began
+    publishing_done = True
+    try:
+        await asyncio.wait_for(all_in.wait(), 30)
+    except TimeoutError:
+        pass
+    elapsed = time.perf_counter() - began
+    await sub.unsubscribe()
+    return {
+        "offered_per_s": round(total / offered_for, 1),
+        "decisions": len(latencies),
+        "decisions_per_s": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(statistics.median(latencies), 2),
+        "p99_ms": round(percentile(latencies, 99), 2),
+    }
+
+
+async def log_only_rate(url: str, seconds: float, batch: int) -> float:
+    """The quota log alone: QuotaService.decide on batches of `batch` prompts (100 users),
+    no bus. What Postgres and the decision code can do, beside the raw INSERT rate."""
+    from services.quota import log as quota_log
+    from services.quota import plans
+    from services.quota.application import QuotaService
+    from services.quota.pressure import FleetMonitor
+    from shared.bus import Delivery
+
+    config = plans.load(BENCH_PLANS)
+    pool = await quota_log.connect(url)
+    quota = QuotaService(pool, None, config, FleetMonitor(config.pressure))
+    count, deadline, began = 0, time.perf_counter() + seconds, time.perf_counter()
+    while time.perf_counter() < deadline:
+        prompts = [PromptSubmitted(request_id=uuid.uuid4().hex[:16], user_id=f"log{n % 100}", prompt="a red circle")
+                   for n in range(batch)]
+        await quota.decide([Delivery(prompt, None) for prompt in prompts])
+        count += batch
+    await pool.close()
+    return round(count / (time.perf_counter() - began), 1)
+
+
+async def raw_insert_rate(url: str, seconds: float, connections: int) -> float:
+    """Single-row INSERTs, each its own committed transaction, from `connections` loops."""
+    pool = await asyncpg.create_pool(url, min_size=connections, max_size=connections)
+    await pool.execute("CREATE TABLE IF NOT EXISTS bench_raw (id bigserial PRIMARY KEY, payload jsonb)")
+    payload = json.dumps({"request_id": "r" * 16, "user_id": "u" * 12, "plan": "free", "used": 1})
+    count = 0
+    deadline = time.perf_counter() + seconds
+
+    async def loop() -> None:
+        nonlocal count
+        async with pool.acquire() as conn:
+            while time.perf_counter() < deadline:
+                await conn.execute("INSERT INTO bench_raw (payload) VALUES ($1::jsonb)", payload)
+                count += 1
+
+    began = time.perf_counter()
+    await asyncio.gather(*(loop() for _ in range(connections)))
+    rate = count / (time.perf_counter() - began)
+    await pool.execute("DROP TABLE bench_raw")
+    await pool.close()
+    return round(rate, 1)
+
+
+async def fresh_database(server_url: str) -> tuple[str, str]:
+    name = f"kiln_bench_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(server_url)
+    await conn.execute(f'CREATE DATABASE "{name}"')
+    await conn.close()
+    return f"{server_url.rpartition('/')[0]}/{name}", name
+
+
+async def run(
+    seconds: float, processes_runs: tuple[int, ...], users_runs: tuple[int, ...], rates: tuple[int, ...]
+) -> dict:
+    os.environ["KILN_PLANS"] = str(BENCH_PLANS)
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
+        stack = Platform.isolated(Path(tmp) / "kiln", Path(tmp) / "no-model")
+        dropped = None
+        if stack.database_url:
+            stack.database_url, dropped = await fresh_database(stack.database_url)
+        stack.start_servers()
+        try:
+            await asyncio.to_thread(upgrade, stack.database_url)
+            raw = {
+                "1 connection": await raw_insert_rate(stack.database_url, seconds, 1),
+                "16 connections": await raw_insert_rate(stack.database_url, seconds, 16),
+            }
+            print(f"raw single-row INSERT, committed each: {raw['1 connection']:.0f}/s on one connection, "
+                  f"{raw['16 connections']:.0f}/s on 16")
+            log_only = {str(size): await log_only_rate(stack.database_url, seconds, size) for size in (1, 100)}
+            print(f"the quota log alone (decide + append + commit, no bus): {log_only['1']:.0f} decisions/s "
+                  f"one at a time, {log_only['100']:.0f}/s in batches of 100")
+            nc = await nats.connect(stack.nats_url)
+            runs = []
+            for processes in processes_runs:
+                names = [f"quota-{n}" for n in range(processes)]
+                for name in names:
+                    stack.start_service("quota", instance=name)
+                await wait_for_quota(nc, stack, names)
+                await closed_loop(nc, 10, 1.0, f"warm{processes}")
+                for users in users_runs:
+                    result = await closed_loop(nc, users, seconds, f"p{processes}n{users}x")
+                    runs.append({"processes": processes, "users": users, "load": "closed loop", **result})
+                    print(f"{processes} quota process(es), {users:3d} users, each waiting for its answer: "
+                          f"{result['decisions_per_s']:7.1f} decisions/s, p50 {result['p50_ms']:6.2f} ms, "
+                          f"p99 {result['p99_ms']:6.2f} ms")
+                for rate in rates:
+                    result = await open_loop(nc, 100, rate, seconds, f"p{processes}r{rate}x")
+                    runs.append({"processes": processes, "users": 100, "load": f"open loop at {rate}/s", **result})
+                    print(f"{processes} quota process(es), 100 users, offered {result['offered_per_s']:6.0f}/s: "
+                          f"{result['decisions_per_s']:7.1f} decisions/s, p50 {result['p50_ms']:6.2f} ms, "
+                          f"p99 {result['p99_ms']:6.2f} ms")
+                for name in names:
+                    stack.stop_service(name)
+            await nc.close()
+        finally:
+            print("LOGS", stack.log_dir); import shutil; shutil.copytree(stack.log_dir, "/tmp/benchlogs", dirs_exist_ok=True)
+            stack.stop()
+            if dropped:
+                conn = await asyncpg.connect(os.environ["KILN_DATABASE_URL"])
+                await conn.execute(f'DROP DATABASE "{dropped}" WITH (FORCE)')
+                await conn.close()
+    return {"raw_insert_per_s": raw, "log_only_decisions_per_s_by_batch": log_only, "runs": runs}
+
+
+async def wait_for_quota(nc: nats.NATS, stack: Platform, names: list[str], timeout_s: float = 60) -> None:
+    """Until every process is pulling from the prompts consumer."""
+    js = nc.jetstream()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            info = await js.consumer_info(subjects.PROMPTS.name, "quota")
+            if info.num_waiting >= len(names):
+                return
+        except nats.js.errors.NotFoundError:
+            pass
+        for name in names:
+            if stack.services[name].poll() is not None:
+                raise RuntimeError(f"{name} exited; see {stack.log_dir}")
+        await asyncio.sleep(0.2)
+    raise TimeoutError("quota processes not ready")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.quota_throughput")
+    parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+    parser.add_argument("--processes", type=int, nargs="+", default=PROCESSES)
+    parser.add_argument("--users", type=int, nargs="+", default=USERS)
+    parser.add_argument("--rates", type=int, nargs="*", default=RATES, help="open-loop offered loads, per second")
+    args = parser.parse_args()
+    results = asyncio.run(run(args.seconds, tuple(args.processes), tuple(args.users), tuple(args.rates)))
+    results |= {
+        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": f"{host.node()} ({os.cpu_count()} CPUs)",
+        "servers": "external" if os.environ.get("KILN_NATS_URL") else "embedded (nats-server 2.15, PostgreSQL 18)",
+        "seconds_per_run": args.seconds,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "quota_throughput.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
