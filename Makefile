@@ -22,6 +22,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PYTHON) -m bench.e2e_latency
+	$(PYTHON) -m bench.quota_throughput
 
 model: $(STAMP)
 	$(PYTHON) -m services.render.tiny_model .kiln/models/tiny-sd

@@ -229,7 +229,6 @@ async def run(
                     stack.stop_service(name)
             await nc.close()
         finally:
-            print("LOGS", stack.log_dir); import shutil; shutil.copytree(stack.log_dir, "/tmp/benchlogs", dirs_exist_ok=True)
             stack.stop()
             if dropped:
                 conn = await asyncpg.connect(os.environ["KILN_DATABASE_URL"])
