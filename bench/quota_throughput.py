@@ -38,6 +38,7 @@ BENCH_PLANS = Path(__file__).with_name("plans.toml")
 USERS = (1, 10, 100)
 PROCESSES = (1, 3)
 RATES = (500, 1000, 2000)
+bench_users: set[str] = set()  # every user the bench made up, for the clean-up
 
 
 async def closed_loop(nc: nats.NATS, users: int, seconds: float, tag: str) -> dict[str, float]:
@@ -55,6 +56,7 @@ async def closed_loop(nc: nats.NATS, users: int, seconds: float, tag: str) -> di
     deadline = time.perf_counter() + seconds
 
     async def user_loop(user: str) -> None:
+        bench_users.add(user)
         while time.perf_counter() < deadline:
             request = uuid.uuid4().hex[:16]
             done = asyncio.get_running_loop().create_future()
@@ -106,6 +108,7 @@ async def open_loop(nc: nats.NATS, users: int, rate: float, seconds: float, tag:
         if delay > 0:
             await asyncio.sleep(delay)
         user, request = f"{tag}u{n % users}", uuid.uuid4().hex[:16]
+        bench_users.add(user)
         sent[subjects.quota_decided(user, request)] = time.perf_counter()
         prompt = PromptSubmitted(request_id=request, user_id=user, prompt="a red circle")
         task = asyncio.create_task(js.publish(
@@ -151,6 +154,15 @@ async def log_only_rate(url: str, seconds: float, batch: int) -> float:
         count += batch
     await pool.close()
     return round(count / (time.perf_counter() - began), 1)
+
+
+async def purge_bench_users(nc: nats.NATS, users: set[str]) -> None:
+    """Remove the bench's prompts and decisions, so that a Kiln sharing this NATS does not
+    turn tens of thousands of bench grants into render jobs."""
+    js = nc.jetstream()
+    for user in users:
+        await js.purge_stream(subjects.PROMPTS.name, subject=subjects.prompt_submitted(user))
+        await js.purge_stream(subjects.QUOTA.name, subject=f"kiln.quota.decided.{user}.*")
 
 
 async def raw_insert_rate(url: str, seconds: float, connections: int) -> float:
@@ -227,6 +239,8 @@ async def run(
                           f"p99 {result['p99_ms']:6.2f} ms")
                 for name in names:
                     stack.stop_service(name)
+            if os.environ.get("KILN_NATS_URL"):
+                await purge_bench_users(nc, bench_users)  # leave a shared NATS as we found it
             await nc.close()
         finally:
             stack.stop()

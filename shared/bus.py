@@ -186,14 +186,14 @@ class Bus:
         failure can still be published after a crash or a bus hiccup in the last attempt.
         """
 
-        async def one_by_one(items: list[Delivery]) -> None:
-            for item in items:
-                with trace.use_span(item.span):  # what the handler publishes joins the trace
-                    await handler(item.event, item.msg)
+        async def handle_one(items: list[Delivery]) -> None:
+            (item,) = items
+            with trace.use_span(item.span):  # what the handler publishes joins the trace
+                await handler(item.event, item.msg)
 
-        await self.consume_batches(
-            stream, durable, one_by_one, stop, accepts=accepts, max_attempts=max_attempts,
-            ack_wait_s=ack_wait_s, batch=batch, isolate=False,
+        await self._pull(
+            stream, durable, handle_one, stop, accepts=accepts, max_attempts=max_attempts,
+            ack_wait_s=ack_wait_s, batch=batch, one_at_a_time=True,
         )
 
     async def consume_batches(
@@ -208,15 +208,30 @@ class Bus:
         ack_wait_s: float = 60,
         batch: int = 16,
         isolate: bool = True,
-        pullers: int = 1,
     ) -> None:
         """Like `consume`, but `handler` gets every checked message of a fetch at once
         (whatever was waiting, up to `batch`), so it can do one database transaction for
         all of them. They are acked together after it returns. If it raises, each message
-        is handled again on its own (`isolate`), so one bad message fails alone.
+        is handled again on its own (`isolate`), so one bad message fails alone."""
+        await self._pull(
+            stream, durable, handler, stop, accepts=accepts, max_attempts=max_attempts,
+            ack_wait_s=ack_wait_s, batch=batch, isolate=isolate,
+        )
 
-        `pullers` fetch-and-handle loops run side by side, so one batch's publishing
-        overlaps the next one's database work."""
+    async def _pull(
+        self,
+        stream: Stream,
+        durable: str,
+        handler: BatchHandler,
+        stop: asyncio.Event,
+        *,
+        accepts: tuple[type[Event], ...],
+        max_attempts: int,
+        ack_wait_s: float,
+        batch: int,
+        isolate: bool = False,
+        one_at_a_time: bool = False,
+    ) -> None:
         config = ConsumerConfig(
             durable_name=durable,
             ack_policy=AckPolicy.EXPLICIT,
@@ -227,28 +242,27 @@ class Bus:
         # Creates the durable consumer, or brings an existing one's config up to date.
         await self.js.add_consumer(stream.name, config)
 
-        async def pull() -> None:
-            sub = await self.js.pull_subscribe_bind(durable=durable, stream=stream.name)
-            try:
-                while not stop.is_set():
-                    try:
-                        messages = await sub.fetch(batch, timeout=FETCH_WAIT_S)
-                    except TimeoutError:  # nats-py's TimeoutError subclasses it
-                        continue  # nothing waiting is normal: poll again
-                    try:
-                        items = await self._checked(messages, stream, accepts, max_attempts)
-                        if items:
-                            await self._handle(items, handler, max_attempts, isolate)
-                    except nats.errors.Error as error:
-                        # The bus failed us mid-batch (an ack, a nak, a publish): what was
-                        # not acked, JetStream delivers again.
-                        log.warning("bus error on %s, will be redelivered: %s", stream.name, error)
-            finally:
-                # The durable consumer stays on the server; only this loop stops pulling.
-                # (Left subscribed, a pull subscription holds up `drain` until it times out.)
-                await sub.unsubscribe()
-
-        await asyncio.gather(*(pull() for _ in range(pullers)))
+        sub = await self.js.pull_subscribe_bind(durable=durable, stream=stream.name)
+        try:
+            while not stop.is_set():
+                try:
+                    messages = await sub.fetch(batch, timeout=FETCH_WAIT_S)
+                except TimeoutError:  # nats-py's TimeoutError subclasses it
+                    continue  # nothing waiting is normal: poll again
+                try:
+                    items = await self._checked(messages, stream, accepts, max_attempts)
+                    # Each message acked (or retried) on its own, or the batch together.
+                    groups = [[item] for item in items] if one_at_a_time else [items] if items else []
+                    for group in groups:
+                        await self._handle(group, handler, max_attempts, isolate)
+                except nats.errors.Error as error:
+                    # The bus failed us mid-batch (an ack, a nak, a publish): what was not
+                    # acked, JetStream delivers again.
+                    log.warning("bus error on %s, will be redelivered: %s", stream.name, error)
+        finally:
+            # The durable consumer stays on the server; only this process stops pulling.
+            # (Left subscribed, a pull subscription holds up `drain` until it times out.)
+            await sub.unsubscribe()
 
     async def _checked(
         self, messages: list[Msg], stream: Stream, accepts: tuple[type[Event], ...], max_attempts: int
@@ -348,7 +362,7 @@ def _misfit(event: Event, subject: str, stream: Stream, accepts: tuple[type[Even
     try:
         check_ids(event)
     except ValueError as error:
-        return f"invalid ids: {error}"
+        return f"invalid: {error}"
     if stream.user_token is not None and subject.split(".")[stream.user_token] != event.user_id:
         return f"user_id {event.user_id!r} does not match the subject {subject}"
     return None

@@ -148,6 +148,7 @@ class WorkerHeartbeat(msgspec.Struct, kw_only=True):
     model: str
     queue_depth: int  # jobs waiting in the render queue, all tiers
     cpu_load: float  # 1-minute load average per core
+    # GPU figures (from NVML) on a GPU worker; None on a CPU worker.
     gpu_temperature_c: float | None = None
     gpu_utilisation: float | None = None  # 0..1
     gpu_memory_used: float | None = None  # 0..1
@@ -175,7 +176,10 @@ def decode(data: bytes, content_type: str | None = None) -> AnyEvent:
 
 
 def check_ids(event: Event) -> None:
-    """Raise ValueError naming the field when an id cannot be a subject token."""
+    """Raise ValueError naming the field when an id cannot be a subject token, or a text
+    cannot be stored (PostgreSQL's JSONB refuses the NUL character)."""
+    if isinstance(event, PromptSubmitted) and "\x00" in event.prompt:
+        raise ValueError("`prompt` contains a NUL character")
     for field in ("request_id", "user_id"):
         value = getattr(event, field)
         if not ID_PATTERN.match(value):

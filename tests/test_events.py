@@ -62,3 +62,8 @@ def test_undecodable_messages_raise_decode_error(data):
 def test_ids_that_cannot_be_subject_tokens_are_named(field, value):
     with pytest.raises(ValueError, match=f"`{field}`"):
         check_ids(_prompt(**{field: value}))
+
+
+def test_a_prompt_postgres_cannot_store_is_named():
+    with pytest.raises(ValueError, match="`prompt` contains a NUL"):
+        check_ids(_prompt(prompt="a\x00b"))

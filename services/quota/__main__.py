@@ -20,9 +20,6 @@ from shared.settings import Settings
 
 # Prompts decided in one transaction, at most.
 PROMPT_BATCH = int(os.environ.get("KILN_QUOTA_BATCH", 256))
-# Batches in flight per process: while one waits for the append lock or its commit,
-# another publishes. (Decisions are still made one batch at a time: the lock orders them.)
-PULLERS = 1
 
 
 async def serve(settings: Settings, bus: Bus, stop: asyncio.Event, *, config: plans.Config) -> None:
@@ -35,7 +32,7 @@ async def serve(settings: Settings, bus: Bus, stop: asyncio.Event, *, config: pl
         await asyncio.gather(
             bus.consume_batches(
                 subjects.PROMPTS, "quota", quota.handle_prompts, stop,
-                accepts=(PromptSubmitted,), batch=PROMPT_BATCH, pullers=PULLERS,
+                accepts=(PromptSubmitted,), batch=PROMPT_BATCH,
             ),
             bus.consume(
                 subjects.OUTCOMES, "quota-refunds", quota.handle_outcome, stop,

@@ -86,7 +86,10 @@ class QuotaService:
         find one: quota gives a request up only after minutes of retries, and clients check
         for an outcome before sending a prompt again. So a fresh prompt on its first
         delivery (the common case, at full load) is not looked up."""
-        fresh = datetime.now(timezone.utc) - delivery.event.submitted_at < FRESH
+        submitted = delivery.event.submitted_at
+        if submitted.tzinfo is None:
+            submitted = submitted.replace(tzinfo=timezone.utc)  # a client that sent no zone
+        fresh = datetime.now(timezone.utc) - submitted < FRESH
         if fresh and delivery.msg.metadata.num_delivered == 1:
             return False
         return await self.bus.outcome_recorded(delivery.event.user_id, delivery.event.request_id)

@@ -36,6 +36,18 @@ class ChainReport:
 
 
 async def verify(conn: asyncpg.Connection) -> ChainReport:
+    async with conn.transaction(isolation="repeatable_read", readonly=True):  # one snapshot
+        head = await conn.fetchval("SELECT hash FROM quota_chain_head")
+        report = await _walk_chain(conn)
+    if report.head != head:
+        report.broken.append(
+            f"the log ends with hash {report.head[:12]}… but the chain head names {head[:12]}…:"
+            " the newest events were removed"
+        )
+    return report
+
+
+async def _walk_chain(conn: asyncpg.Connection) -> ChainReport:
     report = ChainReport()
     previous_hash, previous_position = chain.GENESIS, None
     versions: dict[str, int] = {}

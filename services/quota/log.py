@@ -289,8 +289,11 @@ async def read_events(
     """Every event (of one user, if given) in position order."""
     where = "WHERE stream_id = $1" if user_id else ""
     args = [user_stream(user_id)] if user_id else []
+    query = f"SELECT * FROM quota_events {where} ORDER BY position"
+    if conn.is_in_transaction():  # the caller's snapshot
+        async for row in conn.cursor(query, *args, prefetch=batch):
+            yield row
+        return
     async with conn.transaction(readonly=True, isolation="repeatable_read"):
-        async for row in conn.cursor(
-            f"SELECT * FROM quota_events {where} ORDER BY position", *args, prefetch=batch
-        ):
+        async for row in conn.cursor(query, *args, prefetch=batch):
             yield row

@@ -59,7 +59,9 @@ class FleetMonitor:
 
     def level(self) -> tuple[Pressure, str]:
         cutoff = time.monotonic() - self.rules.stale_after_s
-        live = [beat for at, beat in self._latest.values() if at >= cutoff]
+        for worker in [w for w, (at, _) in self._latest.items() if at < cutoff]:
+            del self._latest[worker]  # gone quiet: stopped, or crashed
+        live = [beat for _, beat in self._latest.values()]
         level, why = level_of(live, self.rules)
         if level != self._last_level:
             log.warning("fleet pressure %s -> %s (%s)", self._last_level, level, why)

@@ -46,7 +46,7 @@ TABLES = [
     """
     CREATE TABLE quota_outbox (
         position bigint PRIMARY KEY,
-        created_at timestamptz NOT NULL DEFAULT now()
+        created_at timestamptz NOT NULL DEFAULT clock_timestamp()  -- after the lock wait
     )
     """,
 ]
