@@ -152,6 +152,8 @@ async def log_only_rate(url: str, seconds: float, batch: int) -> float:
                    for n in range(batch)]
         await quota.decide([Delivery(prompt, None) for prompt in prompts])
         count += batch
+    # These decisions are for nobody: keep the relay from publishing them later.
+    await pool.execute("DELETE FROM quota_outbox")
     await pool.close()
     return round(count / (time.perf_counter() - began), 1)
 
