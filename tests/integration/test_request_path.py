@@ -164,7 +164,9 @@ async def test_a_job_that_keeps_failing_is_retried_then_ends_as_a_failed_request
     assert isinstance(outcome, RequestFailed), outcome
     assert (outcome.stage, outcome.reason) == ("render", "gave_up")
     assert "failed 3 times" in outcome.detail and "ZeroDivisionError" in outcome.detail
-    data, headers = await _dead_letter_for(client, subjects.render_job("free"), service="render")
+    data, headers = await _dead_letter_for(
+        client, subjects.render_job("free"), service="render", containing=request_id.encode()
+    )
     assert b"ZeroDivisionError" in headers[REASON_HEADER].encode() and request_id.encode() in data
 
 
@@ -205,13 +207,14 @@ async def test_two_users_may_use_the_same_request_id(client: KilnClient, db: asy
 
 
 async def _dead_letter_for(
-    client: KilnClient, subject: str, service: str = "quota", timeout_s: float = 10
+    client: KilnClient, subject: str, service: str = "quota", timeout_s: float = 10, containing: bytes = b""
 ) -> tuple[bytes, dict]:
+    """The newest dead letter of `service` from `subject` (whose payload holds `containing`)."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while asyncio.get_running_loop().time() < deadline:
         try:
             last = await client.js.get_last_msg("KILN_DEAD_LETTERS", subjects.dead_letter(service))
-            if (last.headers or {}).get(ORIGINAL_SUBJECT_HEADER) == subject:
+            if (last.headers or {}).get(ORIGINAL_SUBJECT_HEADER) == subject and containing in (last.data or b""):
                 return last.data or b"", last.headers or {}
         except Exception:  # noqa: BLE001 - nothing dead-lettered yet
             pass
