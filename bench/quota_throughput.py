@@ -27,6 +27,7 @@ from pathlib import Path
 
 import asyncpg
 import nats
+from nats.js.api import StorageType
 
 from bench.e2e_latency import RESULTS, percentile
 from infra.platform import Platform
@@ -158,6 +159,27 @@ async def log_only_rate(url: str, seconds: float, batch: int) -> float:
     return round(count / (time.perf_counter() - began), 1)
 
 
+async def raw_publish_rate(nc: nats.NATS, seconds: float, publishers: int) -> float:
+    """JetStream publishes acked by the same NATS, from `publishers` loops, to a scratch
+    stream: the bus's own ceiling (each decision costs at least two: prompt and decision)."""
+    js = nc.jetstream()
+    await js.add_stream(name="KILN_BENCH_RAW", subjects=["kiln.benchraw.>"], storage=StorageType.FILE)
+    count, deadline = 0, time.perf_counter() + seconds
+    payload = b"x" * 600  # about a decision's size
+
+    async def loop(n: int) -> None:
+        nonlocal count
+        while time.perf_counter() < deadline:
+            await js.publish(f"kiln.benchraw.{n}", payload)
+            count += 1
+
+    began = time.perf_counter()
+    await asyncio.gather(*(loop(n) for n in range(publishers)))
+    rate = count / (time.perf_counter() - began)
+    await js.delete_stream("KILN_BENCH_RAW")
+    return round(rate, 1)
+
+
 async def purge_bench_users(nc: nats.NATS, users: set[str]) -> None:
     """Remove the bench's prompts and decisions, so that a Kiln sharing this NATS does not
     turn tens of thousands of bench grants into render jobs."""
@@ -220,6 +242,9 @@ async def run(
             print(f"the quota log alone (decide + append + commit, no bus): {log_only['1']:.0f} decisions/s "
                   f"one at a time, {log_only['100']:.0f}/s in batches of 100")
             nc = await nats.connect(stack.nats_url)
+            raw_bus = {str(n): await raw_publish_rate(nc, seconds, n) for n in (1, 100)}
+            print(f"raw JetStream publish, acked: {raw_bus['1']:.0f}/s from one publisher, "
+                  f"{raw_bus['100']:.0f}/s from 100")
             runs = []
             for processes in processes_runs:
                 names = [f"quota-{n}" for n in range(processes)]
@@ -250,7 +275,7 @@ async def run(
                 conn = await asyncpg.connect(os.environ["KILN_DATABASE_URL"])
                 await conn.execute(f'DROP DATABASE "{dropped}" WITH (FORCE)')
                 await conn.close()
-    return {"raw_insert_per_s": raw, "log_only_decisions_per_s_by_batch": log_only, "runs": runs}
+    return {"raw_insert_per_s": raw, "raw_publish_per_s_by_publishers": raw_bus, "log_only_decisions_per_s_by_batch": log_only, "runs": runs}
 
 
 async def wait_for_quota(nc: nats.NATS, stack: Platform, names: list[str], timeout_s: float = 60) -> None:
