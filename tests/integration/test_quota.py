@@ -126,6 +126,7 @@ async def test_three_quota_processes_grant_exactly_three_of_a_hundred_concurrent
     assert len({row["metadata"]["decider"] for row in decisions}) >= 2, "one process took all the work"
     info = await client.js.stream_info(subjects.QUOTA.name, subjects_filter=f"kiln.quota.decided.{user}.*")
     assert len(info.state.subjects or {}) == 100  # every decision on the bus, once
+    assert (await _verify(platform.database_url)).broken == []  # three writers, one unbroken chain
 
 
 async def test_a_decision_committed_by_a_process_that_dies_before_publishing_still_arrives(
