@@ -191,7 +191,7 @@ class Bus:
             with trace.use_span(item.span):  # what the handler publishes joins the trace
                 await handler(item.event, item.msg)
 
-        await self._pull(
+        await self.consume_batches(
             stream, durable, handle_one, stop, accepts=accepts, max_attempts=max_attempts,
             ack_wait_s=ack_wait_s, batch=batch, one_at_a_time=True,
         )
@@ -207,31 +207,13 @@ class Bus:
         max_attempts: int = 20,
         ack_wait_s: float = 60,
         batch: int = 16,
-        isolate: bool = True,
+        one_at_a_time: bool = False,
     ) -> None:
         """Like `consume`, but `handler` gets every checked message of a fetch at once
         (whatever was waiting, up to `batch`), so it can do one database transaction for
         all of them. They are acked together after it returns. If it raises, each message
-        is handled again on its own (`isolate`), so one bad message fails alone."""
-        await self._pull(
-            stream, durable, handler, stop, accepts=accepts, max_attempts=max_attempts,
-            ack_wait_s=ack_wait_s, batch=batch, isolate=isolate,
-        )
-
-    async def _pull(
-        self,
-        stream: Stream,
-        durable: str,
-        handler: BatchHandler,
-        stop: asyncio.Event,
-        *,
-        accepts: tuple[type[Event], ...],
-        max_attempts: int,
-        ack_wait_s: float,
-        batch: int,
-        isolate: bool = False,
-        one_at_a_time: bool = False,
-    ) -> None:
+        is handled again on its own, so one bad message fails alone. (`one_at_a_time`:
+        the handler gets one message per call, acked on its own; what `consume` uses.)"""
         config = ConsumerConfig(
             durable_name=durable,
             ack_policy=AckPolicy.EXPLICIT,
@@ -241,7 +223,6 @@ class Bus:
         )
         # Creates the durable consumer, or brings an existing one's config up to date.
         await self.js.add_consumer(stream.name, config)
-
         sub = await self.js.pull_subscribe_bind(durable=durable, stream=stream.name)
         try:
             while not stop.is_set():
@@ -254,7 +235,7 @@ class Bus:
                     # Each message acked (or retried) on its own, or the batch together.
                     groups = [[item] for item in items] if one_at_a_time else [items] if items else []
                     for group in groups:
-                        await self._handle(group, handler, max_attempts, isolate)
+                        await self._handle(group, handler, max_attempts)
                 except nats.errors.Error as error:
                     # The bus failed us mid-batch (an ack, a nak, a publish): what was not
                     # acked, JetStream delivers again.
@@ -286,9 +267,7 @@ class Bus:
                 items.append(Delivery(event, msg))
         return items
 
-    async def _handle(
-        self, items: list[Delivery], handler: BatchHandler, max_attempts: int, isolate: bool
-    ) -> None:
+    async def _handle(self, items: list[Delivery], handler: BatchHandler, max_attempts: int) -> None:
         # One span per message, continuing each request's own trace.
         for item in items:
             item.span = self._span(item.event, item.msg)
@@ -301,10 +280,10 @@ class Bus:
             for item in items:
                 item.span.record_exception(error)
                 item.span.end()
-            if isolate and len(items) > 1:
+            if len(items) > 1:  # find the one that fails: each on its own
                 log.warning("a batch of %d failed (%r); handling each on its own", len(items), error)
                 for item in items:
-                    await self._handle([item], handler, max_attempts, isolate=False)
+                    await self._handle([item], handler, max_attempts)
             else:
                 for item in items:
                     await self._retry_or_give_up(item.event, item.msg, error, max_attempts)
