@@ -12,9 +12,9 @@ Tables (migrations in `migrations/`):
 
 Appends are serialised by a row lock on `quota_chain_head` (the last event's hash): the
 chain needs one order, and holding the lock from reading the user's state to commit means
-two quota processes can never both spend the same user's last image. `(stream_id, version)` stays unique as
-the database's own guard; a conflict there rolls the batch back and it is decided again.
-Decisions are batched, so the lock is taken once per batch, not once per request.
+two quota processes can never both spend the same user's last image. `(stream_id,
+version)` stays unique as the database's own guard; a conflict there rolls the batch back
+and it is decided again. Decisions are batched, so the lock is taken once per batch.
 """
 
 from __future__ import annotations
@@ -34,17 +34,12 @@ from services.quota.policy import Bucket, Usage, UserState, apply
 from services.quota.policy import utc_day as policy_day
 
 
-
 class Conflict(Exception):
     """Another writer appended the same stream version, or decided the same request."""
 
 
 def user_stream(user_id: str) -> str:
     return f"user:{user_id}"
-
-
-def user_of(stream_id: str) -> str:
-    return stream_id.removeprefix("user:")
 
 
 def _to_json(value: Any) -> str:
