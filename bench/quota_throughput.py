@@ -30,6 +30,7 @@ import nats
 from nats.js.api import StorageType
 
 from bench.e2e_latency import RESULTS, percentile
+from infra.databases import create_database, drop_database
 from infra.platform import Platform
 from services.quota.migrate import upgrade
 from shared import subjects
@@ -212,14 +213,6 @@ async def raw_insert_rate(url: str, seconds: float, connections: int) -> float:
     return round(rate, 1)
 
 
-async def fresh_database(server_url: str) -> tuple[str, str]:
-    name = f"kiln_bench_{uuid.uuid4().hex[:8]}"
-    conn = await asyncpg.connect(server_url)
-    await conn.execute(f'CREATE DATABASE "{name}"')
-    await conn.close()
-    return f"{server_url.rpartition('/')[0]}/{name}", name
-
-
 async def run(
     seconds: float, processes_runs: tuple[int, ...], users_runs: tuple[int, ...], rates: tuple[int, ...]
 ) -> dict:
@@ -228,7 +221,7 @@ async def run(
         stack = Platform.isolated(Path(tmp) / "kiln", Path(tmp) / "no-model")
         dropped = None
         if stack.database_url:
-            stack.database_url, dropped = await fresh_database(stack.database_url)
+            stack.database_url, dropped = await create_database(stack.database_url, "kiln_bench")
         stack.start_servers()
         try:
             await asyncio.to_thread(upgrade, stack.database_url)
@@ -272,9 +265,7 @@ async def run(
         finally:
             stack.stop()
             if dropped:
-                conn = await asyncpg.connect(os.environ["KILN_DATABASE_URL"])
-                await conn.execute(f'DROP DATABASE "{dropped}" WITH (FORCE)')
-                await conn.close()
+                await drop_database(os.environ["KILN_DATABASE_URL"], dropped)
     return {"raw_insert_per_s": raw, "raw_publish_per_s_by_publishers": raw_bus, "log_only_decisions_per_s_by_batch": log_only, "runs": runs}
 
 

@@ -11,7 +11,6 @@ rebuild  drop the usage and bucket projections and rebuild them from the log.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import IO, Any
@@ -170,7 +169,7 @@ async def rebuild_projections(pool: asyncpg.Pool) -> int:
     holding the append lock so no decision is made meanwhile. Returns the users rebuilt."""
     async with quota_log.appending(pool) as log:
         states: dict[str, policy.UserState] = {}
-        async for row in _all_events(log.conn):
+        async for row in quota_log.read_events(log.conn):  # in the appender's snapshot
             event = from_payload(row["payload"])
             policy.apply(states.setdefault(event.user_id, policy.UserState()), event)
         await log.conn.execute("TRUNCATE quota_usage, quota_buckets")
@@ -180,8 +179,3 @@ async def rebuild_projections(pool: asyncpg.Pool) -> int:
         await log.conn.copy_records_to_table("quota_buckets", records=buckets, columns=["user_id", "tokens", "at"])
     return len(states)
 
-
-async def _all_events(conn: asyncpg.Connection) -> AsyncIterator[asyncpg.Record]:
-    # Already inside the appender's transaction: a cursor needs no transaction of its own.
-    async for row in conn.cursor("SELECT payload FROM quota_events ORDER BY position", prefetch=5000):
-        yield row

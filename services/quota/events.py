@@ -32,7 +32,6 @@ class QuotaAdjusted(Event, kw_only=True):
 
 Decision = QuotaGranted | QuotaDenied
 LogEvent = QuotaGranted | QuotaDenied | QuotaRefunded | QuotaAdjusted
-DECISION_TYPES = ("QuotaGranted", "QuotaDenied")
 
 
 def from_payload(payload: dict) -> LogEvent:

@@ -190,14 +190,15 @@ async def user_records(conn: asyncpg.Connection, users_on_days: Iterable[tuple[s
         """
         SELECT d.user_id, d.day, a.plan, q.granted, q.refunded, q.extra, b.tokens, b.at,
                (SELECT coalesce(max(version), 0) FROM quota_events e
-                WHERE e.stream_id = 'user:' || d.user_id) AS version
-        FROM unnest($1::text[], $2::text[]) AS d(user_id, day)
+                WHERE e.stream_id = d.stream_id) AS version
+        FROM unnest($1::text[], $2::text[], $3::text[]) AS d(user_id, day, stream_id)
         LEFT JOIN accounts a ON a.user_id = d.user_id
         LEFT JOIN quota_usage q ON q.user_id = d.user_id AND q.day = d.day
         LEFT JOIN quota_buckets b ON b.user_id = d.user_id
         """,
         [user for user, _ in pairs],
         [day for _, day in pairs],
+        [user_stream(user) for user, _ in pairs],
     )
     records: dict[str, UserRecord] = {}
     for row in rows:

@@ -19,6 +19,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
+from infra.databases import create_database, drop_database
 from infra.platform import Platform
 from kiln.client import KilnClient
 from services.quota.migrate import upgrade
@@ -33,25 +34,6 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_model.ensure(tmp_path_factory.mktemp("models") / "tiny-sd")
 
 
-async def _fresh_database(server_url: str) -> tuple[str, str]:
-    name = f"kiln_test_{uuid.uuid4().hex[:8]}"
-    conn = await asyncpg.connect(server_url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    base, _, _ = server_url.rpartition("/")
-    return f"{base}/{name}", name
-
-
-async def _drop_database(server_url: str, name: str) -> None:
-    conn = await asyncpg.connect(server_url)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
 @pytest_asyncio.fixture(scope="session")
 async def platform(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> AsyncIterator[Platform]:
     external_db = os.environ.get("KILN_DATABASE_URL")
@@ -61,7 +43,7 @@ async def platform(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -
     os.environ["KILN_PLANS"] = str(TEST_PLANS)
     stack = Platform.isolated(tmp_path_factory.mktemp("kiln"), model_path)
     if external_db:
-        stack.database_url, database_name = await _fresh_database(external_db)
+        stack.database_url, database_name = await create_database(external_db, "kiln_test")
     try:
         await stack.start()
         yield stack
@@ -71,7 +53,7 @@ async def platform(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -
     finally:
         stack.stop()
         if database_name:
-            await _drop_database(external_db, database_name)
+            await drop_database(external_db, database_name)
 
 
 def _print_service_logs(stack: Platform) -> None:
@@ -105,9 +87,9 @@ def user() -> str:
 async def scratch_database(platform: Platform) -> AsyncIterator[str]:
     """A database of its own on the platform's server, migrated: for tests that tamper
     with the log or write it directly, away from the services' database."""
-    url, name = await _fresh_database(platform.database_url)
+    url, name = await create_database(platform.database_url, "kiln_test")
     try:
         await asyncio.to_thread(upgrade, url)
         yield url
     finally:
-        await _drop_database(platform.database_url, name)
+        await drop_database(platform.database_url, name)

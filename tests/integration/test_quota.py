@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 import asyncpg
@@ -22,7 +23,7 @@ import pytest
 
 from infra.platform import Platform
 from kiln.client import KilnClient
-from services.quota import audit, plans
+from services.quota import audit, plans, policy
 from services.quota import log as quota_log
 from services.quota.application import QuotaService
 from services.quota.events import QuotaRefunded
@@ -265,9 +266,7 @@ async def _write_log(url: str, users: int = 3, prompts_each: int = 4, refund: bo
 
 
 def _today() -> str:
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc).date().isoformat()
+    return policy.utc_day(datetime.now(timezone.utc))
 
 
 async def _verify(url: str) -> audit.ChainReport:
