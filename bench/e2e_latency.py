@@ -25,7 +25,7 @@ from pathlib import Path
 
 from infra.platform import Platform
 from kiln.client import KilnClient
-from services.render import tiny_model
+from shared.settings import DEFAULT_MODEL
 from shared import subjects
 from shared.events import ImageDelivered, QuotaGranted, RenderCompleted, decode
 
@@ -76,7 +76,7 @@ async def _stage_times(client: KilnClient, delivered: ImageDelivered, received_a
 
 async def measure(requests: int, warmup: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
-        stack = Platform.isolated(Path(tmp) / "kiln", tiny_model.ensure(Path(tmp) / "tiny-sd"))
+        stack = Platform.isolated(Path(tmp) / "kiln", DEFAULT_MODEL)
         await stack.start()
         try:
             async with await KilnClient.connect(stack.nats_url) as client:

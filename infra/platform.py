@@ -20,15 +20,17 @@ from typing import TextIO
 
 import httpx
 import nats
+import msgspec
+import nats.errors
 import nats.js.errors
 import psutil
 
 from infra.embedded import EmbeddedNats, EmbeddedPostgres, die_with, free_port, stop_pid
 from services.quota.migrate import upgrade
-from services.render import tiny_model
 from shared import subjects
 from shared.settings import (
     DEFAULT_HTTP_PORT,
+    DEFAULT_MODEL,
     EMBEDDED_NATS_PORT,
     EMBEDDED_POSTGRES_PORT,
     PROJECT_ROOT,
@@ -36,11 +38,11 @@ from shared.settings import (
 
 SERVICES = ("quota", "context", "render", "delivery")
 # The durable consumer each service pulls from: it has pull requests waiting once the
-# service is up and serving.
+# service is up and serving. Render takes its jobs through the fair queue instead: it is
+# ready once it sends heartbeats.
 CONSUMERS = {
     "quota": (subjects.PROMPTS.name, "quota"),
     "context": (subjects.QUOTA.name, "context"),
-    "render": (subjects.RENDER_JOBS.name, "render"),
     "delivery": (subjects.RENDER_EVENTS.name, "delivery"),
 }
 
@@ -53,7 +55,7 @@ class Platform:
     nats_port: int = EMBEDDED_NATS_PORT
     postgres_port: int = EMBEDDED_POSTGRES_PORT
     http_port: int = DEFAULT_HTTP_PORT
-    model_path: Path | None = None  # None builds the tiny default model in the data folder
+    model_path: Path = DEFAULT_MODEL
     services: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
     _nats: EmbeddedNats | None = field(default=None, init=False, repr=False)
     _postgres: EmbeddedPostgres | None = field(default=None, init=False, repr=False)
@@ -70,7 +72,7 @@ class Platform:
             nats_port=int(env.get("KILN_NATS_PORT", EMBEDDED_NATS_PORT)),
             postgres_port=int(env.get("KILN_POSTGRES_PORT", EMBEDDED_POSTGRES_PORT)),
             http_port=int(env.get("KILN_HTTP_PORT", DEFAULT_HTTP_PORT)),
-            model_path=Path(env["KILN_MODEL"]) if env.get("KILN_MODEL") else None,
+            model_path=Path(env.get("KILN_MODEL") or DEFAULT_MODEL),
         )
 
     @classmethod
@@ -213,12 +215,17 @@ class Platform:
         """Wait until every service is pulling from its consumer and delivery answers HTTP."""
         deadline = time.monotonic() + timeout_s
         nc = await nats.connect(self.nats_url)
+        heartbeats = await nc.subscribe(subjects.FLEET_TELEMETRY)
         try:
             js = nc.jetstream()
             waiting = set(SERVICES)
             while waiting:
                 for name in list(waiting):
                     self._check_alive(name)
+                    if name == "render":
+                        if await self._render_beating(heartbeats):
+                            waiting.discard(name)
+                        continue
                     stream, durable = CONSUMERS[name]
                     try:
                         info = await js.consumer_info(stream, durable)
@@ -231,6 +238,18 @@ class Platform:
                 await asyncio.sleep(0.2)
         finally:
             await nc.close()
+
+    async def _render_beating(self, heartbeats) -> bool:
+        """A heartbeat from the render process this platform started (worker ids end in
+        the pid), not from another worker on a shared NATS."""
+        pid = self.services["render"].pid
+        while True:
+            try:
+                msg = await heartbeats.next_msg(timeout=0.01)
+            except nats.errors.TimeoutError:
+                return False
+            if msgspec.json.decode(msg.data).get("worker_id", "").endswith(f"-{pid}"):
+                return True
 
     def _check_alive(self, name: str) -> None:
         process = self.services.get(name)
@@ -267,8 +286,6 @@ class Platform:
         # them (PR_SET_PDEATHSIG), and a worker thread ends before the platform does.
         self.start_servers()
         await asyncio.to_thread(upgrade, self.database_url)  # alembic runs its own event loop
-        if self.model_path is None:
-            self.model_path = await asyncio.to_thread(tiny_model.ensure, self.data_dir / "models" / "tiny-sd")
         self.start_services()
         await self.wait_ready()
 

@@ -231,7 +231,7 @@ class Bus:
                 except TimeoutError:  # nats-py's TimeoutError subclasses it
                     continue  # nothing waiting is normal: poll again
                 try:
-                    items = await self._checked(messages, stream, accepts, max_attempts)
+                    items = await self.checked(messages, stream, accepts, max_attempts)
                     # Each message acked (or retried) on its own, or the batch together.
                     groups = [[item] for item in items] if one_at_a_time else [items] if items else []
                     for group in groups:
@@ -245,7 +245,7 @@ class Bus:
             # (Left subscribed, a pull subscription holds up `drain` until it times out.)
             await sub.unsubscribe()
 
-    async def _checked(
+    async def checked(
         self, messages: list[Msg], stream: Stream, accepts: tuple[type[Event], ...], max_attempts: int
     ) -> list[Delivery]:
         """The messages a handler should see. What no retry can fix goes to the dead
@@ -270,7 +270,7 @@ class Bus:
     async def _handle(self, items: list[Delivery], handler: BatchHandler, max_attempts: int) -> None:
         # One span per message, continuing each request's own trace.
         for item in items:
-            item.span = self._span(item.event, item.msg)
+            item.span = self.span(item.event, item.msg)
         try:
             await handler(items)
         # A handler may fail on anything (the database down, a bug); the message is not
@@ -286,13 +286,13 @@ class Bus:
                     await self._handle([item], handler, max_attempts)
             else:
                 for item in items:
-                    await self._retry_or_give_up(item.event, item.msg, error, max_attempts)
+                    await self.retry_or_give_up(item.event, item.msg, error, max_attempts)
             return
         for item in items:
             item.span.end()
             await item.msg.ack()
 
-    def _span(self, event: AnyEvent, msg: Msg) -> trace.Span:
+    def span(self, event: AnyEvent, msg: Msg) -> trace.Span:
         return self.tracer.start_span(
             f"{self.service} process",
             context=context_from_headers(msg.headers),
@@ -306,7 +306,7 @@ class Bus:
             },
         )
 
-    async def _retry_or_give_up(self, event: AnyEvent, msg: Msg, error: Exception, max_attempts: int) -> None:
+    async def retry_or_give_up(self, event: AnyEvent, msg: Msg, error: Exception, max_attempts: int) -> None:
         attempt = msg.metadata.num_delivered
         log.error("handling %s (attempt %d) failed: %r", msg.subject, attempt, error, exc_info=error)
         if attempt >= max_attempts:

@@ -34,13 +34,20 @@ class Event(msgspec.Struct, kw_only=True, tag_field="type", tag=True):
 
 
 class PromptSubmitted(Event, kw_only=True):
-    """A client asks for an image. `request_id` is the client's idempotency key."""
+    """A client asks for an image. `request_id` is the client's idempotency key.
+
+    An edit names an earlier request of the same user whose image it starts from
+    (`edit_of`), how far it may move away from it (`strength`, 0..1), and optionally a mask
+    in the image store (`mask_key`, under `<user>/masks/`; white = repaint)."""
 
     prompt: str
     width: int = 32
     height: int = 32
     steps: int = 10
     seed: int | None = None
+    edit_of: str | None = None
+    strength: float = 0.8
+    mask_key: str | None = None
     submitted_at: datetime = msgspec.field(default_factory=utcnow)
 
 
@@ -73,8 +80,12 @@ class QuotaDenied(Event, kw_only=True):
     decided_at: datetime = msgspec.field(default_factory=utcnow)
 
 
+RenderMode = Literal["text", "edit", "inpaint"]
+
+
 class RenderRequested(Event, kw_only=True):
-    """A fully specified render job, as the render workers pull it."""
+    """A fully specified render job, as the render workers pull it. `edit` starts from the
+    image at `source_key`; `inpaint` also repaints only where the mask at `mask_key` is white."""
 
     prompt: str
     negative_prompt: str = ""
@@ -84,12 +95,22 @@ class RenderRequested(Event, kw_only=True):
     guidance: float = 3.0
     seed: int
     tier: str = "free"
+    mode: RenderMode = "text"
+    source_key: str | None = None
+    mask_key: str | None = None
+    strength: float = 0.8
     requested_at: datetime = msgspec.field(default_factory=utcnow)
 
 
 class RenderProgress(Event, kw_only=True):
+    """Plain NATS, throttled: while a job waits (`state="queued"`, its place in the queue and
+    an estimate of the wait), then while it renders (the step it reached)."""
+
     step: int
     total_steps: int
+    state: Literal["queued", "rendering"] = "rendering"
+    queue_position: int | None = None  # 1 = next to be rendered
+    eta_s: float | None = None
     at: datetime = msgspec.field(default_factory=utcnow)
 
 
@@ -147,17 +168,26 @@ class WorkerHeartbeat(msgspec.Struct, kw_only=True):
     device: str  # "cpu" or "cuda:N"
     model: str
     queue_depth: int  # jobs waiting in the render queue, all tiers
+    queue_depth_paid: int = 0
+    queue_depth_free: int = 0
+    batch_limit: int = 1  # the largest batch the worker takes now (0: paused, too hot)
     cpu_load: float  # 1-minute load average per core
     # GPU figures (from NVML) on a GPU worker; None on a CPU worker.
     gpu_temperature_c: float | None = None
     gpu_utilisation: float | None = None  # 0..1
     gpu_memory_used: float | None = None  # 0..1
+    gpu_power_w: float | None = None
     images_per_s: float = 0.0
     at: datetime = msgspec.field(default_factory=utcnow)
 
 
 # Events that end a request: a client waits for exactly one of these.
 TERMINAL = (QuotaDenied, ImageDelivered, RequestFailed)
+
+def _is_own_mask(key: str, user_id: str) -> bool:
+    prefix = f"{user_id}/masks/"
+    return key.startswith(prefix) and bool(ID_PATTERN.match(key[len(prefix):].removesuffix(".png")))
+
 
 _json_encoder = msgspec.json.Encoder()
 _json_decoder = msgspec.json.Decoder(AnyEvent)
@@ -180,6 +210,11 @@ def check_ids(event: Event) -> None:
     cannot be stored (PostgreSQL's JSONB refuses the NUL character)."""
     if isinstance(event, PromptSubmitted) and "\x00" in event.prompt:
         raise ValueError("`prompt` contains a NUL character")
+    if isinstance(event, PromptSubmitted) and event.edit_of is not None and not ID_PATTERN.match(event.edit_of):
+        raise ValueError(f"`edit_of` must match {ID_PATTERN.pattern} but is {event.edit_of!r}")
+    mask_key = getattr(event, "mask_key", None)
+    if mask_key is not None and not _is_own_mask(mask_key, event.user_id):
+        raise ValueError(f"`mask_key` must be a key under {event.user_id}/masks/ but is {mask_key!r}")
     for field in ("request_id", "user_id"):
         value = getattr(event, field)
         if not ID_PATTERN.match(value):

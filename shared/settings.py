@@ -14,6 +14,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_NATS_PORT = 14222
 EMBEDDED_POSTGRES_PORT = 15432
 DEFAULT_HTTP_PORT = 8480
+# Kiln's own model, trained by services/render/kiln_model/train.py and shipped in the repo.
+DEFAULT_MODEL = PROJECT_ROOT / "services" / "render" / "models" / "kiln-shapes"
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class Settings:
             database_url=env.get("KILN_DATABASE_URL")
             or f"postgresql://postgres@127.0.0.1:{EMBEDDED_POSTGRES_PORT}/kiln",
             data_dir=data_dir,
-            model_path=Path(env.get("KILN_MODEL", data_dir / "models" / "tiny-sd")),
+            model_path=Path(env.get("KILN_MODEL", DEFAULT_MODEL)),
             http_host=http_host,
             http_port=http_port,
             public_url=env.get("KILN_PUBLIC_URL", f"http://{http_host}:{http_port}").rstrip("/"),

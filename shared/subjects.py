@@ -19,8 +19,15 @@ def quota_decided(user_id: str, request_id: str) -> str:
     return f"kiln.quota.decided.{user_id}.{request_id}"
 
 
-def render_job(tier: str) -> str:
-    return f"kiln.render.jobs.{tier}"
+def render_job(tier: str, user_id: str) -> str:
+    """One subject per user within a tier, so the render queue can take users in turn."""
+    return f"kiln.render.jobs.{tier}.{user_id}"
+
+
+def render_cancel(user_id: str, request_id: str) -> str:
+    """A client's request to drop a job: kept in a stream, so a worker that claims the job
+    later still sees it."""
+    return f"kiln.render.cancel.{user_id}.{request_id}"
 
 
 def render_event(user_id: str, request_id: str) -> str:
@@ -65,12 +72,16 @@ class Stream:
 PROMPTS = Stream("KILN_PROMPTS", ["kiln.prompt.submitted.*"], user_token=3)
 QUOTA = Stream("KILN_QUOTA", ["kiln.quota.decided.*.*"], user_token=3)
 # A work queue: a job leaves the stream once a worker acks it.
-RENDER_JOBS = Stream("KILN_RENDER_JOBS", ["kiln.render.jobs.*"], retention=RetentionPolicy.WORK_QUEUE)
+RENDER_JOBS = Stream(
+    "KILN_RENDER_JOBS", ["kiln.render.jobs.*.*"], user_token=4, retention=RetentionPolicy.WORK_QUEUE
+)
+RENDER_CANCELS = Stream("KILN_RENDER_CANCELS", ["kiln.render.cancel.*.*"], user_token=3, max_age_s=24 * 3600)
 RENDER_EVENTS = Stream("KILN_RENDER_EVENTS", ["kiln.render.events.*.*"], user_token=3)
 OUTCOMES = Stream("KILN_OUTCOMES", ["kiln.outcome.*.*"], user_token=2)
 DEAD_LETTERS = Stream("KILN_DEAD_LETTERS", ["kiln.deadletter.*"], max_age_s=30 * 24 * 3600)
 
-ALL_STREAMS = [PROMPTS, QUOTA, RENDER_JOBS, RENDER_EVENTS, OUTCOMES, DEAD_LETTERS]
+ALL_STREAMS = [PROMPTS, QUOTA, RENDER_JOBS, RENDER_CANCELS, RENDER_EVENTS, OUTCOMES, DEAD_LETTERS]
+TIERS = ("paid", "free")  # render lanes, in the order workers pull them
 
 IMAGE_BUCKET = "kiln-images"
 

@@ -23,7 +23,7 @@ async def serve(settings: Settings, bus: Bus, stop: asyncio.Event) -> None:
         # The job subject is shared by all requests of a tier, so duplicates are caught by
         # message id within the window; past it, render finds the stored image or outcome.
         await bus.publish(
-            subjects.render_job(job.tier), job, msg_id=f"{job.user_id}:{job.request_id}:render-requested"
+            subjects.render_job(job.tier, job.user_id), job, msg_id=f"{job.user_id}:{job.request_id}:render-requested"
         )
 
     await bus.consume(

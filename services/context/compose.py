@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 from shared.events import QuotaGranted, RenderRequested
+from shared.subjects import image_key
 
 DEFAULT_GUIDANCE = 3.0
 
@@ -27,4 +28,19 @@ def render_request(grant: QuotaGranted) -> RenderRequested:
         guidance=DEFAULT_GUIDANCE,
         seed=submission.seed if submission.seed is not None else seed_for(grant.request_id),
         tier=grant.tier,
+        **_edit(grant),
     )
+
+
+def _edit(grant: QuotaGranted) -> dict:
+    """An edit starts from the user's own earlier image: the key is built from the granted
+    user, so a prompt can never point at another user's image."""
+    submission = grant.submission
+    if submission.edit_of is None:
+        return {}
+    return {
+        "mode": "inpaint" if submission.mask_key else "edit",
+        "source_key": image_key(grant.user_id, submission.edit_of),
+        "mask_key": submission.mask_key,
+        "strength": submission.strength,
+    }

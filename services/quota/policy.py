@@ -76,6 +76,10 @@ def invalid_reason(submission: PromptSubmitted) -> str | None:
         return f"`steps` must be between {STEPS_RANGE[0]} and {STEPS_RANGE[1]} but is {submission.steps}"
     if submission.seed is not None and not (0 <= submission.seed <= MAX_SEED):
         return f"`seed` must be between 0 and {MAX_SEED} but is {submission.seed}"
+    if not (0.0 < submission.strength <= 1.0):
+        return f"`strength` must be above 0 and at most 1 but is {submission.strength}"
+    if submission.mask_key is not None and submission.edit_of is None:
+        return "`mask_key` needs `edit_of`: a mask repaints part of an earlier image"
     return None
 
 

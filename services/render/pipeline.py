@@ -1,19 +1,33 @@
-"""Load a diffusers text-to-image pipeline from a local folder and render one job."""
+"""Load a diffusers pipeline from a local folder and render batches of compatible jobs.
+
+One model, three modes, sharing the same weights: text-to-image, edit (image-to-image from
+an earlier image, with a strength) and inpaint (repaint where a mask is white). Any local
+pipeline folder diffusers has the classes for works (Kiln's own model, SD 1.5, SD-Turbo,
+SDXL…). On a GPU it runs in fp16; on a CPU in fp32.
+"""
 
 from __future__ import annotations
 
 import io
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from PIL import Image
 
 from shared.events import RenderRequested
 
 # Weights come from local folders only; never reach for a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-StepCallback = Callable[[int, int], None]  # (steps done, total steps)
+# (steps done, total steps) after each denoising step. Raising `Cancelled` from it stops
+# the batch between two steps.
+StepCallback = Callable[[int, int], None]
+
+
+class Cancelled(Exception):
+    """Every job of the batch was cancelled: stop denoising."""
 
 
 def quiet_model_libraries() -> None:
@@ -27,11 +41,17 @@ def quiet_model_libraries() -> None:
     diffusers_logging.disable_progress_bar()
 
 
+def batch_key(job: RenderRequested) -> tuple:
+    """Jobs with the same key can run as one batch: one pipeline call, same size and steps."""
+    strength = job.strength if job.mode != "text" else None
+    return (job.mode, job.width, job.height, job.steps, job.guidance, strength)
+
+
 class Renderer:
     def __init__(self, model_path: Path) -> None:
         quiet_model_libraries()
         import torch
-        from diffusers import AutoPipelineForText2Image
+        from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
 
         if not (model_path / "model_index.json").exists():
             raise FileNotFoundError(
@@ -39,34 +59,71 @@ class Renderer:
                 "set KILN_MODEL to a local pipeline folder"
             )
         self.torch = torch
+        # `--gpu N` pins the process to one GPU through CUDA_VISIBLE_DEVICES: it sees cuda:0.
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.float16 if self.device == "cuda" else torch.float32
-        self.pipe = AutoPipelineForText2Image.from_pretrained(
+        text = AutoPipelineForText2Image.from_pretrained(
             str(model_path), torch_dtype=dtype, local_files_only=True
         ).to(self.device)
-        self.pipe.set_progress_bar_config(disable=True)
+        # The edit pipelines share the text pipeline's modules: no second copy of the weights.
+        self.pipelines = {
+            "text": text,
+            "edit": AutoPipelineForImage2Image.from_pipe(text),
+            "inpaint": AutoPipelineForInpainting.from_pipe(text),
+        }
+        for pipe in self.pipelines.values():
+            pipe.set_progress_bar_config(disable=True)
         self.model = model_path.name
 
-    def render(self, job: RenderRequested, on_step: StepCallback) -> tuple[bytes, float]:
-        """Render `job`; return the PNG and the pipeline's own time in milliseconds."""
+    def render_batch(
+        self,
+        jobs: Sequence[RenderRequested],
+        on_step: StepCallback,
+        sources: Sequence[Image.Image | None] = (),
+        masks: Sequence[Image.Image | None] = (),
+    ) -> tuple[list[bytes], float]:
+        """Render compatible jobs (equal `batch_key`) in one pipeline call; return one PNG
+        per job, in order, and the pipeline's own time in milliseconds."""
+        first = jobs[0]
+        if any(batch_key(job) != batch_key(first) for job in jobs):
+            raise ValueError("jobs in one batch must share mode, size, steps, guidance and strength")
+        pipe = self.pipelines[first.mode]
 
         def step_end(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
-            on_step(step + 1, job.steps)
+            on_step(step + 1, pipe.num_timesteps)
             return callback_kwargs
 
-        generator = self.torch.Generator(self.device).manual_seed(job.seed)
-        started = time.perf_counter()
-        image = self.pipe(
-            prompt=job.prompt,
-            negative_prompt=job.negative_prompt or None,
-            width=job.width,
-            height=job.height,
-            num_inference_steps=job.steps,
-            guidance_scale=job.guidance,
-            generator=generator,
+        arguments = dict(
+            prompt=[job.prompt for job in jobs],
+            negative_prompt=[job.negative_prompt for job in jobs],
+            num_inference_steps=first.steps,
+            guidance_scale=first.guidance,
+            # One generator per job: a job draws the same image alone or in any batch.
+            generator=[self.torch.Generator(self.device).manual_seed(job.seed) for job in jobs],
             callback_on_step_end=step_end,
-        ).images[0]
+        )
+        size = (first.width, first.height)
+        if first.mode == "text":
+            arguments.update(width=first.width, height=first.height)
+        else:
+            arguments.update(image=[_sized(source, size, "RGB") for source in sources], strength=first.strength)
+        if first.mode == "inpaint":
+            arguments.update(mask_image=[_sized(mask, size, "L") for mask in masks], width=first.width,
+                             height=first.height)
+        started = time.perf_counter()
+        images = pipe(**arguments).images
         render_ms = (time.perf_counter() - started) * 1000
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        return buffer.getvalue(), render_ms
+        return [_png(image) for image in images], render_ms
+
+
+def _sized(image: Image.Image | None, size: tuple[int, int], mode: str) -> Image.Image:
+    if image is None:
+        raise ValueError("an edit needs its source image (and an inpaint its mask)")
+    image = image.convert(mode)
+    return image if image.size == size else image.resize(size, Image.Resampling.NEAREST)
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -1,7 +1,8 @@
 """The worker's heartbeat: once a second, what quota needs to judge fleet pressure.
 
-On a CPU host the load figure is the 1-minute load average per core; GPU figures (NVML)
-join it when the worker runs on a GPU.
+Queue depth per tier (jobs no worker has taken yet), images/s over the last minute, the
+batch limit the thermal guard allows, and the device: GPU temperature, utilisation,
+memory and power from NVML on a GPU host, the load average per core on a CPU host.
 """
 
 from __future__ import annotations
@@ -14,9 +15,14 @@ import time
 import nats.errors
 import nats.js.errors
 
+from typing import TYPE_CHECKING
+
+from services.render.thermal import Gpu
 from shared import subjects
-from shared.bus import Bus
 from shared.events import WorkerHeartbeat, encode
+
+if TYPE_CHECKING:
+    from services.render.worker import RenderWorker
 
 log = logging.getLogger("kiln.render.telemetry")
 
@@ -39,25 +45,28 @@ class Throughput:
         return len(self._done) / self.window_s
 
 
-async def queue_depth(bus: Bus) -> int:
-    """Jobs waiting in the render queue (all tiers), as JetStream counts them."""
-    info = await bus.js.consumer_info(subjects.RENDER_JOBS.name, "render")
-    return info.num_pending
-
-
-async def send_heartbeats(
-    bus: Bus, worker_id: str, device: str, model: str, throughput: Throughput, stop: asyncio.Event
-) -> None:
+async def send_heartbeats(worker: RenderWorker, gpu: Gpu, stop: asyncio.Event) -> None:
+    bus = worker.bus
     while not stop.is_set():
         try:
+            depth = await worker.queue.depth()
+            reading = gpu.read()
             beat = WorkerHeartbeat(
-                worker_id=worker_id,
-                device=device,
-                model=model,
-                queue_depth=await queue_depth(bus),
+                worker_id=worker.worker_id,
+                device=worker.renderer.device,
+                model=worker.renderer.model,
+                queue_depth=sum(depth.values()),
+                queue_depth_paid=depth.get("paid", 0),
+                queue_depth_free=depth.get("free", 0),
+                batch_limit=worker.guard.batch_limit(),
                 cpu_load=os.getloadavg()[0] / (os.cpu_count() or 1),
-                images_per_s=throughput.per_second(),
+                gpu_temperature_c=worker.guard.temperature(),
+                gpu_utilisation=reading.utilisation,
+                gpu_memory_used=reading.memory_used,
+                gpu_power_w=reading.power_w,
+                images_per_s=worker.throughput.per_second(),
             )
+            worker_id = worker.worker_id
             await bus.nc.publish(subjects.fleet_telemetry(worker_id), encode(beat))
         except (nats.errors.Error, nats.js.errors.Error) as error:
             log.warning("heartbeat not sent: %s", error)

@@ -1,13 +1,25 @@
-"""The render worker: pull a job, render it, store the PNG, report the outcome.
+"""The render worker: claim compatible jobs, render them as one batch, store each PNG,
+report each outcome, and only then ack each job.
 
-A job is acked only after its image is stored and `RenderCompleted` published. If the
-worker dies first, JetStream hands the job to another worker; the object store is checked
-before rendering, so a job whose image was already stored is not drawn twice.
+events in   RenderRequested  (kiln.render.jobs.<tier>.<user>, via the fair queue)
+            cancels          (kiln.render.cancel.<user>.<request>)
+decide      batching: up to `max_batch` jobs with the same mode, size and steps, waiting at
+            most `max_wait_s` for a batch to fill; the thermal guard may shrink or pause it
+events out  RenderProgress   (plain NATS, throttled)
+            RenderCompleted | RenderFailed  (kiln.render.events.<user>.<request>, one each)
+storage     PNGs in the JetStream Object Store (`kiln-images/<user>/<request>.png`)
+
+If the worker dies, JetStream hands its jobs to another after `ack_wait`. The object store
+is checked before rendering, so a job whose image was already stored is not drawn twice; the
+outcome subject takes one outcome per request. On SIGTERM the worker finishes the batch in
+hand and gives back the jobs it holds but has not started, so an update rolls through the
+fleet without losing work.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import time
@@ -17,62 +29,238 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import ObjectMeta
 from nats.js.object_store import ObjectStore
+from opentelemetry import trace
+from PIL import Image
 
-from services.render.pipeline import Renderer
+from services.render.pipeline import Cancelled, Renderer, batch_key
+from services.render.queue import JobQueue
 from services.render.telemetry import Throughput
+from services.render.thermal import ThermalGuard
 from shared import subjects
-from shared.bus import Bus
-from shared.failpoints import failpoint
+from shared.bus import Bus, Delivery
 from shared.events import RenderCompleted, RenderFailed, RenderProgress, RenderRequested
+from shared.failpoints import failpoint
 
 log = logging.getLogger("kiln.render")
 
-RENDER_ATTEMPTS = 3  # tries per job before it fails for good
+RENDER_ATTEMPTS = 3  # tries per job before it fails for good (crashed workers included)
 PROGRESS_INTERVAL_S = 0.1  # at most ten progress events a second per job
-HEARTBEAT_S = 10.0  # tells JetStream the job is still being worked on
+IN_PROGRESS_S = 10.0  # tells JetStream the jobs held are still being worked on
+IDLE_POLL_S = 1.0  # look for redelivered jobs this often even when nothing new is published
 
 
 class RenderWorker:
-    def __init__(self, bus: Bus, store: ObjectStore, renderer: Renderer, worker_id: str) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        store: ObjectStore,
+        renderer: Renderer,
+        worker_id: str,
+        queue: JobQueue,
+        guard: ThermalGuard,
+        *,
+        max_wait_s: float,
+    ) -> None:
         self.bus = bus
         self.store = store
         self.renderer = renderer
         self.worker_id = worker_id
+        self.queue = queue
+        self.guard = guard
+        self.max_wait_s = max_wait_s
         self.throughput = Throughput()
+        self.held: list[Delivery] = []  # claimed, not yet in a batch
+        self.cancelled: set[str] = set()  # "<user>.<request>" seen on the cancel subject
+        self._new_work = asyncio.Event()
 
-    async def handle_job(self, event: RenderRequested, msg: Msg) -> None:
-        key = subjects.image_key(event.user_id, event.request_id)
+    async def run(self, stop: asyncio.Event) -> None:
+        subscriptions = [
+            await self.bus.nc.subscribe("kiln.render.jobs.>", cb=self._on_job_published),
+            await self.bus.nc.subscribe("kiln.render.cancel.>", cb=self._on_cancel),
+        ]
+        await self.queue.prepare()
+        try:
+            while not stop.is_set():
+                limit = self.guard.batch_limit()
+                if limit == 0:  # too hot: take nothing new until it cools
+                    await _wait(stop, IDLE_POLL_S)
+                    continue
+                try:
+                    batch = await self._next_batch(limit, stop)
+                    if batch:
+                        await self._run_batch(batch)
+                except nats.errors.Error as error:
+                    # What was not acked, JetStream hands out again.
+                    log.warning("bus error, jobs will be redelivered: %s", error)
+                    await _wait(stop, IDLE_POLL_S)
+        finally:
+            await self._hand_back()
+            for subscription in subscriptions:
+                await subscription.unsubscribe()
 
-        # 1. A redelivered job whose image is already stored needs no second render.
-        render_ms = await self._stored_render_ms(key)
-        if render_ms is None:
-            # 2. Render, keeping the job alive in JetStream while it runs. Any other error
-            #    reaches the bus, which retries the job and after RENDER_ATTEMPTS (crashed
-            #    workers included) ends the request as failed.
-            failpoint("render.job")  # tests: a render that fails every time
+    # -- intake -----------------------------------------------------------------------------
+
+    async def _next_batch(self, limit: int, stop: asyncio.Event) -> list[Delivery]:
+        """Up to `limit` compatible jobs: as soon as that many are here, or once the oldest
+        has waited `max_wait_s` for company."""
+        first_at: float | None = None
+        while not stop.is_set():
+            self._new_work.clear()
+            room = limit - len(self.held)  # never hold more than one batch's worth
+            if room > 0:
+                claimed = await self.queue.claim(room)
+                self.held += await self.bus.checked(claimed, subjects.RENDER_JOBS, (RenderRequested,), RENDER_ATTEMPTS)
+            if not self.held:
+                first_at = None
+                await _wait_any(stop, self._new_work, IDLE_POLL_S)
+                continue
+            first_at = first_at or time.monotonic()
+            key = batch_key(self.held[0].event)
+            group = [item for item in self.held if batch_key(item.event) == key][:limit]
+            waited = time.monotonic() - first_at
+            if len(group) >= limit or waited >= self.max_wait_s:
+                self.held = [item for item in self.held if item not in group]
+                return group
+            await _wait_any(stop, self._new_work, self.max_wait_s - waited)
+        return []
+
+    async def _hand_back(self) -> None:
+        """Draining: jobs claimed but not started go back to the queue at once."""
+        for item in self.held:
             try:
-                png, render_ms = await self._render(event, msg)
-            except ValueError as error:  # the pipeline rejected the job: retrying cannot help
-                await self._fail(event, "invalid", str(error))
-                return
-            # 3. Store the PNG; events carry only its key.
-            meta = ObjectMeta(description=json.dumps({"render_ms": render_ms}))
-            await self.store.put(key, png, meta=meta)
-            self.throughput.add()
+                await item.msg.nak()
+            except nats.errors.Error:
+                pass  # JetStream redelivers it after ack_wait anyway
+        if self.held:
+            log.info("handed back %d jobs", len(self.held))
+        self.held = []
 
-        # 4. Report.
-        completed = RenderCompleted(
-            request_id=event.request_id,
-            user_id=event.user_id,
-            conversation_id=event.conversation_id,
-            image_key=key,
-            width=event.width,
-            height=event.height,
-            seed=event.seed,
-            render_ms=render_ms,
-            worker_id=self.worker_id,
+    async def _on_job_published(self, msg: Msg) -> None:
+        self._new_work.set()
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        self.cancelled.add(msg.subject.removeprefix("kiln.render.cancel."))
+
+    # -- one batch --------------------------------------------------------------------------
+
+    async def _run_batch(self, batch: list[Delivery]) -> None:
+        for item in batch:
+            item.span = self.bus.span(item.event, item.msg)
+        try:
+            todo = [item for item in batch if not await self._settled_before(item)]
+            sources, masks, todo = await self._inputs(todo)
+            if todo:
+                await self._render_and_store(todo, sources, masks)
+        finally:
+            for item in batch:
+                item.span.end()
+
+    async def _settled_before(self, item: Delivery) -> bool:
+        """A job whose image is stored (a redelivery) or that was cancelled is settled
+        without rendering."""
+        job: RenderRequested = item.event
+        render_ms = await self._stored_render_ms(subjects.image_key(job.user_id, job.request_id))
+        if render_ms is not None:
+            await self._complete(item, render_ms)
+            return True
+        if await self._is_cancelled(job):
+            await self._fail(item, "cancelled", "cancelled before it was rendered")
+            return True
+        return False
+
+    async def _inputs(self, todo: list[Delivery]) -> tuple[list, list, list[Delivery]]:
+        """The source image (and mask) each edit starts from; a job whose input is missing
+        fails as invalid."""
+        sources, masks, ready = [], [], []
+        for item in todo:
+            job: RenderRequested = item.event
+            try:
+                source = await self._image(job.source_key) if job.mode != "text" else None
+                mask = await self._image(job.mask_key) if job.mode == "inpaint" else None
+            except LookupError as error:
+                await self._fail(item, "invalid", str(error))
+                continue
+            sources.append(source)
+            masks.append(mask)
+            ready.append(item)
+        return sources, masks, ready
+
+    async def _render_and_store(self, todo: list[Delivery], sources: list, masks: list) -> None:
+        try:
+            failpoint("render.job")  # tests: a render that fails every time, or a worker that dies
+            pngs, render_ms = await self._render(todo, sources, masks)
+        except Cancelled:
+            for item in todo:
+                await self._fail(item, "cancelled", "cancelled while rendering")
+            return
+        except ValueError as error:  # the pipeline rejected a job: find which, fail only it
+            if len(todo) > 1:
+                for index, item in enumerate(todo):
+                    await self._render_and_store([item], sources[index:index + 1], masks[index:index + 1])
+            else:
+                await self._fail(todo[0], "invalid", str(error))
+            return
+        # Anything else (out of memory, a driver error, a bug): retried with back-off, and
+        # after its last attempt the request ends as failed.
+        except Exception as error:  # noqa: BLE001
+            for item in todo:
+                item.span.record_exception(error)
+                await self.bus.retry_or_give_up(item.event, item.msg, error, RENDER_ATTEMPTS)
+            return
+        for item, png in zip(todo, pngs):
+            job: RenderRequested = item.event
+            if self._cancel_key(job) in self.cancelled:  # cancelled after its last step
+                await self._fail(item, "cancelled", "cancelled while rendering")
+                continue
+            meta = ObjectMeta(description=json.dumps({"render_ms": render_ms, "batch": len(todo)}))
+            await self.store.put(subjects.image_key(job.user_id, job.request_id), png, meta=meta)
+            self.throughput.add()
+            await self._complete(item, render_ms)
+
+    async def _render(self, todo: list[Delivery], sources: list, masks: list) -> tuple[list[bytes], float]:
+        loop = asyncio.get_running_loop()
+        jobs: list[RenderRequested] = [item.event for item in todo]
+        last_sent = 0.0
+
+        def on_step(step: int, total: int) -> None:
+            # Runs on the render thread: hand the publishing to the event loop.
+            nonlocal last_sent
+            if all(self._cancel_key(job) in self.cancelled for job in jobs):
+                raise Cancelled
+            now = time.monotonic()
+            if step < total and now - last_sent < PROGRESS_INTERVAL_S:
+                return
+            last_sent = now
+            for job in jobs:
+                progress = RenderProgress(
+                    request_id=job.request_id, user_id=job.user_id, conversation_id=job.conversation_id,
+                    step=step, total_steps=total,
+                )
+                subject = subjects.render_progress(job.user_id, job.request_id)
+                asyncio.run_coroutine_threadsafe(self.bus.announce(subject, progress), loop)
+
+        rendering = asyncio.ensure_future(
+            asyncio.to_thread(self.renderer.render_batch, jobs, on_step, sources, masks)
         )
-        await self._report(completed)
+        while True:
+            done, _ = await asyncio.wait({rendering}, timeout=IN_PROGRESS_S)
+            if done:
+                return rendering.result()
+            # Keep the batch, and the jobs held for the next one, ours while it runs.
+            for item in [*todo, *self.held]:
+                try:
+                    await item.msg.in_progress()
+                except nats.errors.Error as error:
+                    log.warning("could not extend job %s: %s", item.event.request_id, error)
+
+    # -- inputs and outcomes ----------------------------------------------------------------
+
+    async def _image(self, key: str | None) -> Image.Image:
+        try:
+            stored = await self.store.get(key or "")
+        except (nats.js.errors.ObjectNotFoundError, nats.js.errors.NotFoundError):
+            raise LookupError(f"no stored image {key!r} to edit") from None
+        return Image.open(io.BytesIO(stored.data)).copy()
 
     async def _stored_render_ms(self, key: str) -> float | None:
         try:
@@ -81,53 +269,58 @@ class RenderWorker:
             return None
         return float(json.loads(info.description or "{}").get("render_ms", 0.0))
 
-    async def _render(self, job: RenderRequested, msg: Msg) -> tuple[bytes, float]:
-        loop = asyncio.get_running_loop()
-        last_sent = 0.0
+    @staticmethod
+    def _cancel_key(job: RenderRequested) -> str:
+        return f"{job.user_id}.{job.request_id}"
 
-        def on_step(step: int, total: int) -> None:
-            # Runs on the render thread: hand the publish to the event loop.
-            nonlocal last_sent
-            now = time.monotonic()
-            if step < total and now - last_sent < PROGRESS_INTERVAL_S:
-                return
-            last_sent = now
-            progress = RenderProgress(
-                request_id=job.request_id,
-                user_id=job.user_id,
-                conversation_id=job.conversation_id,
-                step=step,
-                total_steps=total,
-            )
-            subject = subjects.render_progress(job.user_id, job.request_id)
-            asyncio.run_coroutine_threadsafe(self.bus.announce(subject, progress), loop)
+    async def _is_cancelled(self, job: RenderRequested) -> bool:
+        if self._cancel_key(job) in self.cancelled:
+            return True
+        try:
+            await self.bus.js.get_last_msg(subjects.RENDER_CANCELS.name, subjects.render_cancel(job.user_id, job.request_id))
+        except nats.js.errors.NotFoundError:
+            return False
+        return True
 
-        rendering = asyncio.ensure_future(asyncio.to_thread(self.renderer.render, job, on_step))
-        while True:
-            done, _ = await asyncio.wait({rendering}, timeout=HEARTBEAT_S)
-            if done:
-                return rendering.result()
-            try:
-                await msg.in_progress()
-            except nats.errors.Error as error:
-                # Keep waiting for the render in hand: leaving now would start a second
-                # render on the same pipeline while the first still runs.
-                log.warning("could not extend job %s: %s", job.request_id, error)
+    async def _complete(self, item: Delivery, render_ms: float) -> None:
+        job: RenderRequested = item.event
+        completed = RenderCompleted(
+            request_id=job.request_id, user_id=job.user_id, conversation_id=job.conversation_id,
+            image_key=subjects.image_key(job.user_id, job.request_id), width=job.width, height=job.height,
+            seed=job.seed, render_ms=render_ms, worker_id=self.worker_id,
+        )
+        await self._report(item, completed)
 
-    async def _fail(self, job: RenderRequested, reason: str, detail: str) -> None:
+    async def _fail(self, item: Delivery, reason: str, detail: str) -> None:
+        job: RenderRequested = item.event
         log.warning("job %s failed for good: %s %s", job.request_id, reason, detail)
         failed = RenderFailed(
-            request_id=job.request_id,
-            user_id=job.user_id,
-            conversation_id=job.conversation_id,
-            reason=reason,
-            detail=detail,
-            worker_id=self.worker_id,
+            request_id=job.request_id, user_id=job.user_id, conversation_id=job.conversation_id,
+            reason=reason, detail=detail, worker_id=self.worker_id,
         )
-        await self._report(failed)
+        await self._report(item, failed)
 
-    async def _report(self, outcome: RenderCompleted | RenderFailed) -> None:
-        # One outcome per job, ever: completed and failed share the subject.
-        await self.bus.publish(
-            subjects.render_event(outcome.user_id, outcome.request_id), outcome, first_on_subject=True
-        )
+    async def _report(self, item: Delivery, outcome: RenderCompleted | RenderFailed) -> None:
+        """Publish the job's one outcome (completed and failed share the subject, which
+        takes one message ever), in the job's own trace; then ack the job."""
+        with trace.use_span(item.span):
+            await self.bus.publish(
+                subjects.render_event(outcome.user_id, outcome.request_id), outcome, first_on_subject=True
+            )
+        await item.msg.ack()
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        pass
+
+
+async def _wait_any(stop: asyncio.Event, event: asyncio.Event, seconds: float) -> None:
+    waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(event.wait())}
+    try:
+        await asyncio.wait(waiters, timeout=max(0.0, seconds), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

@@ -23,7 +23,7 @@ from infra.databases import create_database, drop_database
 from infra.platform import Platform
 from kiln.client import KilnClient
 from services.quota.migrate import upgrade
-from services.render import tiny_model
+from shared.settings import DEFAULT_MODEL
 
 
 TEST_PLANS = Path(__file__).with_name("plans.toml")
@@ -31,7 +31,7 @@ TEST_PLANS = Path(__file__).with_name("plans.toml")
 
 @pytest.fixture(scope="session")
 def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_model.ensure(tmp_path_factory.mktemp("models") / "tiny-sd")
+    return DEFAULT_MODEL
 
 
 @pytest_asyncio.fixture(scope="session")

@@ -53,7 +53,7 @@ async def _send_render_job(
         **({"request_id": request_id, "user_id": user, "prompt": "x", "width": 32, "height": 32,
             "steps": 10, "seed": 1} | fields)
     )
-    await client.js.publish(subjects.render_job("free"), encode(job))
+    await client.js.publish(subjects.render_job("free", user), encode(job))
     return request_id
 
 
@@ -165,7 +165,7 @@ async def test_a_job_that_keeps_failing_is_retried_then_ends_as_a_failed_request
     assert (outcome.stage, outcome.reason) == ("render", "gave_up")
     assert "failed 3 times" in outcome.detail and "ZeroDivisionError" in outcome.detail
     data, headers = await _dead_letter_for(
-        client, subjects.render_job("free"), service="render", containing=request_id.encode()
+        client, subjects.render_job("free", user), service="render", containing=request_id.encode()
     )
     assert b"ZeroDivisionError" in headers[REASON_HEADER].encode() and request_id.encode() in data
 

@@ -1,0 +1,230 @@
+"""Train Kiln's own model on pictures it draws itself, and save it as a diffusers folder.
+
+    python -m services.render.kiln_model.train services/render/models/kiln-shapes --minutes 50
+
+Three parts, all standard diffusers / transformers classes, so `StableDiffusionPipeline`
+(and its image-to-image and inpainting siblings) load the result like any SD folder:
+
+- a word-level tokenizer and a 2-layer CLIP text encoder, trained with the UNet;
+- an `AutoencoderKL` that does not shrink the image (32×32×3 ↔ 32×32×4), trained first for
+  a few hundred steps: the pipelines need an autoencoder, this one is nearly the identity;
+- a small `UNet2DConditionModel` (cross-attention at 16×16 and 8×8), v-prediction on a
+  cosine noise schedule, caption dropout for classifier-free guidance, EMA weights saved.
+
+The run stops after `--minutes` of diffusion training (the learning rate follows a cosine
+over that time) and writes a checkpoint every `--save-every` minutes, so a cut-short run
+still leaves a usable model. Weights are saved in fp16 (about 6 MB in all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from services.render.kiln_model import scenes
+from services.render.pipeline import quiet_model_libraries
+
+quiet_model_libraries()
+from diffusers import (  # noqa: E402
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast  # noqa: E402
+
+MAX_TOKENS = 16
+SPECIALS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
+WORDS = [*scenes.COLOURS, *scenes.SHAPES, *scenes.DIGITS, *scenes.POSITIONS,
+         "a", "an", "the", "on", "at", "in", "digit", "number", "background"]
+TRAIN_STEPS = 1000  # noise levels
+CAPTION_DROPOUT = 0.1
+EMA_DECAY = 0.995
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Whole words in, one id each; any other word is [UNK], which training teaches the
+    model to ignore."""
+    vocab = {token: index for index, token in enumerate([*SPECIALS, *WORDS])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
+    )
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", vocab["[BOS]"]), ("[EOS]", vocab["[EOS]"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="[BOS]", eos_token="[EOS]", pad_token="[PAD]",
+        unk_token="[UNK]", model_max_length=MAX_TOKENS,
+    )
+
+
+def build_models(tokenizer: PreTrainedTokenizerFast) -> tuple[CLIPTextModel, AutoencoderKL, UNet2DConditionModel]:
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=MAX_TOKENS, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    ))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",), block_out_channels=(32,), layers_per_block=1,
+        latent_channels=4, norm_num_groups=8, sample_size=scenes.SIZE, mid_block_add_attention=False,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=scenes.SIZE, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64),
+        layers_per_block=1, norm_num_groups=8, cross_attention_dim=128, attention_head_dim=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+    return text_encoder, vae, unet
+
+
+class Batches:
+    """Endless batches of freshly drawn (image, caption) pairs, never a held-out scene."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.rng = random.Random(seed)
+        self.held_out = {(s.thing, s.colour, s.background, s.position) for s in scenes.held_out_scenes()}
+
+    def next(self) -> tuple[torch.Tensor, list[str]]:
+        images, captions = [], []
+        while len(images) < self.size:
+            scene = scenes.random_scene(self.rng)
+            if (scene.thing, scene.colour, scene.background, scene.position) in self.held_out:
+                continue
+            text, _ = scenes.caption(scene, self.rng)
+            images.append(torch.frombuffer(bytearray(scenes.draw(scene, self.rng).tobytes()), dtype=torch.uint8))
+            captions.append("" if self.rng.random() < CAPTION_DROPOUT else text)
+        pixels = torch.stack(images).view(-1, scenes.SIZE, scenes.SIZE, 3).permute(0, 3, 1, 2)
+        return pixels.float() / 127.5 - 1.0, captions
+
+
+def train_autoencoder(vae: AutoencoderKL, batches: Batches, steps: int) -> float:
+    optimiser = torch.optim.AdamW(vae.parameters(), lr=2e-3)
+    for step in range(1, steps + 1):
+        pixels, _ = batches.next()
+        posterior = vae.encode(pixels).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        loss = F.mse_loss(reconstruction, pixels) + 1e-6 * posterior.kl().mean()
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        if step % 50 == 0:
+            print(f"autoencoder step {step}: loss {loss.item():.5f}", flush=True)
+    vae.eval().requires_grad_(False)
+    return loss.item()
+
+
+def latent_scaling(vae: AutoencoderKL, batches: Batches) -> float:
+    """The scaling factor that puts latents in [-1, 1], like pixels: the sampler clips its
+    estimate of the clean latent to that range at every step (SD pipelines turn a
+    scheduler's `clip_sample` off, so the saved scheduler clips by `thresholding` with a
+    maximum of 1, which is the same thing)."""
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(batches.next()[0]).latent_dist.mode() for _ in range(8)])
+    return 1.0 / latents.abs().quantile(0.999).item()
+
+
+def save(folder: Path, tokenizer, text_encoder, vae, unet) -> None:
+    scheduler = DDIMScheduler(
+        num_train_timesteps=TRAIN_STEPS, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+        clip_sample=False, thresholding=True, sample_max_value=1.0, set_alpha_to_one=False,
+        timestep_spacing="trailing",
+    )
+    pipe = StableDiffusionPipeline(
+        vae=copy.deepcopy(vae).half(), text_encoder=copy.deepcopy(text_encoder).half(), tokenizer=tokenizer,
+        unet=copy.deepcopy(unet).half(), scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    size_mb = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6
+    print(f"saved {folder} ({size_mb:.1f} MB)", flush=True)
+
+
+def encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
+    ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
+    return text_encoder(ids.input_ids)[0]
+
+
+def train(folder: Path, minutes: float, batch_size: int, save_every: float, ae_steps: int, seed: int) -> None:
+    torch.manual_seed(seed)
+    batches = Batches(batch_size, seed)
+    tokenizer = build_tokenizer()
+    text_encoder, vae, unet = build_models(tokenizer)
+    print(f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters, "
+          f"text encoder {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f} M", flush=True)
+
+    loss = train_autoencoder(vae, batches, ae_steps)
+    scaling = latent_scaling(vae, batches)
+    vae.register_to_config(scaling_factor=scaling)
+    print(f"autoencoder done: loss {loss:.5f}, latent scaling {scaling:.3f}", flush=True)
+
+    noise_schedule = DDPMScheduler(
+        num_train_timesteps=TRAIN_STEPS, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction"
+    )
+    parameters = [*unet.parameters(), *text_encoder.parameters()]
+    optimiser = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=0.01)
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    ema_pairs = [*zip(ema_unet.parameters(), unet.parameters()), *zip(ema_text.parameters(), text_encoder.parameters())]
+
+    budget_s, started, last_save = minutes * 60, time.monotonic(), time.monotonic()
+    step, running = 0, 0.0
+    while (elapsed := time.monotonic() - started) < budget_s:
+        step += 1
+        warmup = min(1.0, step / 100)
+        for group in optimiser.param_groups:  # cosine over the time budget
+            group["lr"] = 1e-3 * warmup * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * elapsed / budget_s)))
+        pixels, captions = batches.next()
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.mode() * scaling
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, TRAIN_STEPS, (len(latents),))
+        noisy = noise_schedule.add_noise(latents, noise, timesteps)
+        target = noise_schedule.get_velocity(latents, noise, timesteps)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # ~1.5× faster a step on this CPU
+            prediction = unet(noisy, timesteps, encode_text(tokenizer, text_encoder, captions)).sample
+        loss = F.mse_loss(prediction.float(), target)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimiser.step()
+        with torch.no_grad():
+            decay = min(EMA_DECAY, (1 + step) / (10 + step))
+            for ema, live in ema_pairs:
+                ema.lerp_(live, 1 - decay)
+        running = loss.item() if step == 1 else 0.98 * running + 0.02 * loss.item()
+        if step % 50 == 0:
+            print(f"step {step} ({elapsed / 60:.1f} min): loss {running:.4f}", flush=True)
+        if time.monotonic() - last_save > save_every * 60:
+            save(folder, tokenizer, ema_text, vae, ema_unet)
+            last_save = time.monotonic()
+    save(folder, tokenizer, ema_text, vae, ema_unet)
+    print(f"done: {step} steps in {(time.monotonic() - started) / 60:.1f} min", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m services.render.kiln_model.train")
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--minutes", type=float, default=50.0, help="diffusion training time")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--save-every", type=float, default=10.0, help="minutes between checkpoints")
+    parser.add_argument("--autoencoder-steps", type=int, default=400)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    train(args.folder, args.minutes, args.batch, args.save_every, args.autoencoder_steps, args.seed)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+from services.render.queue import Waiting, fair_shares
+
+
+def shares(waiting, slots, last_served=None):
+    return {(w.tier, w.user_id): n for w, n in fair_shares(waiting, slots, last_served or {})}
+
+
+def test_paid_jobs_are_taken_before_free_ones():
+    waiting = [Waiting("free", "f1", 5), Waiting("paid", "p1", 3)]
+    assert shares(waiting, 4) == {("paid", "p1"): 3, ("free", "f1"): 1}
+
+
+def test_one_users_hundred_jobs_do_not_starve_another_users_one():
+    waiting = [Waiting("free", "heavy", 100), Waiting("free", "light", 1)]
+    assert shares(waiting, 4) == {("free", "heavy"): 3, ("free", "light"): 1}
+    assert shares(waiting, 1, {"render-free-heavy": 5.0}) == {("free", "light"): 1}
+
+
+def test_users_take_turns_least_recently_served_first():
+    waiting = [Waiting("free", user, 10) for user in ("a", "b", "c")]
+    served = {"render-free-a": 3.0, "render-free-b": 1.0, "render-free-c": 2.0}
+    assert shares(waiting, 2, served) == {("free", "b"): 1, ("free", "c"): 1}
+    assert shares(waiting, 7, served) == {("free", "b"): 3, ("free", "c"): 2, ("free", "a"): 2}
+
+
+def test_never_more_than_waiting_or_slots():
+    waiting = [Waiting("paid", "p", 2), Waiting("free", "f", 0)]
+    assert shares(waiting, 10) == {("paid", "p"): 2}
+    assert shares(waiting, 0) == {}
