@@ -102,7 +102,7 @@ async def measure(requests: int, warmup: int) -> dict:
         "benchmark": "e2e_latency",
         "requests": requests,
         "warmup": warmup,
-        "model": "tiny random SD pipeline, 32x32, 10 steps, CPU",
+        "model": f"{DEFAULT_MODEL.name}, 32x32, 10 steps, CPU",
         "servers": "external" if os.environ.get("KILN_NATS_URL") else "embedded (nats-server 2.15, PostgreSQL 18)",
         "host": f"{host.node()} ({os.cpu_count()} cpus)",
         "end_to_end": summary(total),

@@ -104,7 +104,11 @@ async def _generate_traced(args: argparse.Namespace, settings: Settings) -> int:
             task = bar.add_task("waiting for quota", total=args.steps)
 
             def on_progress(event: RenderProgress) -> None:
-                bar.update(task, description="rendering", completed=event.step, total=event.total_steps)
+                if event.state == "queued":
+                    eta = f", about {event.eta_s:.0f} s" if event.eta_s is not None else ""
+                    bar.update(task, description=f"queued: #{event.queue_position}{eta}")
+                else:
+                    bar.update(task, description="rendering", completed=event.step, total=event.total_steps)
 
             try:
                 outcome = await client.generate(

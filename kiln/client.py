@@ -97,11 +97,16 @@ class KilnClient:
         height: int = 32,
         steps: int = 10,
         seed: int | None = None,
+        edit_of: str | None = None,
+        strength: float = 0.8,
+        mask_key: str | None = None,
         on_progress: ProgressCallback | None = None,
         timeout_s: float = 120,
         resubmit_after_s: float = 30,
     ) -> Outcome:
         """Ask for an image and wait for the request's outcome: delivered, denied or failed.
+        An edit names the earlier request whose image it starts from (`edit_of`), and may
+        add a mask from `upload_mask` to repaint only part of it.
 
         Raises ValueError for ids that cannot be used, TimeoutError if no outcome arrives."""
         submission = PromptSubmitted(
@@ -113,6 +118,9 @@ class KilnClient:
             height=height,
             steps=steps,
             seed=seed,
+            edit_of=edit_of,
+            strength=strength,
+            mask_key=mask_key,
         )
         check_ids(submission)
         with tracer.start_as_current_span(
@@ -123,6 +131,20 @@ class KilnClient:
             return await self._follow(
                 user_id, submission.request_id, submission, on_progress, timeout_s, resubmit_after_s
             )
+
+    async def cancel(self, user_id: str, request_id: str) -> None:
+        """Ask render to drop the request: before it starts, or between two steps. The
+        request then ends as RequestFailed(reason="cancelled") and its quota is refunded.
+        Kept in a stream, so a job still on its way to render is dropped when it arrives."""
+        await self.js.publish(
+            subjects.render_cancel(user_id, request_id), b"", headers={"Nats-Msg-Id": f"{user_id}:{request_id}:cancel"}
+        )
+
+    async def upload_mask(self, user_id: str, png: bytes) -> str:
+        """Store an inpainting mask (white = repaint) and return its key for `generate`."""
+        key = f"{user_id}/masks/{uuid.uuid4().hex}.png"
+        await (await self.js.object_store(subjects.IMAGE_BUCKET)).put(key, png)
+        return key
 
     async def wait_for_outcome(
         self,
@@ -194,6 +216,7 @@ class KilnClient:
         An announcement is only a cue: a plain subscriber also sees a second outcome that
         JetStream refused to store, so the caller reads the stored, first one."""
         loop = asyncio.get_running_loop()
+        rendering = False
         while (remaining := until - loop.time()) > 0:
             try:
                 msg = await asyncio.wait_for(inbox.get(), remaining)
@@ -204,7 +227,11 @@ class KilnClient:
             except msgspec.DecodeError:
                 continue  # not ours to judge; the services dead-letter what they cannot read
             if isinstance(event, RenderProgress) and on_progress is not None:
-                on_progress(event)
+                # A queue report can trail the job's first step by a moment: once it
+                # renders, its place in the queue is old news.
+                if event.state == "rendering" or not rendering:
+                    on_progress(event)
+                rendering = rendering or event.state == "rendering"
             elif isinstance(event, TERMINAL):
                 return True
         return False

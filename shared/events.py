@@ -121,6 +121,8 @@ class RenderCompleted(Event, kw_only=True):
     seed: int
     render_ms: float  # the pipeline's own time, without queueing or storage
     worker_id: str
+    batch_size: int = 1  # jobs rendered in the same pipeline call
+    queued_ms: float | None = None  # from the job's request to the start of its batch
     completed_at: datetime = msgspec.field(default_factory=utcnow)
 
 

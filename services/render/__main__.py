@@ -14,6 +14,7 @@ import functools
 import os
 import socket
 
+from services.render.positions import QueueReporter
 from services.render.queue import JobQueue
 from services.render.telemetry import send_heartbeats
 from services.render.thermal import Gpu, ThermalGuard, injected_temperature
@@ -56,7 +57,8 @@ async def serve(settings: Settings, bus: Bus, stop: asyncio.Event, *, worker_id:
         bus, await bus.image_store(), renderer, worker_id, queue, guard,
         max_wait_s=float(env.get("KILN_RENDER_MAX_WAIT_MS", 50)) / 1000,
     )
-    await asyncio.gather(worker.run(stop), send_heartbeats(worker, gpu, stop))
+    reporter = QueueReporter(bus, queue, worker_id)
+    await asyncio.gather(worker.run(stop), send_heartbeats(worker, gpu, stop), reporter.run(stop))
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ class Renderer:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.float16 if self.device == "cuda" else torch.float32
         text = AutoPipelineForText2Image.from_pretrained(
-            str(model_path), torch_dtype=dtype, local_files_only=True
+            str(model_path), dtype=dtype, local_files_only=True
         ).to(self.device)
         # The edit pipelines share the text pipeline's modules: no second copy of the weights.
         self.pipelines = {

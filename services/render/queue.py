@@ -38,32 +38,46 @@ LEGACY_CONSUMER = "render"  # one consumer for every job (before users took turn
 class Waiting:
     tier: str
     user_id: str
-    jobs: int  # not yet handed to any worker (or 1: some may be due again)
+    jobs: int  # not yet handed to any worker
+    maybe_due: bool = False  # handed out, not acked: perhaps due again (worth asking for one)
+    after_seq: int = 0  # the stream sequence this user's waiting jobs come after
 
     @property
     def consumer(self) -> str:
         return consumer_name(self.tier, self.user_id)
+
+    @property
+    def claimable(self) -> int:
+        return self.jobs or int(self.maybe_due)
 
 
 def consumer_name(tier: str, user_id: str) -> str:
     return f"render-{tier}-{user_id}"
 
 
-def fair_shares(waiting: list[Waiting], slots: int, last_served: dict[str, float]) -> list[tuple[Waiting, int]]:
-    """How many jobs to take from whom for `slots` places. Paid before free; within a tier
-    one job per user per round, the user served longest ago (or never) first. Pure."""
-    shares: list[tuple[Waiting, int]] = []
+def fair_order(waiting: list[Waiting], last_served: dict[str, float], limit: int) -> list[tuple[Waiting, int]]:
+    """The order in which the queue takes the first `limit` jobs: (whose, their n-th job).
+    Paid before free; within a tier one job per user per round, the user served longest
+    ago (or never) first. Pure."""
+    order: list[tuple[Waiting, int]] = []
     for tier in subjects.TIERS:
-        users = sorted((w for w in waiting if w.tier == tier and w.jobs > 0),
+        users = sorted((w for w in waiting if w.tier == tier and w.claimable > 0),
                        key=lambda w: (last_served.get(w.consumer, 0.0), w.user_id))
-        taken = {w.consumer: 0 for w in users}
-        while slots > 0 and any(taken[w.consumer] < w.jobs for w in users):
+        for round_ in range(max((w.claimable for w in users), default=0)):
             for w in users:
-                if slots > 0 and taken[w.consumer] < w.jobs:
-                    taken[w.consumer] += 1
-                    slots -= 1
-        shares += [(w, taken[w.consumer]) for w in users if taken[w.consumer]]
-    return shares
+                if len(order) >= limit:
+                    return order
+                if round_ < w.claimable:
+                    order.append((w, round_))
+    return order
+
+
+def fair_shares(waiting: list[Waiting], slots: int, last_served: dict[str, float]) -> list[tuple[Waiting, int]]:
+    """How many jobs to take from whom for `slots` places, in `fair_order`."""
+    counts: dict[str, tuple[Waiting, int]] = {}
+    for w, _ in fair_order(waiting, last_served, slots):
+        counts[w.consumer] = (w, counts.get(w.consumer, (w, 0))[1] + 1)
+    return list(counts.values())
 
 
 class JobQueue:
@@ -97,12 +111,11 @@ class JobQueue:
             if not name.startswith("render-"):
                 continue
             _, tier, user_id = name.split("-", 2)
-            if consumer.num_pending:
-                result.append(Waiting(tier, user_id, consumer.num_pending))
-            elif consumer.num_ack_pending:
+            if consumer.num_pending or consumer.num_ack_pending:
                 # Handed out but not acked: maybe in hand elsewhere, maybe due again (a
-                # retry after its back-off, a job of a worker that died). Ask for one.
-                result.append(Waiting(tier, user_id, 1))
+                # retry after its back-off, a job of a worker that died): ask for one.
+                result.append(Waiting(tier, user_id, consumer.num_pending, maybe_due=bool(consumer.num_ack_pending),
+                                      after_seq=consumer.delivered.stream_seq or 0))
             elif name not in held:
                 await self._delete(name)
         return result

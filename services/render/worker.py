@@ -38,7 +38,7 @@ from services.render.telemetry import Throughput
 from services.render.thermal import ThermalGuard
 from shared import subjects
 from shared.bus import Bus, Delivery
-from shared.events import RenderCompleted, RenderFailed, RenderProgress, RenderRequested
+from shared.events import RenderCompleted, RenderFailed, RenderProgress, RenderRequested, utcnow
 from shared.failpoints import failpoint
 
 log = logging.getLogger("kiln.render")
@@ -72,6 +72,7 @@ class RenderWorker:
         self.held: list[Delivery] = []  # claimed, not yet in a batch
         self.cancelled: set[str] = set()  # "<user>.<request>" seen on the cancel subject
         self._new_work = asyncio.Event()
+        self._batch_started = utcnow()
 
     async def run(self, stop: asyncio.Event) -> None:
         subscriptions = [
@@ -144,6 +145,7 @@ class RenderWorker:
     # -- one batch --------------------------------------------------------------------------
 
     async def _run_batch(self, batch: list[Delivery]) -> None:
+        self._batch_started = utcnow()
         for item in batch:
             item.span = self.bus.span(item.event, item.msg)
         try:
@@ -215,7 +217,7 @@ class RenderWorker:
             meta = ObjectMeta(description=json.dumps({"render_ms": render_ms, "batch": len(todo)}))
             await self.store.put(subjects.image_key(job.user_id, job.request_id), png, meta=meta)
             self.throughput.add()
-            await self._complete(item, render_ms)
+            await self._complete(item, render_ms, batch_size=len(todo))
 
     async def _render(self, todo: list[Delivery], sources: list, masks: list) -> tuple[list[bytes], float]:
         loop = asyncio.get_running_loop()
@@ -282,12 +284,13 @@ class RenderWorker:
             return False
         return True
 
-    async def _complete(self, item: Delivery, render_ms: float) -> None:
+    async def _complete(self, item: Delivery, render_ms: float, batch_size: int = 1) -> None:
         job: RenderRequested = item.event
         completed = RenderCompleted(
             request_id=job.request_id, user_id=job.user_id, conversation_id=job.conversation_id,
             image_key=subjects.image_key(job.user_id, job.request_id), width=job.width, height=job.height,
-            seed=job.seed, render_ms=render_ms, worker_id=self.worker_id,
+            seed=job.seed, render_ms=render_ms, worker_id=self.worker_id, batch_size=batch_size,
+            queued_ms=(self._batch_started - job.requested_at).total_seconds() * 1000,
         )
         await self._report(item, completed)
 

@@ -10,6 +10,7 @@ runs on the same NATS do not matter.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -60,6 +61,20 @@ def _print_service_logs(stack: Platform) -> None:
     for log in sorted(stack.log_dir.glob("*.log")):
         print(f"----- {log.name} (last 40 lines)")
         print("\n".join(log.read_text(errors="replace").splitlines()[-40:]))
+
+
+@contextlib.contextmanager
+def replaced(platform: Platform, service: str, *instances: tuple[str, dict[str, str]]):
+    """Run `service` as the given instances (name, extra env) instead of its usual process."""
+    platform.stop_service(service)
+    try:
+        for name, env in instances:
+            platform.start_service(service, instance=name, env=env)
+        yield
+    finally:
+        for name, _ in instances:
+            platform.stop_service(name)
+        platform.start_service(service)
 
 
 @pytest_asyncio.fixture

@@ -42,7 +42,7 @@ from shared.events import (
 from shared.failpoints import EXIT_CODE
 from shared.settings import PROJECT_ROOT
 
-from .conftest import TEST_PLANS
+from .conftest import TEST_PLANS, replaced
 
 pytestmark = pytest.mark.integration
 
@@ -95,20 +95,6 @@ async def _fleet_pressure(client: KilnClient, queue_depth: int) -> AsyncIterator
         await asyncio.sleep(2.5)  # stale_after_s in the test plans: pressure is normal again
 
 
-@contextlib.contextmanager
-def _replaced(platform: Platform, service: str, *instances: tuple[str, dict[str, str]]):
-    """Run `service` as the given instances (name, extra env) instead of its usual process."""
-    platform.stop_service(service)
-    try:
-        for name, env in instances:
-            platform.start_service(service, instance=name, env=env)
-        yield
-    finally:
-        for name, _ in instances:
-            platform.stop_service(name)
-        platform.start_service(service)
-
-
 # -- exact limits, nothing lost ---------------------------------------------------------
 
 
@@ -116,7 +102,7 @@ async def test_three_quota_processes_grant_exactly_three_of_a_hundred_concurrent
     platform: Platform, client: KilnClient, db: asyncpg.Connection, user: str
 ):
     small_batches = {"KILN_QUOTA_BATCH": "4"}  # so that all three get a share of the work
-    with _replaced(platform, "quota", *[(f"quota-{n}", small_batches) for n in (1, 2, 3)]):
+    with replaced(platform, "quota", *[(f"quota-{n}", small_batches) for n in (1, 2, 3)]):
         await asyncio.gather(*(client.submit(_prompt(user)) for _ in range(100)))
         decisions = await _wait_for_decisions(db, user, 100)
 
@@ -135,7 +121,7 @@ async def test_a_decision_committed_by_a_process_that_dies_before_publishing_sti
 ):
     prompt = _prompt(user)
     dies_after_commit = ("quota-doomed", {"KILN_FAILPOINT": "quota.after_commit"})
-    with _replaced(platform, "quota", dies_after_commit):
+    with replaced(platform, "quota", dies_after_commit):
         await client.submit(prompt)
         doomed = platform.services["quota-doomed"]
         assert await asyncio.to_thread(doomed.wait, 60) == EXIT_CODE
@@ -156,7 +142,7 @@ async def test_a_failed_render_is_refunded_and_the_user_can_generate_again(
 ):
     for _ in range(2):
         assert isinstance(await client.generate("a green square", user_id=user), ImageDelivered)
-    with _replaced(platform, "render", ("render-failing", {"KILN_FAILPOINT": "render.job:raise"})):
+    with replaced(platform, "render", ("render-failing", {"KILN_FAILPOINT": "render.job:raise"})):
         failed = await client.generate("a blue circle", user_id=user, timeout_s=90)
     assert isinstance(failed, RequestFailed) and (failed.stage, failed.reason) == ("render", "gave_up")
 

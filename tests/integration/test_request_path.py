@@ -67,8 +67,10 @@ async def test_one_prompt_gives_one_png(client: KilnClient, db: asyncpg.Connecti
     image = Image.open(io.BytesIO(png))
     image.load()  # decodes every pixel: a truncated or corrupt PNG raises here
     assert (image.format, image.size) == ("PNG", (32, 32))
-    assert progress and progress[-1].step == progress[-1].total_steps == 10
-    assert [step.step for step in progress] == sorted(step.step for step in progress)
+    rendering = [event for event in progress if event.state == "rendering"]
+    assert rendering and rendering[-1].step == rendering[-1].total_steps == 10
+    assert [event.step for event in rendering] == sorted(event.step for event in rendering)
+    assert progress.index(rendering[0]) == len(progress) - len(rendering)  # no queue report after
     rows = await _decisions(db, user)
     assert [(row["event_type"], row["request_id"]) for row in rows] == [("QuotaGranted", outcome.request_id)]
 

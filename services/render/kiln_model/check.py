@@ -93,7 +93,7 @@ def render_held_out(model: Path, steps: int, guidance: float, seed: int) -> list
     import torch
     from diffusers import AutoPipelineForText2Image
 
-    pipe = AutoPipelineForText2Image.from_pretrained(str(model), torch_dtype=torch.float32, local_files_only=True)
+    pipe = AutoPipelineForText2Image.from_pretrained(str(model), dtype=torch.float32, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     held_out = scenes.held_out_scenes()
     prompts = [scenes.held_out_prompt(s) for s in held_out]

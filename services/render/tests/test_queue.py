@@ -1,4 +1,4 @@
-from services.render.queue import Waiting, fair_shares
+from services.render.queue import Waiting, fair_order, fair_shares
 
 
 def shares(waiting, slots, last_served=None):
@@ -27,3 +27,15 @@ def test_never_more_than_waiting_or_slots():
     waiting = [Waiting("paid", "p", 2), Waiting("free", "f", 0)]
     assert shares(waiting, 10) == {("paid", "p"): 2}
     assert shares(waiting, 0) == {}
+
+
+def test_the_order_jobs_are_taken_in_gives_each_waiting_job_its_place():
+    waiting = [Waiting("free", "a", 3), Waiting("free", "b", 1), Waiting("paid", "p", 1)]
+    order = [(w.user_id, n) for w, n in fair_order(waiting, {}, limit=10)]
+    assert order == [("p", 0), ("a", 0), ("b", 0), ("a", 1), ("a", 2)]
+    assert len(fair_order(waiting, {}, limit=2)) == 2
+
+
+def test_a_user_with_jobs_in_hand_elsewhere_is_asked_for_one_more():
+    maybe = Waiting("free", "r", 0, maybe_due=True)
+    assert shares([maybe], 5) == {("free", "r"): 1}

@@ -1,0 +1,107 @@
+"""While a job waits, its owner sees its place in the queue and an estimate of the wait.
+
+One worker of the fleet reports: the one with the smallest id among the workers heard from
+in the last few seconds, so the fleet needs no coordinator and a dead reporter is replaced
+within seconds. Once a second it reads the jobs no worker has taken yet, puts them in the
+order the fair queue will take them, and publishes `RenderProgress(state="queued")` with
+the job's place and an estimate (place ÷ the fleet's images/s) on each job's progress
+subject. Progress is plain NATS: a missed report costs nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+
+from services.render.queue import STREAM, JobQueue, Waiting, fair_order
+from shared import subjects
+from shared.bus import Bus
+from shared.events import RenderProgress, RenderRequested, WorkerHeartbeat, decode
+
+log = logging.getLogger("kiln.render.positions")
+
+REPORT_S = 1.0
+FRESH_S = 3.0  # a worker not heard from for this long is gone
+MAX_REPORTED = 500  # jobs per report: beyond this, "far back" is all a user needs to know
+
+
+class QueueReporter:
+    def __init__(self, bus: Bus, queue: JobQueue, worker_id: str) -> None:
+        self.bus = bus
+        self.queue = queue
+        self.worker_id = worker_id
+        self.heard: dict[str, tuple[float, WorkerHeartbeat]] = {}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        subscription = await self.bus.nc.subscribe(subjects.FLEET_TELEMETRY, cb=self._on_heartbeat)
+        try:
+            while not stop.is_set():
+                if self.is_reporter():
+                    try:
+                        await self.report()
+                    except (nats.errors.Error, nats.js.errors.Error) as error:
+                        log.warning("queue positions not reported: %s", error)
+                try:
+                    await asyncio.wait_for(stop.wait(), REPORT_S)
+                except TimeoutError:
+                    pass
+        finally:
+            await subscription.unsubscribe()
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        try:
+            beat = msgspec.json.decode(msg.data, type=WorkerHeartbeat)
+        except msgspec.DecodeError:
+            return
+        self.heard[beat.worker_id] = (time.monotonic(), beat)
+
+    def _fresh(self) -> list[WorkerHeartbeat]:
+        cutoff = time.monotonic() - FRESH_S
+        return [beat for at, beat in self.heard.values() if at >= cutoff]
+
+    def is_reporter(self) -> bool:
+        return min([self.worker_id, *(beat.worker_id for beat in self._fresh())]) == self.worker_id
+
+    async def report(self) -> None:
+        waiting = [w for w in await self.queue.waiting() if w.jobs]
+        for w in waiting:
+            w.maybe_due = False  # only jobs really waiting get a place
+        rate = sum(beat.images_per_s for beat in self._fresh())
+        order = fair_order(waiting, self.queue.last_served, MAX_REPORTED)
+        deepest = {w.consumer: (w, index) for w, index in order}  # later entries win: the last index
+        jobs = await self._jobs(list(deepest.values()))
+        for place, (w, index) in enumerate(order, start=1):
+            if index >= len(jobs[w.consumer]):
+                continue  # taken meanwhile
+            job = jobs[w.consumer][index]
+            queued = RenderProgress(
+                request_id=job.request_id, user_id=job.user_id, conversation_id=job.conversation_id,
+                step=0, total_steps=job.steps, state="queued", queue_position=place,
+                eta_s=round(place / rate, 1) if rate > 0 else None,
+            )
+            await self.bus.announce(subjects.render_progress(job.user_id, job.request_id), queued)
+
+    async def _jobs(self, wanted: list[tuple[Waiting, int]]) -> dict[str, list[RenderRequested]]:
+        """Each user's first waiting jobs, up to the index wanted, in stream order (plain
+        reads: nothing is claimed)."""
+        jobs: dict[str, list[RenderRequested]] = {}
+        for w, last_index in wanted:
+            subject, seq, found = subjects.render_job(w.tier, w.user_id), w.after_seq + 1, []
+            while len(found) <= last_index:
+                try:
+                    raw = await self.bus.js.get_msg(STREAM, seq=seq, subject=subject, next=True)
+                except nats.js.errors.NotFoundError:
+                    break
+                try:
+                    found.append(decode(raw.data, (raw.headers or {}).get("Content-Type")))
+                except msgspec.DecodeError:
+                    pass  # the worker that claims it dead-letters it
+                seq = raw.seq + 1
+            jobs[w.consumer] = [job for job in found if isinstance(job, RenderRequested)]
+        return jobs
