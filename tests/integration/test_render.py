@@ -11,6 +11,7 @@ import signal
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 
 import msgspec
 import nats.js.errors
@@ -32,6 +33,7 @@ from shared.events import (
     WorkerHeartbeat,
     decode,
     encode,
+    utcnow,
 )
 from shared.failpoints import EXIT_CODE
 
@@ -160,10 +162,9 @@ async def test_sigterm_finishes_the_batch_in_hand_and_hands_back_the_rest(
     with replaced(platform, "render"):
         first = await _queue_job(client, f"a{prefix}", steps=90)
         held = await _queue_job(client, f"b{prefix}", steps=20)
-        progress: asyncio.Queue = asyncio.Queue()
-        sub = await client.nc.subscribe(subjects.render_progress(first.user_id, first.request_id), cb=progress.put)
+        sub = await client.nc.subscribe(subjects.render_progress(first.user_id, first.request_id))
         platform.start_service("render", instance="render-draining", env={"KILN_RENDER_MAX_BATCH": "2"})
-        await asyncio.wait_for(progress.get(), 60)  # the first batch is rendering
+        await _rendering(sub)  # the first batch is rendering
         await sub.unsubscribe()
         exit_code = await asyncio.to_thread(platform.stop_service, "render-draining", signal.SIGTERM, 60)
         assert exit_code == 0
@@ -177,6 +178,15 @@ async def test_sigterm_finishes_the_batch_in_hand_and_hands_back_the_rest(
     assert "handed back 1 jobs" in log
     for job in (first, held):
         await _exactly_one_image(client, job)
+
+
+async def _rendering(progress) -> RenderProgress:
+    """The first progress event of a job that is rendering (not one telling its place in
+    the queue)."""
+    while True:
+        event: RenderProgress = decode((await progress.next_msg(timeout=60)).data)
+        if event.state == "rendering":
+            return event
 
 
 # -- cancels -----------------------------------------------------------------------------
@@ -204,9 +214,8 @@ async def test_a_cancelled_job_is_dropped_before_rendering_and_refunded(
 
 async def test_a_job_cancelled_while_rendering_stops_between_steps(platform: Platform, client: KilnClient):
     job = await _queue_job(client, _user("c"), steps=400)
-    progress: asyncio.Queue = asyncio.Queue()
-    sub = await client.nc.subscribe(subjects.render_progress(job.user_id, job.request_id), cb=progress.put)
-    first: RenderProgress = decode((await asyncio.wait_for(progress.get(), 60)).data)
+    sub = await client.nc.subscribe(subjects.render_progress(job.user_id, job.request_id))
+    first = await _rendering(sub)
     await client.cancel(job.user_id, job.request_id)
     outcome = await _render_outcome(client, job)
     await sub.unsubscribe()
@@ -231,7 +240,8 @@ async def test_a_hot_gpu_pauses_intake_until_it_cools_and_takes_half_batches_whi
         request_id = uuid.uuid4().hex[:16]
         progress = await client.nc.subscribe(subjects.render_progress(user, request_id))
         job = await _queue_job(client, user, request_id=request_id)
-        beat = await _heartbeat_from(heartbeats, platform.services["render-hot"].pid)
+        pid = platform.services["render-hot"].pid
+        beat = await _heartbeat_from(heartbeats, pid, after=utcnow())
         assert (beat.gpu_temperature_c, beat.batch_limit) == (91.0, 0)
         # While it waits, its owner hears where it stands.
         queued: RenderProgress = decode((await progress.next_msg(timeout=10)).data)
@@ -241,21 +251,19 @@ async def test_a_hot_gpu_pauses_intake_until_it_cools_and_takes_half_batches_whi
         with pytest.raises(TimeoutError):
             await _render_outcome(client, job, timeout_s=0.5)  # paused: not taken
         reading.write_text("82")  # under the pause line but not yet under resume (75): still paused
-        await asyncio.sleep(1.5)
-        assert (await _heartbeat_from(heartbeats, platform.services["render-hot"].pid)).batch_limit == 0
+        assert (await _heartbeat_from(heartbeats, pid, after=utcnow())).batch_limit == 0
         reading.write_text("70")  # cool: back to work
         assert isinstance(await _render_outcome(client, job, timeout_s=30), RenderCompleted)
         reading.write_text("83")  # warm: half batches
-        await asyncio.sleep(1.5)
-        assert (await _heartbeat_from(heartbeats, platform.services["render-hot"].pid)).batch_limit == 4
+        assert (await _heartbeat_from(heartbeats, pid, after=utcnow())).batch_limit == 4
     await heartbeats.unsubscribe()
 
 
-async def _heartbeat_from(heartbeats, pid: int) -> WorkerHeartbeat:
-    """The next heartbeat of the worker with this pid (worker ids end in it)."""
+async def _heartbeat_from(heartbeats, pid: int, after: datetime) -> WorkerHeartbeat:
+    """The first heartbeat sent `after` by the worker with this pid (ids end in it)."""
     while True:
         beat = msgspec.json.decode((await heartbeats.next_msg(timeout=10)).data, type=WorkerHeartbeat)
-        if beat.worker_id.endswith(f"-{pid}"):
+        if beat.worker_id.endswith(f"-{pid}") and beat.at > after:
             return beat
 
 
