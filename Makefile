@@ -5,7 +5,7 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench model clean
+.PHONY: run test bench model model-check clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,6 +23,13 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PYTHON) -m bench.e2e_latency
 	$(PYTHON) -m bench.quota_throughput
+	$(PYTHON) -m bench.render_throughput
+	$(MAKE) model-check
+
+# Does the shipped model draw what it is asked? 60 held-out prompts, judged from the pixels.
+model-check: $(STAMP)
+	$(PYTHON) -m services.render.kiln_model.check services/render/models/kiln-shapes \
+		--json bench/results/model_check.json --sheet bench/results/model_check.png
 
 model: $(STAMP)
 	# Retrains Kiln's own model (about 60 minutes on 2 cores); CI never does.

@@ -18,7 +18,7 @@ from services.render.positions import QueueReporter
 from services.render.queue import JobQueue
 from services.render.telemetry import send_heartbeats
 from services.render.thermal import Gpu, ThermalGuard, injected_temperature
-from services.render.worker import RENDER_ATTEMPTS, RenderWorker
+from services.render.worker import MAX_DELIVERIES, Attempts, RenderWorker
 from shared import service
 from shared.bus import GIVE_UP_MARGIN, Bus
 from shared.settings import Settings
@@ -30,6 +30,8 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--gpu", type=int, help="render on this GPU only (sets CUDA_VISIBLE_DEVICES)")
     arguments = parser.parse_args()
     if arguments.gpu is not None:  # before torch initialises CUDA
+        # PCI order: the numbering NVML (the thermal guard) uses too.
+        os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         os.environ["CUDA_VISIBLE_DEVICES"] = str(arguments.gpu)
     return arguments
 
@@ -51,10 +53,10 @@ async def serve(settings: Settings, bus: Bus, stop: asyncio.Event, *, worker_id:
         pause_c=float(env.get("KILN_GPU_PAUSE_C", 87)), resume_c=float(env.get("KILN_GPU_RESUME_C", 75)),
     )
     queue = JobQueue(
-        bus, ack_wait_s=float(env.get("KILN_RENDER_ACK_WAIT_S", 30)), max_deliver=RENDER_ATTEMPTS + GIVE_UP_MARGIN
+        bus, ack_wait_s=float(env.get("KILN_RENDER_ACK_WAIT_S", 30)), max_deliver=MAX_DELIVERIES + GIVE_UP_MARGIN
     )
     worker = RenderWorker(
-        bus, await bus.image_store(), renderer, worker_id, queue, guard,
+        bus, await bus.image_store(), renderer, worker_id, queue, guard, await Attempts.open(bus),
         max_wait_s=float(env.get("KILN_RENDER_MAX_WAIT_MS", 50)) / 1000,
     )
     reporter = QueueReporter(bus, queue, worker_id)

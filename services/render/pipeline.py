@@ -29,6 +29,9 @@ StepCallback = Callable[[int, int], None]
 class Cancelled(Exception):
     """Every job of the batch was cancelled: stop denoising."""
 
+    def __init__(self, step: int, total: int) -> None:
+        super().__init__(f"cancelled at step {step} of {total}")
+
 
 def quiet_model_libraries() -> None:
     """No import-time warnings (optional image backends no Kiln pipeline uses) and no

@@ -69,9 +69,7 @@ class QueueReporter:
         return min([self.worker_id, *(beat.worker_id for beat in self._fresh())]) == self.worker_id
 
     async def report(self) -> None:
-        waiting = [w for w in await self.queue.waiting() if w.jobs]
-        for w in waiting:
-            w.maybe_due = False  # only jobs really waiting get a place
+        waiting = await self.queue.waiting()
         rate = sum(beat.images_per_s for beat in self._fresh())
         order = fair_order(waiting, self.queue.last_served, MAX_REPORTED)
         deepest = {w.consumer: (w, index) for w, index in order}  # later entries win: the last index

@@ -8,8 +8,8 @@ the consumers add is choice: a worker asks the paid users' consumers first, and 
 tier takes one job per user per round, least recently served user first. So one user's
 hundred jobs share the fleet with another user's one instead of standing in front of it.
 
-A consumer is created when its subject first holds a job and deleted once it is empty and
-nothing of it is in flight. A job published just after the delete simply gets a new one.
+A consumer is created when its subject first holds a job, and deleted once it has been idle
+for longer than `ack_wait`. A job published just after the delete simply gets a new one.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
@@ -26,11 +27,12 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from shared import subjects
 from shared.bus import Bus
+from shared.events import decode
 
 log = logging.getLogger("kiln.render.queue")
 
 STREAM = subjects.RENDER_JOBS.name
-CLAIM_TIMEOUT_S = 1.0
+CLAIM_TIMEOUT_S = 5.0
 LEGACY_CONSUMER = "render"  # one consumer for every job (before users took turns)
 
 
@@ -39,16 +41,12 @@ class Waiting:
     tier: str
     user_id: str
     jobs: int  # not yet handed to any worker
-    maybe_due: bool = False  # handed out, not acked: perhaps due again (worth asking for one)
+    maybe_due: bool = False  # handed out, not acked: perhaps due again (a retry, a dead worker's)
     after_seq: int = 0  # the stream sequence this user's waiting jobs come after
 
     @property
     def consumer(self) -> str:
         return consumer_name(self.tier, self.user_id)
-
-    @property
-    def claimable(self) -> int:
-        return self.jobs or int(self.maybe_due)
 
 
 def consumer_name(tier: str, user_id: str) -> str:
@@ -56,28 +54,33 @@ def consumer_name(tier: str, user_id: str) -> str:
 
 
 def fair_order(waiting: list[Waiting], last_served: dict[str, float], limit: int) -> list[tuple[Waiting, int]]:
-    """The order in which the queue takes the first `limit` jobs: (whose, their n-th job).
-    Paid before free; within a tier one job per user per round, the user served longest
-    ago (or never) first. Pure."""
+    """The order in which the queue takes the first `limit` waiting jobs: (whose, their
+    n-th job). Paid before free; within a tier one job per user per round, the user served
+    longest ago (or never) first. Pure."""
     order: list[tuple[Waiting, int]] = []
     for tier in subjects.TIERS:
-        users = sorted((w for w in waiting if w.tier == tier and w.claimable > 0),
+        users = sorted((w for w in waiting if w.tier == tier and w.jobs > 0),
                        key=lambda w: (last_served.get(w.consumer, 0.0), w.user_id))
-        for round_ in range(max((w.claimable for w in users), default=0)):
+        for round_ in range(max((w.jobs for w in users), default=0)):
             for w in users:
                 if len(order) >= limit:
                     return order
-                if round_ < w.claimable:
+                if round_ < w.jobs:
                     order.append((w, round_))
     return order
 
 
 def fair_shares(waiting: list[Waiting], slots: int, last_served: dict[str, float]) -> list[tuple[Waiting, int]]:
-    """How many jobs to take from whom for `slots` places, in `fair_order`."""
+    """How many jobs to ask whom for, for `slots` places: jobs waiting in `fair_order`
+    first; slots left over ask users whose jobs are all handed out whether one is due
+    again (a retry after its back-off, a job of a worker that died)."""
     counts: dict[str, tuple[Waiting, int]] = {}
     for w, _ in fair_order(waiting, last_served, slots):
         counts[w.consumer] = (w, counts.get(w.consumer, (w, 0))[1] + 1)
-    return list(counts.values())
+    left = slots - sum(count for _, count in counts.values())
+    maybe = sorted((w for w in waiting if w.maybe_due and w.consumer not in counts),
+                   key=lambda w: (w.tier != "paid", last_served.get(w.consumer, 0.0), w.user_id))
+    return [*counts.values(), *((w, 1) for w in maybe[:max(0, left)])]
 
 
 class JobQueue:
@@ -85,38 +88,41 @@ class JobQueue:
         self.bus = bus
         self.ack_wait_s = ack_wait_s
         self.max_deliver = max_deliver
-        self.last_served: dict[str, float] = {}
-        self._consumers: set[str] = set()
+        self.last_served: dict[str, float] = {}  # consumer → when this worker last took a job
+        self._empty_since: dict[str, float] = {}  # consumer → when this worker first saw it idle
 
     async def prepare(self) -> None:
-        """The stream refuses per-user consumers beside one that takes every job."""
+        """Upgrading from one consumer for every job (before users took turns): remove it,
+        as the stream refuses per-user consumers beside it, and re-file the jobs left on
+        the old per-tier subjects. Stop the old render workers first."""
         try:
             await self.bus.js.delete_consumer(STREAM, LEGACY_CONSUMER)
         except nats.js.errors.NotFoundError:
             pass
+        info = await self.bus.js.stream_info(STREAM, subjects_filter="kiln.render.jobs.*")
+        for subject in info.state.subjects or {}:
+            await self._refile(subject)
 
     async def waiting(self) -> list[Waiting]:
-        """Who has jobs waiting, and how many each. Creates consumers for new subjects
-        and removes those that are done."""
-        info = await self.bus.js.stream_info(STREAM, subjects_filter="kiln.render.jobs.>")
-        held = set()
-        for subject in info.state.subjects or {}:
-            _, _, _, tier, user_id = subject.split(".")
-            held.add(consumer_name(tier, user_id))
-            if consumer_name(tier, user_id) not in self._consumers:
+        """Who has jobs waiting, and how many each. Creates a consumer for a user with jobs
+        and none yet; removes one that has been idle for longer than `ack_wait`."""
+        consumers = {c.name: c for c in await self._all_consumers() if c.name.startswith("render-")}
+        info = await self.bus.js.stream_info(STREAM, subjects_filter="kiln.render.jobs.*.*")
+        result, with_jobs, now = [], set(), time.monotonic()
+        for subject, count in (info.state.subjects or {}).items():
+            tier, user_id = subject.split(".")[3:5]
+            with_jobs.add(consumer_name(tier, user_id))
+            if consumer_name(tier, user_id) not in consumers:
                 await self._create(tier, user_id)
-        result = []
-        for consumer in await self._all_consumers():
-            name = consumer.name
-            if not name.startswith("render-"):
-                continue
+                result.append(Waiting(tier, user_id, count))
+        for name, consumer in consumers.items():
             _, tier, user_id = name.split("-", 2)
             if consumer.num_pending or consumer.num_ack_pending:
-                # Handed out but not acked: maybe in hand elsewhere, maybe due again (a
-                # retry after its back-off, a job of a worker that died): ask for one.
+                self._empty_since.pop(name, None)
                 result.append(Waiting(tier, user_id, consumer.num_pending, maybe_due=bool(consumer.num_ack_pending),
                                       after_seq=consumer.delivered.stream_seq or 0))
-            elif name not in held:
+            elif name not in with_jobs and now - self._empty_since.setdefault(name, now) > self.ack_wait_s:
+                # Idle this long: no job of it can be in anyone's hands.
                 await self._delete(name)
         return result
 
@@ -162,15 +168,30 @@ class JobQueue:
             ack_wait=self.ack_wait_s,
             max_deliver=self.max_deliver,
         )
-        await self.bus.js.add_consumer(STREAM, config)  # the same config twice is fine
-        self._consumers.add(config.durable_name)
+        await self.bus.js.add_consumer(STREAM, config)  # two workers creating it at once is fine
 
     async def _delete(self, name: str) -> None:
-        self._consumers.discard(name)
+        self._empty_since.pop(name, None)
         try:
             await self.bus.js.delete_consumer(STREAM, name)
         except nats.js.errors.NotFoundError:
             pass  # another worker was first
+
+    async def _refile(self, subject: str) -> None:
+        """Move the jobs on an old `kiln.render.jobs.<tier>` subject to their user's subject."""
+        tier, seq = subject.split(".")[3], 1
+        while True:
+            try:
+                raw = await self.bus.js.get_msg(STREAM, seq=seq, subject=subject, next=True)
+            except nats.js.errors.NotFoundError:
+                return
+            try:
+                job = decode(raw.data or b"", (raw.headers or {}).get("Content-Type"))
+                await self.bus.js.publish(subjects.render_job(tier, job.user_id), raw.data or b"", headers=raw.headers)
+            except msgspec.DecodeError:
+                log.warning("dropped an undecodable job left on %s", subject)
+            await self.bus.js.delete_msg(STREAM, raw.seq)
+            seq = raw.seq + 1
 
     async def _next(self, consumer: str, count: int) -> list[Msg]:
         """Up to `count` messages that are waiting now; never waits for new ones."""
@@ -183,6 +204,8 @@ class JobQueue:
             await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{consumer}", request, reply=inbox)
             while len(messages) < count:
                 try:
+                    # The server answers a no-wait pull at once; the timeout only guards
+                    # against a lost reply (a late message would come back after ack_wait).
                     msg = await sub.next_msg(timeout=CLAIM_TIMEOUT_S)
                 except nats.errors.TimeoutError:
                     break

@@ -43,15 +43,27 @@ class Gpu:
             log.debug("no NVML: %s", error)
 
     def read(self) -> GpuReading:
-        nvml = self._nvml
+        """Each figure the GPU reports; one it does not (MIG slices, some boards) is None."""
+        nvml, handle = self._nvml, self._handle
         if nvml is None:
             return GpuReading()
-        memory = nvml.nvmlDeviceGetMemoryInfo(self._handle)
+
+        def figure(query):
+            try:
+                return query()
+            except nvml.NVMLError as error:
+                log.debug("NVML: %s", error)
+                return None
+
+        memory = figure(lambda: nvml.nvmlDeviceGetMemoryInfo(handle))
+        temperature = figure(lambda: nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU))
+        utilisation = figure(lambda: nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+        power = figure(lambda: nvml.nvmlDeviceGetPowerUsage(handle))
         return GpuReading(
-            temperature_c=float(nvml.nvmlDeviceGetTemperature(self._handle, nvml.NVML_TEMPERATURE_GPU)),
-            utilisation=nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu / 100,
-            memory_used=memory.used / memory.total,
-            power_w=nvml.nvmlDeviceGetPowerUsage(self._handle) / 1000,
+            temperature_c=None if temperature is None else float(temperature),
+            utilisation=None if utilisation is None else utilisation / 100,
+            memory_used=None if memory is None else memory.used / memory.total,
+            power_w=None if power is None else power / 1000,
         )
 
 

@@ -27,7 +27,8 @@ import time
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
-from nats.js.api import ObjectMeta
+from nats.js.api import KeyValueConfig, ObjectMeta
+from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 from opentelemetry import trace
 from PIL import Image
@@ -37,16 +38,51 @@ from services.render.queue import JobQueue
 from services.render.telemetry import Throughput
 from services.render.thermal import ThermalGuard
 from shared import subjects
-from shared.bus import Bus, Delivery
+from shared.bus import MAX_BACKOFF_S, Bus, Delivery
 from shared.events import RenderCompleted, RenderFailed, RenderProgress, RenderRequested, utcnow
 from shared.failpoints import failpoint
 
 log = logging.getLogger("kiln.render")
 
-RENDER_ATTEMPTS = 3  # tries per job before it fails for good (crashed workers included)
+RENDER_ATTEMPTS = 3  # renders started per job before it fails for good (crashed workers included)
+# Deliveries per job, hand-backs (drain, heat) included, before the bus gives up on it.
+MAX_DELIVERIES = 13
 PROGRESS_INTERVAL_S = 0.1  # at most ten progress events a second per job
-IN_PROGRESS_S = 10.0  # tells JetStream the jobs held are still being worked on
 IDLE_POLL_S = 1.0  # look for redelivered jobs this often even when nothing new is published
+MAX_INPUT_PIXELS = 4096 * 4096  # a source image or mask larger than this is refused
+
+
+class BadInput(Exception):
+    """A job's source image or mask is missing or unreadable: retrying cannot help."""
+
+
+class Attempts:
+    """Renders started per request, in a JetStream key-value bucket the fleet shares. The
+    count goes up before a render starts, so a worker that dies mid-render uses up an
+    attempt; a job handed back unstarted (drain, heat) does not, unlike JetStream's
+    delivery count."""
+
+    BUCKET = "kiln-render-attempts"
+
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+
+    @classmethod
+    async def open(cls, bus: Bus) -> Attempts:
+        try:
+            return cls(await bus.js.key_value(cls.BUCKET))
+        except nats.js.errors.BucketNotFoundError:
+            return cls(await bus.js.create_key_value(KeyValueConfig(bucket=cls.BUCKET, ttl=7 * 24 * 3600)))
+
+    async def start(self, job: RenderRequested) -> int:
+        """Count a render of `job` starting; return which attempt it is (1, 2, …)."""
+        key = f"{job.user_id}.{job.request_id}"
+        try:
+            started = int((await self.kv.get(key)).value or b"0")
+        except nats.js.errors.KeyNotFoundError:
+            started = 0
+        await self.kv.put(key, str(started + 1).encode())
+        return started + 1
 
 
 class RenderWorker:
@@ -58,6 +94,7 @@ class RenderWorker:
         worker_id: str,
         queue: JobQueue,
         guard: ThermalGuard,
+        attempts: Attempts,
         *,
         max_wait_s: float,
     ) -> None:
@@ -67,7 +104,10 @@ class RenderWorker:
         self.worker_id = worker_id
         self.queue = queue
         self.guard = guard
+        self.attempts = attempts
         self.max_wait_s = max_wait_s
+        # Tell JetStream well before `ack_wait` that the jobs in hand are being worked on.
+        self.in_progress_s = min(10.0, queue.ack_wait_s / 3)
         self.throughput = Throughput()
         self.held: list[Delivery] = []  # claimed, not yet in a batch
         self.cancelled: set[str] = set()  # "<user>.<request>" seen on the cancel subject
@@ -83,7 +123,8 @@ class RenderWorker:
         try:
             while not stop.is_set():
                 limit = self.guard.batch_limit()
-                if limit == 0:  # too hot: take nothing new until it cools
+                if limit == 0:  # too hot: take nothing new until it cools; cooler workers take what we hold
+                    await self._hand_back()
                     await _wait(stop, IDLE_POLL_S)
                     continue
                 try:
@@ -110,7 +151,7 @@ class RenderWorker:
             room = limit - len(self.held)  # never hold more than one batch's worth
             if room > 0:
                 claimed = await self.queue.claim(room)
-                self.held += await self.bus.checked(claimed, subjects.RENDER_JOBS, (RenderRequested,), RENDER_ATTEMPTS)
+                self.held += await self.bus.checked(claimed, subjects.RENDER_JOBS, (RenderRequested,), MAX_DELIVERIES)
             if not self.held:
                 first_at = None
                 await _wait_any(stop, self._new_work, IDLE_POLL_S)
@@ -126,7 +167,7 @@ class RenderWorker:
         return []
 
     async def _hand_back(self) -> None:
-        """Draining: jobs claimed but not started go back to the queue at once."""
+        """Draining or too hot: jobs claimed but not started go back to the queue at once."""
         for item in self.held:
             try:
                 await item.msg.nak()
@@ -151,8 +192,9 @@ class RenderWorker:
         try:
             todo = [item for item in batch if not await self._settled_before(item)]
             sources, masks, todo = await self._inputs(todo)
+            attempts, todo = await self._starting(todo)
             if todo:
-                await self._render_and_store(todo, sources, masks)
+                await self._render_and_store(todo, sources, masks, attempts)
         finally:
             for item in batch:
                 item.span.end()
@@ -179,7 +221,7 @@ class RenderWorker:
             try:
                 source = await self._image(job.source_key) if job.mode != "text" else None
                 mask = await self._image(job.mask_key) if job.mode == "inpaint" else None
-            except LookupError as error:
+            except BadInput as error:
                 await self._fail(item, "invalid", str(error))
                 continue
             sources.append(source)
@@ -187,18 +229,33 @@ class RenderWorker:
             ready.append(item)
         return sources, masks, ready
 
-    async def _render_and_store(self, todo: list[Delivery], sources: list, masks: list) -> None:
+    async def _starting(self, todo: list[Delivery]) -> tuple[dict[str, int], list[Delivery]]:
+        """Count each render starting; a job that has started RENDER_ATTEMPTS times
+        before (its worker died each time) ends as failed instead."""
+        attempts, ready = {}, []
+        for item in todo:
+            attempt = await self.attempts.start(item.event)
+            if attempt > RENDER_ATTEMPTS:
+                await self.bus.give_up(item.event, item.msg, f"not finished in {RENDER_ATTEMPTS} renders")
+                continue
+            attempts[item.event.request_id] = attempt
+            ready.append(item)
+        return attempts, ready
+
+    async def _render_and_store(
+        self, todo: list[Delivery], sources: list, masks: list, attempts: dict[str, int]
+    ) -> None:
         try:
             failpoint("render.job")  # tests: a render that fails every time, or a worker that dies
             pngs, render_ms = await self._render(todo, sources, masks)
-        except Cancelled:
+        except Cancelled as stopped:
             for item in todo:
-                await self._fail(item, "cancelled", "cancelled while rendering")
+                await self._fail(item, "cancelled", str(stopped))
             return
         except ValueError as error:  # the pipeline rejected a job: find which, fail only it
             if len(todo) > 1:
                 for index, item in enumerate(todo):
-                    await self._render_and_store([item], sources[index:index + 1], masks[index:index + 1])
+                    await self._render_and_store([item], sources[index:index + 1], masks[index:index + 1], attempts)
             else:
                 await self._fail(todo[0], "invalid", str(error))
             return
@@ -207,12 +264,12 @@ class RenderWorker:
         except Exception as error:  # noqa: BLE001
             for item in todo:
                 item.span.record_exception(error)
-                await self.bus.retry_or_give_up(item.event, item.msg, error, RENDER_ATTEMPTS)
+                await self._retry_or_give_up(item, error, attempts[item.event.request_id])
             return
         for item, png in zip(todo, pngs):
             job: RenderRequested = item.event
-            if self._cancel_key(job) in self.cancelled:  # cancelled after its last step
-                await self._fail(item, "cancelled", "cancelled while rendering")
+            if self._cancel_key(job) in self.cancelled:  # its batch went on without it
+                await self._fail(item, "cancelled", "cancelled while its batch rendered; not stored")
                 continue
             meta = ObjectMeta(description=json.dumps({"render_ms": render_ms, "batch": len(todo)}))
             await self.store.put(subjects.image_key(job.user_id, job.request_id), png, meta=meta)
@@ -228,7 +285,7 @@ class RenderWorker:
             # Runs on the render thread: hand the publishing to the event loop.
             nonlocal last_sent
             if all(self._cancel_key(job) in self.cancelled for job in jobs):
-                raise Cancelled
+                raise Cancelled(step, total)
             now = time.monotonic()
             if step < total and now - last_sent < PROGRESS_INTERVAL_S:
                 return
@@ -245,7 +302,7 @@ class RenderWorker:
             asyncio.to_thread(self.renderer.render_batch, jobs, on_step, sources, masks)
         )
         while True:
-            done, _ = await asyncio.wait({rendering}, timeout=IN_PROGRESS_S)
+            done, _ = await asyncio.wait({rendering}, timeout=self.in_progress_s)
             if done:
                 return rendering.result()
             # Keep the batch, and the jobs held for the next one, ours while it runs.
@@ -261,8 +318,22 @@ class RenderWorker:
         try:
             stored = await self.store.get(key or "")
         except (nats.js.errors.ObjectNotFoundError, nats.js.errors.NotFoundError):
-            raise LookupError(f"no stored image {key!r} to edit") from None
-        return Image.open(io.BytesIO(stored.data)).copy()
+            raise BadInput(f"no stored image {key!r} to edit") from None
+        try:
+            image = Image.open(io.BytesIO(stored.data or b""))
+            if image.width * image.height > MAX_INPUT_PIXELS:
+                raise BadInput(f"{key!r} is {image.width}×{image.height}, larger than an input may be")
+            image.load()
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            raise BadInput(f"{key!r} is not an image: {error}") from None
+        return image
+
+    async def _retry_or_give_up(self, item: Delivery, error: Exception, attempt: int) -> None:
+        log.error("rendering %s (attempt %d) failed: %r", item.event.request_id, attempt, error, exc_info=error)
+        if attempt >= RENDER_ATTEMPTS:
+            await self.bus.give_up(item.event, item.msg, f"failed {attempt} times, last: {error!r}")
+        else:
+            await item.msg.nak(delay=min(2.0**attempt, MAX_BACKOFF_S))
 
     async def _stored_render_ms(self, key: str) -> float | None:
         try:

@@ -1,6 +1,6 @@
 """Train Kiln's own model on pictures it draws itself, and save it as a diffusers folder.
 
-    python -m services.render.kiln_model.train services/render/models/kiln-shapes --minutes 50
+    python -m services.render.kiln_model.train services/render/models/kiln-shapes
 
 Three parts, all standard diffusers / transformers classes, so `StableDiffusionPipeline`
 (and its image-to-image and inpainting siblings) load the result like any SD folder:
@@ -216,10 +216,10 @@ def train(folder: Path, minutes: float, batch_size: int, save_every: float, ae_s
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m services.render.kiln_model.train")
     parser.add_argument("folder", type=Path)
-    parser.add_argument("--minutes", type=float, default=50.0, help="diffusion training time")
+    parser.add_argument("--minutes", type=float, default=52.0, help="diffusion training time")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--save-every", type=float, default=10.0, help="minutes between checkpoints")
-    parser.add_argument("--autoencoder-steps", type=int, default=400)
+    parser.add_argument("--autoencoder-steps", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -36,6 +36,7 @@ def test_the_order_jobs_are_taken_in_gives_each_waiting_job_its_place():
     assert len(fair_order(waiting, {}, limit=2)) == 2
 
 
-def test_a_user_with_jobs_in_hand_elsewhere_is_asked_for_one_more():
-    maybe = Waiting("free", "r", 0, maybe_due=True)
-    assert shares([maybe], 5) == {("free", "r"): 1}
+def test_users_whose_jobs_are_all_handed_out_get_only_the_slots_left_over():
+    waiting = [Waiting("paid", "busy", 0, maybe_due=True), Waiting("free", "w", 2)]
+    assert shares(waiting, 2) == {("free", "w"): 2}
+    assert shares(waiting, 3) == {("free", "w"): 2, ("paid", "busy"): 1}
