@@ -91,9 +91,11 @@ class Workers:
     async def start(self, count: int, max_batch: int) -> None:
         beats = await self.client.nc.subscribe(subjects.FLEET_TELEMETRY)
         pids = set()
+        # Workers on one CPU host split its cores; more threads than cores only thrash.
+        threads = str(max(1, (os.cpu_count() or 1) // count))
         for n in range(count):
             name = f"render-bench-{n}"
-            env = {"KILN_RENDER_MAX_BATCH": str(max_batch), "KILN_RENDER_MAX_WAIT_MS": "50"}
+            env = {"KILN_RENDER_MAX_BATCH": str(max_batch), "KILN_RENDER_MAX_WAIT_MS": "50", "KILN_RENDER_THREADS": threads}
             pids.add(self.stack.start_service("render", instance=name, env=env).pid)
             self.names.append(name)
         while pids:  # ready: each has sent a heartbeat

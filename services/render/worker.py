@@ -112,7 +112,8 @@ class RenderWorker:
         self.held: list[Delivery] = []  # claimed, not yet in a batch
         self.cancelled: set[str] = set()  # "<user>.<request>" seen on the cancel subject
         self._new_work = asyncio.Event()
-        self._batch_started = utcnow()
+        self._queued_ms: dict[str, float] = {}  # request → from its request to its batch's start
+        self._finishing: asyncio.Future | None = None  # the last batch's stores and reports
 
     async def run(self, stop: asyncio.Event) -> None:
         subscriptions = [
@@ -136,6 +137,10 @@ class RenderWorker:
                     log.warning("bus error, jobs will be redelivered: %s", error)
                     await _wait(stop, IDLE_POLL_S)
         finally:
+            try:
+                await self.finish_previous()
+            except nats.errors.Error as error:
+                log.warning("bus error, jobs will be redelivered: %s", error)
             await self._hand_back()
             for subscription in subscriptions:
                 await subscription.unsubscribe()
@@ -154,6 +159,7 @@ class RenderWorker:
                 self.held += await self.bus.checked(claimed, subjects.RENDER_JOBS, (RenderRequested,), MAX_DELIVERIES)
             if not self.held:
                 first_at = None
+                await self.finish_previous()  # nothing to render meanwhile
                 await _wait_any(stop, self._new_work, IDLE_POLL_S)
                 continue
             first_at = first_at or time.monotonic()
@@ -186,11 +192,13 @@ class RenderWorker:
     # -- one batch --------------------------------------------------------------------------
 
     async def _run_batch(self, batch: list[Delivery]) -> None:
-        self._batch_started = utcnow()
+        started = utcnow()
         for item in batch:
             item.span = self.bus.span(item.event, item.msg)
+            self._queued_ms[item.event.request_id] = (started - item.event.requested_at).total_seconds() * 1000
         try:
-            todo = [item for item in batch if not await self._settled_before(item)]
+            settled = await asyncio.gather(*(self._settled_before(item) for item in batch))
+            todo = [item for item, done in zip(batch, settled) if not done]
             sources, masks, todo = await self._inputs(todo)
             attempts, todo = await self._starting(todo)
             if todo:
@@ -233,8 +241,8 @@ class RenderWorker:
         """Count each render starting; a job that has started RENDER_ATTEMPTS times
         before (its worker died each time) ends as failed instead."""
         attempts, ready = {}, []
-        for item in todo:
-            attempt = await self.attempts.start(item.event)
+        started = await asyncio.gather(*(self.attempts.start(item.event) for item in todo))
+        for item, attempt in zip(todo, started):
             if attempt > RENDER_ATTEMPTS:
                 await self.bus.give_up(item.event, item.msg, f"not finished in {RENDER_ATTEMPTS} renders")
                 continue
@@ -266,15 +274,27 @@ class RenderWorker:
                 item.span.record_exception(error)
                 await self._retry_or_give_up(item, error, attempts[item.event.request_id])
             return
-        for item, png in zip(todo, pngs):
-            job: RenderRequested = item.event
-            if self._cancel_key(job) in self.cancelled:  # its batch went on without it
-                await self._fail(item, "cancelled", "cancelled while its batch rendered; not stored")
-                continue
-            meta = ObjectMeta(description=json.dumps({"render_ms": render_ms, "batch": len(todo)}))
-            await self.store.put(subjects.image_key(job.user_id, job.request_id), png, meta=meta)
-            self.throughput.add()
-            await self._complete(item, render_ms, batch_size=len(todo))
+        # Store and report while the next batch renders: the images are in hand, and the
+        # bus's disk writes need no CPU. One batch finishes at a time.
+        finishing = asyncio.gather(*(self._store(item, png, render_ms, len(todo)) for item, png in zip(todo, pngs)))
+        await self.finish_previous()
+        self._finishing = asyncio.ensure_future(finishing)
+
+    async def finish_previous(self) -> None:
+        """Wait until the previous batch's images are stored and its jobs acked."""
+        finishing, self._finishing = self._finishing, None
+        if finishing is not None:
+            await finishing
+
+    async def _store(self, item: Delivery, png: bytes, render_ms: float, batch_size: int) -> None:
+        job: RenderRequested = item.event
+        if self._cancel_key(job) in self.cancelled:  # its batch went on without it
+            await self._fail(item, "cancelled", "cancelled while its batch rendered; not stored")
+            return
+        meta = ObjectMeta(description=json.dumps({"render_ms": render_ms, "batch": batch_size}))
+        await self.store.put(subjects.image_key(job.user_id, job.request_id), png, meta=meta)
+        self.throughput.add()
+        await self._complete(item, render_ms, batch_size=batch_size)
 
     async def _render(self, todo: list[Delivery], sources: list, masks: list) -> tuple[list[bytes], float]:
         loop = asyncio.get_running_loop()
@@ -361,7 +381,7 @@ class RenderWorker:
             request_id=job.request_id, user_id=job.user_id, conversation_id=job.conversation_id,
             image_key=subjects.image_key(job.user_id, job.request_id), width=job.width, height=job.height,
             seed=job.seed, render_ms=render_ms, worker_id=self.worker_id, batch_size=batch_size,
-            queued_ms=(self._batch_started - job.requested_at).total_seconds() * 1000,
+            queued_ms=self._queued_ms.pop(job.request_id, None),
         )
         await self._report(item, completed)
 
