@@ -286,7 +286,7 @@ class Bus:
                     await self._handle([item], handler, max_attempts)
             else:
                 for item in items:
-                    await self.retry_or_give_up(item.event, item.msg, error, max_attempts)
+                    await self._retry_or_give_up(item.event, item.msg, error, max_attempts)
             return
         for item in items:
             item.span.end()
@@ -306,7 +306,7 @@ class Bus:
             },
         )
 
-    async def retry_or_give_up(self, event: AnyEvent, msg: Msg, error: Exception, max_attempts: int) -> None:
+    async def _retry_or_give_up(self, event: AnyEvent, msg: Msg, error: Exception, max_attempts: int) -> None:
         attempt = msg.metadata.num_delivered
         log.error("handling %s (attempt %d) failed: %r", msg.subject, attempt, error, exc_info=error)
         if attempt >= max_attempts:

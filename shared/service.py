@@ -14,6 +14,14 @@ from shared.telemetry import configure_logging, setup, shutdown
 Body = Callable[[Settings, Bus, asyncio.Event], Awaitable[None]]
 
 
+async def sleep_unless_stopped(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep `seconds`, or less if `stop` is set meanwhile: the pause of a polling loop."""
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        pass
+
+
 def run(name: str, body: Body) -> None:
     """Run `body(settings, bus, stop)` until a signal sets `stop`."""
     configure_logging(name)

@@ -17,6 +17,7 @@ import asyncpg
 from services.quota import log as quota_log
 from services.quota.application import publish_decision
 from shared.bus import Bus
+from shared.service import sleep_unless_stopped
 
 logger = logging.getLogger("kiln.quota.relay")
 
@@ -40,7 +41,4 @@ async def run_relay(pool: asyncpg.Pool, bus: Bus, stop: asyncio.Event) -> None:
             await relay_once(pool, bus)
         except Exception as error:  # noqa: BLE001 — the database or bus is down: try again later
             logger.warning("relay round failed, will retry: %r", error)
-        try:
-            await asyncio.wait_for(stop.wait(), POLL_S)
-        except TimeoutError:
-            pass
+        await sleep_unless_stopped(stop, POLL_S)

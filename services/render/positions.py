@@ -22,6 +22,7 @@ from nats.aio.msg import Msg
 from services.render.queue import STREAM, JobQueue, Waiting, fair_order
 from shared import subjects
 from shared.bus import Bus
+from shared.service import sleep_unless_stopped
 from shared.events import RenderProgress, RenderRequested, WorkerHeartbeat, decode
 
 log = logging.getLogger("kiln.render.positions")
@@ -47,10 +48,7 @@ class QueueReporter:
                         await self.report()
                     except (nats.errors.Error, nats.js.errors.Error) as error:
                         log.warning("queue positions not reported: %s", error)
-                try:
-                    await asyncio.wait_for(stop.wait(), REPORT_S)
-                except TimeoutError:
-                    pass
+                await sleep_unless_stopped(stop, REPORT_S)
         finally:
             await subscription.unsubscribe()
 

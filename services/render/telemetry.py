@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from services.render.thermal import Gpu
 from shared import subjects
 from shared.events import WorkerHeartbeat, encode
+from shared.service import sleep_unless_stopped
 
 if TYPE_CHECKING:
     from services.render.worker import RenderWorker
@@ -70,7 +71,4 @@ async def send_heartbeats(worker: RenderWorker, gpu: Gpu, stop: asyncio.Event) -
             await bus.nc.publish(subjects.fleet_telemetry(worker_id), encode(beat))
         except (nats.errors.Error, nats.js.errors.Error) as error:
             log.warning("heartbeat not sent: %s", error)
-        try:
-            await asyncio.wait_for(stop.wait(), HEARTBEAT_S)
-        except TimeoutError:
-            pass
+        await sleep_unless_stopped(stop, HEARTBEAT_S)

@@ -41,6 +41,7 @@ from shared import subjects
 from shared.bus import MAX_BACKOFF_S, Bus, Delivery
 from shared.events import RenderCompleted, RenderFailed, RenderProgress, RenderRequested, utcnow
 from shared.failpoints import failpoint
+from shared.service import sleep_unless_stopped
 
 log = logging.getLogger("kiln.render")
 
@@ -126,7 +127,7 @@ class RenderWorker:
                 limit = self.guard.batch_limit()
                 if limit == 0:  # too hot: take nothing new until it cools; cooler workers take what we hold
                     await self._hand_back()
-                    await _wait(stop, IDLE_POLL_S)
+                    await sleep_unless_stopped(stop, IDLE_POLL_S)
                     continue
                 try:
                     batch = await self._next_batch(limit, stop)
@@ -135,7 +136,7 @@ class RenderWorker:
                 except nats.errors.Error as error:
                     # What was not acked, JetStream hands out again.
                     log.warning("bus error, jobs will be redelivered: %s", error)
-                    await _wait(stop, IDLE_POLL_S)
+                    await sleep_unless_stopped(stop, IDLE_POLL_S)
         finally:
             try:
                 await self.finish_previous()
@@ -402,13 +403,6 @@ class RenderWorker:
                 subjects.render_event(outcome.user_id, outcome.request_id), outcome, first_on_subject=True
             )
         await item.msg.ack()
-
-
-async def _wait(stop: asyncio.Event, seconds: float) -> None:
-    try:
-        await asyncio.wait_for(stop.wait(), seconds)
-    except TimeoutError:
-        pass
 
 
 async def _wait_any(stop: asyncio.Event, event: asyncio.Event, seconds: float) -> None:
