@@ -2,10 +2,13 @@
 
     kiln up                                   start the whole platform (what `make run` does)
     kiln generate "a red circle" --user alice -o out.png
+    kiln edit IMAGE_ID "make it blue" --user alice -o blue.png
+    kiln chat --user alice                    draw, then edit in words, in the terminal
+    kiln quota --user alice                   images used and left today
     kiln accounts add|set-plan|list|grant    users, plans and admin grants
     kiln audit replay|verify|export|rebuild  check the quota log
 
-Exit codes of `generate`: 0 delivered, 2 denied by quota, 3 failed, 4 no outcome in time,
+Exit codes of `generate` and `edit`: 0 delivered, 2 denied by quota, 3 failed, 4 no outcome in time,
 64 bad arguments.
 """
 
@@ -17,6 +20,7 @@ import signal
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -28,6 +32,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from kiln import admin
 from kiln.client import KilnClient
 from shared.events import ImageDelivered, QuotaDenied, RenderProgress
+from shared.records import Outcome
 from shared import telemetry
 from shared.settings import Settings
 
@@ -53,15 +58,30 @@ def main(argv: list[str] | None = None) -> int:
 
     generate = commands.add_parser("generate", help="generate an image from a prompt")
     generate.add_argument("prompt")
-    generate.add_argument("--user", required=True, help="the user asking (letters, digits, _ and -)")
-    generate.add_argument("-o", "--output", type=Path, help="where to write the PNG")
+    _request_arguments(generate)
     generate.add_argument("--conversation", default="", help="conversation id")
-    generate.add_argument("--request-id", help="idempotency key (default: a new one)")
-    generate.add_argument("--size", type=int, default=32, help="width and height in pixels")
-    generate.add_argument("--steps", type=int, default=10)
-    generate.add_argument("--seed", type=int)
-    generate.add_argument("--timeout", type=float, default=120, help="seconds to wait for the outcome")
-    generate.set_defaults(run=_generate)
+    generate.add_argument("--style", help="a style preset for the conversation ('none' drops it)")
+    generate.set_defaults(run=_command(_generate))
+
+    edit = commands.add_parser("edit", help='edit an earlier image: kiln edit IMAGE_ID "make it blue"')
+    edit.add_argument("image_id", help="the request id of the image to edit")
+    edit.add_argument("prompt", help="what to change")
+    _request_arguments(edit)
+    edit.add_argument("--strength", type=float, default=0.8, help="how far from the image it may go, 0..1")
+    edit.set_defaults(run=_command(_edit))
+
+    chat = commands.add_parser("chat", help="an interactive conversation: draw, then edit in words")
+    chat.add_argument("--user", required=True, help="the user asking (letters, digits, _ and -)")
+    chat.add_argument("--conversation", help="continue this conversation (default: a new one)")
+    chat.add_argument("--style", help="a style preset to start with")
+    chat.add_argument("--size", type=int, default=32)
+    chat.add_argument("--steps", type=int, default=20)
+    chat.add_argument("--save", type=Path, help="a folder to write each image to")
+    chat.set_defaults(run=_command(_chat))
+
+    quota = commands.add_parser("quota", help="images used and left today")
+    quota.add_argument("--user", required=True)
+    quota.set_defaults(run=_command(_quota))
 
     admin.add_commands(commands)
 
@@ -69,88 +89,204 @@ def main(argv: list[str] | None = None) -> int:
     return args.run(args)
 
 
-def _generate(args: argparse.Namespace) -> int:
-    try:
-        return asyncio.run(_generate_async(args))
-    except ValueError as error:
-        console.print(f"kiln: {error}")
-        return EXIT_USAGE
+def _request_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--user", required=True, help="the user asking (letters, digits, _ and -)")
+    parser.add_argument("-o", "--output", type=Path, help="where to write the PNG")
+    parser.add_argument("--request-id", help="idempotency key (default: a new one)")
+    parser.add_argument("--size", type=int, default=32, help="width and height in pixels")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--timeout", type=float, default=120, help="seconds to wait for the outcome")
 
 
-async def _generate_async(args: argparse.Namespace) -> int:
+Command = Callable[[KilnClient, argparse.Namespace, Settings], Awaitable[int]]
+
+
+def _command(body: Command) -> Callable[[argparse.Namespace], int]:
+    """Run a command that talks to Kiln: tracing set up (the CLI's span is the root of the
+    request's trace), the bus connected, and its failures said in one line."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return asyncio.run(_connected(body, args))
+        except ValueError as error:
+            console.print(f"kiln: {error}")
+            return EXIT_USAGE
+
+    return run
+
+
+async def _connected(body: Command, args: argparse.Namespace) -> int:
     settings = Settings.from_env()
-    # The CLI's span is the root of the request's trace.
     telemetry.setup("kiln-cli", settings.otlp_endpoint)
     try:
-        return await _generate_traced(args, settings)
+        try:
+            client = await KilnClient.connect(settings.nats_url)
+        except (OSError, TimeoutError, nats.errors.Error) as error:
+            console.print(f"kiln: cannot reach NATS at {settings.nats_url} ({error}); is Kiln up (`make run`)?")
+            return EXIT_FAILED
+        async with client:
+            return await body(client, args, settings)
     finally:
         telemetry.shutdown()  # flush the spans before the process exits
 
 
-async def _generate_traced(args: argparse.Namespace, settings: Settings) -> int:
-    try:
-        client = await KilnClient.connect(settings.nats_url)
-    except (OSError, TimeoutError, nats.errors.Error) as error:
-        console.print(f"kiln: cannot reach NATS at {settings.nats_url} ({error}); is Kiln up (`make run`)?")
+async def _generate(client: KilnClient, args: argparse.Namespace, settings: Settings) -> int:
+    return await _one_request(
+        client, args, settings, conversation_id=args.conversation, style=args.style
+    )
+
+
+async def _edit(client: KilnClient, args: argparse.Namespace, settings: Settings) -> int:
+    # The edit joins the conversation its image came from, so "the last one" there is it.
+    source = await client.recorded_outcome(args.user, args.image_id)
+    if not isinstance(source, ImageDelivered):
+        console.print(f"kiln: {args.user} has no image from request {args.image_id}")
         return EXIT_FAILED
+    return await _one_request(
+        client, args, settings, conversation_id=source.conversation_id, edit_of=args.image_id,
+        strength=args.strength,
+    )
+
+
+async def _one_request(client: KilnClient, args: argparse.Namespace, settings: Settings, **fields) -> int:
     # Chosen here, not by the SDK, so that every message can name it: re-running with the
     # same --request-id picks the request up where it is, without spending quota again.
     request_id = args.request_id or uuid.uuid4().hex
-    async with client:
-        with Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-            TimeElapsedColumn(), console=console, transient=True,
-        ) as bar:
-            task = bar.add_task("waiting for quota", total=args.steps)
+    try:
+        outcome = await _draw(
+            client, args.prompt, user_id=args.user, request_id=request_id, width=args.size,
+            height=args.size, steps=args.steps, seed=args.seed, timeout_s=args.timeout, **fields,
+        )
+    except TimeoutError as error:
+        console.print(f"kiln: {error}; to keep waiting, run the same command with --request-id {request_id}")
+        return EXIT_TIMEOUT
+    except nats.errors.Error as error:
+        console.print(
+            f"kiln: the bus at {settings.nats_url} failed ({error}); is Kiln up (`make run`)? "
+            f"Retry with --request-id {request_id}"
+        )
+        return EXIT_FAILED
+    code = _say_outcome(outcome)
+    if code or not args.output:
+        return code
+    return await _save(client, outcome, args.output)
 
-            def on_progress(event: RenderProgress) -> None:
-                if event.state == "queued":
-                    eta = f", about {event.eta_s:.0f} s" if event.eta_s is not None else ""
-                    bar.update(task, description=f"queued: #{event.queue_position}{eta}")
-                else:
-                    bar.update(task, description="rendering", completed=event.step, total=event.total_steps)
 
-            try:
-                outcome = await client.generate(
-                    args.prompt,
-                    user_id=args.user,
-                    conversation_id=args.conversation,
-                    request_id=request_id,
-                    width=args.size,
-                    height=args.size,
-                    steps=args.steps,
-                    seed=args.seed,
-                    on_progress=on_progress,
-                    timeout_s=args.timeout,
-                )
-            except TimeoutError as error:
-                console.print(f"kiln: {error}; to keep waiting, run the same command with --request-id {request_id}")
-                return EXIT_TIMEOUT
-            except nats.errors.Error as error:
-                console.print(
-                    f"kiln: the bus at {settings.nats_url} failed ({error}); is Kiln up (`make run`)? "
-                    f"Retry with --request-id {request_id}"
-                )
-                return EXIT_FAILED
+async def _draw(client: KilnClient, prompt: str, **fields) -> Outcome:
+    """One request, with a progress bar while it waits and renders."""
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(), console=console, transient=True,
+    ) as bar:
+        task = bar.add_task("waiting for quota", total=fields.get("steps", 10))
 
-        if isinstance(outcome, QuotaDenied):
-            retry = f" (try again after {outcome.retry_at:%Y-%m-%d %H:%M} UTC)" if outcome.retry_at else ""
-            console.print(f"denied: {outcome.reason}: {outcome.detail}{retry}")
-            return EXIT_DENIED
-        if not isinstance(outcome, ImageDelivered):
-            console.print(f"failed at {outcome.stage}: {outcome.reason}: {outcome.detail}")
-            return EXIT_FAILED
-        if not args.output:
-            console.print(f"image ready: {outcome.url}")
-            return 0
+        def on_progress(event: RenderProgress) -> None:
+            if event.state == "queued":
+                eta = f", about {event.eta_s:.0f} s" if event.eta_s is not None else ""
+                bar.update(task, description=f"queued: #{event.queue_position}{eta}")
+            else:
+                bar.update(task, description="rendering", completed=event.step, total=event.total_steps)
+
+        return await client.generate(prompt, on_progress=on_progress, **fields)
+
+
+def _say_outcome(outcome: Outcome) -> int:
+    """One line on what became of the request; the exit code it means."""
+    if isinstance(outcome, QuotaDenied):
+        retry = f" (try again after {outcome.retry_at:%Y-%m-%d %H:%M} UTC)" if outcome.retry_at else ""
+        console.print(f"denied: {outcome.reason}: {outcome.detail}{retry}")
+        return EXIT_DENIED
+    if not isinstance(outcome, ImageDelivered):
+        console.print(f"failed at {outcome.stage}: {outcome.reason}: {outcome.detail}")
+        return EXIT_FAILED
+    console.print(f"image {outcome.request_id} drawn as: {outcome.prompt}")
+    console.print(f"link: {outcome.url}")
+    return 0
+
+
+async def _save(client: KilnClient, outcome: ImageDelivered, path: Path) -> int:
+    try:
+        png = await client.download(outcome)
+        path.write_bytes(png)
+    except (httpx.HTTPError, OSError) as error:
+        console.print(f"kiln: the image is ready at {outcome.url} but was not saved to {path}: {error}")
+        return EXIT_FAILED
+    console.print(f"wrote {path} ({len(png)} bytes)")
+    return 0
+
+
+async def _quota(client: KilnClient, args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        status = await client.quota(args.user)
+    except (TimeoutError, nats.errors.Error) as error:
+        console.print(f"kiln: quota did not answer ({error or type(error).__name__}); is Kiln up (`make run`)?")
+        return EXIT_FAILED
+    print(
+        f"{status.user_id} ({status.plan} plan): {status.used} of {status.limit} images used today, "
+        f"{status.left} left; resets {status.resets_at:%Y-%m-%d %H:%M} UTC"
+    )
+    return 0
+
+
+CHAT_HELP = (
+    "Type a prompt to draw it; then say what to change (\"make it blue\", \"add a border\") to edit "
+    "the last image. /style NAME picks a style (/style none drops it), /styles lists them, "
+    "/new starts a new conversation, /quota shows what is left, /quit (or Ctrl-D) ends."
+)
+
+
+async def _chat(client: KilnClient, args: argparse.Namespace, settings: Settings) -> int:
+    conversation = args.conversation or f"c-{uuid.uuid4().hex[:16]}"
+    style = args.style
+    console.print(f"conversation {conversation}. {CHAT_HELP}")
+    if args.conversation:
+        for turn in await client.conversation(args.user, conversation):
+            console.print(f"  earlier: {turn.composition.text!r} → {turn.prompt!r} ({turn.request_id})")
+    while True:
         try:
-            png = await client.download(outcome)
-            args.output.write_bytes(png)
-        except (httpx.HTTPError, OSError) as error:
-            console.print(f"kiln: the image is ready at {outcome.url} but was not saved to {args.output}: {error}")
-            return EXIT_FAILED
-        console.print(f"wrote {args.output} ({len(png)} bytes); link: {outcome.url}")
-        return 0
+            line = (await asyncio.to_thread(input, "you> ")).strip()
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            return 0
+        if not line:
+            continue
+        command, _, rest = line.partition(" ")
+        if command == "/quit":
+            return 0
+        if command == "/new":
+            conversation, style = f"c-{uuid.uuid4().hex[:16]}", None
+            console.print(f"conversation {conversation}")
+        elif command == "/style":
+            style = rest.strip() or None
+            console.print(f"style: {style or 'the conversation’s'} from the next prompt on")
+        elif command == "/styles":
+            styles = await client.styles()
+            console.print(", ".join(f"{name} ({title})" for name, title in styles.items()) or "no styles")
+        elif command == "/quota":
+            await _quota(client, args, settings)
+        elif command.startswith("/"):
+            console.print(CHAT_HELP)
+        else:
+            await _chat_turn(client, args, conversation, line, style)
+            style = None  # picked once, it stays with the conversation
+
+
+async def _chat_turn(client: KilnClient, args: argparse.Namespace, conversation: str, text: str, style: str | None) -> None:
+    try:
+        outcome = await _draw(
+            client, text, user_id=args.user, conversation_id=conversation, style=style,
+            width=args.size, height=args.size, steps=args.steps,
+        )
+    except (TimeoutError, nats.errors.Error) as error:
+        console.print(f"kiln: {error}")
+        return
+    except ValueError as error:
+        console.print(f"kiln: {error}")
+        return
+    if _say_outcome(outcome) == 0 and args.save:
+        args.save.mkdir(parents=True, exist_ok=True)
+        await _save(client, outcome, args.save / f"{outcome.request_id}.png")
 
 
 def _up(args: argparse.Namespace) -> int:

@@ -32,16 +32,16 @@ from shared.events import (
     TERMINAL,
     ImageDelivered,
     PromptSubmitted,
-    QuotaDenied,
+    QuotaStatus,
     RenderProgress,
-    RequestFailed,
+    TurnComposed,
     check_ids,
     decode,
     encode,
 )
+from shared.records import Outcome, read_outcome, read_turns
 from shared.telemetry import inject_headers
 
-Outcome = ImageDelivered | QuotaDenied | RequestFailed
 ProgressCallback = Callable[[RenderProgress], None]
 
 tracer = trace.get_tracer("kiln.client")
@@ -97,6 +97,7 @@ class KilnClient:
         height: int = 32,
         steps: int = 10,
         seed: int | None = None,
+        style: str | None = None,
         edit_of: str | None = None,
         strength: float = 0.8,
         mask_key: str | None = None,
@@ -105,8 +106,9 @@ class KilnClient:
         resubmit_after_s: float = 30,
     ) -> Outcome:
         """Ask for an image and wait for the request's outcome: delivered, denied or failed.
-        An edit names the earlier request whose image it starts from (`edit_of`), and may
-        add a mask from `upload_mask` to repaint only part of it.
+        An edit names the earlier request whose image it starts from (`edit_of`, or "last"
+        for the conversation's latest image), and may add a mask from `upload_mask` to
+        repaint only part of it. `style` picks a style preset for the conversation.
 
         Raises ValueError for ids that cannot be used, TimeoutError if no outcome arrives."""
         submission = PromptSubmitted(
@@ -118,6 +120,7 @@ class KilnClient:
             height=height,
             steps=steps,
             seed=seed,
+            style=style,
             edit_of=edit_of,
             strength=strength,
             mask_key=mask_key,
@@ -139,6 +142,21 @@ class KilnClient:
         await self.js.publish(
             subjects.render_cancel(user_id, request_id), b"", headers={"Nats-Msg-Id": f"{user_id}:{request_id}:cancel"}
         )
+
+    async def quota(self, user_id: str, timeout_s: float = 5) -> QuotaStatus:
+        """Today's usage and limit for the user, from the quota service."""
+        reply = await self.nc.request(subjects.quota_status(user_id), b"", timeout=timeout_s)
+        return msgspec.json.decode(reply.data, type=QuotaStatus)
+
+    async def styles(self, timeout_s: float = 5) -> dict[str, str]:
+        """The style presets context offers: name → title."""
+        reply = await self.nc.request(subjects.CONTEXT_STYLES, b"", timeout=timeout_s)
+        return msgspec.json.decode(reply.data, type=dict[str, str])
+
+    async def conversation(self, user_id: str, conversation_id: str) -> list[TurnComposed]:
+        """The conversation's turns so far, oldest first, as context composed them."""
+        turns, _ = await read_turns(self.js, user_id, conversation_id)
+        return turns
 
     async def upload_mask(self, user_id: str, png: bytes) -> str:
         """Store an inpainting mask (white = repaint) and return its key for `generate`."""
@@ -238,15 +256,7 @@ class KilnClient:
 
     async def recorded_outcome(self, user_id: str, request_id: str) -> Outcome | None:
         """The request's outcome if JetStream holds one."""
-        try:
-            raw = await self.js.get_last_msg(subjects.OUTCOMES.name, subjects.outcome(user_id, request_id))
-        except nats.js.errors.NotFoundError:
-            return None
-        try:
-            event = decode(raw.data or b"", (raw.headers or {}).get("Content-Type"))
-        except msgspec.DecodeError:
-            return None  # someone else's garbage on our subject: not an outcome
-        return event if isinstance(event, TERMINAL) else None
+        return await read_outcome(self.js, user_id, request_id)
 
     async def download(self, delivered: ImageDelivered) -> bytes:
         async with httpx.AsyncClient() as http:

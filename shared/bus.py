@@ -117,25 +117,35 @@ class Bus:
     # -- publishing -----------------------------------------------------------------------
 
     async def publish(
-        self, subject: str, event: Event, *, msg_id: str | None = None, first_on_subject: bool = False
+        self,
+        subject: str,
+        event: Event,
+        *,
+        msg_id: str | None = None,
+        first_on_subject: bool = False,
+        after_seq: int | None = None,
     ) -> bool:
         """Publish to JetStream and wait for the stream's ack; False if it was not new.
 
         `msg_id`: JetStream drops a second message with this id within the stream's
-        duplicate window. `first_on_subject`: JetStream refuses the message if the subject
-        already holds one; on a per-request outcome subject this makes "one outcome per
-        request" hold for as long as the stream keeps it, not only for the window.
+        duplicate window. `after_seq`: JetStream refuses the message unless the subject's
+        last message has this stream sequence (0: the subject holds none), which makes
+        appends to one subject optimistic-concurrency safe. `first_on_subject` is
+        `after_seq=0`: on a per-request outcome subject it makes "one outcome per request"
+        hold for as long as the stream keeps it, not only for the window.
         """
+        if first_on_subject:
+            after_seq = 0
         headers = inject_headers({})
         if msg_id is not None:
             headers["Nats-Msg-Id"] = msg_id
-        if first_on_subject:
-            headers[Header.EXPECTED_LAST_SUBJECT_SEQUENCE] = "0"
+        if after_seq is not None:
+            headers[Header.EXPECTED_LAST_SUBJECT_SEQUENCE] = str(after_seq)
         try:
             ack = await self.js.publish(subject, encode(event), headers=headers)
         except nats.js.errors.BadRequestError as error:
-            if first_on_subject and error.err_code == WRONG_LAST_SEQUENCE:
-                return False  # published before: by us before a crash, or by a twin
+            if after_seq is not None and error.err_code == WRONG_LAST_SEQUENCE:
+                return False  # someone appended first: by us before a crash, or by a twin
             raise
         return not ack.duplicate
 

@@ -33,14 +33,24 @@ class Event(msgspec.Struct, kw_only=True, tag_field="type", tag=True):
     conversation_id: str = ""
 
 
+# `edit_of` may name the conversation's latest image instead of a request id.
+LAST_IMAGE = "last"
+
+
 class PromptSubmitted(Event, kw_only=True):
     """A client asks for an image. `request_id` is the client's idempotency key.
 
     An edit names an earlier request of the same user whose image it starts from
-    (`edit_of`), how far it may move away from it (`strength`, 0..1), and optionally a mask
-    in the image store (`mask_key`, under `<user>/masks/`; white = repaint)."""
+    (`edit_of`: its request id, or `"last"` for the conversation's latest image), how far it
+    may move away from it (`strength`, 0..1), and optionally a mask in the image store
+    (`mask_key`, under `<user>/masks/`; white = repaint). Within a conversation, context
+    also reads an instruction like "make it blue" as an edit of the latest image.
+
+    `style` names a style preset that stays with the conversation from then on ("none"
+    drops it); None keeps the conversation's style."""
 
     prompt: str
+    style: str | None = None
     width: int = 32
     height: int = 32
     steps: int = 10
@@ -83,6 +93,25 @@ class QuotaDenied(Event, kw_only=True):
 RenderMode = Literal["text", "edit", "inpaint"]
 
 
+class Composition(msgspec.Struct, kw_only=True):
+    """How context turned what the user typed into what is drawn, kept with the request so
+    the user can see it: `prompt` = `subject` + the style's fragment."""
+
+    text: str  # what the user typed
+    subject: str  # what the picture shows: the text, or an earlier subject with an edit applied
+    style: str = ""  # the style preset in force ("" for none)
+    edit_of: str | None = None  # the request whose image this edits
+
+
+class TurnComposed(Event, kw_only=True):
+    """One turn of a conversation, as context composed it (stream KILN_CONVERSATIONS, subject
+    `kiln.conversation.<user>.<conversation>`). A conversation is the list of its turns."""
+
+    prompt: str
+    composition: Composition
+    composed_at: datetime = msgspec.field(default_factory=utcnow)
+
+
 class RenderRequested(Event, kw_only=True):
     """A fully specified render job, as the render workers pull it. `edit` starts from the
     image at `source_key`; `inpaint` also repaints only where the mask at `mask_key` is white."""
@@ -99,6 +128,7 @@ class RenderRequested(Event, kw_only=True):
     source_key: str | None = None
     mask_key: str | None = None
     strength: float = 0.8
+    composition: Composition | None = None
     requested_at: datetime = msgspec.field(default_factory=utcnow)
 
 
@@ -123,6 +153,8 @@ class RenderCompleted(Event, kw_only=True):
     worker_id: str
     batch_size: int = 1  # jobs rendered in the same pipeline call
     queued_ms: float | None = None  # from the job's request to the start of its batch
+    prompt: str = ""  # what was drawn
+    composition: Composition | None = None
     completed_at: datetime = msgspec.field(default_factory=utcnow)
 
 
@@ -134,9 +166,13 @@ class RenderFailed(Event, kw_only=True):
 
 
 class ImageDelivered(Event, kw_only=True):
+    """`url` is a signed download link that expires (delivery's `KILN_LINK_TTL_S`)."""
+
     image_key: str
     url: str
     render_ms: float
+    prompt: str = ""  # what was drawn
+    composition: Composition | None = None
     delivered_at: datetime = msgspec.field(default_factory=utcnow)
 
 
@@ -159,7 +195,23 @@ AnyEvent = (
     | RenderFailed
     | ImageDelivered
     | RequestFailed
+    | TurnComposed
 )
+
+
+class QuotaStatus(msgspec.Struct, kw_only=True):
+    """quota's answer to `kiln.quota.status.<user>` (NATS request/reply): today's usage."""
+
+    user_id: str
+    plan: str
+    used: int
+    limit: int
+    day: str  # the UTC day, YYYY-MM-DD
+    resets_at: datetime  # the next UTC midnight
+
+    @property
+    def left(self) -> int:
+        return max(self.limit - self.used, 0)
 
 class WorkerHeartbeat(msgspec.Struct, kw_only=True):
     """A render worker's telemetry, once a second on `kiln.fleet.telemetry.<worker>` (plain

@@ -28,6 +28,7 @@ class Settings:
     http_port: int
     public_url: str
     otlp_endpoint: str | None
+    trace_url: str | None  # a tracing UI's page for one trace, with `{trace_id}` in it
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -45,7 +46,13 @@ class Settings:
             http_port=http_port,
             public_url=env.get("KILN_PUBLIC_URL", f"http://{http_host}:{http_port}").rstrip("/"),
             otlp_endpoint=env.get("KILN_OTLP_ENDPOINT") or None,
+            trace_url=env.get("KILN_TRACE_URL") or None,
         )
+
+
+    def trace_link(self, trace_id: str) -> str | None:
+        """Where the tracing UI shows this trace, if one is configured."""
+        return self.trace_url.replace("{trace_id}", trace_id) if self.trace_url else None
 
 
 def asyncpg_url(database_url: str) -> str:

@@ -46,6 +46,21 @@ def outcome(user_id: str, request_id: str) -> str:
     return f"kiln.outcome.{user_id}.{request_id}"
 
 
+def conversation(user_id: str, conversation_id: str) -> str:
+    """A conversation's turns (TurnComposed), in order: one subject per conversation, so a
+    turn can be appended only after the turn its composer read last."""
+    return f"kiln.conversation.{user_id}.{conversation_id}"
+
+
+def quota_status(user_id: str) -> str:
+    """Request/reply: quota answers with the user's QuotaStatus for today."""
+    return f"kiln.quota.status.{user_id}"
+
+
+# Request/reply: context answers with its style presets (name → title).
+CONTEXT_STYLES = "kiln.context.styles"
+
+
 def fleet_telemetry(worker_id: str) -> str:
     """WorkerHeartbeat: plain NATS, not stored; quota keeps the latest per worker."""
     return f"kiln.fleet.telemetry.{worker_id}"
@@ -77,13 +92,18 @@ RENDER_JOBS = Stream(
 )
 RENDER_CANCELS = Stream("KILN_RENDER_CANCELS", ["kiln.render.cancel.*.*"], user_token=3, max_age_s=24 * 3600)
 RENDER_EVENTS = Stream("KILN_RENDER_EVENTS", ["kiln.render.events.*.*"], user_token=3)
-OUTCOMES = Stream("KILN_OUTCOMES", ["kiln.outcome.*.*"], user_token=2)
+YEAR_S = 365 * 24 * 3600
+# Kept a year: an edit by id finds its source image's prompt in the source's outcome.
+OUTCOMES = Stream("KILN_OUTCOMES", ["kiln.outcome.*.*"], user_token=2, max_age_s=YEAR_S)
+CONVERSATIONS = Stream("KILN_CONVERSATIONS", ["kiln.conversation.*.*"], user_token=2, max_age_s=YEAR_S)
 DEAD_LETTERS = Stream("KILN_DEAD_LETTERS", ["kiln.deadletter.*"], max_age_s=30 * 24 * 3600)
 
-ALL_STREAMS = [PROMPTS, QUOTA, RENDER_JOBS, RENDER_CANCELS, RENDER_EVENTS, OUTCOMES, DEAD_LETTERS]
+ALL_STREAMS = [PROMPTS, QUOTA, RENDER_JOBS, RENDER_CANCELS, RENDER_EVENTS, OUTCOMES, CONVERSATIONS, DEAD_LETTERS]
 TIERS = ("paid", "free")  # render lanes, in the order workers pull them
 
 IMAGE_BUCKET = "kiln-images"
+# delivery's record of each image: prompt, composition, owner, time (key `<user>.<request>`).
+IMAGE_META_BUCKET = "kiln-image-meta"
 
 
 def image_key(user_id: str, request_id: str) -> str:

@@ -1,7 +1,10 @@
 """context (prompt-context): turns a granted prompt into one fully specified render job.
 
 events in   QuotaGranted     (kiln.quota.decided.<user>.<request>; denials are skipped)
-decide      compose.py       pure: the submission → RenderRequested
-storage     none yet         (conversations, styles and edits come with their own issue)
-events out  RenderRequested  (kiln.render.jobs.<tier>)
+reads       the conversation's turns, and the outcome of an image being edited
+decide      compose.py       pure: limits, blocklist, style, edit → the prompt drawn
+storage     KILN_CONVERSATIONS (JetStream): a TurnComposed per turn, one subject per conversation
+events out  RenderRequested  (kiln.render.jobs.<tier>.<user>), or RequestFailed(stage="context")
+answers     kiln.context.styles (request/reply): the style presets
+config      context.toml     limits, blocklist, styles (KILN_CONTEXT_CONFIG)
 """

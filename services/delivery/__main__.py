@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import time
 
 import uvicorn
 from nats.aio.msg import Msg
 
-from services.delivery.http import create_app
+from services.delivery.http import Site, create_app
+from services.delivery.links import Links, Signer, load_secret
 from services.delivery.outcome import outcome
+from services.delivery.records import ImageRecord, ImageRecords
 from shared import service, subjects
 from shared.bus import Bus
 from shared.events import RenderCompleted, RenderFailed
 from shared.settings import Settings
+
+DOWNLOAD_TTL_S = int(os.environ.get("KILN_LINK_TTL_S", 24 * 3600))
+SHARE_TTL_S = int(os.environ.get("KILN_SHARE_TTL_S", 7 * 24 * 3600))
 
 
 class _HttpServer(uvicorn.Server):
@@ -24,11 +31,21 @@ class _HttpServer(uvicorn.Server):
 
 
 async def serve(settings: Settings, bus: Bus, stop: asyncio.Event) -> None:
+    links = Links(Signer(load_secret(settings.data_dir)), settings.public_url, DOWNLOAD_TTL_S, SHARE_TTL_S)
+    records = await ImageRecords.open(bus.js)
+
     async def handle_render_event(event: RenderCompleted | RenderFailed, msg: Msg) -> None:
-        subject, result = outcome(event, settings.public_url)
+        if isinstance(event, RenderCompleted):
+            # Kept before the outcome goes out, so every delivered image has its record.
+            await records.put(ImageRecord(
+                user_id=event.user_id, request_id=event.request_id, conversation_id=event.conversation_id,
+                prompt=event.prompt, composition=event.composition, width=event.width, height=event.height,
+                created_at=event.completed_at,
+            ))
+        subject, result = outcome(event, links, time.time())
         await bus.publish(subject, result, first_on_subject=True)
 
-    app = create_app(bus, await bus.image_store())
+    app = create_app(Site(bus, await bus.image_store(), records, links, settings))
     config = uvicorn.Config(
         app, host=settings.http_host, port=settings.http_port, log_level="warning", lifespan="off"
     )

@@ -1,42 +1,318 @@
-"""delivery's HTTP side (Starlette): image download and health."""
+"""delivery's HTTP side (Starlette): images, share pages, the playground and its API.
+
+    GET  /                                  the playground (static files in playground/)
+    POST /api/login, /api/logout            sign in by name: a signed session cookie
+    GET  /api/me                            who is signed in, today's quota, the styles
+    POST /api/generate                      publish a prompt; NDJSON lines: accepted,
+                                            progress…, then delivered / denied / failed
+    GET  /api/conversations/<conversation>  its turns, each with its outcome
+    POST /api/images/<request>/share        a signed share link (body: {"ttl_s": …})
+    GET  /images/<user>/<request>.png       the PNG: for its owner's session, or a signed link
+    GET  /share/<user>/<request>            the share page: image and prompt, no sign-in
+    GET  /healthz
+
+Sign-in takes any user name: identity belongs to whatever the deployment puts in front
+(an identity proxy that sets the user). What Kiln enforces is the rule after it: a session
+sees only its own images, and a link opens only the image it was signed for.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import html
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import nats.errors
 from nats.js.errors import ObjectNotFoundError
 from nats.js.object_store import ObjectStore
+from opentelemetry import trace
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
+from kiln.client import KilnClient
+from services.delivery.links import LinkError, Links, image_subject
+from services.delivery.records import ImageRecords
 from shared.bus import Bus
-from shared.events import ID_PATTERN
-from shared.subjects import image_key
+from shared.events import ID_PATTERN, ImageDelivered, PromptSubmitted, QuotaDenied, RenderProgress, check_ids
+from shared.records import Outcome
+from shared.settings import Settings
+
+PLAYGROUND = Path(__file__).with_name("playground")
+SESSION_COOKIE = "kiln_session"
+SESSION_TTL_S = 7 * 24 * 3600
+MAX_SHARE_TTL_S = 30 * 24 * 3600
+GENERATE_TIMEOUT_S = 300
+
+tracer = trace.get_tracer("kiln.playground")
 
 
-def create_app(bus: Bus, store: ObjectStore) -> Starlette:
+class GenerateBody(msgspec.Struct, forbid_unknown_fields=True):
+    prompt: str
+    conversation_id: str = ""
+    style: str | None = None
+    edit_of: str | None = None
+    strength: float = 0.8
+    size: int = 32
+    steps: int = 20
+
+
+class ShareBody(msgspec.Struct, forbid_unknown_fields=True):
+    ttl_s: int | None = None
+
+
+@dataclass
+class Site:
+    bus: Bus
+    store: ObjectStore
+    records: ImageRecords
+    links: Links
+    settings: Settings
+
+    @property
+    def client(self) -> KilnClient:
+        return KilnClient(self.bus.nc)  # the SDK on the service's own connection
+
+    def user(self, request: Request) -> str | None:
+        return self.links.signer.session_user(request.cookies.get(SESSION_COOKIE), time.time())
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def _body(request: Request, kind: type[msgspec.Struct]):
+    raw = await request.body()
+    return msgspec.json.decode(raw or b"{}", type=kind)
+
+
+def create_app(site: Site) -> Starlette:
+    # -- sign-in ---------------------------------------------------------------------------
+
+    async def login(request: Request) -> Response:
+        try:
+            user_id = str((await _body(request, dict)).get("user", "")).strip()
+        except msgspec.DecodeError:
+            return _error(400, "send JSON: {\"user\": \"alice\"}")
+        if not ID_PATTERN.match(user_id):
+            return _error(400, "a user name is 1-64 letters, digits, _ or -")
+        response = JSONResponse({"user": user_id})
+        token = site.links.signer.session(user_id, int(time.time()) + SESSION_TTL_S)
+        response.set_cookie(SESSION_COOKIE, token, max_age=SESSION_TTL_S, httponly=True, samesite="strict")
+        return response
+
+    async def logout(request: Request) -> Response:
+        response = JSONResponse({"user": None})
+        response.delete_cookie(SESSION_COOKIE)
+        return response
+
+    async def me(request: Request) -> Response:
+        if (user_id := site.user(request)) is None:
+            return _error(401, "sign in first")
+        return JSONResponse({"user": user_id, "quota": await _quota(site, user_id), "styles": await _styles(site)})
+
+    # -- generating ------------------------------------------------------------------------
+
+    async def generate(request: Request) -> Response:
+        if (user_id := site.user(request)) is None:
+            return _error(401, "sign in first")
+        try:
+            body = await _body(request, GenerateBody)
+            submission = PromptSubmitted(
+                request_id=uuid.uuid4().hex, user_id=user_id, conversation_id=body.conversation_id,
+                prompt=body.prompt, width=body.size, height=body.size, steps=body.steps,
+                style=body.style, edit_of=body.edit_of, strength=body.strength,
+            )
+            check_ids(submission)
+        except (msgspec.DecodeError, ValueError) as error:
+            return _error(400, str(error))
+        lines: asyncio.Queue[dict | None] = asyncio.Queue()
+        task = asyncio.create_task(_follow(site, submission, lines))
+        return StreamingResponse(_ndjson(lines, task), media_type="application/x-ndjson")
+
+    async def conversation(request: Request) -> Response:
+        if (user_id := site.user(request)) is None:
+            return _error(401, "sign in first")
+        conversation_id = request.path_params["conversation_id"]
+        if not ID_PATTERN.match(conversation_id):
+            return _error(400, f"not a conversation id: {conversation_id!r}")
+        client = site.client
+        turns = await client.conversation(user_id, conversation_id)
+        outcomes = await asyncio.gather(*(client.recorded_outcome(user_id, t.request_id) for t in turns))
+        return JSONResponse([
+            {"request_id": turn.request_id, "prompt": turn.prompt, "composition": msgspec.to_builtins(turn.composition),
+             **(_outcome_line(site, outcome) if outcome else {"event": "pending"})}
+            for turn, outcome in zip(turns, outcomes)
+        ])
+
+    async def share(request: Request) -> Response:
+        if (user_id := site.user(request)) is None:
+            return _error(401, "sign in first")
+        request_id = request.path_params["request_id"]
+        try:
+            body = await _body(request, ShareBody)
+        except msgspec.DecodeError as error:
+            return _error(400, str(error))
+        ttl_s = body.ttl_s if body.ttl_s is not None else site.links.share_ttl_s
+        if not (1 <= ttl_s <= MAX_SHARE_TTL_S):
+            return _error(400, f"ttl_s must be between 1 and {MAX_SHARE_TTL_S} seconds")
+        if not ID_PATTERN.match(request_id) or await site.records.get(user_id, request_id) is None:
+            return _error(404, f"you have no image from request {request_id}")
+        now = time.time()
+        return JSONResponse({"url": site.links.share(user_id, request_id, now, ttl_s), "expires_at": int(now) + ttl_s})
+
+    # -- images and share pages ------------------------------------------------------------
+
     async def image(request: Request) -> Response:
         user_id, request_id = request.path_params["user_id"], request.path_params["request_id"]
         for name, value in (("user", user_id), ("request", request_id)):
             if not ID_PATTERN.match(value):
-                return JSONResponse({"error": f"not a {name} id: {value!r}"}, status_code=400)
+                return _error(400, f"not a {name} id: {value!r}")
+        query = request.query_params
+        if "sig" in query or "exp" in query:
+            purpose = "share" if query.get("p") == "share" else "download"
+            try:
+                site.links.signer.check(
+                    purpose, image_subject(user_id, request_id), query.get("exp"), query.get("sig"), time.time()
+                )
+            except LinkError as error:
+                return _error(error.status, str(error))
+        elif (viewer := site.user(request)) is None:
+            return _error(403, "sign in, or use the image's signed link")
+        elif viewer != user_id:
+            return _error(403, "this image is not yours; its owner can share it with you")
         try:
-            result = await store.get(image_key(user_id, request_id))
+            result = await site.store.get(f"{user_id}/{request_id}.png")
         except ObjectNotFoundError:
-            return JSONResponse({"error": f"no image for request {request_id}"}, status_code=404)
-        return Response(
-            result.data,
-            media_type="image/png",
-            headers={"Cache-Control": "private, max-age=31536000, immutable"},
+            return _error(404, f"no image for request {request_id}")
+        headers = {"Cache-Control": "private, max-age=3600"}
+        if "download" in query:
+            headers["Content-Disposition"] = f'attachment; filename="kiln-{request_id}.png"'
+        return Response(result.data, media_type="image/png", headers=headers)
+
+    async def share_page(request: Request) -> Response:
+        user_id, request_id = request.path_params["user_id"], request.path_params["request_id"]
+        query = request.query_params
+        try:
+            site.links.signer.check("share", image_subject(user_id, request_id), query.get("exp"), query.get("sig"), time.time())
+        except LinkError as error:
+            return _page(error.status, "This link does not open", str(error))
+        record = await site.records.get(user_id, request_id)
+        if record is None:
+            return _page(404, "No such image", "The image this link names is gone.")
+        image_url = f"/images/{user_id}/{request_id}.png?p=share&exp={query['exp']}&sig={query['sig']}"
+        style = f" · style: {html.escape(record.composition.style)}" if record.composition and record.composition.style else ""
+        body = (
+            f'<img id="shared-image" src="{html.escape(image_url)}" alt="{html.escape(record.prompt)}">'
+            f'<p class="prompt" id="shared-prompt">{html.escape(record.prompt)}</p>'
+            f'<p class="meta">{record.width}×{record.height} · {record.created_at:%Y-%m-%d %H:%M} UTC{style}</p>'
         )
+        return _page(200, "Shared from Kiln", body, raw=True)
+
+    async def playground(request: Request) -> Response:
+        return FileResponse(PLAYGROUND / "index.html")
 
     async def healthz(request: Request) -> Response:
-        ok = bus.nc.is_connected
+        ok = site.bus.nc.is_connected
         return JSONResponse({"nats": "connected" if ok else "disconnected"}, status_code=200 if ok else 503)
 
     return Starlette(
         routes=[
+            Route("/", playground),
+            Mount("/static", StaticFiles(directory=PLAYGROUND), name="static"),
+            Route("/api/login", login, methods=["POST"]),
+            Route("/api/logout", logout, methods=["POST"]),
+            Route("/api/me", me),
+            Route("/api/generate", generate, methods=["POST"]),
+            Route("/api/conversations/{conversation_id}", conversation),
+            Route("/api/images/{request_id}/share", share, methods=["POST"]),
             Route("/images/{user_id}/{request_id}.png", image),
+            Route("/share/{user_id}/{request_id}", share_page),
             Route("/healthz", healthz),
         ]
+    )
+
+
+async def _follow(site: Site, submission: PromptSubmitted, lines: asyncio.Queue[dict | None]) -> None:
+    """Publish the prompt through the SDK and queue what happens to it as lines."""
+    # The playground's span is the root of the request's trace, as the CLI's is.
+    with tracer.start_as_current_span("playground generate", kind=trace.SpanKind.SERVER) as span:
+        trace_id = format(span.get_span_context().trace_id, "032x")
+        lines.put_nowait({
+            "event": "accepted", "request_id": submission.request_id, "trace_id": trace_id,
+            "trace_url": site.settings.trace_link(trace_id),
+        })
+
+        def on_progress(event: RenderProgress) -> None:
+            lines.put_nowait({
+                "event": "progress", "state": event.state, "step": event.step, "total": event.total_steps,
+                "queue_position": event.queue_position, "eta_s": event.eta_s,
+            })
+
+        try:
+            outcome = await site.client.generate(
+                submission.prompt, user_id=submission.user_id, conversation_id=submission.conversation_id,
+                request_id=submission.request_id, width=submission.width, height=submission.height,
+                steps=submission.steps, style=submission.style, edit_of=submission.edit_of,
+                strength=submission.strength, on_progress=on_progress, timeout_s=GENERATE_TIMEOUT_S,
+            )
+            lines.put_nowait({"request_id": submission.request_id, **_outcome_line(site, outcome)})
+        except (TimeoutError, nats.errors.Error) as error:
+            lines.put_nowait({"event": "error", "request_id": submission.request_id, "detail": str(error)})
+        finally:
+            lines.put_nowait({"event": "quota", "quota": await _quota(site, submission.user_id)})
+            lines.put_nowait(None)
+
+
+async def _ndjson(lines: asyncio.Queue[dict | None], task: asyncio.Task):
+    try:
+        while (line := await lines.get()) is not None:
+            yield msgspec.json.encode(line) + b"\n"
+    finally:
+        # The browser went away: stop following. The request goes on; its outcome stays
+        # readable through /api/conversations.
+        task.cancel()
+
+
+def _outcome_line(site: Site, outcome: Outcome) -> dict:
+    if isinstance(outcome, ImageDelivered):
+        return {
+            "event": "delivered", "url": site.links.download(outcome.user_id, outcome.request_id, time.time()),
+            "image": f"/images/{outcome.user_id}/{outcome.request_id}.png", "prompt": outcome.prompt,
+            "composition": msgspec.to_builtins(outcome.composition), "render_ms": outcome.render_ms,
+        }
+    if isinstance(outcome, QuotaDenied):
+        retry_at = outcome.retry_at.isoformat() if outcome.retry_at else None
+        return {"event": "denied", "reason": outcome.reason, "detail": outcome.detail, "retry_at": retry_at}
+    return {"event": "failed", "stage": outcome.stage, "reason": outcome.reason, "detail": outcome.detail}
+
+
+async def _quota(site: Site, user_id: str) -> dict | None:
+    try:
+        status = await site.client.quota(user_id, timeout_s=2)
+    except (TimeoutError, nats.errors.Error):
+        return None  # quota is busy or down: the page says "unknown", the rest works
+    return {**msgspec.to_builtins(status), "left": status.left}
+
+
+async def _styles(site: Site) -> dict[str, str]:
+    try:
+        return await site.client.styles(timeout_s=2)
+    except (TimeoutError, nats.errors.Error):
+        return {}
+
+
+def _page(status: int, title: str, body: str, raw: bool = False) -> HTMLResponse:
+    content = body if raw else f"<p class=\"error\">{html.escape(body)}</p>"
+    return HTMLResponse(
+        "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        f"<title>{html.escape(title)}</title><link rel=stylesheet href=/static/app.css></head>"
+        f"<body class=share><main><h1>{html.escape(title)}</h1>{content}</main></body></html>",
+        status_code=status,
     )

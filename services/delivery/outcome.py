@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
+from services.delivery.links import Links
 from shared import subjects
 from shared.events import ImageDelivered, RenderCompleted, RenderFailed, RequestFailed
 
 
-def image_url(public_url: str, user_id: str, request_id: str) -> str:
-    return f"{public_url}/images/{user_id}/{request_id}.png"
-
-
 def outcome(
-    event: RenderCompleted | RenderFailed, public_url: str
+    event: RenderCompleted | RenderFailed, links: Links, now: float
 ) -> tuple[str, ImageDelivered | RequestFailed]:
-    """The outcome event for a render event, and the subject it goes to."""
+    """The outcome event for a render event, and the subject it goes to. A delivered image
+    carries a signed download link that expires."""
     ids = dict(request_id=event.request_id, user_id=event.user_id, conversation_id=event.conversation_id)
     if isinstance(event, RenderCompleted):
         delivered = ImageDelivered(
             **ids,
             image_key=event.image_key,
-            url=image_url(public_url, event.user_id, event.request_id),
+            url=links.download(event.user_id, event.request_id, now),
             render_ms=event.render_ms,
+            prompt=event.prompt,
+            composition=event.composition,
         )
         return subjects.outcome(event.user_id, event.request_id), delivered
     failed = RequestFailed(**ids, stage="render", reason=event.reason, detail=event.detail)

@@ -9,5 +9,6 @@ storage     log.py, chain.py           the append-only, hash-chained event log (
 events out  QuotaGranted / QuotaDenied (kiln.quota.decided.<user>.<request>)
             QuotaDenied                (kiln.outcome.<user>.<request>: a denial ends the request)
             relay.py                   publishes committed decisions a crash left unpublished
+answers     kiln.quota.status.<user>   request/reply: today's QuotaStatus (used, limit, plan)
 operators   accounts.py, audit.py      `kiln accounts …`, `kiln audit …`
 """

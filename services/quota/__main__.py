@@ -29,6 +29,8 @@ async def serve(settings: Settings, bus: Bus, stop: asyncio.Event, *, config: pl
         fleet = FleetMonitor(config.pressure)
         await fleet.watch(bus.nc)
         quota = QuotaService(pool, bus, config, fleet)
+        # Users are subject tokens (checked where they enter), so one token is one user.
+        await bus.nc.subscribe(subjects.quota_status("*"), queue="quota", cb=quota.answer_status)
         await asyncio.gather(
             bus.consume_batches(
                 subjects.PROMPTS, "quota", quota.handle_prompts, stop,

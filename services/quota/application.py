@@ -26,6 +26,7 @@ from typing import Any
 
 import asyncpg
 import msgspec
+from nats.aio.msg import Msg
 from opentelemetry import trace
 
 from services.quota import log as quota_log
@@ -36,7 +37,7 @@ from services.quota.pressure import FleetMonitor
 from shared import subjects
 from shared.bus import Bus, Delivery
 from shared.failpoints import failpoint
-from shared.events import ImageDelivered, PromptSubmitted, QuotaDenied, QuotaGranted, RequestFailed
+from shared.events import ImageDelivered, PromptSubmitted, QuotaDenied, QuotaGranted, QuotaStatus, RequestFailed
 
 logger = logging.getLogger("kiln.quota")
 
@@ -184,6 +185,25 @@ class QuotaService:
             )
             await log.append([quota_log.Entry(refund, {"policy_version": policy.POLICY_VERSION})])
         logger.info("refunded %s/%s (%s)", outcome.user_id, outcome.request_id, outcome.reason)
+
+
+    # -- status ---------------------------------------------------------------------------
+
+    async def answer_status(self, msg: Msg) -> None:
+        """Reply to `kiln.quota.status.<user>` with the user's QuotaStatus for today."""
+        user_id = msg.subject.rsplit(".", 1)[-1]
+        now = datetime.now(timezone.utc)
+        day = policy.utc_day(now)
+        async with self.pool.acquire() as conn:
+            record = (await quota_log.user_records(conn, [(user_id, day)]))[user_id]
+        plan_name = record.plan if record.plan in self.config.plans else DEFAULT_PLAN
+        usage = record.state.on(day)
+        status = QuotaStatus(
+            user_id=user_id, plan=plan_name, used=usage.used,
+            limit=self.config.plan(plan_name).daily_limit + usage.extra,
+            day=day, resets_at=policy.next_utc_midnight(now),
+        )
+        await msg.respond(msgspec.json.encode(status))
 
 
 async def publish_decision(bus: Bus, decision: Decision) -> None:

@@ -382,7 +382,7 @@ class RenderWorker:
             request_id=job.request_id, user_id=job.user_id, conversation_id=job.conversation_id,
             image_key=subjects.image_key(job.user_id, job.request_id), width=job.width, height=job.height,
             seed=job.seed, render_ms=render_ms, worker_id=self.worker_id, batch_size=batch_size,
-            queued_ms=self._queued_ms.pop(job.request_id, None),
+            queued_ms=self._queued_ms.pop(job.request_id, None), prompt=job.prompt, composition=job.composition,
         )
         await self._report(item, completed)
 

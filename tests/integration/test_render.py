@@ -296,15 +296,15 @@ async def test_an_edit_starts_from_the_earlier_image_and_inpainting_keeps_the_un
     assert np.abs(result[:, 20:] - source[:, 20:]).mean() < 12  # the unmasked right side is kept
 
 
-async def test_an_edit_of_an_image_that_is_not_the_users_fails_as_invalid(client: KilnClient, user: str):
+async def test_an_edit_of_an_image_that_is_not_the_users_is_refused(client: KilnClient, user: str):
     someone_else = _user("other")
     theirs = await client.generate("a red circle", user_id=someone_else)
     assert isinstance(theirs, ImageDelivered)
     # The source key is built from the editing user's own id: another user's request id
     # names nothing of theirs.
     outcome = await client.generate("a blue circle", user_id=user, edit_of=theirs.request_id)
-    assert isinstance(outcome, RequestFailed) and (outcome.stage, outcome.reason) == ("render", "invalid")
-    assert "no stored image" in outcome.detail
+    assert isinstance(outcome, RequestFailed) and (outcome.stage, outcome.reason) == ("context", "no_such_image")
+    assert theirs.request_id in outcome.detail
 
 
 def _pixels(png: bytes) -> np.ndarray:

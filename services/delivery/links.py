@@ -1,0 +1,109 @@
+"""Signed, expiring links and sign-in cookies. Pure: no I/O but the clock the caller passes.
+
+A link names what it opens (`purpose`: a download or a share page), whose image, and until
+when; an HMAC-SHA256 over exactly that, with the server's secret, is its signature. Change
+any part and the signature no longer matches (403); past its time it is gone (410).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlencode
+
+Purpose = Literal["download", "share", "session"]
+SECRET_BYTES = 32
+
+
+class LinkError(Exception):
+    status = 403
+
+
+class Tampered(LinkError):
+    status = 403
+
+
+class Expired(LinkError):
+    status = 410
+
+
+def load_secret(data_dir: Path) -> bytes:
+    """KILN_LINK_SECRET if set (every delivery replica must share it), else a secret made
+    once and kept in the data folder, so links stay valid across restarts."""
+    if configured := os.environ.get("KILN_LINK_SECRET"):
+        return configured.encode()
+    path = data_dir / "delivery" / "link-secret"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # O_EXCL: one writer wins
+        with os.fdopen(fd, "w") as file:
+            file.write(secrets.token_hex(SECRET_BYTES))
+    return path.read_text().strip().encode()
+
+
+class Signer:
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+
+    def signature(self, purpose: Purpose, subject: str, expires: int) -> str:
+        message = f"{purpose}\n{subject}\n{expires}".encode()
+        digest = hmac.new(self._secret, message, hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+    def check(self, purpose: Purpose, subject: str, expires: str | None, signature: str | None, now: float) -> None:
+        """Raise Tampered unless the signature is this server's for exactly these parts,
+        then Expired if the time has passed (a forged expiry is caught as tampering)."""
+        if not expires or not signature or not expires.isdigit():
+            raise Tampered("the link is incomplete or altered")
+        if not hmac.compare_digest(self.signature(purpose, subject, int(expires)), signature):
+            raise Tampered("the link is not valid: it was altered or is not from this server")
+        if int(expires) < now:
+            raise Expired("the link has expired; ask its owner for a new one")
+
+    def query(self, purpose: Purpose, subject: str, expires: int) -> str:
+        return urlencode({"exp": expires, "sig": self.signature(purpose, subject, expires)})
+
+    # -- sign-in --------------------------------------------------------------------------
+
+    def session(self, user_id: str, expires: int) -> str:
+        return f"{user_id}.{expires}.{self.signature('session', user_id, expires)}"
+
+    def session_user(self, token: str | None, now: float) -> str | None:
+        """The user a session cookie names, if this server made it and it has not expired."""
+        if not token or token.count(".") != 2:
+            return None
+        user_id, expires, signature = token.split(".")
+        try:
+            self.check("session", user_id, expires, signature, now)
+        except LinkError:
+            return None
+        return user_id
+
+
+def image_subject(user_id: str, request_id: str) -> str:
+    return f"{user_id}/{request_id}"
+
+
+class Links:
+    """The URLs delivery hands out for an image."""
+
+    def __init__(self, signer: Signer, public_url: str, download_ttl_s: int, share_ttl_s: int) -> None:
+        self.signer = signer
+        self.public_url = public_url
+        self.download_ttl_s = download_ttl_s
+        self.share_ttl_s = share_ttl_s
+
+    def download(self, user_id: str, request_id: str, now: float) -> str:
+        expires = int(now) + self.download_ttl_s
+        query = self.signer.query("download", image_subject(user_id, request_id), expires)
+        return f"{self.public_url}/images/{user_id}/{request_id}.png?{query}"
+
+    def share(self, user_id: str, request_id: str, now: float, ttl_s: int | None = None) -> str:
+        expires = int(now) + (ttl_s if ttl_s is not None else self.share_ttl_s)
+        query = self.signer.query("share", image_subject(user_id, request_id), expires)
+        return f"{self.public_url}/share/{user_id}/{request_id}?{query}"

@@ -1,0 +1,254 @@
+// The Kiln playground: one conversation, drawn turn by turn. Plain JS, no build step.
+// Talks to delivery's /api (see services/delivery/http.py).
+"use strict";
+
+const $ = (selector) => document.querySelector(selector);
+const state = { conversation: null, editOf: null, busy: false };
+
+async function api(path, body) {
+  const options = body === undefined ? {} : {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+  };
+  return fetch(path, options);
+}
+
+// -- sign-in ------------------------------------------------------------------------------
+
+async function start() {
+  const response = await fetch("/api/me");
+  if (response.status === 401) {
+    $("#sign-in-form").hidden = false;
+    return;
+  }
+  const me = await response.json();
+  $("#sign-in-form").hidden = true;
+  $("#account").hidden = false;
+  $("#playground").hidden = false;
+  $("#who").textContent = me.user;
+  showQuota(me.quota);
+  for (const [name, title] of Object.entries(me.styles)) {
+    $("#style").append(new Option(title, name));
+  }
+  const key = `kiln-conversation-${me.user}`;
+  state.conversation = localStorage.getItem(key) || newConversationId();
+  localStorage.setItem(key, state.conversation);
+  await loadConversation();
+}
+
+function newConversationId() {
+  return "c-" + crypto.randomUUID().replaceAll("-", "").slice(0, 16);
+}
+
+$("#sign-in-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const response = await api("/api/login", { user: $("#user").value.trim() });
+  if (!response.ok) return notice((await response.json()).error);
+  location.reload();
+});
+
+$("#sign-out").addEventListener("click", async () => {
+  await api("/api/logout", {});
+  location.reload();
+});
+
+$("#new-conversation").addEventListener("click", () => {
+  state.conversation = newConversationId();
+  localStorage.setItem(`kiln-conversation-${$("#who").textContent}`, state.conversation);
+  $("#turns").replaceChildren();
+  stopEditing();
+});
+
+function showQuota(quota) {
+  $("#quota").textContent = quota
+    ? `${quota.left} of ${quota.limit} images left today (${quota.plan})`
+    : "quota unknown";
+}
+
+function notice(text) {
+  $("#notice").textContent = text || "";
+  $("#notice").hidden = !text;
+}
+
+// -- the conversation -----------------------------------------------------------------------
+
+async function loadConversation() {
+  const response = await fetch(`/api/conversations/${state.conversation}`);
+  if (!response.ok) return;
+  for (const turn of await response.json()) {
+    const card = addTurn(turn.composition ? turn.composition.text : turn.prompt);
+    showOutcome(card, { ...turn, request_id: turn.request_id });
+  }
+}
+
+function addTurn(text) {
+  const card = document.createElement("li");
+  card.className = "turn";
+  const asked = document.createElement("div");
+  asked.className = "asked";
+  asked.textContent = text;
+  card.append(asked);
+  $("#turns").append(card);
+  return card;
+}
+
+function showOutcome(card, outcome) {
+  card.dataset.requestId = outcome.request_id;
+  if (outcome.event === "delivered") {
+    const drawn = document.createElement("div");
+    drawn.className = "drawn";
+    drawn.textContent = `drawn: ${outcome.prompt}`;
+    const image = document.createElement("img");
+    image.src = outcome.image;
+    image.alt = outcome.prompt;
+    card.append(drawn, image, actions(card, outcome));
+  } else if (outcome.event === "denied" || outcome.event === "failed" || outcome.event === "error") {
+    card.classList.add("failed");
+    const reason = document.createElement("div");
+    reason.className = "reason";
+    const retry = outcome.retry_at ? ` Try again after ${new Date(outcome.retry_at).toLocaleString()}.` : "";
+    reason.textContent = `${outcome.event}: ${outcome.reason || ""} ${outcome.detail}${retry}`.replace(/ +/g, " ");
+    card.append(reason);
+    notice(reason.textContent);
+  }
+}
+
+function actions(card, outcome) {
+  const bar = document.createElement("div");
+  bar.className = "actions";
+  const edit = button("Edit", "edit", () => startEditing(outcome));
+  const download = document.createElement("a");
+  download.className = "download";
+  download.textContent = "Download";
+  download.href = outcome.url + "&download=1";
+  download.download = `kiln-${outcome.request_id}.png`;
+  const share = button("Share", "share", async () => {
+    const response = await api(`/api/images/${outcome.request_id}/share`, {});
+    const link = await response.json();
+    let shown = card.querySelector(".share-url");
+    if (!shown) {
+      shown = document.createElement("a");
+      shown.className = "share-url";
+      shown.target = "_blank";
+      card.append(shown);
+    }
+    shown.href = shown.textContent = response.ok ? link.url : link.error;
+  });
+  bar.append(edit, download, share);
+  if (card.dataset.traceUrl || card.dataset.traceId) bar.append(traceLink(card));
+  return bar;
+}
+
+function traceLink(card) {
+  const link = document.createElement("a");
+  link.className = "trace";
+  link.target = "_blank";
+  link.textContent = "Trace";
+  link.title = `trace ${card.dataset.traceId}`;
+  if (card.dataset.traceUrl) link.href = card.dataset.traceUrl;
+  return link;
+}
+
+function button(text, className, onClick) {
+  const element = document.createElement("button");
+  element.type = "button";
+  element.className = className;
+  element.textContent = text;
+  element.addEventListener("click", onClick);
+  return element;
+}
+
+function startEditing(outcome) {
+  state.editOf = outcome.request_id;
+  $("#editing-prompt").textContent = `“${outcome.prompt}”`;
+  $("#editing").hidden = false;
+  $("#prompt").placeholder = "make it blue";
+  $("#prompt").focus();
+}
+
+function stopEditing() {
+  state.editOf = null;
+  $("#editing").hidden = true;
+  $("#prompt").placeholder = "a red circle on a white background";
+}
+$("#stop-editing").addEventListener("click", stopEditing);
+
+// -- drawing --------------------------------------------------------------------------------
+
+$("#composer").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  if (state.busy) return;
+  const text = $("#prompt").value.trim();
+  if (!text) return;
+  state.busy = true;
+  $("#send").disabled = true;
+  notice("");
+  const card = addTurn(text);
+  try {
+    await draw(card, {
+      prompt: text,
+      conversation_id: state.conversation,
+      style: $("#style").value || null,
+      edit_of: state.editOf,
+      size: Number($("#size").value),
+      steps: Number($("#steps").value),
+    });
+    $("#prompt").value = "";
+    stopEditing();
+  } finally {
+    state.busy = false;
+    $("#send").disabled = false;
+    $("#working").hidden = true;
+  }
+});
+
+async function draw(card, body) {
+  setProgress(0, "waiting for quota");
+  $("#working").hidden = false;
+  const response = await api("/api/generate", body);
+  if (!response.ok) {
+    showOutcome(card, { event: "error", detail: (await response.json()).error });
+    return;
+  }
+  // One JSON object per line: accepted, progress…, then the outcome and the quota left.
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffered = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffered += value;
+    const lines = buffered.split("\n");
+    buffered = lines.pop();
+    for (const line of lines) if (line) handle(card, JSON.parse(line));
+  }
+}
+
+function handle(card, line) {
+  switch (line.event) {
+    case "accepted":
+      card.dataset.requestId = line.request_id;
+      card.dataset.traceId = line.trace_id;
+      if (line.trace_url) card.dataset.traceUrl = line.trace_url;
+      break;
+    case "progress":
+      if (line.state === "queued") {
+        const eta = line.eta_s != null ? `, about ${Math.round(line.eta_s)} s` : "";
+        setProgress(0, `queued: #${line.queue_position}${eta}`);
+      } else {
+        setProgress(line.step / line.total, `rendering ${line.step}/${line.total}`);
+      }
+      break;
+    case "quota":
+      showQuota(line.quota);
+      break;
+    default:
+      if (line.event === "delivered") setProgress(1, "done");
+      showOutcome(card, line);
+  }
+}
+
+function setProgress(fraction, text) {
+  $("#progress").value = fraction;
+  $("#status").textContent = text;
+}
+
+start();
