@@ -4,6 +4,8 @@
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+CHROMIUM ?= /usr/bin/chromium
+export KILN_CHROMIUM := $(CHROMIUM)
 
 .PHONY: run test bench model model-check clean
 
@@ -17,8 +19,14 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/kiln up
 
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM)
 	$(PYTHON) -m pytest -q
+
+# The browser test drives Debian's Chromium; installed once per machine (CI runs as root).
+$(CHROMIUM):
+	@command -v apt-get >/dev/null || { echo "install Chromium at $(CHROMIUM) (or set CHROMIUM=path)"; exit 1; }
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 
 bench: $(STAMP)
 	$(PYTHON) -m bench.e2e_latency

@@ -282,7 +282,10 @@ async def test_a_prompt_sent_while_postgres_is_down_is_decided_when_it_returns(
 
 async def test_delivery_answers_unknown_images_with_404_and_reports_health(platform: Platform):
     async with httpx.AsyncClient(base_url=platform.http_url) as http:
-        assert (await http.get(f"/images/alice/{uuid.uuid4().hex}.png")).status_code == 404
+        unknown = f"/images/alice/{uuid.uuid4().hex}.png"
+        assert (await http.get(unknown)).status_code == 403  # whose it is comes first
+        assert (await http.post("/api/login", json={"user": "alice"})).status_code == 200
+        assert (await http.get(unknown)).status_code == 404
         assert (await http.get("/images/alice/not%20an%20id.png")).status_code == 400
         assert (await http.get("/images/not.a.user/abc.png")).status_code == 400
         health = await http.get("/healthz")

@@ -139,12 +139,18 @@ function actions(card, outcome) {
 }
 
 function traceLink(card) {
+  // A link into the tracing UI when one is configured (KILN_TRACE_URL); else the trace id,
+  // to look up by hand.
   const link = document.createElement("a");
   link.className = "trace";
-  link.target = "_blank";
-  link.textContent = "Trace";
   link.title = `trace ${card.dataset.traceId}`;
-  if (card.dataset.traceUrl) link.href = card.dataset.traceUrl;
+  if (card.dataset.traceUrl) {
+    link.href = card.dataset.traceUrl;
+    link.target = "_blank";
+    link.textContent = "Trace";
+  } else {
+    link.textContent = `trace ${card.dataset.traceId}`;
+  }
   return link;
 }
 

@@ -1,0 +1,145 @@
+"""Download and share links, share pages and who may fetch which image, on the real stack."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import httpx
+import pytest
+
+from infra.platform import Platform
+from kiln.client import KilnClient
+from shared.events import ImageDelivered
+
+pytestmark = pytest.mark.integration
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@contextlib.asynccontextmanager
+async def _signed_in(platform: Platform, user: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=platform.http_url, timeout=30) as http:
+        response = await http.post("/api/login", json={"user": user})
+        assert response.status_code == 200, response.text
+        yield http
+
+
+async def _image(client: KilnClient, user: str, prompt: str = "a red circle on a white background") -> ImageDelivered:
+    outcome = await client.generate(prompt, user_id=user, steps=10)
+    assert isinstance(outcome, ImageDelivered), outcome
+    return outcome
+
+
+def _with(url: str, **changes: str) -> str:
+    """The URL with some query parameters changed."""
+    parts = urlsplit(url)
+    query = {k: v[0] for k, v in parse_qs(parts.query).items()} | changes
+    return parts._replace(query=urlencode(query)).geturl()
+
+
+async def test_the_signed_download_link_opens_and_any_change_to_it_is_refused(
+    platform: Platform, client: KilnClient, user: str
+):
+    delivered = await _image(client, user)
+    async with httpx.AsyncClient(timeout=30) as anyone:
+        response = await anyone.get(delivered.url)
+        assert response.status_code == 200 and response.content.startswith(PNG)
+        signature = parse_qs(urlsplit(delivered.url).query)["sig"][0]
+        tampered = [
+            _with(delivered.url, sig=("A" if signature[0] != "A" else "B") + signature[1:]),
+            _with(delivered.url, exp=str(int(parse_qs(urlsplit(delivered.url).query)["exp"][0]) + 3600)),
+            delivered.url.replace(f"/{delivered.request_id}.png", "/someone-elses.png"),
+            _with(delivered.url, p="share"),  # a download link is not a share link
+        ]
+        for url in tampered:
+            response = await anyone.get(url)
+            assert response.status_code == 403, (url, response.text)
+            assert "not valid" in response.json()["error"]
+
+
+async def test_a_user_fetches_only_their_own_images_unless_shared(platform: Platform, client: KilnClient, user: str):
+    delivered = await _image(client, user)
+    path = f"/images/{user}/{delivered.request_id}.png"
+    async with (
+        _signed_in(platform, user) as owner,
+        _signed_in(platform, f"{user}-other") as other,
+        httpx.AsyncClient(base_url=platform.http_url) as nobody,
+    ):
+        assert (await owner.get(path)).status_code == 200
+        refused = await other.get(path)
+        assert refused.status_code == 403 and "not yours" in refused.json()["error"]
+        assert (await nobody.get(path)).status_code == 403
+        # Nor can another user share it.
+        assert (await other.post(f"/api/images/{delivered.request_id}/share", json={})).status_code == 404
+
+        share = (await owner.post(f"/api/images/{delivered.request_id}/share", json={})).json()
+        page = await nobody.get(share["url"])
+        assert page.status_code == 200 and delivered.prompt in page.text
+        image_src = page.text.split('id="shared-image" src="')[1].split('"')[0].replace("&amp;", "&")
+        image = await nobody.get(image_src)
+        assert image.status_code == 200 and image.content.startswith(PNG)
+
+
+async def test_an_expired_share_link_is_gone_and_a_tampered_one_forbidden(
+    platform: Platform, client: KilnClient, user: str
+):
+    delivered = await _image(client, user)
+    async with _signed_in(platform, user) as owner, httpx.AsyncClient(timeout=30) as anyone:
+        share = (await owner.post(f"/api/images/{delivered.request_id}/share", json={"ttl_s": 1})).json()
+        assert (await anyone.get(share["url"])).status_code == 200
+        other_image = share["url"].replace(delivered.request_id, "r-not-this-one")
+        assert (await anyone.get(other_image)).status_code == 403
+        await asyncio.sleep(2.1)
+        expired = await anyone.get(share["url"])
+        assert expired.status_code == 410 and "expired" in expired.text
+        # Bad requests to the API are answered, not crashed on.
+        for body in ({"ttl_s": 0}, {"ttl_s": "soon"}, {"ttl_s": 10**9}, {"colour": "red"}):
+            response = await owner.post(f"/api/images/{delivered.request_id}/share", json=body)
+            assert response.status_code == 400, body
+
+
+async def test_links_and_image_records_survive_a_restart_of_delivery(platform: Platform, client: KilnClient, user: str):
+    delivered = await _image(client, user, "a blue square at the top")
+    async with _signed_in(platform, user) as owner:
+        share = (await owner.post(f"/api/images/{delivered.request_id}/share", json={})).json()
+    platform.stop_service("delivery")
+    platform.start_service("delivery")
+    await platform.wait_ready()
+    async with httpx.AsyncClient(timeout=30) as anyone:
+        page = await anyone.get(share["url"])  # signed before the restart, checked after it
+        assert page.status_code == 200 and "a blue square at the top" in page.text
+        assert (await anyone.get(delivered.url)).content.startswith(PNG)
+
+
+async def test_the_playground_api_needs_a_sign_in_and_refuses_bad_input(platform: Platform, user: str):
+    async with httpx.AsyncClient(base_url=platform.http_url, timeout=30) as nobody:
+        assert (await nobody.post("/api/generate", json={"prompt": "a red circle"})).status_code == 401
+        assert (await nobody.post("/api/login", json={"user": "not a name!"})).status_code == 400
+        assert (await nobody.post("/api/login", content=b"{")).status_code == 400
+        forged = httpx.AsyncClient(base_url=platform.http_url, cookies={"kiln_session": f"{user}.9999999999.forged"})
+        async with forged:
+            assert (await forged.get("/api/me")).status_code == 401
+    async with _signed_in(platform, user) as http:
+        me = (await http.get("/api/me")).json()
+        assert me["user"] == user and me["quota"]["left"] == 3 and "watercolor" in me["styles"]
+        for body in ({}, {"prompt": 3}, {"prompt": "x", "conversation_id": "a.b"}, {"prompt": "x", "size": "big"}):
+            response = await http.post("/api/generate", json=body)
+            assert response.status_code == 400 and response.json()["error"], body
+
+
+async def test_the_playground_api_streams_progress_then_the_image(platform: Platform, user: str):
+    async with _signed_in(platform, user) as http:
+        lines = []
+        async with http.stream("POST", "/api/generate", json={"prompt": "a red circle", "steps": 30}) as response:
+            assert response.headers["content-type"] == "application/x-ndjson"
+            async for line in response.aiter_lines():
+                if line:
+                    lines.append(httpx.Response(200, content=line).json())
+    events = [line["event"] for line in lines]
+    assert events[0] == "accepted" and len(lines[0]["trace_id"]) == 32
+    assert "progress" in events and events[-2:] == ["delivered", "quota"], events
+    steps = [line["step"] for line in lines if line["event"] == "progress" and line["state"] == "rendering"]
+    assert steps == sorted(steps) and steps[-1] == 30
+    assert lines[-1]["quota"]["left"] == 2
