@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -30,13 +32,13 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kiln import admin
-from kiln.client import KilnClient
-from shared.events import ImageDelivered, QuotaDenied, RenderProgress
+from kiln.client import KilnClient, ServiceUnavailable
+from shared.events import ID_PATTERN, ImageDelivered, QuotaDenied, RenderProgress
 from shared.records import Outcome
 from shared import telemetry
 from shared.settings import Settings
 
-EXIT_DENIED, EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE = 2, 3, 4, 64
+EXIT_DENIED, EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, EXIT_INTERRUPTED = 2, 3, 4, 64, 130
 
 console = Console(stderr=True, soft_wrap=True)  # one message, one line
 
@@ -112,6 +114,8 @@ def _command(body: Command) -> Callable[[argparse.Namespace], int]:
         except ValueError as error:
             console.print(f"kiln: {error}")
             return EXIT_USAGE
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
 
     return run
 
@@ -126,7 +130,11 @@ async def _connected(body: Command, args: argparse.Namespace) -> int:
             console.print(f"kiln: cannot reach NATS at {settings.nats_url} ({error}); is Kiln up (`make run`)?")
             return EXIT_FAILED
         async with client:
-            return await body(client, args, settings)
+            try:
+                return await body(client, args, settings)
+            except (ServiceUnavailable, nats.errors.Error) as error:
+                console.print(f"kiln: {error or type(error).__name__}; is Kiln up (`make run`)?")
+                return EXIT_FAILED
     finally:
         telemetry.shutdown()  # flush the spans before the process exits
 
@@ -217,11 +225,7 @@ async def _save(client: KilnClient, outcome: ImageDelivered, path: Path) -> int:
 
 
 async def _quota(client: KilnClient, args: argparse.Namespace, settings: Settings) -> int:
-    try:
-        status = await client.quota(args.user)
-    except (TimeoutError, nats.errors.Error) as error:
-        console.print(f"kiln: quota did not answer ({error or type(error).__name__}); is Kiln up (`make run`)?")
-        return EXIT_FAILED
+    status = await client.quota(args.user)
     print(
         f"{status.user_id} ({status.plan} plan): {status.used} of {status.limit} images used today, "
         f"{status.left} left; resets {status.resets_at:%Y-%m-%d %H:%M} UTC"
@@ -238,6 +242,9 @@ CHAT_HELP = (
 
 async def _chat(client: KilnClient, args: argparse.Namespace, settings: Settings) -> int:
     conversation = args.conversation or f"c-{uuid.uuid4().hex[:16]}"
+    for name, value in (("--user", args.user), ("--conversation", conversation)):
+        if not ID_PATTERN.match(value):
+            raise ValueError(f"{name} must be 1-64 letters, digits, _ or - but is {value!r}")
     style = args.style
     console.print(f"conversation {conversation}. {CHAT_HELP}")
     if args.conversation:
@@ -245,48 +252,73 @@ async def _chat(client: KilnClient, args: argparse.Namespace, settings: Settings
             console.print(f"  earlier: {turn.composition.text!r} → {turn.prompt!r} ({turn.request_id})")
     while True:
         try:
-            line = (await asyncio.to_thread(input, "you> ")).strip()
-        except (EOFError, KeyboardInterrupt):
+            line = (await _ask("you> ")).strip()
+        except EOFError:
             console.print()
             return 0
         if not line:
             continue
         command, _, rest = line.partition(" ")
-        if command == "/quit":
-            return 0
-        if command == "/new":
-            conversation, style = f"c-{uuid.uuid4().hex[:16]}", None
-            console.print(f"conversation {conversation}")
-        elif command == "/style":
-            style = rest.strip() or None
-            console.print(f"style: {style or 'the conversation’s'} from the next prompt on")
-        elif command == "/styles":
-            styles = await client.styles()
-            console.print(", ".join(f"{name} ({title})" for name, title in styles.items()) or "no styles")
-        elif command == "/quota":
-            await _quota(client, args, settings)
-        elif command.startswith("/"):
-            console.print(CHAT_HELP)
-        else:
-            await _chat_turn(client, args, conversation, line, style)
-            style = None  # picked once, it stays with the conversation
+        try:
+            if command == "/quit":
+                return 0
+            if command == "/new":
+                conversation, style = f"c-{uuid.uuid4().hex[:16]}", None
+                console.print(f"conversation {conversation}")
+            elif command == "/style":
+                style = rest.strip() or None
+                console.print(f"style: {style or 'the conversation’s'} from the next prompt on")
+            elif command == "/styles":
+                styles = await client.styles()
+                console.print(", ".join(f"{name} ({title})" for name, title in styles.items()) or "no styles")
+            elif command == "/quota":
+                await _quota(client, args, settings)
+            elif command.startswith("/"):
+                console.print(CHAT_HELP)
+            elif await _chat_turn(client, args, conversation, line, style):
+                style = None  # drawn once in it, the style stays with the conversation
+        except (ServiceUnavailable, TimeoutError, nats.errors.Error, ValueError) as error:
+            console.print(f"kiln: {error or type(error).__name__}")
 
 
-async def _chat_turn(client: KilnClient, args: argparse.Namespace, conversation: str, text: str, style: str | None) -> None:
-    try:
-        outcome = await _draw(
-            client, text, user_id=args.user, conversation_id=conversation, style=style,
-            width=args.size, height=args.size, steps=args.steps,
-        )
-    except (TimeoutError, nats.errors.Error) as error:
-        console.print(f"kiln: {error}")
-        return
-    except ValueError as error:
-        console.print(f"kiln: {error}")
-        return
-    if _say_outcome(outcome) == 0 and args.save:
+async def _chat_turn(client: KilnClient, args: argparse.Namespace, conversation: str, text: str, style: str | None) -> bool:
+    """Draw one turn; whether an image came of it."""
+    outcome = await _draw(
+        client, text, user_id=args.user, conversation_id=conversation, style=style,
+        width=args.size, height=args.size, steps=args.steps,
+    )
+    if _say_outcome(outcome) != 0:
+        return False
+    if args.save:
         args.save.mkdir(parents=True, exist_ok=True)
         await _save(client, outcome, args.save / f"{outcome.request_id}.png")
+    return True
+
+
+async def _ask(prompt: str) -> str:
+    """input() without blocking the event loop, on a daemon thread: Ctrl-C ends the chat at
+    once instead of waiting for a line that never comes."""
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[str] = loop.create_future()
+
+    def settle(result: str | None, error: BaseException | None) -> None:
+        if answer.done():
+            return
+        if error is not None:
+            answer.set_exception(error)
+        else:
+            answer.set_result(result or "")
+
+    def read() -> None:
+        try:
+            line, error = input(prompt), None
+        except BaseException as raised:  # EOFError: stdin closed
+            line, error = None, raised
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
+            loop.call_soon_threadsafe(settle, line, error)
+
+    threading.Thread(target=read, daemon=True).start()
+    return await answer
 
 
 def _up(args: argparse.Namespace) -> int:

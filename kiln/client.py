@@ -17,6 +17,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Callable
+from typing import TypeVar
 
 import httpx
 import msgspec
@@ -47,6 +48,13 @@ ProgressCallback = Callable[[RenderProgress], None]
 tracer = trace.get_tracer("kiln.client")
 log = logging.getLogger("kiln.client")
 
+
+
+T = TypeVar("T")
+
+
+class ServiceUnavailable(Exception):
+    """A service did not answer a question (quota's status, context's styles)."""
 
 
 class KilnClient:
@@ -144,14 +152,31 @@ class KilnClient:
         )
 
     async def quota(self, user_id: str, timeout_s: float = 5) -> QuotaStatus:
-        """Today's usage and limit for the user, from the quota service."""
-        reply = await self.nc.request(subjects.quota_status(user_id), b"", timeout=timeout_s)
-        return msgspec.json.decode(reply.data, type=QuotaStatus)
+        """Today's usage and limit for the user, from the quota service. Raises
+        ServiceUnavailable if quota does not answer or cannot tell."""
+        return await self._ask(subjects.quota_status(user_id), QuotaStatus, timeout_s)
 
     async def styles(self, timeout_s: float = 5) -> dict[str, str]:
         """The style presets context offers: name → title."""
-        reply = await self.nc.request(subjects.CONTEXT_STYLES, b"", timeout=timeout_s)
-        return msgspec.json.decode(reply.data, type=dict[str, str])
+        return await self._ask(subjects.CONTEXT_STYLES, dict[str, str], timeout_s)
+
+    async def _ask(self, subject: str, answer: type[T], timeout_s: float) -> T:
+        service = subject.split(".")[1]
+        try:
+            reply = await self.nc.request(subject, b"", timeout=timeout_s)
+        except nats.errors.NoRespondersError:
+            raise ServiceUnavailable(f"{service} is not running") from None
+        except (TimeoutError, nats.errors.TimeoutError):
+            raise ServiceUnavailable(f"{service} did not answer within {timeout_s:g} s") from None
+        try:
+            return msgspec.json.decode(reply.data, type=answer)
+        except msgspec.DecodeError:
+            pass
+        try:
+            error = str(msgspec.json.decode(reply.data, type=dict).get("error"))
+        except msgspec.DecodeError:
+            error = "an answer this client cannot read"
+        raise ServiceUnavailable(f"{service}: {error}")
 
     async def conversation(self, user_id: str, conversation_id: str) -> list[TurnComposed]:
         """The conversation's turns so far, oldest first, as context composed them."""

@@ -24,17 +24,16 @@ from shared.subjects import image_key
 DEFAULT_GUIDANCE = 3.0
 NO_STYLE = "none"
 
+# Words a chat message may open with before saying what it wants.
+_OPENING = r"^(?:please\s+|now\s+|and\s+|but\s+|ok(?:ay)?,?\s+)*"
 # How people start an edit in a chat: "make it blue", "now add a border", "turn it green".
 _EDIT_START = re.compile(
-    r"^(?:please\s+|now\s+|and\s+|but\s+|ok(?:ay)?,?\s+)*"
-    r"(?:make|turn|change|add|remove|replace|put|give|recolou?r|paint|edit|redo|same)\b",
-    re.IGNORECASE,
+    _OPENING + r"(?:make|turn|change|add|remove|replace|put|give|recolou?r|paint|edit|redo|same)\b", re.IGNORECASE
 )
 _MENTIONS_LAST = re.compile(r"\b(?:the last one|the last image|that one|this one|the same one)\b", re.IGNORECASE)
 # Words that only say "edit it": dropped from the instruction before it joins the subject.
 _EDIT_PREFIX = re.compile(
-    r"^(?:please\s+|now\s+|and\s+|but\s+|ok(?:ay)?,?\s+)*"
-    r"(?:(?:make|turn|change|paint|recolou?r)\s+(?:it|them|this|that|the last one|the image|the picture)"
+    _OPENING + r"(?:(?:make|turn|change|paint|recolou?r)\s+(?:it|them|this|that|the last one|the image|the picture)"
     r"(?:\s+(?:to|into))?\s+)?",
     re.IGNORECASE,
 )
@@ -97,9 +96,11 @@ def apply_edit(subject: str, instruction: str) -> str:
 
 
 def style_in_force(submission: PromptSubmitted, turns: list[TurnComposed], config: Config) -> str:
-    """The style this turn draws in: the one it picks, else the conversation's latest."""
+    """The style this turn draws in: the one it picks, else the conversation's latest (if
+    the operator has not removed it since)."""
     if submission.style is None:
-        return turns[-1].composition.style if turns else ""
+        inherited = turns[-1].composition.style if turns else ""
+        return inherited if inherited in config.styles else ""
     name = submission.style.strip().lower()
     if name in ("", NO_STYLE):
         return ""

@@ -4,7 +4,7 @@ share pages and the web playground.
 events in   RenderCompleted / RenderFailed  (kiln.render.events.<user>.<request>)
 decide      outcome.py                       pure: render event → outcome event, signed link
             links.py                         pure: signed, expiring links and sign-in cookies
-storage     records.py                       each image's owner and prompt (KV `kiln-image-meta`);
+storage     image_records.py                 each image's owner and prompt (KV `kiln-image-meta`);
                                              the PNGs are in the JetStream Object Store (`kiln-images`)
 events out  ImageDelivered / RequestFailed   (kiln.outcome.<user>.<request>)
 http        http.py                          images, share pages, the playground's API, /healthz

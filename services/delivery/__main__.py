@@ -13,7 +13,7 @@ from nats.aio.msg import Msg
 from services.delivery.http import Site, create_app
 from services.delivery.links import Links, Signer, load_secret
 from services.delivery.outcome import outcome
-from services.delivery.records import ImageRecord, ImageRecords
+from services.delivery.image_records import ImageRecord, ImageRecords
 from shared import service, subjects
 from shared.bus import Bus
 from shared.events import RenderCompleted, RenderFailed

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -36,9 +37,9 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Respon
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from kiln.client import KilnClient
+from kiln.client import KilnClient, ServiceUnavailable
 from services.delivery.links import LinkError, Links, image_subject
-from services.delivery.records import ImageRecords
+from services.delivery.image_records import ImageRecords
 from shared.bus import Bus
 from shared.events import ID_PATTERN, ImageDelivered, PromptSubmitted, QuotaDenied, RenderProgress, check_ids
 from shared.records import Outcome
@@ -51,6 +52,7 @@ MAX_SHARE_TTL_S = 30 * 24 * 3600
 GENERATE_TIMEOUT_S = 300
 
 tracer = trace.get_tracer("kiln.playground")
+log = logging.getLogger("kiln.delivery")
 
 
 class GenerateBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -104,7 +106,10 @@ def create_app(site: Site) -> Starlette:
             return _error(400, "a user name is 1-64 letters, digits, _ or -")
         response = JSONResponse({"user": user_id})
         token = site.links.signer.session(user_id, int(time.time()) + SESSION_TTL_S)
-        response.set_cookie(SESSION_COOKIE, token, max_age=SESSION_TTL_S, httponly=True, samesite="strict")
+        response.set_cookie(
+            SESSION_COOKIE, token, max_age=SESSION_TTL_S, httponly=True, samesite="strict",
+            secure=site.settings.public_url.startswith("https://"),
+        )
         return response
 
     async def logout(request: Request) -> Response:
@@ -240,7 +245,16 @@ def create_app(site: Site) -> Starlette:
 
 
 async def _follow(site: Site, submission: PromptSubmitted, lines: asyncio.Queue[dict | None]) -> None:
-    """Publish the prompt through the SDK and queue what happens to it as lines."""
+    """Publish the prompt through the SDK and queue what happens to it as lines; the last
+    line is always queued, so the stream ends whatever happens here."""
+    try:
+        lines.put_nowait(await _outcome_of(site, submission, lines))
+        lines.put_nowait({"event": "quota", "quota": await _quota(site, submission.user_id)})
+    finally:
+        lines.put_nowait(None)
+
+
+async def _outcome_of(site: Site, submission: PromptSubmitted, lines: asyncio.Queue[dict | None]) -> dict:
     # The playground's span is the root of the request's trace, as the CLI's is.
     with tracer.start_as_current_span("playground generate", kind=trace.SpanKind.SERVER) as span:
         trace_id = format(span.get_span_context().trace_id, "032x")
@@ -262,12 +276,13 @@ async def _follow(site: Site, submission: PromptSubmitted, lines: asyncio.Queue[
                 steps=submission.steps, style=submission.style, edit_of=submission.edit_of,
                 strength=submission.strength, on_progress=on_progress, timeout_s=GENERATE_TIMEOUT_S,
             )
-            lines.put_nowait({"request_id": submission.request_id, **_outcome_line(site, outcome)})
         except (TimeoutError, nats.errors.Error) as error:
-            lines.put_nowait({"event": "error", "request_id": submission.request_id, "detail": str(error)})
-        finally:
-            lines.put_nowait({"event": "quota", "quota": await _quota(site, submission.user_id)})
-            lines.put_nowait(None)
+            detail = f"{error or type(error).__name__}; the request may still finish: reload to see it"
+            return {"event": "error", "request_id": submission.request_id, "detail": detail}
+        except Exception as error:  # the stream's boundary: say it, never leave the page waiting
+            log.exception("following %s", submission.request_id)
+            return {"event": "error", "request_id": submission.request_id, "detail": f"{type(error).__name__}: {error}"}
+        return {"request_id": submission.request_id, **_outcome_line(site, outcome)}
 
 
 async def _ndjson(lines: asyncio.Queue[dict | None], task: asyncio.Task):
@@ -296,15 +311,17 @@ def _outcome_line(site: Site, outcome: Outcome) -> dict:
 async def _quota(site: Site, user_id: str) -> dict | None:
     try:
         status = await site.client.quota(user_id, timeout_s=2)
-    except (TimeoutError, nats.errors.Error):
-        return None  # quota is busy or down: the page says "unknown", the rest works
+    except (ServiceUnavailable, nats.errors.Error) as error:
+        log.warning("quota status for %s: %s", user_id, error)
+        return None  # the page says "quota unknown"; the rest works
     return {**msgspec.to_builtins(status), "left": status.left}
 
 
 async def _styles(site: Site) -> dict[str, str]:
     try:
         return await site.client.styles(timeout_s=2)
-    except (TimeoutError, nats.errors.Error):
+    except (ServiceUnavailable, nats.errors.Error) as error:
+        log.warning("styles: %s", error)
         return {}
 
 

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import hmac
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Literal
@@ -18,6 +19,8 @@ from urllib.parse import urlencode
 
 Purpose = Literal["download", "share", "session"]
 SECRET_BYTES = 32
+MIN_SECRET_CHARS = 32
+EXPIRY = re.compile(r"[0-9]{1,12}")  # seconds since 1970; ASCII digits only
 
 
 class LinkError(Exception):
@@ -36,13 +39,24 @@ def load_secret(data_dir: Path) -> bytes:
     """KILN_LINK_SECRET if set (every delivery replica must share it), else a secret made
     once and kept in the data folder, so links stay valid across restarts."""
     if configured := os.environ.get("KILN_LINK_SECRET"):
+        if len(configured) < MIN_SECRET_CHARS:
+            raise ValueError(f"KILN_LINK_SECRET must be at least {MIN_SECRET_CHARS} characters")
         return configured.encode()
     path = data_dir / "delivery" / "link-secret"
     if not path.exists():
+        # Written whole under another name, then linked into place: a reader never sees a
+        # half-written key, and of two processes starting at once the first link wins.
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # O_EXCL: one writer wins
+        draft = path.with_name(f"link-secret.{os.getpid()}")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as file:
             file.write(secrets.token_hex(SECRET_BYTES))
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink()
     return path.read_text().strip().encode()
 
 
@@ -58,7 +72,7 @@ class Signer:
     def check(self, purpose: Purpose, subject: str, expires: str | None, signature: str | None, now: float) -> None:
         """Raise Tampered unless the signature is this server's for exactly these parts,
         then Expired if the time has passed (a forged expiry is caught as tampering)."""
-        if not expires or not signature or not expires.isdigit():
+        if not expires or not signature or not EXPIRY.fullmatch(expires):
             raise Tampered("the link is incomplete or altered")
         if not hmac.compare_digest(self.signature(purpose, subject, int(expires)), signature):
             raise Tampered("the link is not valid: it was altered or is not from this server")

@@ -37,7 +37,7 @@ from services.quota.pressure import FleetMonitor
 from shared import subjects
 from shared.bus import Bus, Delivery
 from shared.failpoints import failpoint
-from shared.events import ImageDelivered, PromptSubmitted, QuotaDenied, QuotaGranted, QuotaStatus, RequestFailed
+from shared.events import ID_PATTERN, ImageDelivered, PromptSubmitted, QuotaDenied, QuotaGranted, QuotaStatus, RequestFailed
 
 logger = logging.getLogger("kiln.quota")
 
@@ -190,20 +190,32 @@ class QuotaService:
     # -- status ---------------------------------------------------------------------------
 
     async def answer_status(self, msg: Msg) -> None:
-        """Reply to `kiln.quota.status.<user>` with the user's QuotaStatus for today."""
+        """Reply to `kiln.quota.status.<user>` with the user's QuotaStatus for today, or
+        with `{"error": …}`: a caller always hears back."""
         user_id = msg.subject.rsplit(".", 1)[-1]
+        if not ID_PATTERN.match(user_id):
+            await msg.respond(msgspec.json.encode({"error": f"not a user id: {user_id!r}"}))
+            return
+        try:
+            status = await self.status(user_id)
+        except (OSError, asyncpg.PostgresError) as error:
+            logger.warning("quota status for %s: %r", user_id, error)
+            await msg.respond(msgspec.json.encode({"error": "quota's database is unavailable; try again shortly"}))
+            return
+        await msg.respond(msgspec.json.encode(status))
+
+    async def status(self, user_id: str) -> QuotaStatus:
         now = datetime.now(timezone.utc)
         day = policy.utc_day(now)
         async with self.pool.acquire() as conn:
             record = (await quota_log.user_records(conn, [(user_id, day)]))[user_id]
         plan_name = record.plan if record.plan in self.config.plans else DEFAULT_PLAN
         usage = record.state.on(day)
-        status = QuotaStatus(
+        return QuotaStatus(
             user_id=user_id, plan=plan_name, used=usage.used,
-            limit=self.config.plan(plan_name).daily_limit + usage.extra,
+            limit=policy.daily_limit(self.config.plan(plan_name), usage),
             day=day, resets_at=policy.next_utc_midnight(now),
         )
-        await msg.respond(msgspec.json.encode(status))
 
 
 async def publish_decision(bus: Bus, decision: Decision) -> None:

@@ -61,6 +61,11 @@ def next_utc_midnight(moment: datetime) -> datetime:
     return datetime.combine(tomorrow, time(0), tzinfo=timezone.utc)
 
 
+def daily_limit(plan: Plan, usage: Usage) -> int:
+    """Images allowed on a day: the plan's limit plus that day's admin grants."""
+    return plan.daily_limit + usage.extra
+
+
 def invalid_reason(submission: PromptSubmitted) -> str | None:
     """Why the submission cannot be rendered, naming the field and its value; None if fine."""
     if not submission.prompt.strip():
@@ -128,7 +133,7 @@ def decide(
 
     day = utc_day(now)
     usage = state.on(day)
-    limit = plan.daily_limit + usage.extra
+    limit = daily_limit(plan, usage)
     if usage.used >= limit:
         return deny(
             "daily_limit",

@@ -53,3 +53,18 @@ async def test_edit_by_id_and_quota_from_the_command_line(platform: Platform, us
 
     quota = await _kiln(platform, "quota", "--user", user)
     assert quota.returncode == 0 and "2 of 3 images used today, 1 left" in quota.stdout
+
+
+async def test_chat_refuses_a_name_it_cannot_use_and_says_what_a_stopped_service_means(
+    platform: Platform, user: str
+):
+    bad = await _kiln(platform, "chat", "--user", "al ice", stdin="a red circle\n")
+    assert bad.returncode == 64 and "--user must be 1-64 letters" in bad.stderr
+    platform.stop_service("context")
+    try:
+        result = await _kiln(platform, "chat", "--user", user, stdin="/styles\n/quit\n")
+    finally:
+        platform.start_service("context")
+        await platform.wait_ready()
+    # The chat goes on after the failed question, and ends when asked to.
+    assert result.returncode == 0 and "kiln: context is not running" in result.stderr

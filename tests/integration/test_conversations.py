@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from infra.platform import Platform
-from kiln.client import KilnClient
+from kiln.client import KilnClient, ServiceUnavailable
 from shared import subjects
 from .conftest import replaced
-from shared.events import ImageDelivered, RequestFailed
+from shared.events import ImageDelivered, PromptSubmitted, RequestFailed
 
 pytestmark = pytest.mark.integration
 
@@ -81,12 +81,26 @@ async def test_nothing_to_edit_blocked_words_and_unknown_styles_fail_with_a_reas
     assert (status.used, status.limit, status.left, status.plan) == (0, 3, 3, "free")
 
 
+async def test_an_edit_in_words_while_the_last_image_is_still_drawing_is_refused(client: KilnClient, user: str):
+    conversation = _conversation()
+    first = PromptSubmitted(
+        request_id=uuid.uuid4().hex, user_id=user, conversation_id=conversation,
+        prompt="a red circle", width=64, height=64, steps=50,
+    )
+    await client.submit(first)  # not waited for: it is still drawing when the edit comes
+    edit = await client.generate("make it blue", user_id=user, conversation_id=conversation)
+    assert isinstance(edit, RequestFailed) and (edit.stage, edit.reason) == ("context", "still_drawing"), edit
+    assert isinstance(await client.wait_for_outcome(user, first.request_id), ImageDelivered)
+
+
 async def test_quota_status_counts_todays_images(client: KilnClient, user: str):
     assert (await client.quota(user)).left == 3
     outcome = await client.generate("a red circle", user_id=user)
     assert isinstance(outcome, ImageDelivered), outcome
     status = await client.quota(user)
     assert (status.used, status.left) == (1, 2)
+    with pytest.raises(ServiceUnavailable, match="quota: not a user id"):
+        await client.quota("a%b")
 
 
 async def test_context_offers_its_styles(client: KilnClient):

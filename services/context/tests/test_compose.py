@@ -72,6 +72,8 @@ def test_the_conversation_keeps_its_latest_style_until_another_is_picked():
     assert style_in_force(_submission(style="Pixel-Art"), turns, CONFIG) == "pixel-art"
     assert style_in_force(_submission(style="none"), turns, CONFIG) == ""
     assert style_in_force(_submission(), [], CONFIG) == ""
+    # A style the operator has since removed is dropped, not a failure.
+    assert style_in_force(_submission(), [_turn("r0", "a red circle", style="cubism")], CONFIG) == ""
 
 
 def test_an_unknown_style_is_refused_naming_the_styles():

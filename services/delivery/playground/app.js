@@ -101,6 +101,11 @@ function showOutcome(card, outcome) {
     image.src = outcome.image;
     image.alt = outcome.prompt;
     card.append(drawn, image, actions(card, outcome));
+  } else if (outcome.event === "pending") {
+    const drawn = document.createElement("div");
+    drawn.className = "drawn";
+    drawn.textContent = "still drawing: reload in a moment";
+    card.append(drawn);
   } else if (outcome.event === "denied" || outcome.event === "failed" || outcome.event === "error") {
     card.classList.add("failed");
     const reason = document.createElement("div");
@@ -131,7 +136,12 @@ function actions(card, outcome) {
       shown.target = "_blank";
       card.append(shown);
     }
-    shown.href = shown.textContent = response.ok ? link.url : link.error;
+    if (response.ok) {
+      shown.href = shown.textContent = link.url;
+    } else {
+      shown.removeAttribute("href");
+      shown.textContent = link.error;
+    }
   });
   bar.append(edit, download, share);
   if (card.dataset.traceUrl || card.dataset.traceId) bar.append(traceLink(card));
@@ -218,13 +228,20 @@ async function draw(card, body) {
   // One JSON object per line: accepted, progress…, then the outcome and the quota left.
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffered = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    buffered += value;
-    const lines = buffered.split("\n");
-    buffered = lines.pop();
-    for (const line of lines) if (line) handle(card, JSON.parse(line));
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffered += value;
+      const lines = buffered.split("\n");
+      buffered = lines.pop();
+      for (const line of lines) if (line) handle(card, JSON.parse(line));
+    }
+  } catch (error) {
+    // The connection broke; the request goes on without us.
+  }
+  if (!card.querySelector("img, .reason")) {
+    showOutcome(card, { event: "error", detail: "the connection ended before the image came; reload to see it" });
   }
 }
 

@@ -33,7 +33,10 @@ def test_a_forged_expiry_is_tampering_even_when_expired():
         SIGNER.check("share", "alice/r1", "1000", sig, now=1500.0)
 
 
-@pytest.mark.parametrize("expires, sig", [(None, None), ("2000", None), ("2000", ""), ("soon", "x"), ("2000", "AAAA")])
+@pytest.mark.parametrize(
+    "expires, sig",
+    [(None, None), ("2000", None), ("2000", ""), ("soon", "x"), ("2000", "AAAA"), ("²", "x"), ("9" * 5000, "x"), ("-1", "x")],
+)
 def test_missing_or_malformed_parts_are_tampering(expires, sig):
     with pytest.raises(Tampered):
         SIGNER.check("share", "alice/r1", expires, sig, now=0.0)
@@ -59,5 +62,9 @@ def test_the_secret_is_made_once_and_kept(tmp_path, monkeypatch):
     first = load_secret(tmp_path)
     assert len(first) == 64 and load_secret(tmp_path) == first
     assert (tmp_path / "delivery" / "link-secret").stat().st_mode & 0o777 == 0o600
-    monkeypatch.setenv("KILN_LINK_SECRET", "configured")
-    assert load_secret(tmp_path) == b"configured"
+    assert [p.name for p in (tmp_path / "delivery").iterdir()] == ["link-secret"]  # no draft left
+    monkeypatch.setenv("KILN_LINK_SECRET", "c" * 32)
+    assert load_secret(tmp_path) == b"c" * 32
+    monkeypatch.setenv("KILN_LINK_SECRET", "short")
+    with pytest.raises(ValueError, match="at least 32"):
+        load_secret(tmp_path)
