@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PYTHON) -m bench.e2e_latency
 	$(PYTHON) -m bench.quota_throughput
 	$(PYTHON) -m bench.render_throughput
+	$(PYTHON) -m bench.conversation_reads
 	$(MAKE) model-check
 
 # Does the shipped model draw what it is asked? 60 held-out prompts, judged from the pixels.

@@ -76,7 +76,7 @@ async function loadConversation() {
   if (!response.ok) return;
   for (const turn of await response.json()) {
     const card = addTurn(turn.composition ? turn.composition.text : turn.prompt);
-    showOutcome(card, { ...turn, request_id: turn.request_id });
+    showOutcome(card, turn);
   }
 }
 
