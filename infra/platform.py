@@ -26,11 +26,14 @@ import nats.js.errors
 import psutil
 
 from infra.embedded import EmbeddedNats, EmbeddedPostgres, die_with, free_port, stop_pid
+from infra.tracing_ui import Phoenix
 from services.quota.migrate import upgrade
 from shared import subjects
 from shared.settings import (
     DEFAULT_HTTP_PORT,
+    DEFAULT_METRICS_PORTS,
     DEFAULT_MODEL,
+    DEFAULT_TRACING_PORT,
     EMBEDDED_NATS_PORT,
     EMBEDDED_POSTGRES_PORT,
     PROJECT_ROOT,
@@ -56,9 +59,16 @@ class Platform:
     postgres_port: int = EMBEDDED_POSTGRES_PORT
     http_port: int = DEFAULT_HTTP_PORT
     model_path: Path = DEFAULT_MODEL
+    # Traces go to this OTLP endpoint; None starts Phoenix (if installed, and `tracing_ui`).
+    otlp_endpoint: str | None = None
+    trace_url: str | None = None
+    tracing_ui: bool = True
+    tracing_port: int = DEFAULT_TRACING_PORT
+    metrics_ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_METRICS_PORTS))
     services: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
     _nats: EmbeddedNats | None = field(default=None, init=False, repr=False)
     _postgres: EmbeddedPostgres | None = field(default=None, init=False, repr=False)
+    _phoenix: Phoenix | None = field(default=None, init=False, repr=False)
     _lock: TextIO | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -73,6 +83,10 @@ class Platform:
             postgres_port=int(env.get("KILN_POSTGRES_PORT", EMBEDDED_POSTGRES_PORT)),
             http_port=int(env.get("KILN_HTTP_PORT", DEFAULT_HTTP_PORT)),
             model_path=Path(env.get("KILN_MODEL") or DEFAULT_MODEL),
+            otlp_endpoint=env.get("KILN_OTLP_ENDPOINT") or None,
+            trace_url=env.get("KILN_TRACE_URL") or None,
+            tracing_ui=env.get("KILN_TRACING_UI", "on") != "off",
+            tracing_port=int(env.get("KILN_TRACING_PORT", DEFAULT_TRACING_PORT)),
         )
 
     @classmethod
@@ -87,6 +101,10 @@ class Platform:
             postgres_port=free_port(),
             http_port=free_port(),
             model_path=model_path,
+            otlp_endpoint=os.environ.get("KILN_OTLP_ENDPOINT") or None,
+            trace_url=os.environ.get("KILN_TRACE_URL") or None,
+            tracing_port=free_port(),
+            metrics_ports={name: free_port() for name in SERVICES},
         )
 
     @property
@@ -105,6 +123,11 @@ class Platform:
 
     def start_servers(self) -> None:
         self._take_lock()
+        if self.otlp_endpoint is None and self.tracing_ui and Phoenix.installed():
+            # Started first and waited for last: it takes the longest to come up.
+            self._phoenix = Phoenix(self.data_dir / "phoenix", self.tracing_port)
+            self._phoenix.start()
+            self.otlp_endpoint, self.trace_url = self._phoenix.url, self._phoenix.trace_url
         if self.nats_url is None:
             # Kept before starting, so that `stop` stops it even if starting is interrupted.
             self._nats = EmbeddedNats(self.data_dir / "nats", self.nats_port)
@@ -112,8 +135,12 @@ class Platform:
         if self.database_url is None:
             self._postgres = EmbeddedPostgres(self.data_dir / "postgres" / "data", self.postgres_port)
             self.database_url = self._postgres.start()
+        if self._phoenix is not None:
+            self._phoenix.wait()
 
     def stop_servers(self) -> None:
+        if self._phoenix is not None:
+            self._phoenix.stop()
         if self._postgres is not None:
             self._postgres.stop()
         if self._nats is not None:
@@ -153,6 +180,8 @@ class Platform:
             "KILN_MODEL": str(self.model_path),
             "KILN_DATA_DIR": str(self.data_dir),
             "KILN_HTTP_PORT": str(self.http_port),
+            "KILN_OTLP_ENDPOINT": self.otlp_endpoint or "",
+            "KILN_TRACE_URL": self.trace_url or "",
             "PYTHONUNBUFFERED": "1",
         }
 
@@ -168,10 +197,13 @@ class Platform:
         if pid_file.exists() and self._stop_orphaned_service(name, int(pid_file.read_text())):
             print(f"stopped an orphaned {instance} service left by an earlier run")
         with open(self.log_dir / f"{instance}.log", "ab") as log:
+            # The service's metrics port belongs to its usual process; extra instances
+            # serve none unless `env` gives them one.
+            metrics_port = str(self.metrics_ports.get(name, "")) if instance == name else ""
             process = subprocess.Popen(
                 [sys.executable, "-m", f"services.{name}"],
                 cwd=PROJECT_ROOT,
-                env=self.service_env() | (env or {}),
+                env=self.service_env() | {"KILN_METRICS_PORT": metrics_port} | (env or {}),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches the launcher, which stops us in order
@@ -273,13 +305,24 @@ class Platform:
         def origin(server: object | None) -> str:
             return "  (embedded)" if server is not None else "  (external)"
 
+        metrics = ", ".join(f"{name} :{port}" for name, port in self.metrics_ports.items())
+
         return (
             f"  NATS      {self.nats_url}{origin(self._nats)}\n"
             f"  Postgres  {self.database_url}{origin(self._postgres)}\n"
-            f"  HTTP      {self.http_url}  (images, /healthz)\n"
+            f"  HTTP      {self.http_url}  (the playground, images, share pages, /healthz)\n"
+            f"  traces    {self._tracing()}\n"
+            f"  metrics   {metrics}\n"
             f"  model     {self.model_path}\n"
             f"  logs      {self.log_dir}/<service>.log"
         )
+
+    def _tracing(self) -> str:
+        if self._phoenix is not None:
+            return f"{self._phoenix.url}  (Phoenix, the tracing UI)"
+        if self.otlp_endpoint:
+            return f"exported over OTLP to {self.otlp_endpoint}"
+        return "off (install the tracing UI with `make .phoenix/.installed`)"
 
     async def start(self) -> None:
         # On this thread, not a worker thread: children die with the thread that started

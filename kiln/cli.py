@@ -5,6 +5,7 @@
     kiln edit IMAGE_ID "make it blue" --user alice -o blue.png
     kiln chat --user alice                    draw, then edit in words, in the terminal
     kiln quota --user alice                   images used and left today
+    kiln status                               a live view of the render fleet
     kiln accounts add|set-plan|list|grant    users, plans and admin grants
     kiln audit replay|verify|export|rebuild  check the quota log
 
@@ -28,19 +29,22 @@ from typing import NoReturn
 
 import httpx
 import nats.errors
+from opentelemetry import trace
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from kiln import admin
+from kiln import admin, status
 from kiln.client import KilnClient, ServiceUnavailable
 from shared.events import ID_PATTERN, ImageDelivered, QuotaDenied, RenderProgress
 from shared.records import Outcome
 from shared import telemetry
+from shared.telemetry import trace_id_of
 from shared.settings import Settings
 
 EXIT_DENIED, EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, EXIT_INTERRUPTED = 2, 3, 4, 64, 130
 
 console = Console(stderr=True, soft_wrap=True)  # one message, one line
+tracer = trace.get_tracer("kiln.cli")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -80,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--steps", type=int, default=20)
     chat.add_argument("--save", type=Path, help="a folder to write each image to")
     chat.set_defaults(run=_command(_chat))
+
+    status = commands.add_parser("status", help="a live view of the render fleet (Ctrl-C ends it)")
+    status.add_argument("--once", action="store_true", help="listen for 2.5 s, print one view and exit")
+    status.set_defaults(run=_command(_status))
 
     quota = commands.add_parser("quota", help="images used and left today")
     quota.add_argument("--user", required=True)
@@ -162,7 +170,7 @@ async def _one_request(client: KilnClient, args: argparse.Namespace, settings: S
     # same --request-id picks the request up where it is, without spending quota again.
     request_id = args.request_id or uuid.uuid4().hex
     try:
-        outcome = await _draw(
+        outcome, trace_link = await _draw(
             client, args.prompt, user_id=args.user, request_id=request_id, width=args.size,
             height=args.size, steps=args.steps, seed=args.seed, timeout_s=args.timeout, **fields,
         )
@@ -176,13 +184,22 @@ async def _one_request(client: KilnClient, args: argparse.Namespace, settings: S
         )
         return EXIT_FAILED
     code = _say_outcome(outcome)
+    console.print(f"trace: {trace_link}")
     if code or not args.output:
         return code
     return await _save(client, outcome, args.output)
 
 
-async def _draw(client: KilnClient, prompt: str, **fields) -> Outcome:
-    """One request, with a progress bar while it waits and renders."""
+async def _draw(client: KilnClient, prompt: str, **fields) -> tuple[Outcome, str]:
+    """One request, with a progress bar while it waits and renders; its outcome and where
+    to see its trace (the CLI's span is the root of the request's trace)."""
+    with tracer.start_as_current_span("kiln cli") as span:
+        outcome = await _draw_with_progress(client, prompt, **fields)
+    trace_id = trace_id_of(span)
+    return outcome, Settings.from_env().trace_link(trace_id) or trace_id
+
+
+async def _draw_with_progress(client: KilnClient, prompt: str, **fields) -> Outcome:
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(), console=console, transient=True,
@@ -221,6 +238,13 @@ async def _save(client: KilnClient, outcome: ImageDelivered, path: Path) -> int:
         console.print(f"kiln: the image is ready at {outcome.url} but was not saved to {path}: {error}")
         return EXIT_FAILED
     console.print(f"wrote {path} ({len(png)} bytes)")
+    return 0
+
+
+async def _status(client: KilnClient, args: argparse.Namespace, settings: Settings) -> int:
+    view = await status.show(client, once=args.once)
+    if args.once:
+        Console(width=160).print(view)
     return 0
 
 
@@ -283,11 +307,13 @@ async def _chat(client: KilnClient, args: argparse.Namespace, settings: Settings
 
 async def _chat_turn(client: KilnClient, args: argparse.Namespace, conversation: str, text: str, style: str | None) -> bool:
     """Draw one turn; whether an image came of it."""
-    outcome = await _draw(
+    outcome, trace_link = await _draw(
         client, text, user_id=args.user, conversation_id=conversation, style=style,
         width=args.size, height=args.size, steps=args.steps,
     )
-    if _say_outcome(outcome) != 0:
+    delivered = _say_outcome(outcome) == 0
+    console.print(f"trace: {trace_link}")
+    if not delivered:
         return False
     if args.save:
         args.save.mkdir(parents=True, exist_ok=True)

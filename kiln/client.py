@@ -41,7 +41,7 @@ from shared.events import (
     encode,
 )
 from shared.records import Outcome, read_outcome, read_turns
-from shared.telemetry import inject_headers
+from shared.telemetry import inject_headers, user_ref
 
 ProgressCallback = Callable[[RenderProgress], None]
 
@@ -137,7 +137,7 @@ class KilnClient:
         with tracer.start_as_current_span(
             "kiln generate",
             kind=trace.SpanKind.PRODUCER,
-            attributes={"kiln.request_id": submission.request_id},
+            attributes={"kiln.request_id": submission.request_id, "kiln.user": user_ref(user_id)},
         ):
             return await self._follow(
                 user_id, submission.request_id, submission, on_progress, timeout_s, resubmit_after_s
@@ -155,6 +155,10 @@ class KilnClient:
         """Today's usage and limit for the user, from the quota service. Raises
         ServiceUnavailable if quota does not answer or cannot tell."""
         return await self._ask(subjects.quota_status(user_id), QuotaStatus, timeout_s)
+
+    async def pressure(self, timeout_s: float = 5) -> dict[str, str]:
+        """The fleet pressure quota sheds load by: {"level": …, "why": …}."""
+        return await self._ask(subjects.QUOTA_PRESSURE, dict[str, str], timeout_s)
 
     async def styles(self, timeout_s: float = 5) -> dict[str, str]:
         """The style presets context offers: name → title."""

@@ -35,7 +35,7 @@ from opentelemetry import trace
 from shared import subjects
 from shared.events import AnyEvent, Event, RequestFailed, check_ids, decode, encode
 from shared.subjects import Stream
-from shared.telemetry import context_from_headers, inject_headers
+from shared.telemetry import context_from_headers, inject_headers, trace_id_of, user_ref
 
 log = logging.getLogger("kiln.bus")
 
@@ -52,7 +52,7 @@ class Delivery:
 
     @property
     def trace_id(self) -> str:
-        return format(self.span.get_span_context().trace_id, "032x")
+        return trace_id_of(self.span)
 
 
 Handler = Callable[[AnyEvent, Msg], Awaitable[None]]
@@ -303,15 +303,18 @@ class Bus:
             await item.msg.ack()
 
     def span(self, event: AnyEvent, msg: Msg) -> trace.Span:
+        """The span of handling one message, continuing its request's trace. Subjects name
+        users, so the span names the stream instead, and the user only hashed."""
         return self.tracer.start_span(
-            f"{self.service} process",
+            f"{self.service} {type(event).__name__}",
             context=context_from_headers(msg.headers),
             kind=trace.SpanKind.CONSUMER,
             attributes={
                 "messaging.system": "nats",
-                "messaging.destination.name": msg.subject,
+                "messaging.destination.name": msg.metadata.stream,
                 "messaging.operation.type": "process",
                 "kiln.request_id": event.request_id,
+                "kiln.user": user_ref(event.user_id),
                 "kiln.delivery_attempt": msg.metadata.num_delivered,
             },
         )
@@ -338,6 +341,7 @@ class Bus:
             stage=self.service,
             reason="gave_up",
             detail=reason,
+            plan=getattr(event, "plan", ""),  # known once quota has granted
         )
         await self.publish(subjects.outcome(event.user_id, event.request_id), failed, first_on_subject=True)
         await self._reject(msg, reason)

@@ -33,6 +33,13 @@ class Event(msgspec.Struct, kw_only=True, tag_field="type", tag=True):
     conversation_id: str = ""
 
 
+class Planned(Event, kw_only=True):
+    """An event after quota's grant: it carries the user's plan on, so that every outcome
+    can be counted by plan without a lookup."""
+
+    plan: str = ""
+
+
 # `edit_of` may name the conversation's latest image instead of a request id.
 LAST_IMAGE = "last"
 
@@ -112,7 +119,7 @@ class TurnComposed(Event, kw_only=True):
     composed_at: datetime = msgspec.field(default_factory=utcnow)
 
 
-class RenderRequested(Event, kw_only=True):
+class RenderRequested(Planned, kw_only=True):
     """A fully specified render job, as the render workers pull it. `edit` starts from the
     image at `source_key`; `inpaint` also repaints only where the mask at `mask_key` is white."""
 
@@ -144,7 +151,7 @@ class RenderProgress(Event, kw_only=True):
     at: datetime = msgspec.field(default_factory=utcnow)
 
 
-class RenderCompleted(Event, kw_only=True):
+class RenderCompleted(Planned, kw_only=True):
     image_key: str  # object key in the image store, never the image itself
     width: int
     height: int
@@ -158,14 +165,14 @@ class RenderCompleted(Event, kw_only=True):
     completed_at: datetime = msgspec.field(default_factory=utcnow)
 
 
-class RenderFailed(Event, kw_only=True):
+class RenderFailed(Planned, kw_only=True):
     reason: str
     detail: str
     worker_id: str
     failed_at: datetime = msgspec.field(default_factory=utcnow)
 
 
-class ImageDelivered(Event, kw_only=True):
+class ImageDelivered(Planned, kw_only=True):
     """`url` is a signed download link that expires (delivery's `KILN_LINK_TTL_S`)."""
 
     image_key: str
@@ -176,7 +183,7 @@ class ImageDelivered(Event, kw_only=True):
     delivered_at: datetime = msgspec.field(default_factory=utcnow)
 
 
-class RequestFailed(Event, kw_only=True):
+class RequestFailed(Planned, kw_only=True):
     """The request ended without an image. `stage` names the service that gave up."""
 
     stage: str

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from shared.bus import Bus
 from shared.settings import Settings
-from shared.telemetry import configure_logging, setup, shutdown
+from shared.telemetry import configure_logging, serve_metrics, setup, shutdown
 
 Body = Callable[[Settings, Bus, asyncio.Event], Awaitable[None]]
 
@@ -31,6 +31,7 @@ def run(name: str, body: Body) -> None:
 async def _main(name: str, body: Body) -> None:
     settings = Settings.from_env()
     tracer = setup(name, settings.otlp_endpoint)
+    serve_metrics(name, settings.metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -14,6 +14,9 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_NATS_PORT = 14222
 EMBEDDED_POSTGRES_PORT = 15432
 DEFAULT_HTTP_PORT = 8480
+DEFAULT_TRACING_PORT = 6006  # Phoenix, the tracing UI
+# Each service's Prometheus endpoint under `make run`.
+DEFAULT_METRICS_PORTS = {"quota": 9461, "context": 9462, "render": 9463, "delivery": 9464}
 # Kiln's own model, trained by services/render/kiln_model/train.py and shipped in the repo.
 DEFAULT_MODEL = PROJECT_ROOT / "services" / "render" / "models" / "kiln-shapes"
 
@@ -29,6 +32,7 @@ class Settings:
     public_url: str
     otlp_endpoint: str | None
     trace_url: str | None  # a tracing UI's page for one trace, with `{trace_id}` in it
+    metrics_port: int | None  # where this process serves its Prometheus metrics
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -47,6 +51,7 @@ class Settings:
             public_url=env.get("KILN_PUBLIC_URL", f"http://{http_host}:{http_port}").rstrip("/"),
             otlp_endpoint=env.get("KILN_OTLP_ENDPOINT") or None,
             trace_url=env.get("KILN_TRACE_URL") or None,
+            metrics_port=int(env["KILN_METRICS_PORT"]) if env.get("KILN_METRICS_PORT") else None,
         )
 
 

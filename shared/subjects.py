@@ -57,6 +57,8 @@ def quota_status(user_id: str) -> str:
     return f"kiln.quota.status.{user_id}"
 
 
+# Request/reply: quota answers with the fleet pressure it sheds load by ({"level", "why"}).
+QUOTA_PRESSURE = "kiln.quota.pressure"
 # Request/reply: context answers with its style presets (name → title).
 CONTEXT_STYLES = "kiln.context.styles"
 

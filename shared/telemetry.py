@@ -1,23 +1,44 @@
-"""OpenTelemetry setup and W3C trace-context propagation through NATS headers.
+"""OpenTelemetry: traces through NATS headers, metrics on a Prometheus endpoint.
 
-One trace covers a request: the client's span is the root, `traceparent` travels in the
-message headers, and each service continues it. Spans export over OTLP/HTTP when
+Traces. One trace covers a request: the client's span is the root, `traceparent` travels in
+the message headers, and each service continues it. Spans export over OTLP/HTTP when
 `KILN_OTLP_ENDPOINT` is set; otherwise they are created unsampled: ids still propagate (the
-log and the messages name the request's trace), nothing is recorded.
+log and the messages name the request's trace), nothing is recorded. Each span carries
+`service.name` as an attribute too (Phoenix keeps span attributes, not the resource), and
+users appear only hashed (`user_ref`).
+
+Metrics. Each service serves its instruments at http://127.0.0.1:<KILN_METRICS_PORT>/metrics
+in the Prometheus text format (no port: no endpoint).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
-from opentelemetry import propagate, trace
+from opentelemetry import metrics, propagate, trace
 from opentelemetry.context import Context
+from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
 
 _provider: TracerProvider | None = None
+_meter_provider: MeterProvider | None = None
+
+
+class _ServiceNameOnSpans(SpanProcessor):
+    """Puts `service.name` on every span: some tracing UIs keep span attributes only."""
+
+    def __init__(self, service_name: str) -> None:
+        self.service_name = service_name
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        span.set_attribute("service.name", self.service_name)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        pass
 
 
 def setup(service_name: str, otlp_endpoint: str | None) -> trace.Tracer:
@@ -32,14 +53,45 @@ def setup(service_name: str, otlp_endpoint: str | None) -> trace.Tracer:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
             endpoint = otlp_endpoint.rstrip("/") + "/v1/traces"
-            _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+            _provider.add_span_processor(_ServiceNameOnSpans(service_name))
+            _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint), schedule_delay_millis=500))
         trace.set_tracer_provider(_provider)
     return trace.get_tracer(service_name)
+
+
+def serve_metrics(service_name: str, port: int | None) -> metrics.Meter:
+    """Serve this process's metrics on `port` (Prometheus text format) and return its meter.
+    Without a port the instruments still work; nothing serves them."""
+    global _meter_provider
+    if _meter_provider is None:
+        readers = []
+        if port:
+            from opentelemetry.exporter.prometheus import PrometheusMetricReader
+            from prometheus_client import start_http_server
+
+            try:
+                start_http_server(port, addr="127.0.0.1")
+                readers.append(PrometheusMetricReader())
+            except OSError as error:  # the port is taken: serve without metrics, say so
+                logging.getLogger(f"kiln.{service_name}").warning("no metrics endpoint on :%d: %s", port, error)
+        _meter_provider = MeterProvider(resource=Resource.create({"service.name": service_name}), metric_readers=readers)
+        metrics.set_meter_provider(_meter_provider)
+    return metrics.get_meter(f"kiln.{service_name}")
 
 
 def shutdown() -> None:
     if _provider is not None:
         _provider.shutdown()
+
+
+def user_ref(user_id: str) -> str:
+    """How a user appears in traces: a hash that groups one user's requests without naming
+    them (look a user's up with `user_ref` on their id)."""
+    return hashlib.sha256(f"kiln-user:{user_id}".encode()).hexdigest()[:16]
+
+
+def trace_id_of(span: trace.Span) -> str:
+    return format(span.get_span_context().trace_id, "032x")
 
 
 def inject_headers(headers: dict[str, str]) -> dict[str, str]:

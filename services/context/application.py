@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 import msgspec
+from opentelemetry import metrics
 from nats.aio.msg import Msg
 
 from services.context import config as context_config
@@ -24,6 +25,9 @@ from shared.events import (
 from shared.records import read_outcome, read_turns
 
 log = logging.getLogger("kiln.context")
+turns = metrics.get_meter("kiln.context").create_counter(
+    "kiln_context_turns", description="Prompts composed (new pictures, edits) or refused, with the reason"
+)
 
 MAX_APPEND_TRIES = 8  # another turn of the same conversation composed meanwhile: compose again
 LATEST_IMAGE_LOOKBACK = 20  # turns searched, newest first, for "the last one"
@@ -40,15 +44,23 @@ class Context:
         if await self.bus.outcome_recorded(event.user_id, event.request_id):
             return  # ended already (given up on while we were behind): render nothing
         try:
-            composition, prompt = await self.turn(event)
+            with self.bus.tracer.start_as_current_span("context compose") as span:
+                composition, prompt = await self.turn(event)
+                span.set_attributes({
+                    "kiln.style": composition.style, "kiln.edit_of": composition.edit_of or "",
+                    "kiln.conversation": bool(event.conversation_id),
+                })
         except Refusal as refusal:
+            span.set_attribute("kiln.refusal", refusal.reason)
+            turns.add(1, {"kind": "refused", "reason": refusal.reason})
             log.info("refused %s/%s: %s", event.user_id, event.request_id, refusal)
             failed = RequestFailed(
                 request_id=event.request_id, user_id=event.user_id, conversation_id=event.conversation_id,
-                stage="context", reason=refusal.reason, detail=refusal.detail,
+                stage="context", reason=refusal.reason, detail=refusal.detail, plan=event.plan,
             )
             await self.bus.publish(subjects.outcome(event.user_id, event.request_id), failed, first_on_subject=True)
             return
+        turns.add(1, {"kind": "edit" if composition.edit_of else "new"})
         job = render_request(event, composition, prompt, self.config)
         # The job subject is shared by all requests of a user's tier, so duplicates are caught
         # by message id within the window; past it, render finds the stored image or outcome.

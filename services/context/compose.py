@@ -177,6 +177,7 @@ def render_request(grant: QuotaGranted, composition: Composition, prompt: str, c
         guidance=guidance,
         seed=submission.seed if submission.seed is not None else seed_for(grant.request_id),
         tier=grant.tier,
+        plan=grant.plan,
         composition=composition,
         **_edit(grant, composition),
     )

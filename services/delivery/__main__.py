@@ -8,6 +8,7 @@ import os
 import time
 
 import uvicorn
+from opentelemetry import metrics
 from nats.aio.msg import Msg
 
 from services.delivery.http import Site, create_app
@@ -18,9 +19,15 @@ from shared import service, subjects
 from shared.bus import Bus
 from shared.events import RenderCompleted, RenderFailed
 from shared.settings import Settings
+from shared.subjects import IMAGE_META_BUCKET
 
 DOWNLOAD_TTL_S = int(os.environ.get("KILN_LINK_TTL_S", 24 * 3600))
 SHARE_TTL_S = int(os.environ.get("KILN_SHARE_TTL_S", 7 * 24 * 3600))
+
+
+outcomes = metrics.get_meter("kiln.delivery").create_counter(
+    "kiln_delivery_outcomes", description="Render results turned into outcomes: delivered or failed"
+)
 
 
 class _HttpServer(uvicorn.Server):
@@ -37,13 +44,15 @@ async def serve(settings: Settings, bus: Bus, stop: asyncio.Event) -> None:
     async def handle_render_event(event: RenderCompleted | RenderFailed, msg: Msg) -> None:
         if isinstance(event, RenderCompleted):
             # Kept before the outcome goes out, so every delivered image has its record.
-            await records.put(ImageRecord(
-                user_id=event.user_id, request_id=event.request_id, conversation_id=event.conversation_id,
-                prompt=event.prompt, composition=event.composition, width=event.width, height=event.height,
-                created_at=event.completed_at,
-            ))
+            with bus.tracer.start_as_current_span("delivery record image", attributes={"kiln.bucket": IMAGE_META_BUCKET}):
+                await records.put(ImageRecord(
+                    user_id=event.user_id, request_id=event.request_id, conversation_id=event.conversation_id,
+                    prompt=event.prompt, composition=event.composition, width=event.width, height=event.height,
+                    created_at=event.completed_at,
+                ))
         subject, result = outcome(event, links, time.time())
-        await bus.publish(subject, result, first_on_subject=True)
+        if await bus.publish(subject, result, first_on_subject=True):
+            outcomes.add(1, {"outcome": "delivered" if isinstance(event, RenderCompleted) else "failed"})
 
     app = create_app(Site(bus, await bus.image_store(), records, links, settings))
     config = uvicorn.Config(

@@ -44,6 +44,7 @@ from shared.bus import Bus
 from shared.events import ID_PATTERN, ImageDelivered, PromptSubmitted, QuotaDenied, RenderProgress, check_ids
 from shared.records import Outcome
 from shared.settings import Settings
+from shared.telemetry import trace_id_of, user_ref
 
 PLAYGROUND = Path(__file__).with_name("playground")
 SESSION_COOKIE = "kiln_session"
@@ -256,8 +257,9 @@ async def _follow(site: Site, submission: PromptSubmitted, lines: asyncio.Queue[
 
 async def _outcome_of(site: Site, submission: PromptSubmitted, lines: asyncio.Queue[dict | None]) -> dict:
     # The playground's span is the root of the request's trace, as the CLI's is.
-    with tracer.start_as_current_span("playground generate", kind=trace.SpanKind.SERVER) as span:
-        trace_id = format(span.get_span_context().trace_id, "032x")
+    attributes = {"kiln.request_id": submission.request_id, "kiln.user": user_ref(submission.user_id)}
+    with tracer.start_as_current_span("playground generate", kind=trace.SpanKind.SERVER, attributes=attributes) as span:
+        trace_id = trace_id_of(span)
         lines.put_nowait({
             "event": "accepted", "request_id": submission.request_id, "trace_id": trace_id,
             "trace_url": site.settings.trace_link(trace_id),

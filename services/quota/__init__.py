@@ -10,5 +10,7 @@ events out  QuotaGranted / QuotaDenied (kiln.quota.decided.<user>.<request>)
             QuotaDenied                (kiln.outcome.<user>.<request>: a denial ends the request)
             relay.py                   publishes committed decisions a crash left unpublished
 answers     kiln.quota.status.<user>   request/reply: today's QuotaStatus (used, limit, plan)
+            kiln.quota.pressure        request/reply: the fleet pressure and why
+metrics     metrics.py                 requests by outcome and plan, denials, fleet pressure
 operators   accounts.py, audit.py      `kiln accounts …`, `kiln audit …`
 """

@@ -8,7 +8,7 @@ import os
 import sys
 
 from services.quota import log as quota_log
-from services.quota import plans
+from services.quota import metrics, plans
 from services.quota.application import QuotaService
 from services.quota.migrate import upgrade
 from services.quota.pressure import FleetMonitor
@@ -28,9 +28,11 @@ async def serve(settings: Settings, bus: Bus, stop: asyncio.Event, *, config: pl
     try:
         fleet = FleetMonitor(config.pressure)
         await fleet.watch(bus.nc)
+        metrics.watch_pressure(fleet)
         quota = QuotaService(pool, bus, config, fleet)
         # Users are subject tokens (checked where they enter), so one token is one user.
         await bus.nc.subscribe(subjects.quota_status("*"), queue="quota", cb=quota.answer_status)
+        await bus.nc.subscribe(subjects.QUOTA_PRESSURE, queue="quota", cb=quota.answer_pressure)
         await asyncio.gather(
             bus.consume_batches(
                 subjects.PROMPTS, "quota", quota.handle_prompts, stop,

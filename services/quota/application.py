@@ -20,6 +20,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from datetime import datetime, timedelta, timezone
 from collections.abc import Coroutine
 from typing import Any
@@ -30,6 +31,7 @@ from nats.aio.msg import Msg
 from opentelemetry import trace
 
 from services.quota import log as quota_log
+from services.quota import metrics
 from services.quota import policy
 from services.quota.events import Decision, QuotaRefunded
 from services.quota.plans import DEFAULT_PLAN, Config
@@ -63,7 +65,12 @@ class QuotaService:
         if not live:
             return
         # 2. Decide and commit.
-        decisions, positions = await self.decide(live)
+        started = time.time_ns()
+        decisions, positions, new = await self.decide(live)
+        self._trace_append(live, decisions, started, time.time_ns())
+        for decision in new:
+            if isinstance(decision, QuotaDenied):
+                metrics.count_denial(decision)
         failpoint("quota.after_commit")  # tests: die with decisions committed, not published
         # 3. Publish what the log holds; once per request, however often we get here.
         await asyncio.gather(*(self._publish(d, decisions[_key(d.event)]) for d in live))
@@ -71,6 +78,25 @@ class QuotaService:
         #    sends them again and JetStream drops the copies.)
         if positions:
             self._background(quota_log.published(self.pool, positions))
+
+    def _trace_append(
+        self, batch: list[Delivery], decisions: dict[tuple[str, str], Decision], started: int, ended: int
+    ) -> None:
+        """The decision and its Postgres write, in each request's trace. A batch shares one
+        transaction: each request's span covers it, naming the batch size."""
+        for delivery in batch:
+            decision = decisions[_key(delivery.event)]
+            delivery.span.set_attributes({
+                "kiln.decision": "granted" if isinstance(decision, QuotaGranted) else "denied",
+                "kiln.plan": decision.plan, "kiln.pressure": decision.pressure,
+                **({"kiln.denial_reason": decision.reason} if isinstance(decision, QuotaDenied) else {}),
+            })
+            write = self.bus.tracer.start_span(
+                "quota log append", context=trace.set_span_in_context(delivery.span), start_time=started,
+                attributes={"db.system.name": "postgresql", "db.operation.name": "INSERT quota_events",
+                            "kiln.batch_size": len(batch)},
+            )
+            write.end(end_time=ended)
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
@@ -95,9 +121,11 @@ class QuotaService:
             return False
         return await self.bus.outcome_recorded(delivery.event.user_id, delivery.event.request_id)
 
-    async def decide(self, batch: list[Delivery]) -> tuple[dict[tuple[str, str], Decision], list[int]]:
-        """Each request's decision (recorded before, or made and appended now) and the
-        log positions of the new ones."""
+    async def decide(
+        self, batch: list[Delivery]
+    ) -> tuple[dict[tuple[str, str], Decision], list[int], list[Decision]]:
+        """Each request's decision (recorded before, or made and appended now), the log
+        positions of the new ones, and the new ones."""
         for _ in range(MAX_CONFLICT_RETRIES):
             try:
                 async with quota_log.appending(self.pool) as log:
@@ -106,7 +134,7 @@ class QuotaService:
                     users = await log.users((d.event.user_id, policy.utc_day(now)) for d in batch)
                     entries = self._decide_new(batch, decisions, users, now)
                     positions = await log.append(entries, users)
-                return decisions, positions
+                return decisions, positions, [entry.event for entry in entries]
             except quota_log.Conflict as error:  # cannot happen under the lock; the database guards anyway
                 logger.warning("append conflict, deciding the batch again: %s", error)
         raise quota_log.Conflict(f"still conflicting after {MAX_CONFLICT_RETRIES} tries")
@@ -167,6 +195,7 @@ class QuotaService:
     # -- refunds --------------------------------------------------------------------------
 
     async def handle_outcome(self, outcome: QuotaDenied | ImageDelivered | RequestFailed, _msg: Any) -> None:
+        metrics.count_outcome(outcome)
         if not isinstance(outcome, RequestFailed):
             return
         async with quota_log.appending(self.pool) as log:
@@ -203,6 +232,11 @@ class QuotaService:
             await msg.respond(msgspec.json.encode({"error": "quota's database is unavailable; try again shortly"}))
             return
         await msg.respond(msgspec.json.encode(status))
+
+    async def answer_pressure(self, msg: Msg) -> None:
+        """Reply to `kiln.quota.pressure` with the level quota sheds load by, and why."""
+        level, why = self.fleet.level()
+        await msg.respond(msgspec.json.encode({"level": level, "why": why}))
 
     async def status(self, user_id: str) -> QuotaStatus:
         now = datetime.now(timezone.utc)

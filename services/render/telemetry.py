@@ -17,6 +17,7 @@ import nats.js.errors
 
 from typing import TYPE_CHECKING
 
+from services.render.metrics import LastHeartbeat
 from services.render.thermal import Gpu
 from shared import subjects
 from shared.events import WorkerHeartbeat, encode
@@ -67,8 +68,8 @@ async def send_heartbeats(worker: RenderWorker, gpu: Gpu, stop: asyncio.Event) -
                 gpu_power_w=reading.power_w,
                 images_per_s=worker.throughput.per_second(),
             )
-            worker_id = worker.worker_id
-            await bus.nc.publish(subjects.fleet_telemetry(worker_id), encode(beat))
+            LastHeartbeat.beat = beat  # what /metrics shows
+            await bus.nc.publish(subjects.fleet_telemetry(worker.worker_id), encode(beat))
         except (nats.errors.Error, nats.js.errors.Error) as error:
             log.warning("heartbeat not sent: %s", error)
         await sleep_unless_stopped(stop, HEARTBEAT_S)

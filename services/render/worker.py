@@ -23,6 +23,8 @@ import io
 import json
 import logging
 import time
+from contextlib import AbstractContextManager
+from datetime import datetime, timezone
 
 import nats.errors
 import nats.js.errors
@@ -33,6 +35,7 @@ from nats.js.object_store import ObjectStore
 from opentelemetry import trace
 from PIL import Image
 
+from services.render import metrics
 from services.render.pipeline import Cancelled, Renderer, batch_key
 from services.render.queue import JobQueue
 from services.render.telemetry import Throughput
@@ -42,6 +45,7 @@ from shared.bus import MAX_BACKOFF_S, Bus, Delivery
 from shared.events import RenderCompleted, RenderFailed, RenderProgress, RenderRequested, utcnow
 from shared.failpoints import failpoint
 from shared.service import sleep_unless_stopped
+from shared.telemetry import context_from_headers
 
 log = logging.getLogger("kiln.render")
 
@@ -115,6 +119,7 @@ class RenderWorker:
         self._new_work = asyncio.Event()
         self._queued_ms: dict[str, float] = {}  # request → from its request to its batch's start
         self._finishing: asyncio.Future | None = None  # the last batch's stores and reports
+        self._storing: set[str] = set()  # requests whose image is being stored
 
     async def run(self, stop: asyncio.Event) -> None:
         subscriptions = [
@@ -195,6 +200,7 @@ class RenderWorker:
     async def _run_batch(self, batch: list[Delivery]) -> None:
         started = utcnow()
         for item in batch:
+            self._trace_queue_wait(item, started)
             item.span = self.bus.span(item.event, item.msg)
             self._queued_ms[item.event.request_id] = (started - item.event.requested_at).total_seconds() * 1000
         try:
@@ -206,7 +212,20 @@ class RenderWorker:
                 await self._render_and_store(todo, sources, masks, attempts)
         finally:
             for item in batch:
-                item.span.end()
+                if item.event.request_id not in self._storing:
+                    item.span.end()  # (a job being stored ends its span when stored)
+
+    def _trace_queue_wait(self, item: Delivery, started: datetime) -> None:
+        """The time the job waited for a GPU, as a span of its own in the request's trace:
+        from context's request to the start of the batch that takes it."""
+        job: RenderRequested = item.event
+        wait = self.bus.tracer.start_span(
+            "render queue wait",
+            context=context_from_headers(item.msg.headers),
+            start_time=_ns(job.requested_at),
+            attributes={"kiln.request_id": job.request_id, "kiln.tier": job.tier, "kiln.worker_id": self.worker_id},
+        )
+        wait.end(end_time=_ns(started))
 
     async def _settled_before(self, item: Delivery) -> bool:
         """A job whose image is stored (a redelivery) or that was cancelled is settled
@@ -256,7 +275,8 @@ class RenderWorker:
     ) -> None:
         try:
             failpoint("render.job")  # tests: a render that fails every time, or a worker that dies
-            pngs, render_ms = await self._render(todo, sources, masks)
+            with self._batch_span(todo) as batch_span:
+                pngs, render_ms = await self._render(todo, sources, masks, batch_span)
         except Cancelled as stopped:
             for item in todo:
                 await self._fail(item, "cancelled", str(stopped))
@@ -275,8 +295,11 @@ class RenderWorker:
                 item.span.record_exception(error)
                 await self._retry_or_give_up(item, error, attempts[item.event.request_id])
             return
+        metrics.batch_sizes.record(len(todo))
+        metrics.render_seconds.record(render_ms / 1000)
         # Store and report while the next batch renders: the images are in hand, and the
         # bus's disk writes need no CPU. One batch finishes at a time.
+        self._storing.update(item.event.request_id for item in todo)
         finishing = asyncio.gather(*(self._store(item, png, render_ms, len(todo)) for item, png in zip(todo, pngs)))
         await self.finish_previous()
         self._finishing = asyncio.ensure_future(finishing)
@@ -287,24 +310,57 @@ class RenderWorker:
         if finishing is not None:
             await finishing
 
+    def _batch_span(self, todo: list[Delivery]) -> AbstractContextManager[trace.Span]:
+        """One span for the pipeline call, linked to every request in it (and in the trace
+        of the first). Each request's own span names the batch it rendered in."""
+        first: RenderRequested = todo[0].event
+        batch = self.bus.tracer.start_as_current_span(
+            "render batch",
+            context=trace.set_span_in_context(todo[0].span),
+            links=[trace.Link(item.span.get_span_context()) for item in todo],
+            attributes={
+                "kiln.batch_size": len(todo), "kiln.steps": first.steps, "kiln.mode": first.mode,
+                "kiln.width": first.width, "kiln.height": first.height, "kiln.model": self.renderer.model,
+                "kiln.worker_id": self.worker_id, "kiln.device": self.renderer.device,
+            },
+        )
+        return batch
+
     async def _store(self, item: Delivery, png: bytes, render_ms: float, batch_size: int) -> None:
         job: RenderRequested = item.event
-        if self._cancel_key(job) in self.cancelled:  # its batch went on without it
-            await self._fail(item, "cancelled", "cancelled while its batch rendered; not stored")
-            return
-        meta = ObjectMeta(description=json.dumps({"render_ms": render_ms, "batch": batch_size}))
-        await self.store.put(subjects.image_key(job.user_id, job.request_id), png, meta=meta)
-        self.throughput.add()
-        await self._complete(item, render_ms, batch_size=batch_size)
+        try:
+            if self._cancel_key(job) in self.cancelled:  # its batch went on without it
+                await self._fail(item, "cancelled", "cancelled while its batch rendered; not stored")
+                return
+            meta = ObjectMeta(description=json.dumps({"render_ms": render_ms, "batch": batch_size}))
+            with self.bus.tracer.start_as_current_span(
+                "image store put", context=trace.set_span_in_context(item.span),
+                attributes={"kiln.bytes": len(png), "kiln.bucket": subjects.IMAGE_BUCKET},
+            ):
+                await self.store.put(subjects.image_key(job.user_id, job.request_id), png, meta=meta)
+            self.throughput.add()
+            await self._complete(item, render_ms, batch_size=batch_size)
+        finally:
+            self._storing.discard(job.request_id)
+            item.span.end()
 
-    async def _render(self, todo: list[Delivery], sources: list, masks: list) -> tuple[list[bytes], float]:
+    async def _render(
+        self, todo: list[Delivery], sources: list, masks: list, batch_span: trace.Span
+    ) -> tuple[list[bytes], float]:
         loop = asyncio.get_running_loop()
         jobs: list[RenderRequested] = [item.event for item in todo]
         last_sent = 0.0
+        for item in todo:
+            context = batch_span.get_span_context()
+            item.span.set_attributes({
+                "kiln.batch_size": len(todo), "kiln.batch.trace_id": format(context.trace_id, "032x"),
+                "kiln.batch.span_id": format(context.span_id, "016x"),
+            })
 
         def on_step(step: int, total: int) -> None:
             # Runs on the render thread: hand the publishing to the event loop.
             nonlocal last_sent
+            batch_span.add_event("step", {"kiln.step": step})  # the step timings
             if all(self._cancel_key(job) in self.cancelled for job in jobs):
                 raise Cancelled(step, total)
             now = time.monotonic()
@@ -381,7 +437,7 @@ class RenderWorker:
         completed = RenderCompleted(
             request_id=job.request_id, user_id=job.user_id, conversation_id=job.conversation_id,
             image_key=subjects.image_key(job.user_id, job.request_id), width=job.width, height=job.height,
-            seed=job.seed, render_ms=render_ms, worker_id=self.worker_id, batch_size=batch_size,
+            seed=job.seed, render_ms=render_ms, worker_id=self.worker_id, batch_size=batch_size, plan=job.plan,
             queued_ms=self._queued_ms.pop(job.request_id, None), prompt=job.prompt, composition=job.composition,
         )
         await self._report(item, completed)
@@ -391,7 +447,7 @@ class RenderWorker:
         log.warning("job %s failed for good: %s %s", job.request_id, reason, detail)
         failed = RenderFailed(
             request_id=job.request_id, user_id=job.user_id, conversation_id=job.conversation_id,
-            reason=reason, detail=detail, worker_id=self.worker_id,
+            reason=reason, detail=detail, worker_id=self.worker_id, plan=job.plan,
         )
         await self._report(item, failed)
 
@@ -403,6 +459,13 @@ class RenderWorker:
                 subjects.render_event(outcome.user_id, outcome.request_id), outcome, first_on_subject=True
             )
         await item.msg.ack()
+
+
+def _ns(moment: datetime) -> int:
+    """A timestamp as OpenTelemetry takes it: nanoseconds since the epoch."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)  # a client that sent no zone
+    return int(moment.timestamp() * 1e9)
 
 
 async def _wait_any(stop: asyncio.Event, event: asyncio.Event, seconds: float) -> None:

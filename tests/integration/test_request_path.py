@@ -314,7 +314,8 @@ async def test_cli_writes_the_png_then_explains_the_denial(platform: Platform, u
 
     assert code == 2, output
     lines = [line for line in output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("denied: daily_limit:"), output
+    assert len(lines) == 2 and lines[0].startswith("denied: daily_limit:"), output
+    assert lines[1].startswith("trace: "), output  # where to look
     assert "try again after" in lines[0]
 
 

@@ -1,0 +1,40 @@
+"""quota's Prometheus metrics (served on KILN_METRICS_PORT, see shared/telemetry.py).
+
+quota sees every request's outcome (it consumes them all for refunds), so it is the one
+place that counts requests by outcome and plan.
+"""
+
+from __future__ import annotations
+
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Observation
+
+from services.quota.pressure import FleetMonitor
+from services.quota.plans import PRESSURE_LEVELS
+from shared.events import ImageDelivered, QuotaDenied, RequestFailed
+
+meter = metrics.get_meter("kiln.quota")
+
+requests = meter.create_counter("kiln_requests", description="Requests ended, by outcome and plan")
+denials = meter.create_counter("kiln_quota_denials", description="Prompts denied, by reason and plan")
+
+
+def count_outcome(outcome: QuotaDenied | ImageDelivered | RequestFailed) -> None:
+    kind = {QuotaDenied: "denied", ImageDelivered: "delivered", RequestFailed: "failed"}[type(outcome)]
+    requests.add(1, {"outcome": kind, "plan": outcome.plan or "unknown"})
+
+
+def count_denial(denial: QuotaDenied) -> None:
+    denials.add(1, {"reason": denial.reason, "plan": denial.plan})
+
+
+def watch_pressure(fleet: FleetMonitor) -> None:
+    """`kiln_fleet_pressure`: 0 normal, 1 elevated, 2 critical, as quota sheds load by it."""
+
+    def observe(options: CallbackOptions) -> list[Observation]:
+        level, _ = fleet.level()
+        return [Observation(PRESSURE_LEVELS.index(level), {"level": level})]
+
+    meter.create_observable_gauge(
+        "kiln_fleet_pressure", callbacks=[observe], description="Fleet pressure: 0 normal, 1 elevated, 2 critical"
+    )

@@ -1,0 +1,146 @@
+"""Traces in the tracing UI, each service's metrics endpoint, and `kiln status`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from infra.platform import Platform
+from kiln.client import KilnClient
+from shared.events import ImageDelivered
+from shared.settings import PROJECT_ROOT
+from shared.telemetry import user_ref
+
+pytestmark = pytest.mark.integration
+
+
+async def _kiln(platform: Platform, *args: str) -> subprocess.CompletedProcess:
+    env = os.environ | platform.service_env() | {"COLUMNS": "200"}
+    return await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "kiln", *args], cwd=PROJECT_ROOT, env=env,
+        capture_output=True, text=True, timeout=180,
+    )
+
+
+async def _spans(platform: Platform, trace_id: str, services: set[str], timeout_s: float = 30) -> list[dict]:
+    """The trace's spans as the tracing UI's API returns them, once every service's are in."""
+    url = f"{platform.otlp_endpoint}/v1/projects/default/spans"
+    async with httpx.AsyncClient(timeout=10) as http:
+        for _ in range(int(timeout_s / 0.5)):
+            spans = (await http.get(url, params={"trace_id": trace_id, "limit": 1000})).json()["data"]
+            if services <= {span["attributes"].get("service.name") for span in spans}:
+                return spans
+            await asyncio.sleep(0.5)
+    return spans
+
+
+async def test_one_generate_is_one_trace_across_the_client_and_four_services_in_the_tracing_ui(
+    platform: Platform, user: str
+):
+    if platform.trace_url is None:
+        pytest.skip("no tracing UI: `make test` installs Phoenix")
+    result = await _kiln(platform, "generate", "a red circle", "--user", user)
+    assert result.returncode == 0, result.stderr
+    trace_id = re.search(r"trace: \S+/redirects/traces/([0-9a-f]{32})", result.stderr).group(1)
+    services = {"kiln-cli", "quota", "context", "render", "delivery"}
+    spans = await _spans(platform, trace_id, services)
+    assert {span["attributes"].get("service.name") for span in spans} >= services
+    by_id = {span["context"]["span_id"]: span for span in spans}
+    named = {span["name"]: span for span in spans}
+
+    def parent(name: str) -> str:
+        return by_id[named[name]["parent_id"]]["name"]
+
+    # One root, the CLI's; every other span's parent is in the same trace.
+    roots = [span["name"] for span in spans if span["parent_id"] is None]
+    assert roots == ["kiln cli"], roots
+    assert all(span["parent_id"] in by_id for span in spans if span["parent_id"] is not None)
+    # The request's path, each step a child of the one that sent it on.
+    assert parent("kiln generate") == "kiln cli"
+    assert parent("quota PromptSubmitted") == "kiln generate"
+    assert parent("quota log append") == "quota PromptSubmitted"
+    assert parent("context QuotaGranted") == "quota PromptSubmitted"
+    assert parent("context compose") == "context QuotaGranted"
+    assert parent("render queue wait") == "context QuotaGranted"  # waiting for a GPU, its own span
+    assert parent("render RenderRequested") == "context QuotaGranted"
+    assert parent("render batch") == "render RenderRequested"
+    assert parent("image store put") == "render RenderRequested"
+    assert parent("delivery RenderCompleted") == "render RenderRequested"
+    assert parent("delivery record image") == "delivery RenderCompleted"
+
+    wait = named["render queue wait"]
+    assert wait["end_time"] > wait["start_time"]
+    batch = named["render batch"]
+    assert {k: batch["attributes"][k] for k in ("kiln.batch_size", "kiln.steps", "kiln.model", "kiln.device")} == {
+        "kiln.batch_size": 1, "kiln.steps": 10, "kiln.model": "kiln-shapes", "kiln.device": "cpu",
+    }
+    assert batch["attributes"]["kiln.worker_id"]
+    assert [event["attributes"]["kiln.step"] for event in batch["events"]] == list(range(1, 11))  # step timings
+    assert named["quota PromptSubmitted"]["attributes"]["kiln.decision"] == "granted"
+    # Users appear hashed, never by name.
+    assert user not in json.dumps(spans)
+    assert named["kiln generate"]["attributes"]["kiln.user"] == user_ref(user)
+
+
+async def _metrics(port: int) -> str:
+    async with httpx.AsyncClient(timeout=10) as http:
+        response = await http.get(f"http://127.0.0.1:{port}/metrics")
+    assert response.status_code == 200
+    return response.text
+
+
+def _value(text: str, series: str) -> float:
+    """The value of one series (`name{labels}` as exposed, labels in any order)."""
+    name, _, labels = series.partition("{")
+    wanted = set(labels.rstrip("}").split(",")) - {""}
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            metric, value = line.rsplit(" ", 1)
+            have = set(metric.partition("{")[2].rstrip("}").split(","))
+            if metric.partition("{")[0] == name and wanted <= have:
+                return float(value)
+    raise AssertionError(f"no series {series} in:\n{text}")
+
+
+async def test_each_service_serves_its_metrics_with_live_values(platform: Platform, client: KilnClient, user: str):
+    for _ in range(3):
+        assert isinstance(await client.generate("a red circle", user_id=user), ImageDelivered)
+    await client.generate("a red circle", user_id=user)  # the fourth: denied
+    await asyncio.sleep(1.5)  # a heartbeat or two
+
+    quota = await _metrics(platform.metrics_ports["quota"])
+    assert _value(quota, 'kiln_requests_total{outcome="delivered",plan="free"}') >= 3
+    assert _value(quota, 'kiln_requests_total{outcome="denied",plan="free"}') >= 1
+    assert _value(quota, 'kiln_quota_denials_total{reason="daily_limit",plan="free"}') >= 1
+    assert _value(quota, 'kiln_fleet_pressure{level="normal"}') == 0
+
+    context = await _metrics(platform.metrics_ports["context"])
+    assert _value(context, 'kiln_context_turns_total{kind="new"}') >= 3
+
+    render = await _metrics(platform.metrics_ports["render"])
+    assert _value(render, 'kiln_render_queue_depth{tier="paid"}') >= 0
+    assert _value(render, 'kiln_render_queue_depth{tier="free"}') >= 0
+    assert _value(render, "kiln_render_batch_size_count") >= 3
+    assert _value(render, "kiln_render_duration_seconds_count") >= 3
+    assert _value(render, "kiln_render_duration_seconds_sum") > 0
+    assert _value(render, "kiln_render_images_per_second") > 0
+    assert _value(render, "kiln_cpu_load_per_core") > 0  # a CPU host: the CPU figure stands in for the GPU's
+    assert _value(render, "kiln_render_batch_limit") >= 1
+
+    delivery = await _metrics(platform.metrics_ports["delivery"])
+    assert _value(delivery, 'kiln_delivery_outcomes_total{outcome="delivered"}') >= 3
+
+
+async def test_kiln_status_shows_the_workers_queue_and_pressure(platform: Platform):
+    result = await _kiln(platform, "status", "--once")
+    assert result.returncode == 0, result.stderr
+    pid = platform.services["render"].pid
+    assert re.search(rf"\S+-{pid}\s+│\s+cpu\s+│\s+kiln-shapes", result.stdout), result.stdout
+    assert "queue: paid 0, free 0" in result.stdout and "pressure: normal" in result.stdout
