@@ -36,11 +36,12 @@ $(CHROMIUM):
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 
-bench: $(STAMP)
+bench: $(STAMP) $(PHOENIX)
 	$(PYTHON) -m bench.e2e_latency
 	$(PYTHON) -m bench.quota_throughput
 	$(PYTHON) -m bench.render_throughput
 	$(PYTHON) -m bench.conversation_reads
+	$(PYTHON) -m bench.tracing_cost
 	$(MAKE) model-check
 
 # Does the shipped model draw what it is asked? 60 held-out prompts, judged from the pixels.

@@ -54,7 +54,7 @@ class Fleet:
         level = self.pressure.get("level", "unknown")
         colour = {"normal": "green", "elevated": "yellow", "critical": "red"}.get(level, "white")
         summary = Text.assemble(
-            (f"{len(beats)} workers · ", ""), (queue, ""), ("  ·  pressure: ", ""), (level, f"bold {colour}"),
+            (f"{len(beats)} worker{'' if len(beats) == 1 else 's'} · ", ""), (queue, ""), ("  ·  pressure: ", ""), (level, f"bold {colour}"),
             (f" ({self.pressure['why']})" if "why" in self.pressure else "", ""),
             (f"  ·  {sum(b.images_per_s for b in beats):.2f} images/s", ""),
         )

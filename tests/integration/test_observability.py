@@ -141,6 +141,7 @@ async def test_each_service_serves_its_metrics_with_live_values(platform: Platfo
 async def test_kiln_status_shows_the_workers_queue_and_pressure(platform: Platform):
     result = await _kiln(platform, "status", "--once")
     assert result.returncode == 0, result.stderr
+    print(result.stdout)  # shown when the test fails
     pid = platform.services["render"].pid
     assert re.search(rf"\S+-{pid}\s+│\s+cpu\s+│\s+kiln-shapes", result.stdout), result.stdout
     assert "queue: paid 0, free 0" in result.stdout and "pressure: normal" in result.stdout
