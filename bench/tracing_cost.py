@@ -1,11 +1,16 @@
 """What tracing costs: end-to-end requests per second with tracing on and off, in one run.
 
-One platform (embedded NATS and PostgreSQL, Phoenix as the tracing UI). In rounds that
-alternate, the four services are restarted with tracing on (every span exported over OTLP to
-Phoenix) or off (spans unsampled: trace ids still travel, nothing is recorded); each round
-sends `--requests` prompts, `--concurrency` at a time, each from a fresh user, at 1 step so
-the platform's own work, not the render, sets the pace. The load generator itself records
-no spans in either case. Prints the median rate of each setting and the cost, and writes
+One platform (embedded NATS and PostgreSQL, and Phoenix). In rounds that take the settings
+in turn, the four services are restarted with
+  - `off`: spans unsampled (trace ids still travel, nothing is recorded);
+  - `on`: every span recorded and exported over OTLP/HTTP to a collector that takes it and
+    answers at once (a stand-in for a tracing backend on another host): what tracing costs
+    the services themselves;
+  - `phoenix`: exported to Phoenix on this same host, which stores every span in SQLite and
+    so competes with the services for the same cores.
+Each round sends `--requests` prompts, `--concurrency` at a time, each from a fresh user, at
+1 step so the platform's own work, not the render, sets the pace. The load generator records
+no spans. Prints the median rate of each setting and the costs, and writes
 bench/results/tracing_cost.json.
 
     python -m bench.tracing_cost [--rounds 3] [--requests 60] [--concurrency 12]
@@ -50,44 +55,68 @@ async def _round(stack: Platform, requests: int, concurrency: int) -> float:
         return requests / (time.perf_counter() - started)
 
 
-async def _restart_services(stack: Platform, tracing: bool, endpoint: str, trace_url: str) -> None:
+async def _restart_services(stack: Platform, endpoint: str | None) -> None:
     stack.stop_services()
-    stack.otlp_endpoint, stack.trace_url = (endpoint, trace_url) if tracing else (None, None)
+    stack.otlp_endpoint = endpoint
     for name in SERVICES:
         stack.start_service(name)
     await stack.wait_ready()
+
+
+async def _null_collector() -> tuple[asyncio.Server, str]:
+    """An OTLP/HTTP endpoint that reads each export and answers 200 at once."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")), 0
+                )
+                await reader.readexactly(length)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            writer.close()  # the exporter closed the connection, or the bench is over
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
 
 
 async def measure(rounds: int, requests: int, concurrency: int) -> dict:
     if not Phoenix.installed():
         raise SystemExit("the tracing UI is not installed: make .phoenix/.installed")
     os.environ["KILN_PLANS"] = str(PLANS)
-    rates: dict[str, list[float]] = {"on": [], "off": []}
+    rates: dict[str, list[float]] = {"off": [], "on": [], "phoenix": []}
+    collector, collector_url = await _null_collector()
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
         stack = Platform.isolated(Path(tmp) / "kiln", DEFAULT_MODEL)
         await stack.start()
-        endpoint, trace_url = stack.otlp_endpoint, stack.trace_url
+        endpoints = {"off": None, "on": collector_url, "phoenix": stack.otlp_endpoint}
         try:
             await _round(stack, requests // 2, concurrency)  # warm-up: model loaded, caches filled
-            for index in range(rounds * 2):
-                setting = "on" if index % 2 == 0 else "off"
-                await _restart_services(stack, setting == "on", endpoint, trace_url)
-                await _round(stack, concurrency, concurrency)  # each process warm before timing
-                rates[setting].append(await _round(stack, requests, concurrency))
-                print(f"  round {index + 1}: tracing {setting:<3} {rates[setting][-1]:6.2f} requests/s")
+            for index in range(rounds):
+                for setting, endpoint in endpoints.items():
+                    await _restart_services(stack, endpoint)
+                    await _round(stack, concurrency, concurrency)  # each process warm before timing
+                    rates[setting].append(await _round(stack, requests, concurrency))
+                    print(f"  round {index + 1}: tracing {setting:<7} {rates[setting][-1]:6.2f} requests/s")
         finally:
             stack.stop()
-    on, off = statistics.median(rates["on"]), statistics.median(rates["off"])
+            collector.close()
+    off, on, phoenix = (statistics.median(rates[setting]) for setting in ("off", "on", "phoenix"))
     return {
         "benchmark": "tracing_cost",
         "requests_per_round": requests,
         "concurrency": concurrency,
         "model": f"{DEFAULT_MODEL.name}, 32x32, 1 step, CPU",
         "host": f"{host.node()} ({os.cpu_count()} cpus)",
-        "requests_per_s": {"on": rates["on"], "off": rates["off"]},
-        "median_on": round(on, 2),
+        "requests_per_s": rates,
         "median_off": round(off, 2),
+        "median_on": round(on, 2),
+        "median_phoenix_same_host": round(phoenix, 2),
         "cost_percent": round((1 - on / off) * 100, 1),
+        "cost_percent_phoenix_same_host": round((1 - phoenix / off) * 100, 1),
     }
 
 
@@ -102,8 +131,9 @@ def main() -> None:
     out = RESULTS / "tracing_cost.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(
-        f"tracing on {result['median_on']} requests/s, off {result['median_off']} requests/s (medians): "
-        f"tracing costs {result['cost_percent']} % (target: at most 5 %); wrote {out}"
+        f"requests/s (medians): off {result['median_off']}, on {result['median_on']} (cost "
+        f"{result['cost_percent']} %, target at most 5 %), exporting to Phoenix on this host "
+        f"{result['median_phoenix_same_host']} (cost {result['cost_percent_phoenix_same_host']} %); wrote {out}"
     )
 
 

@@ -51,6 +51,7 @@ log = logging.getLogger("kiln.client")
 
 
 T = TypeVar("T")
+ANNOUNCED_LOOKUPS, ANNOUNCED_LOOKUP_PAUSE_S = 20, 0.05
 
 
 class ServiceUnavailable(Exception):
@@ -238,12 +239,22 @@ class KilnClient:
                 first = False
                 resubmit_at = min(deadline, loop.time() + resubmit_after_s)
                 if await self._outcome_announced(inbox, resubmit_at, on_progress):
-                    recorded = await self.recorded_outcome(user_id, request_id)
+                    recorded = await self._recorded_soon(user_id, request_id)
                     if recorded is not None:
                         return recorded
         finally:
             for subscription in subscriptions:
                 await subscription.unsubscribe()
+
+    async def _recorded_soon(self, user_id: str, request_id: str) -> Outcome | None:
+        """The outcome just announced. A subscriber can hear a message a moment before the
+        stream answers for it, so look a few times before going back to waiting."""
+        for _ in range(ANNOUNCED_LOOKUPS):
+            recorded = await self.recorded_outcome(user_id, request_id)
+            if recorded is not None:
+                return recorded
+            await asyncio.sleep(ANNOUNCED_LOOKUP_PAUSE_S)
+        return None  # a refused second outcome, say: the stored one is still to come
 
     async def _submit_again(self, submission: PromptSubmitted, first: bool) -> None:
         try:

@@ -101,12 +101,27 @@ class Bus:
                 max_age=stream.max_age_s,
                 duplicate_window=stream.duplicate_window_s,
             )
+            if stream.max_consumers is not None:
+                config.max_consumers = stream.max_consumers
             try:
                 await self.js.add_stream(config)
             except nats.js.errors.BadRequestError:
                 # Exists with another config (an older Kiln): update it in place.
-                await self.js.update_stream(config)
+                await self._update_stream(config)
         await self.image_store()
+
+    async def _update_stream(self, config: StreamConfig) -> None:
+        try:
+            await self.js.update_stream(config)
+        except nats.js.errors.APIError as error:
+            # Servers before 2.12 cannot change a stream's consumer limit (theirs has none
+            # by default): keep the stream's own and change the rest.
+            current = (await self.js.stream_info(config.name)).config
+            if current.max_consumers == config.max_consumers:
+                raise
+            log.warning("%s keeps max_consumers=%s: %s", config.name, current.max_consumers, error)
+            config.max_consumers = current.max_consumers
+            await self.js.update_stream(config)
 
     async def image_store(self) -> ObjectStore:
         try:

@@ -6,6 +6,9 @@ reads them to show a request's result and a conversation's history.
 
 from __future__ import annotations
 
+import contextlib
+import uuid
+
 import msgspec
 import nats.js.errors
 from nats.js import JetStreamContext
@@ -42,7 +45,9 @@ async def read_turns(js: JetStreamContext, user_id: str, conversation_id: str) -
         last = (await js.get_last_msg(subjects.CONVERSATIONS.name, subject)).seq
     except nats.js.errors.NotFoundError:
         return [], 0
-    reader = await js.pull_subscribe(subject, stream=subjects.CONVERSATIONS.name, config=_READER)
+    stream, name = subjects.CONVERSATIONS.name, f"read-{uuid.uuid4().hex}"
+    await js.add_consumer(stream, ConsumerConfig(name=name, filter_subject=subject, **_READER))
+    reader = await js.pull_subscribe_bind(durable=name, stream=stream)
     turns: list[TurnComposed] = []
     try:
         seq = 0
@@ -59,13 +64,16 @@ async def read_turns(js: JetStreamContext, user_id: str, conversation_id: str) -
                     turns.append(event)
     finally:
         await reader.unsubscribe()
+        # Removed now, not when idle: a stream takes a limited number of consumers.
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await js.delete_consumer(stream, name)
     return turns, last
 
 
 FETCH_BATCH = 1000
 FETCH_TIMEOUT_S = 5
 # Read once and gone: nothing to acknowledge, kept in memory, removed by the server if we die.
-_READER = ConsumerConfig(
+_READER = dict(
     ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL, mem_storage=True, num_replicas=1,
     inactive_threshold=30,
 )

@@ -84,20 +84,28 @@ class Stream:
     retention: RetentionPolicy = RetentionPolicy.LIMITS
     max_age_s: float = 7 * 24 * 3600
     duplicate_window_s: float = 600  # Nats-Msg-Id duplicates dropped within this window
+    # NATS 2.15 gives a stream 1000 consumers unless it says otherwise (and -1 no longer
+    # means unlimited): the streams that hold a consumer per user, or per read, say more.
+    max_consumers: int | None = None
 
 
 PROMPTS = Stream("KILN_PROMPTS", ["kiln.prompt.submitted.*"], user_token=3)
 QUOTA = Stream("KILN_QUOTA", ["kiln.quota.decided.*.*"], user_token=3)
 # A work queue: a job leaves the stream once a worker acks it.
+# One consumer per user with jobs waiting (the fair queue).
 RENDER_JOBS = Stream(
-    "KILN_RENDER_JOBS", ["kiln.render.jobs.*.*"], user_token=4, retention=RetentionPolicy.WORK_QUEUE
+    "KILN_RENDER_JOBS", ["kiln.render.jobs.*.*"], user_token=4, retention=RetentionPolicy.WORK_QUEUE,
+    max_consumers=1_000_000,
 )
 RENDER_CANCELS = Stream("KILN_RENDER_CANCELS", ["kiln.render.cancel.*.*"], user_token=3, max_age_s=24 * 3600)
 RENDER_EVENTS = Stream("KILN_RENDER_EVENTS", ["kiln.render.events.*.*"], user_token=3)
 YEAR_S = 365 * 24 * 3600
 # Kept a year: an edit by id finds its source image's prompt in the source's outcome.
 OUTCOMES = Stream("KILN_OUTCOMES", ["kiln.outcome.*.*"], user_token=2, max_age_s=YEAR_S)
-CONVERSATIONS = Stream("KILN_CONVERSATIONS", ["kiln.conversation.*.*"], user_token=2, max_age_s=YEAR_S)
+# A short-lived consumer per conversation read (context composing a turn).
+CONVERSATIONS = Stream(
+    "KILN_CONVERSATIONS", ["kiln.conversation.*.*"], user_token=2, max_age_s=YEAR_S, max_consumers=100_000
+)
 DEAD_LETTERS = Stream("KILN_DEAD_LETTERS", ["kiln.deadletter.*"], max_age_s=30 * 24 * 3600)
 
 ALL_STREAMS = [PROMPTS, QUOTA, RENDER_JOBS, RENDER_CANCELS, RENDER_EVENTS, OUTCOMES, CONVERSATIONS, DEAD_LETTERS]

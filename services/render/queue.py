@@ -33,6 +33,7 @@ log = logging.getLogger("kiln.render.queue")
 
 STREAM = subjects.RENDER_JOBS.name
 CLAIM_TIMEOUT_S = 5.0
+MAX_CONSUMERS_REACHED = 10026  # JetStream's error code
 LEGACY_CONSUMER = "render"  # one consumer for every job (before users took turns)
 
 
@@ -112,8 +113,7 @@ class JobQueue:
         for subject, count in (info.state.subjects or {}).items():
             tier, user_id = subject.split(".")[3:5]
             with_jobs.add(consumer_name(tier, user_id))
-            if consumer_name(tier, user_id) not in consumers:
-                await self._create(tier, user_id)
+            if consumer_name(tier, user_id) not in consumers and await self._create(tier, user_id):
                 result.append(Waiting(tier, user_id, count))
         for name, consumer in consumers.items():
             _, tier, user_id = name.split("-", 2)
@@ -159,7 +159,9 @@ class JobQueue:
                 return consumers
             offset += len(page)
 
-    async def _create(self, tier: str, user_id: str) -> None:
+    async def _create(self, tier: str, user_id: str) -> bool:
+        """A consumer for the user's jobs; False if the stream has no room for one now
+        (its jobs wait until an idle consumer is removed; the others are served)."""
         config = ConsumerConfig(
             durable_name=consumer_name(tier, user_id),
             filter_subject=subjects.render_job(tier, user_id),
@@ -168,7 +170,14 @@ class JobQueue:
             ack_wait=self.ack_wait_s,
             max_deliver=self.max_deliver,
         )
-        await self.bus.js.add_consumer(STREAM, config)  # two workers creating it at once is fine
+        try:
+            await self.bus.js.add_consumer(STREAM, config)  # two workers creating it at once is fine
+        except nats.js.errors.BadRequestError as error:
+            if error.err_code != MAX_CONSUMERS_REACHED:
+                raise
+            log.warning("no consumer for %s's %s jobs yet: %s", user_id, tier, error.description)
+            return False
+        return True
 
     async def _delete(self, name: str) -> None:
         self._empty_since.pop(name, None)
