@@ -8,8 +8,11 @@ in turn, the four services are restarted with
     the services themselves;
   - `phoenix`: exported to Phoenix on this same host, which stores every span in SQLite and
     so competes with the services for the same cores.
-Each round sends `--requests` prompts, `--concurrency` at a time, each from a fresh user, at
-1 step so the platform's own work, not the render, sets the pace. The load generator records
+Each round sends `--requests` prompts, `--concurrency` at a time, from 48 users (the
+bench plans grant everything), at 1 step so the platform's own work, not the render, sets
+the pace. (Not a fresh user per request: the render queue keeps a consumer per user for
+`ack_wait` after their last job, and thousands of them slow every claim; that would drift
+the rounds apart, whatever tracing does.) The load generator records
 no spans. Prints the median rate of each setting and the costs, and writes
 bench/results/tracing_cost.json.
 
@@ -26,7 +29,6 @@ import platform as host
 import statistics
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 from infra.platform import SERVICES, Platform
@@ -39,19 +41,22 @@ RESULTS = Path(__file__).parent / "results"
 PLANS = Path(__file__).with_name("plans.toml")  # every request granted
 
 
+USERS = [f"bench-{index}" for index in range(48)]
+
+
 async def _round(stack: Platform, requests: int, concurrency: int) -> float:
     """Requests per second, from the first prompt sent to the last outcome received."""
     gate = asyncio.Semaphore(concurrency)
     async with await KilnClient.connect(stack.nats_url) as client:
 
-        async def one() -> None:
+        async def one(index: int) -> None:
             async with gate:
-                outcome = await client.generate("a red circle", user_id=f"b{uuid.uuid4().hex[:12]}", steps=1)
+                outcome = await client.generate("a red circle", user_id=USERS[index % len(USERS)], steps=1)
             if not isinstance(outcome, ImageDelivered):
                 raise RuntimeError(f"not delivered: {outcome}")
 
         started = time.perf_counter()
-        await asyncio.gather(*(one() for _ in range(requests)))
+        await asyncio.gather(*(one(index) for index in range(requests)))
         return requests / (time.perf_counter() - started)
 
 

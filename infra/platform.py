@@ -25,7 +25,7 @@ import nats.errors
 import nats.js.errors
 import psutil
 
-from infra.embedded import EmbeddedNats, EmbeddedPostgres, die_with, free_port, stop_pid
+from infra.embedded import EmbeddedNats, EmbeddedPostgres, ServerError, die_with, free_port, stop_pid
 from infra.tracing_ui import Phoenix
 from services.quota.migrate import upgrade
 from shared import subjects
@@ -37,6 +37,7 @@ from shared.settings import (
     EMBEDDED_NATS_PORT,
     EMBEDDED_POSTGRES_PORT,
     PROJECT_ROOT,
+    TracingInfo,
 )
 
 SERVICES = ("quota", "context", "render", "delivery")
@@ -126,8 +127,10 @@ class Platform:
         if self.otlp_endpoint is None and self.tracing_ui and Phoenix.installed():
             # Started first and waited for last: it takes the longest to come up.
             self._phoenix = Phoenix(self.data_dir / "phoenix", self.tracing_port)
-            self._phoenix.start()
-            self.otlp_endpoint, self.trace_url = self._phoenix.url, self._phoenix.trace_url
+            try:
+                self._phoenix.start()
+            except ServerError as error:
+                self._no_tracing_ui(error)
         if self.nats_url is None:
             # Kept before starting, so that `stop` stops it even if starting is interrupted.
             self._nats = EmbeddedNats(self.data_dir / "nats", self.nats_port)
@@ -136,9 +139,20 @@ class Platform:
             self._postgres = EmbeddedPostgres(self.data_dir / "postgres" / "data", self.postgres_port)
             self.database_url = self._postgres.start()
         if self._phoenix is not None:
-            self._phoenix.wait()
+            try:
+                self._phoenix.wait()
+                self.otlp_endpoint, self.trace_url = self._phoenix.url, self._phoenix.trace_url
+            except ServerError as error:
+                self._no_tracing_ui(error)
+        TracingInfo(self.otlp_endpoint, self.trace_url).save(self.data_dir)  # for the CLI
+
+    def _no_tracing_ui(self, error: ServerError) -> None:
+        """The tracing UI is a help, not a part: without it Kiln runs, untraced."""
+        print(f"the tracing UI did not start ({error}); running without traces")
+        self._phoenix = None
 
     def stop_servers(self) -> None:
+        (self.data_dir / TracingInfo.FILE).unlink(missing_ok=True)
         if self._phoenix is not None:
             self._phoenix.stop()
         if self._postgres is not None:
@@ -322,7 +336,11 @@ class Platform:
             return f"{self._phoenix.url}  (Phoenix, the tracing UI)"
         if self.otlp_endpoint:
             return f"exported over OTLP to {self.otlp_endpoint}"
-        return "off (install the tracing UI with `make .phoenix/.installed`)"
+        if not self.tracing_ui:
+            return "off (KILN_TRACING_UI=off)"
+        if not Phoenix.installed():
+            return "off (install the tracing UI with `make .phoenix/.installed`)"
+        return "off (the tracing UI did not start; see its log in the data folder)"
 
     async def start(self) -> None:
         # On this thread, not a worker thread: children die with the thread that started

@@ -59,6 +59,7 @@ Handler = Callable[[AnyEvent, Msg], Awaitable[None]]
 BatchHandler = Callable[[list[Delivery]], Awaitable[None]]
 
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-sequence check
+CANNOT_CHANGE_MAX_CONSUMERS = 10052  # servers before 2.12: "can not change MaxConsumers"
 MAX_BACKOFF_S = 30.0
 FETCH_WAIT_S = 0.1  # a pull request waits this long for messages; short, as nats-py may sit out a whole wait
 GIVE_UP_MARGIN = 5  # deliveries beyond max_attempts, to publish the failure itself
@@ -116,10 +117,10 @@ class Bus:
         except nats.js.errors.APIError as error:
             # Servers before 2.12 cannot change a stream's consumer limit (theirs has none
             # by default): keep the stream's own and change the rest.
-            current = (await self.js.stream_info(config.name)).config
-            if current.max_consumers == config.max_consumers:
+            if error.err_code != CANNOT_CHANGE_MAX_CONSUMERS:
                 raise
-            log.warning("%s keeps max_consumers=%s: %s", config.name, current.max_consumers, error)
+            current = (await self.js.stream_info(config.name)).config
+            log.info("%s keeps max_consumers=%s (%s)", config.name, current.max_consumers, error.description)
             config.max_consumers = current.max_consumers
             await self.js.update_stream(config)
 
@@ -164,9 +165,11 @@ class Bus:
             raise
         return not ack.duplicate
 
-    async def announce(self, subject: str, event: Event) -> None:
-        """Fire-and-forget core NATS publish, for events nobody must keep (progress)."""
-        await self.nc.publish(subject, encode(event), headers=inject_headers({}))
+    async def announce(self, subject: str, event: Event, span: trace.Span | None = None) -> None:
+        """Fire-and-forget core NATS publish, for events nobody must keep (progress), in
+        `span`'s trace (default: the current one)."""
+        headers = inject_headers({}, trace.set_span_in_context(span) if span is not None else None)
+        await self.nc.publish(subject, encode(event), headers=headers)
 
     async def dead_letter(self, msg: Msg, reason: str) -> None:
         original = msg.headers or {}

@@ -10,6 +10,7 @@ import contextlib
 import uuid
 
 import msgspec
+import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -46,26 +47,29 @@ async def read_turns(js: JetStreamContext, user_id: str, conversation_id: str) -
     except nats.js.errors.NotFoundError:
         return [], 0
     stream, name = subjects.CONVERSATIONS.name, f"read-{uuid.uuid4().hex}"
-    await js.add_consumer(stream, ConsumerConfig(name=name, filter_subject=subject, **_READER))
-    reader = await js.pull_subscribe_bind(durable=name, stream=stream)
     turns: list[TurnComposed] = []
     try:
-        seq = 0
-        while seq < last:
-            for msg in await reader.fetch(batch=FETCH_BATCH, timeout=FETCH_TIMEOUT_S):
-                seq = msg.metadata.sequence.stream
-                if seq > last:
-                    break  # appended after we looked: the caller's append will notice
-                try:
-                    event = decode(msg.data, (msg.headers or {}).get("Content-Type"))
-                except msgspec.DecodeError:
-                    continue
-                if isinstance(event, TurnComposed):
-                    turns.append(event)
+        await js.add_consumer(stream, ConsumerConfig(name=name, filter_subject=subject, **_READER))
+        reader = await js.pull_subscribe_bind(durable=name, stream=stream)
+        try:
+            seq = 0
+            while seq < last:
+                for msg in await reader.fetch(batch=FETCH_BATCH, timeout=FETCH_TIMEOUT_S):
+                    seq = msg.metadata.sequence.stream
+                    if seq > last:
+                        break  # appended after we looked: the caller's append will notice
+                    try:
+                        event = decode(msg.data, (msg.headers or {}).get("Content-Type"))
+                    except msgspec.DecodeError:
+                        continue
+                    if isinstance(event, TurnComposed):
+                        turns.append(event)
+        finally:
+            await reader.unsubscribe()
     finally:
-        await reader.unsubscribe()
-        # Removed now, not when idle: a stream takes a limited number of consumers.
-        with contextlib.suppress(nats.js.errors.NotFoundError):
+        # Removed now, not when idle, as a stream takes a limited number of consumers; if
+        # this fails, the server removes it after `inactive_threshold`.
+        with contextlib.suppress(nats.errors.Error):
             await js.delete_consumer(stream, name)
     return turns, last
 

@@ -31,7 +31,7 @@ def run(name: str, body: Body) -> None:
 async def _main(name: str, body: Body) -> None:
     settings = Settings.from_env()
     tracer = setup(name, settings.otlp_endpoint)
-    serve_metrics(name, settings.metrics_port)
+    serve_metrics(name, settings.metrics_port, settings.metrics_host)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -3,6 +3,7 @@ works on a developer's machine; the embedded launcher sets them for its child pr
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,30 @@ DEFAULT_MODEL = PROJECT_ROOT / "services" / "render" / "models" / "kiln-shapes"
 
 
 @dataclass(frozen=True)
+class TracingInfo:
+    """Where a running `kiln up` sends traces, kept in its data folder so that a `kiln`
+    command in another terminal joins the same traces without being told."""
+
+    otlp_endpoint: str | None
+    trace_url: str | None
+
+    FILE = "run/tracing.json"
+
+    def save(self, data_dir: Path) -> None:
+        path = data_dir / self.FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"otlp_endpoint": self.otlp_endpoint, "trace_url": self.trace_url}))
+
+    @classmethod
+    def load(cls, data_dir: Path) -> TracingInfo:
+        try:
+            saved = json.loads((data_dir / cls.FILE).read_text())
+        except (OSError, ValueError):
+            return cls(None, None)
+        return cls(saved.get("otlp_endpoint"), saved.get("trace_url"))
+
+
+@dataclass(frozen=True)
 class Settings:
     nats_url: str
     database_url: str
@@ -33,6 +58,7 @@ class Settings:
     otlp_endpoint: str | None
     trace_url: str | None  # a tracing UI's page for one trace, with `{trace_id}` in it
     metrics_port: int | None  # where this process serves its Prometheus metrics
+    metrics_host: str
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -40,6 +66,8 @@ class Settings:
         data_dir = Path(env.get("KILN_DATA_DIR", PROJECT_ROOT / ".kiln"))
         http_host = env.get("KILN_HTTP_HOST", "127.0.0.1")
         http_port = int(env.get("KILN_HTTP_PORT", DEFAULT_HTTP_PORT))
+        # Unset: as the running platform says; set (even empty, which is "off"): as set.
+        tracing = TracingInfo.load(data_dir) if "KILN_OTLP_ENDPOINT" not in env else TracingInfo(None, None)
         return cls(
             nats_url=env.get("KILN_NATS_URL") or f"nats://127.0.0.1:{EMBEDDED_NATS_PORT}",
             database_url=env.get("KILN_DATABASE_URL")
@@ -49,9 +77,10 @@ class Settings:
             http_host=http_host,
             http_port=http_port,
             public_url=env.get("KILN_PUBLIC_URL", f"http://{http_host}:{http_port}").rstrip("/"),
-            otlp_endpoint=env.get("KILN_OTLP_ENDPOINT") or None,
-            trace_url=env.get("KILN_TRACE_URL") or None,
+            otlp_endpoint=env.get("KILN_OTLP_ENDPOINT", tracing.otlp_endpoint) or None,
+            trace_url=env.get("KILN_TRACE_URL") or tracing.trace_url or None,
             metrics_port=int(env["KILN_METRICS_PORT"]) if env.get("KILN_METRICS_PORT") else None,
+            metrics_host=env.get("KILN_METRICS_HOST", "127.0.0.1"),
         )
 
 

@@ -7,8 +7,8 @@ log and the messages name the request's trace), nothing is recorded. Each span c
 `service.name` as an attribute too (Phoenix keeps span attributes, not the resource), and
 users appear only hashed (`user_ref`).
 
-Metrics. Each service serves its instruments at http://127.0.0.1:<KILN_METRICS_PORT>/metrics
-in the Prometheus text format (no port: no endpoint).
+Metrics. Each service serves its instruments at http://<KILN_METRICS_HOST>:<KILN_METRICS_PORT>/metrics
+in the Prometheus text format (host 127.0.0.1 unless set; no port: no endpoint).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def setup(service_name: str, otlp_endpoint: str | None) -> trace.Tracer:
     return trace.get_tracer(service_name)
 
 
-def serve_metrics(service_name: str, port: int | None) -> metrics.Meter:
+def serve_metrics(service_name: str, port: int | None, host: str = "127.0.0.1") -> metrics.Meter:
     """Serve this process's metrics on `port` (Prometheus text format) and return its meter.
     Without a port the instruments still work; nothing serves them."""
     global _meter_provider
@@ -70,7 +70,7 @@ def serve_metrics(service_name: str, port: int | None) -> metrics.Meter:
             from prometheus_client import start_http_server
 
             try:
-                start_http_server(port, addr="127.0.0.1")
+                start_http_server(port, addr=host)
                 readers.append(PrometheusMetricReader())
             except OSError as error:  # the port is taken: serve without metrics, say so
                 logging.getLogger(f"kiln.{service_name}").warning("no metrics endpoint on :%d: %s", port, error)
@@ -94,9 +94,9 @@ def trace_id_of(span: trace.Span) -> str:
     return format(span.get_span_context().trace_id, "032x")
 
 
-def inject_headers(headers: dict[str, str]) -> dict[str, str]:
-    """Add the current span's `traceparent` to outgoing message headers."""
-    propagate.inject(headers)
+def inject_headers(headers: dict[str, str], context: Context | None = None) -> dict[str, str]:
+    """Add the `traceparent` of the current span (or of `context`) to outgoing headers."""
+    propagate.inject(headers, context=context)
     return headers
 
 

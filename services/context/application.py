@@ -43,23 +43,17 @@ class Context:
             return  # a denial ends the request at quota; nothing to render
         if await self.bus.outcome_recorded(event.user_id, event.request_id):
             return  # ended already (given up on while we were behind): render nothing
-        try:
-            with self.bus.tracer.start_as_current_span("context compose") as span:
+        with self.bus.tracer.start_as_current_span("context compose") as span:
+            try:
                 composition, prompt = await self.turn(event)
-                span.set_attributes({
-                    "kiln.style": composition.style, "kiln.edit_of": composition.edit_of or "",
-                    "kiln.conversation": bool(event.conversation_id),
-                })
-        except Refusal as refusal:
-            span.set_attribute("kiln.refusal", refusal.reason)
-            turns.add(1, {"kind": "refused", "reason": refusal.reason})
-            log.info("refused %s/%s: %s", event.user_id, event.request_id, refusal)
-            failed = RequestFailed(
-                request_id=event.request_id, user_id=event.user_id, conversation_id=event.conversation_id,
-                stage="context", reason=refusal.reason, detail=refusal.detail, plan=event.plan,
-            )
-            await self.bus.publish(subjects.outcome(event.user_id, event.request_id), failed, first_on_subject=True)
-            return
+            except Refusal as refusal:  # the user's answer, not the service's failure
+                span.set_attribute("kiln.refusal", refusal.reason)
+                await self.refuse(event, refusal)
+                return
+            span.set_attributes({
+                "kiln.style": composition.style, "kiln.edit_of": composition.edit_of or "",
+                "kiln.conversation": bool(event.conversation_id),
+            })
         turns.add(1, {"kind": "edit" if composition.edit_of else "new"})
         job = render_request(event, composition, prompt, self.config)
         # The job subject is shared by all requests of a user's tier, so duplicates are caught
@@ -67,6 +61,15 @@ class Context:
         await self.bus.publish(
             subjects.render_job(job.tier, job.user_id), job, msg_id=f"{job.user_id}:{job.request_id}:render-requested"
         )
+
+    async def refuse(self, grant: QuotaGranted, refusal: Refusal) -> None:
+        turns.add(1, {"kind": "refused", "reason": refusal.reason})
+        log.info("refused %s/%s: %s", grant.user_id, grant.request_id, refusal)
+        failed = RequestFailed(
+            request_id=grant.request_id, user_id=grant.user_id, conversation_id=grant.conversation_id,
+            stage="context", reason=refusal.reason, detail=refusal.detail, plan=grant.plan,
+        )
+        await self.bus.publish(subjects.outcome(grant.user_id, grant.request_id), failed, first_on_subject=True)
 
     async def turn(self, grant: QuotaGranted) -> tuple[Composition, str]:
         """Compose the request and record it as the conversation's next turn. Appending

@@ -67,7 +67,7 @@ class QuotaService:
         # 2. Decide and commit.
         started = time.time_ns()
         decisions, positions, new = await self.decide(live)
-        self._trace_append(live, decisions, started, time.time_ns())
+        self._trace_append(live, decisions, {_key(decision) for decision in new}, started, time.time_ns())
         for decision in new:
             if isinstance(decision, QuotaDenied):
                 metrics.count_denial(decision)
@@ -80,10 +80,15 @@ class QuotaService:
             self._background(quota_log.published(self.pool, positions))
 
     def _trace_append(
-        self, batch: list[Delivery], decisions: dict[tuple[str, str], Decision], started: int, ended: int
+        self,
+        batch: list[Delivery],
+        decisions: dict[tuple[str, str], Decision],
+        new: set[tuple[str, str]],
+        started: int,
+        ended: int,
     ) -> None:
-        """The decision and its Postgres write, in each request's trace. A batch shares one
-        transaction: each request's span covers it, naming the batch size."""
+        """The decision, and the Postgres write of a new one, in each request's trace. A
+        batch shares one transaction: each new decision's write span covers it."""
         for delivery in batch:
             decision = decisions[_key(delivery.event)]
             delivery.span.set_attributes({
@@ -91,10 +96,12 @@ class QuotaService:
                 "kiln.plan": decision.plan, "kiln.pressure": decision.pressure,
                 **({"kiln.denial_reason": decision.reason} if isinstance(decision, QuotaDenied) else {}),
             })
+            if _key(delivery.event) not in new:
+                continue  # decided before (a redelivery): nothing written now
             write = self.bus.tracer.start_span(
                 "quota log append", context=trace.set_span_in_context(delivery.span), start_time=started,
                 attributes={"db.system.name": "postgresql", "db.operation.name": "INSERT quota_events",
-                            "kiln.batch_size": len(batch)},
+                            "kiln.batch_size": len(new)},
             )
             write.end(end_time=ended)
 

@@ -58,10 +58,14 @@ class FleetMonitor:
         self._latest[beat.worker_id] = (received if received is not None else time.monotonic(), beat)
 
     def level(self) -> tuple[Pressure, str]:
+        """Also read by the metrics endpoint's thread: it works on a copy (copying a dict
+        is one step for the interpreter) and removes with `pop`."""
         cutoff = time.monotonic() - self.rules.stale_after_s
-        for worker in [w for w, (at, _) in self._latest.items() if at < cutoff]:
-            del self._latest[worker]  # gone quiet: stopped, or crashed
-        live = [beat for _, beat in self._latest.values()]
+        latest = dict(self._latest)
+        for worker in [w for w, (at, _) in latest.items() if at < cutoff]:
+            self._latest.pop(worker, None)  # gone quiet: stopped, or crashed
+            del latest[worker]
+        live = [beat for _, beat in latest.values()]
         level, why = level_of(live, self.rules)
         if level != self._last_level:
             log.warning("fleet pressure %s -> %s (%s)", self._last_level, level, why)

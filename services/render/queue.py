@@ -34,6 +34,7 @@ log = logging.getLogger("kiln.render.queue")
 STREAM = subjects.RENDER_JOBS.name
 CLAIM_TIMEOUT_S = 5.0
 MAX_CONSUMERS_REACHED = 10026  # JetStream's error code
+NO_ROOM_PAUSE_S = 5.0
 LEGACY_CONSUMER = "render"  # one consumer for every job (before users took turns)
 
 
@@ -91,6 +92,7 @@ class JobQueue:
         self.max_deliver = max_deliver
         self.last_served: dict[str, float] = {}  # consumer → when this worker last took a job
         self._empty_since: dict[str, float] = {}  # consumer → when this worker first saw it idle
+        self._no_room_until = 0.0  # the stream refused a consumer: ask again after this
 
     async def prepare(self) -> None:
         """Upgrading from one consumer for every job (before users took turns): remove it,
@@ -161,7 +163,10 @@ class JobQueue:
 
     async def _create(self, tier: str, user_id: str) -> bool:
         """A consumer for the user's jobs; False if the stream has no room for one now
-        (its jobs wait until an idle consumer is removed; the others are served)."""
+        (its jobs wait until an idle consumer is removed; the others are served). After a
+        refusal, no new consumer is asked for until NO_ROOM_PAUSE_S have passed."""
+        if time.monotonic() < self._no_room_until:
+            return False
         config = ConsumerConfig(
             durable_name=consumer_name(tier, user_id),
             filter_subject=subjects.render_job(tier, user_id),
@@ -175,7 +180,8 @@ class JobQueue:
         except nats.js.errors.BadRequestError as error:
             if error.err_code != MAX_CONSUMERS_REACHED:
                 raise
-            log.warning("no consumer for %s's %s jobs yet: %s", user_id, tier, error.description)
+            log.warning("the render queue has no room for more users' consumers (%s); new users wait", error.description)
+            self._no_room_until = time.monotonic() + NO_ROOM_PAUSE_S
             return False
         return True
 

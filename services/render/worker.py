@@ -119,7 +119,7 @@ class RenderWorker:
         self._new_work = asyncio.Event()
         self._queued_ms: dict[str, float] = {}  # request → from its request to its batch's start
         self._finishing: asyncio.Future | None = None  # the last batch's stores and reports
-        self._storing: set[str] = set()  # requests whose image is being stored
+        self._storing: set[int] = set()  # the jobs (by id()) whose image is being stored
 
     async def run(self, stop: asyncio.Event) -> None:
         subscriptions = [
@@ -199,11 +199,11 @@ class RenderWorker:
 
     async def _run_batch(self, batch: list[Delivery]) -> None:
         started = utcnow()
-        for item in batch:
-            self._trace_queue_wait(item, started)
-            item.span = self.bus.span(item.event, item.msg)
-            self._queued_ms[item.event.request_id] = (started - item.event.requested_at).total_seconds() * 1000
         try:
+            for item in batch:
+                self._trace_queue_wait(item, started)
+                item.span = self.bus.span(item.event, item.msg)
+                self._queued_ms[item.event.request_id] = (started - _aware(item.event.requested_at)).total_seconds() * 1000
             settled = await asyncio.gather(*(self._settled_before(item) for item in batch))
             todo = [item for item, done in zip(batch, settled) if not done]
             sources, masks, todo = await self._inputs(todo)
@@ -212,8 +212,8 @@ class RenderWorker:
                 await self._render_and_store(todo, sources, masks, attempts)
         finally:
             for item in batch:
-                if item.event.request_id not in self._storing:
-                    item.span.end()  # (a job being stored ends its span when stored)
+                if id(item) not in self._storing:
+                    _end(item.span)  # (a job being stored ends its span when stored)
 
     def _trace_queue_wait(self, item: Delivery, started: datetime) -> None:
         """The time the job waited for a GPU, as a span of its own in the request's trace:
@@ -299,7 +299,7 @@ class RenderWorker:
         metrics.render_seconds.record(render_ms / 1000)
         # Store and report while the next batch renders: the images are in hand, and the
         # bus's disk writes need no CPU. One batch finishes at a time.
-        self._storing.update(item.event.request_id for item in todo)
+        self._storing.update(id(item) for item in todo)
         finishing = asyncio.gather(*(self._store(item, png, render_ms, len(todo)) for item, png in zip(todo, pngs)))
         await self.finish_previous()
         self._finishing = asyncio.ensure_future(finishing)
@@ -341,8 +341,8 @@ class RenderWorker:
             self.throughput.add()
             await self._complete(item, render_ms, batch_size=batch_size)
         finally:
-            self._storing.discard(job.request_id)
-            item.span.end()
+            self._storing.discard(id(item))
+            _end(item.span)
 
     async def _render(
         self, todo: list[Delivery], sources: list, masks: list, batch_span: trace.Span
@@ -367,13 +367,15 @@ class RenderWorker:
             if step < total and now - last_sent < PROGRESS_INTERVAL_S:
                 return
             last_sent = now
-            for job in jobs:
+            for item in todo:
+                job = item.event
                 progress = RenderProgress(
                     request_id=job.request_id, user_id=job.user_id, conversation_id=job.conversation_id,
                     step=step, total_steps=total,
                 )
                 subject = subjects.render_progress(job.user_id, job.request_id)
-                asyncio.run_coroutine_threadsafe(self.bus.announce(subject, progress), loop)
+                # In the job's own trace, not the batch's (this thread runs in the batch span).
+                asyncio.run_coroutine_threadsafe(self.bus.announce(subject, progress, span=item.span), loop)
 
         rendering = asyncio.ensure_future(
             asyncio.to_thread(self.renderer.render_batch, jobs, on_step, sources, masks)
@@ -461,11 +463,20 @@ class RenderWorker:
         await item.msg.ack()
 
 
+def _aware(moment: datetime) -> datetime:
+    """A time without a zone (from a client that sent none) is UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+
+
 def _ns(moment: datetime) -> int:
     """A timestamp as OpenTelemetry takes it: nanoseconds since the epoch."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)  # a client that sent no zone
-    return int(moment.timestamp() * 1e9)
+    return int(_aware(moment).timestamp() * 1e9)
+
+
+def _end(span: trace.Span) -> None:
+    """End a job's span once, whichever path finishes the job first."""
+    if span.is_recording():
+        span.end()
 
 
 async def _wait_any(stop: asyncio.Event, event: asyncio.Event, seconds: float) -> None:
