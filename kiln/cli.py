@@ -362,6 +362,7 @@ def _up(args: argparse.Namespace) -> int:
             "Kiln is up.\n"
             f"{platform.describe()}\n"
             'Try: .venv/bin/kiln generate "a red circle" --user alice -o out.png\n'
+            f"  or the playground: {platform.http_url}/\n"
             "Ctrl-C stops everything."
         )
         _supervise(platform)
