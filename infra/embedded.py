@@ -65,6 +65,18 @@ def wait_for_port(port: int, timeout_s: float, what: str, log: Path) -> None:
 _prctl = ctypes.CDLL(None, use_errno=True).prctl  # loaded here: a forked child should not load libraries
 
 
+def terminate(process: subprocess.Popen | None, timeout_s: float) -> None:
+    """Ask a child server to stop (SIGTERM); kill it if it has not within `timeout_s`."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def die_with(parent_pid: int) -> Callable[[], None]:
     """A `preexec_fn` for a child of `parent_pid`: Linux sends the child SIGTERM when the
     parent dies, however it dies, so a killed `kiln up` or test run leaves nothing running."""
@@ -127,12 +139,7 @@ class EmbeddedNats:
         return self.url
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        terminate(self.process, 10)
         self.pid_file.unlink(missing_ok=True)
 
     def _stop_orphan(self) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from infra.embedded import ServerError, die_with, free_port, port_in_use
+from infra.embedded import ServerError, die_with, free_port, port_in_use, terminate
 from shared.settings import PROJECT_ROOT
 
 PHOENIX = PROJECT_ROOT / ".phoenix" / "bin" / "phoenix"
@@ -78,9 +78,4 @@ class Phoenix:
             return False
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        terminate(self.process, 15)

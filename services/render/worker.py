@@ -314,7 +314,7 @@ class RenderWorker:
         """One span for the pipeline call, linked to every request in it (and in the trace
         of the first). Each request's own span names the batch it rendered in."""
         first: RenderRequested = todo[0].event
-        batch = self.bus.tracer.start_as_current_span(
+        return self.bus.tracer.start_as_current_span(
             "render batch",
             context=trace.set_span_in_context(todo[0].span),
             links=[trace.Link(item.span.get_span_context()) for item in todo],
@@ -324,7 +324,6 @@ class RenderWorker:
                 "kiln.worker_id": self.worker_id, "kiln.device": self.renderer.device,
             },
         )
-        return batch
 
     async def _store(self, item: Delivery, png: bytes, render_ms: float, batch_size: int) -> None:
         job: RenderRequested = item.event
