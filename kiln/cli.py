@@ -171,7 +171,7 @@ async def _one_request(client: KilnClient, args: argparse.Namespace, settings: S
     request_id = args.request_id or uuid.uuid4().hex
     try:
         outcome, trace_link = await _draw(
-            client, args.prompt, user_id=args.user, request_id=request_id, width=args.size,
+            client, settings, args.prompt, user_id=args.user, request_id=request_id, width=args.size,
             height=args.size, steps=args.steps, seed=args.seed, timeout_s=args.timeout, **fields,
         )
     except TimeoutError as error:
@@ -190,13 +190,13 @@ async def _one_request(client: KilnClient, args: argparse.Namespace, settings: S
     return await _save(client, outcome, args.output)
 
 
-async def _draw(client: KilnClient, prompt: str, **fields) -> tuple[Outcome, str]:
+async def _draw(client: KilnClient, settings: Settings, prompt: str, **fields) -> tuple[Outcome, str]:
     """One request, with a progress bar while it waits and renders; its outcome and where
     to see its trace (the CLI's span is the root of the request's trace)."""
     with tracer.start_as_current_span("kiln cli") as span:
         outcome = await _draw_with_progress(client, prompt, **fields)
     trace_id = trace_id_of(span)
-    return outcome, Settings.from_env().trace_link(trace_id) or trace_id
+    return outcome, settings.trace_link(trace_id) or trace_id
 
 
 async def _draw_with_progress(client: KilnClient, prompt: str, **fields) -> Outcome:
@@ -299,16 +299,18 @@ async def _chat(client: KilnClient, args: argparse.Namespace, settings: Settings
                 await _quota(client, args, settings)
             elif command.startswith("/"):
                 console.print(CHAT_HELP)
-            elif await _chat_turn(client, args, conversation, line, style):
+            elif await _chat_turn(client, args, settings, conversation, line, style):
                 style = None  # drawn once in it, the style stays with the conversation
         except (ServiceUnavailable, TimeoutError, nats.errors.Error, ValueError) as error:
             console.print(f"kiln: {error or type(error).__name__}")
 
 
-async def _chat_turn(client: KilnClient, args: argparse.Namespace, conversation: str, text: str, style: str | None) -> bool:
+async def _chat_turn(
+    client: KilnClient, args: argparse.Namespace, settings: Settings, conversation: str, text: str, style: str | None
+) -> bool:
     """Draw one turn; whether an image came of it."""
     outcome, trace_link = await _draw(
-        client, text, user_id=args.user, conversation_id=conversation, style=style,
+        client, settings, text, user_id=args.user, conversation_id=conversation, style=style,
         width=args.size, height=args.size, steps=args.steps,
     )
     delivered = _say_outcome(outcome) == 0

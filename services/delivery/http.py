@@ -23,6 +23,7 @@ import html
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +97,16 @@ async def _body(request: Request, kind: type[msgspec.Struct]):
 
 
 def create_app(site: Site) -> Starlette:
+    def signed_in(handler: Callable[[Request, str], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        """The endpoint for `handler`, which gets the signed-in user; 401 without a session."""
+
+        async def endpoint(request: Request) -> Response:
+            if (user_id := site.user(request)) is None:
+                return _error(401, "sign in first")
+            return await handler(request, user_id)
+
+        return endpoint
+
     # -- sign-in ---------------------------------------------------------------------------
 
     async def login(request: Request) -> Response:
@@ -118,16 +129,14 @@ def create_app(site: Site) -> Starlette:
         response.delete_cookie(SESSION_COOKIE)
         return response
 
-    async def me(request: Request) -> Response:
-        if (user_id := site.user(request)) is None:
-            return _error(401, "sign in first")
+    @signed_in
+    async def me(request: Request, user_id: str) -> Response:
         return JSONResponse({"user": user_id, "quota": await _quota(site, user_id), "styles": await _styles(site)})
 
     # -- generating ------------------------------------------------------------------------
 
-    async def generate(request: Request) -> Response:
-        if (user_id := site.user(request)) is None:
-            return _error(401, "sign in first")
+    @signed_in
+    async def generate(request: Request, user_id: str) -> Response:
         try:
             body = await _body(request, GenerateBody)
             submission = PromptSubmitted(
@@ -142,9 +151,8 @@ def create_app(site: Site) -> Starlette:
         task = asyncio.create_task(_follow(site, submission, lines))
         return StreamingResponse(_ndjson(lines, task), media_type="application/x-ndjson")
 
-    async def conversation(request: Request) -> Response:
-        if (user_id := site.user(request)) is None:
-            return _error(401, "sign in first")
+    @signed_in
+    async def conversation(request: Request, user_id: str) -> Response:
         conversation_id = request.path_params["conversation_id"]
         if not ID_PATTERN.match(conversation_id):
             return _error(400, f"not a conversation id: {conversation_id!r}")
@@ -157,9 +165,8 @@ def create_app(site: Site) -> Starlette:
             for turn, outcome in zip(turns, outcomes)
         ])
 
-    async def share(request: Request) -> Response:
-        if (user_id := site.user(request)) is None:
-            return _error(401, "sign in first")
+    @signed_in
+    async def share(request: Request, user_id: str) -> Response:
         request_id = request.path_params["request_id"]
         try:
             body = await _body(request, ShareBody)
