@@ -53,5 +53,10 @@ model: $(STAMP)
 	# Retrains Kiln's own model (about 60 minutes on 2 cores); CI never does.
 	$(PYTHON) -m services.render.kiln_model.train services/render/models/kiln-shapes
 
+# As root, the embedded PostgreSQL keeps its data in /var/lib/kiln/data/<hash>, which
+# .kiln/postgres/data links to: removed first, while the link still says where.
 clean:
+	for link in .kiln/postgres .kiln/postgres/data; do \
+		if [ -L "$$link" ]; then rm -rf "$$(readlink -f "$$link")"; fi; \
+	done
 	rm -rf .kiln

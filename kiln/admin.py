@@ -9,7 +9,7 @@ import asyncio
 import getpass
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 import asyncpg
@@ -19,7 +19,8 @@ from rich.table import Table
 from services.quota import accounts, audit, plans
 from services.quota import log as quota_log
 from services.quota.migrate import upgrade
-from shared.settings import Settings
+from shared.events import as_utc
+from shared.settings import Settings, SettingsError
 
 EXIT_FOUND_PROBLEMS, EXIT_BAD_REQUEST = 1, 64
 
@@ -67,17 +68,17 @@ def _timestamp(text: str) -> datetime:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an ISO time: {text!r}") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return as_utc(moment)
 
 
-Command = Callable[[argparse.Namespace, asyncpg.Pool], Awaitable[int]]
+Command = Callable[[argparse.Namespace, asyncpg.Pool, Settings], Awaitable[int]]
 
 
 def _database_command(command: Command) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         try:
             return asyncio.run(_with_database(command, args))
-        except (accounts.AccountError, plans.ConfigError) as error:
+        except (accounts.AccountError, plans.ConfigError, SettingsError) as error:
             err.print(f"kiln: {error}")
             return EXIT_BAD_REQUEST
         except (OSError, asyncpg.PostgresError) as error:
@@ -88,31 +89,32 @@ def _database_command(command: Command) -> Callable[[argparse.Namespace], int]:
 
 
 async def _with_database(command: Command, args: argparse.Namespace) -> int:
-    url = Settings.from_env().database_url
+    settings = Settings.from_env()
+    url = settings.database_address
     await asyncio.to_thread(upgrade, url)
     pool = await quota_log.connect(url, size=2)
     try:
-        return await command(args, pool)
+        return await command(args, pool, settings)
     finally:
         await pool.close()
 
 
-async def _accounts_add(args: argparse.Namespace, pool: asyncpg.Pool) -> int:
+async def _accounts_add(args: argparse.Namespace, pool: asyncpg.Pool, settings: Settings) -> int:
     async with pool.acquire() as conn:
-        await accounts.add(conn, plans.load(), args.user, args.plan)
+        await accounts.add(conn, plans.load(settings.plans_file), args.user, args.plan)
     out.print(f"{args.user}: on {args.plan}")
     return 0
 
 
-async def _accounts_set_plan(args: argparse.Namespace, pool: asyncpg.Pool) -> int:
+async def _accounts_set_plan(args: argparse.Namespace, pool: asyncpg.Pool, settings: Settings) -> int:
     async with pool.acquire() as conn:
-        await accounts.set_plan(conn, plans.load(), args.user, args.plan)
+        await accounts.set_plan(conn, plans.load(settings.plans_file), args.user, args.plan)
     out.print(f"{args.user}: now on {args.plan}")
     return 0
 
 
-async def _accounts_list(args: argparse.Namespace, pool: asyncpg.Pool) -> int:
-    config = plans.load()
+async def _accounts_list(args: argparse.Namespace, pool: asyncpg.Pool, settings: Settings) -> int:
+    config = plans.load(settings.plans_file)
     table = Table("user", "plan", "used today", "allowed today", "since")
     async with pool.acquire() as conn:
         for row in await accounts.listing(conn):
@@ -123,13 +125,13 @@ async def _accounts_list(args: argparse.Namespace, pool: asyncpg.Pool) -> int:
     return 0
 
 
-async def _accounts_grant(args: argparse.Namespace, pool: asyncpg.Pool) -> int:
-    adjusted = await accounts.grant(pool, plans.load(), args.user, args.images, getpass.getuser(), args.note)
+async def _accounts_grant(args: argparse.Namespace, pool: asyncpg.Pool, settings: Settings) -> int:
+    adjusted = await accounts.grant(pool, plans.load(settings.plans_file), args.user, args.images, getpass.getuser(), args.note)
     out.print(f"{args.user}: {adjusted.images:+d} images on {adjusted.day} ({adjusted.request_id})")
     return 0
 
 
-async def _audit_replay(args: argparse.Namespace, pool: asyncpg.Pool) -> int:
+async def _audit_replay(args: argparse.Namespace, pool: asyncpg.Pool, settings: Settings) -> int:
     async with pool.acquire() as conn:
         report = await audit.replay(conn, args.user, args.since)
     for mismatch in report.mismatches:
@@ -141,7 +143,7 @@ async def _audit_replay(args: argparse.Namespace, pool: asyncpg.Pool) -> int:
     return EXIT_FOUND_PROBLEMS if report.mismatches else 0
 
 
-async def _audit_verify(args: argparse.Namespace, pool: asyncpg.Pool) -> int:
+async def _audit_verify(args: argparse.Namespace, pool: asyncpg.Pool, settings: Settings) -> int:
     async with pool.acquire() as conn:
         report = await audit.verify(conn)
     if report.broken:
@@ -153,7 +155,7 @@ async def _audit_verify(args: argparse.Namespace, pool: asyncpg.Pool) -> int:
     return 0
 
 
-async def _audit_export(args: argparse.Namespace, pool: asyncpg.Pool) -> int:
+async def _audit_export(args: argparse.Namespace, pool: asyncpg.Pool, settings: Settings) -> int:
     async with pool.acquire() as conn:
         if args.output is None:
             count = await audit.export(conn, sys.stdout, args.user, args.since)
@@ -164,7 +166,7 @@ async def _audit_export(args: argparse.Namespace, pool: asyncpg.Pool) -> int:
     return 0
 
 
-async def _audit_rebuild(args: argparse.Namespace, pool: asyncpg.Pool) -> int:
+async def _audit_rebuild(args: argparse.Namespace, pool: asyncpg.Pool, settings: Settings) -> int:
     users = await audit.rebuild_projections(pool)
     out.print(f"usage and buckets rebuilt from the log for {users} users")
     return 0

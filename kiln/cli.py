@@ -35,11 +35,11 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kiln import admin, status
 from kiln.client import KilnClient, ServiceUnavailable
-from shared.events import ID_PATTERN, ImageDelivered, QuotaDenied, RenderProgress
+from shared.events import DEFAULT_SIZE, DEFAULT_STEPS, ID_PATTERN, ImageDelivered, QuotaDenied, RenderProgress
 from shared.records import Outcome
 from shared import telemetry
 from shared.telemetry import trace_id_of
-from shared.settings import Settings
+from shared.settings import Settings, SettingsError
 
 EXIT_DENIED, EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, EXIT_INTERRUPTED = 2, 3, 4, 64, 130
 
@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--user", required=True, help="the user asking (letters, digits, _ and -)")
     chat.add_argument("--conversation", help="continue this conversation (default: a new one)")
     chat.add_argument("--style", help="a style preset to start with")
-    chat.add_argument("--size", type=int, default=32)
-    chat.add_argument("--steps", type=int, default=20)
+    chat.add_argument("--size", type=int, default=DEFAULT_SIZE)
+    chat.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     chat.add_argument("--save", type=Path, help="a folder to write each image to")
     chat.set_defaults(run=_command(_chat))
 
@@ -103,8 +103,8 @@ def _request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--user", required=True, help="the user asking (letters, digits, _ and -)")
     parser.add_argument("-o", "--output", type=Path, help="where to write the PNG")
     parser.add_argument("--request-id", help="idempotency key (default: a new one)")
-    parser.add_argument("--size", type=int, default=32, help="width and height in pixels")
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="width and height in pixels")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--timeout", type=float, default=120, help="seconds to wait for the outcome")
 
@@ -133,9 +133,9 @@ async def _connected(body: Command, args: argparse.Namespace) -> int:
     telemetry.setup("kiln-cli", settings.otlp_endpoint)
     try:
         try:
-            client = await KilnClient.connect(settings.nats_url)
+            client = await KilnClient.connect(settings.nats_address)
         except (OSError, TimeoutError, nats.errors.Error) as error:
-            console.print(f"kiln: cannot reach NATS at {settings.nats_url} ({error}); is Kiln up (`make run`)?")
+            console.print(f"kiln: cannot reach NATS at {settings.nats_address} ({error}); is Kiln up (`make run`)?")
             return EXIT_FAILED
         async with client:
             try:
@@ -179,7 +179,7 @@ async def _one_request(client: KilnClient, args: argparse.Namespace, settings: S
         return EXIT_TIMEOUT
     except nats.errors.Error as error:
         console.print(
-            f"kiln: the bus at {settings.nats_url} failed ({error}); is Kiln up (`make run`)? "
+            f"kiln: the bus at {settings.nats_address} failed ({error}); is Kiln up (`make run`)? "
             f"Retry with --request-id {request_id}"
         )
         return EXIT_FAILED
@@ -352,7 +352,11 @@ async def _ask(prompt: str) -> str:
 def _up(args: argparse.Namespace) -> int:
     from infra.platform import Platform
 
-    platform = Platform.from_env()
+    try:
+        platform = Platform.from_settings(Settings.from_env())
+    except SettingsError as error:
+        console.print(f"kiln up: {error}")
+        return EXIT_USAGE
     # SIGTERM stops Kiln the way Ctrl-C does, at any point, startup included. (SIGINT is
     # set too: a shell starting us in the background would have us ignore it.)
     signal.signal(signal.SIGTERM, signal.default_int_handler)

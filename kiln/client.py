@@ -21,15 +21,15 @@ from typing import TypeVar
 
 import httpx
 import msgspec
-import nats
 import nats.errors
-import nats.js.errors
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from opentelemetry import trace
 
 from shared import subjects
+from shared.access import Access
+from shared.bus import Bus, Message
 from shared.events import (
+    DEFAULT_SIZE,
+    DEFAULT_STEPS,
     TERMINAL,
     ImageDelivered,
     PromptSubmitted,
@@ -37,11 +37,9 @@ from shared.events import (
     RenderProgress,
     TurnComposed,
     check_ids,
-    decode,
-    encode,
 )
 from shared.records import Outcome, read_outcome, read_turns
-from shared.telemetry import inject_headers, user_ref
+from shared.telemetry import user_ref
 
 ProgressCallback = Callable[[RenderProgress], None]
 
@@ -58,10 +56,24 @@ class ServiceUnavailable(Exception):
     """A service did not answer a question (quota's status, context's styles)."""
 
 
+# What a client does on the bus, for one user: send prompts and cancels, hear its progress
+# and outcomes, read its outcomes and conversations, store masks, ask the services. The
+# playground (delivery) acts for its signed-in users through the same SDK.
+CLIENT_CHANNELS = (subjects.PROMPT_SUBMITTED, subjects.RENDER_CANCEL, subjects.QUOTA_STATUS,
+                   subjects.QUOTA_PRESSURE, subjects.CONTEXT_STYLES)
+CLIENT_HEARS = (subjects.RENDER_PROGRESS, subjects.OUTCOME, subjects.FLEET_TELEMETRY)
+CLIENT_READS = (subjects.OUTCOMES, subjects.CONVERSATIONS)
+CLIENT_ACCESS = Access(
+    publish=frozenset(c.pattern for c in CLIENT_CHANNELS),
+    subscribe=frozenset(c.pattern for c in CLIENT_HEARS),
+    streams=frozenset(s.name for s in CLIENT_READS),
+    buckets=frozenset({subjects.IMAGES.name}),
+)
+
+
 class KilnClient:
-    def __init__(self, nc: NATS) -> None:
-        self.nc = nc
-        self.js = nc.jetstream()
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
 
     @classmethod
     async def connect(cls, nats_url: str) -> KilnClient:
@@ -69,18 +81,14 @@ class KilnClient:
         async def on_error(error: Exception) -> None:
             log.debug("NATS: %s", error)  # what matters reaches the caller as an exception
 
-        nc = await nats.connect(
-            nats_url,
-            name="kiln-client",
-            connect_timeout=2,
-            max_reconnect_attempts=3,
-            reconnect_time_wait=1,
-            error_cb=on_error,
+        bus = await Bus.connect(
+            nats_url, "client", tracer, CLIENT_ACCESS,
+            connect_timeout=2, max_reconnect_attempts=3, reconnect_time_wait=1, error_cb=on_error,
         )
-        return cls(nc)
+        return cls(bus)
 
     async def close(self) -> None:
-        await self.nc.close()
+        await self.bus.close()
 
     async def __aenter__(self) -> KilnClient:
         return self
@@ -92,8 +100,7 @@ class KilnClient:
         """Publish a prompt (idempotent: the same `request_id` is only taken once)."""
         check_ids(submission)
         msg_id = f"{submission.user_id}:{submission.request_id}:prompt-submitted"
-        headers = inject_headers({"Nats-Msg-Id": msg_id})
-        await self.js.publish(subjects.prompt_submitted(submission.user_id), encode(submission), headers=headers)
+        await self.bus.publish(subjects.prompt_submitted(submission.user_id), submission, msg_id=msg_id)
 
     async def generate(
         self,
@@ -102,9 +109,9 @@ class KilnClient:
         user_id: str,
         conversation_id: str = "",
         request_id: str | None = None,
-        width: int = 32,
-        height: int = 32,
-        steps: int = 10,
+        width: int = DEFAULT_SIZE,
+        height: int = DEFAULT_SIZE,
+        steps: int = DEFAULT_STEPS,
         seed: int | None = None,
         style: str | None = None,
         edit_of: str | None = None,
@@ -148,9 +155,7 @@ class KilnClient:
         """Ask render to drop the request: before it starts, or between two steps. The
         request then ends as RequestFailed(reason="cancelled") and its quota is refunded.
         Kept in a stream, so a job still on its way to render is dropped when it arrives."""
-        await self.js.publish(
-            subjects.render_cancel(user_id, request_id), b"", headers={"Nats-Msg-Id": f"{user_id}:{request_id}:cancel"}
-        )
+        await self.bus.publish_marker(subjects.render_cancel(user_id, request_id), f"{user_id}:{request_id}:cancel")
 
     async def quota(self, user_id: str, timeout_s: float = 5) -> QuotaStatus:
         """Today's usage and limit for the user, from the quota service. Raises
@@ -168,30 +173,30 @@ class KilnClient:
     async def _ask(self, subject: str, answer: type[T], timeout_s: float) -> T:
         service = subject.split(".")[1]
         try:
-            reply = await self.nc.request(subject, b"", timeout=timeout_s)
+            reply = await self.bus.request(subject, timeout_s)
         except nats.errors.NoRespondersError:
             raise ServiceUnavailable(f"{service} is not running") from None
         except (TimeoutError, nats.errors.TimeoutError):
             raise ServiceUnavailable(f"{service} did not answer within {timeout_s:g} s") from None
         try:
-            return msgspec.json.decode(reply.data, type=answer)
+            return msgspec.json.decode(reply, type=answer)
         except msgspec.DecodeError:
             pass
         try:
-            error = str(msgspec.json.decode(reply.data, type=dict).get("error"))
+            error = str(msgspec.json.decode(reply, type=dict).get("error"))
         except msgspec.DecodeError:
             error = "an answer this client cannot read"
         raise ServiceUnavailable(f"{service}: {error}")
 
     async def conversation(self, user_id: str, conversation_id: str) -> list[TurnComposed]:
         """The conversation's turns so far, oldest first, as context composed them."""
-        turns, _ = await read_turns(self.js, user_id, conversation_id)
+        turns, _ = await read_turns(self.bus, user_id, conversation_id)
         return turns
 
     async def upload_mask(self, user_id: str, png: bytes) -> str:
         """Store an inpainting mask (white = repaint) and return its key for `generate`."""
         key = f"{user_id}/masks/{uuid.uuid4().hex}.png"
-        await (await self.js.object_store(subjects.IMAGE_BUCKET)).put(key, png)
+        await (await self.bus.object_store(subjects.IMAGES)).put(key, png)
         return key
 
     async def wait_for_outcome(
@@ -216,10 +221,10 @@ class KilnClient:
         resubmit_after_s: float,
     ) -> Outcome:
         loop = asyncio.get_running_loop()
-        inbox: asyncio.Queue[Msg] = asyncio.Queue()
+        inbox: asyncio.Queue[Message] = asyncio.Queue()
         # Subscribe before publishing or looking anything up, so nothing falls in between.
         subscriptions = [
-            await self.nc.subscribe(subject(user_id, request_id), cb=inbox.put)
+            await self.bus.listen(subject(user_id, request_id), inbox.put)
             for subject in (subjects.render_progress, subjects.outcome)
         ]
         try:
@@ -267,7 +272,7 @@ class KilnClient:
             log.warning("re-submitting %s failed; still waiting", submission.request_id)
 
     async def _outcome_announced(
-        self, inbox: asyncio.Queue[Msg], until: float, on_progress: ProgressCallback | None
+        self, inbox: asyncio.Queue[Message], until: float, on_progress: ProgressCallback | None
     ) -> bool:
         """Pass progress on until an outcome is announced (True) or `until` (False).
 
@@ -281,7 +286,7 @@ class KilnClient:
             except TimeoutError:
                 return False
             try:
-                event = decode(msg.data, (msg.headers or {}).get("Content-Type"))
+                event = msg.event()
             except msgspec.DecodeError:
                 continue  # not ours to judge; the services dead-letter what they cannot read
             if isinstance(event, RenderProgress) and on_progress is not None:
@@ -296,7 +301,7 @@ class KilnClient:
 
     async def recorded_outcome(self, user_id: str, request_id: str) -> Outcome | None:
         """The request's outcome if JetStream holds one."""
-        return await read_outcome(self.js, user_id, request_id)
+        return await read_outcome(self.bus, user_id, request_id)
 
     async def download(self, delivered: ImageDelivered) -> bytes:
         async with httpx.AsyncClient() as http:

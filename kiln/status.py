@@ -19,6 +19,7 @@ from rich.text import Text
 
 from kiln.client import KilnClient, ServiceUnavailable
 from shared import subjects
+from shared.bus import Message
 from shared.events import WorkerHeartbeat
 
 STALE_S = 5.0  # a worker not heard from for this long is gone from the view
@@ -70,13 +71,13 @@ async def show(client: KilnClient, once: bool, listen_s: float = 2.5) -> Group:
     `listen_s` seconds of listening (`once`), which is returned."""
     fleet = Fleet()
 
-    async def on_beat(msg) -> None:
+    async def on_beat(message: Message) -> None:
         try:
-            fleet.heard(msgspec.json.decode(msg.data, type=WorkerHeartbeat))
+            fleet.heard(msgspec.json.decode(message.data, type=WorkerHeartbeat))
         except msgspec.DecodeError:
             pass  # not a heartbeat we can read: not ours to show
 
-    subscription = await client.nc.subscribe(subjects.FLEET_TELEMETRY, cb=on_beat)
+    subscription = await client.bus.listen(subjects.FLEET_TELEMETRY.pattern, on_beat)
     try:
         if once:
             await asyncio.sleep(listen_s)

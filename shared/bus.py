@@ -1,26 +1,29 @@
-"""A small bus over nats-py JetStream: streams, publishing with de-duplication, durable pull
-consumers with explicit acks, bounded redelivery and a dead-letter subject.
+"""The bus: the one place Kiln talks to NATS and JetStream.
 
-Every service uses it the same way:
+A service gets a `Bus` from `shared.service.run`, already checked against its declaration:
 
-    bus = await Bus.connect(settings.nats_url, "quota", tracer)
-    await bus.declare()
-    await bus.consume(PROMPTS, "quota", handle_prompt, stop, accepts=(PromptSubmitted,))
+    bus = await Bus.connect(settings.nats_url, "quota", tracer, SERVICE.access())
+    await bus.publish(subjects.quota_decided(user, request), granted, first_on_subject=True)
 
-A handler receives a checked event of a type it accepts and returns normally to have the
-message acked. A message that does not decode, is of another type, or names another user
-than its subject goes to `kiln.deadletter.<service>` with the reason and is never retried.
-A handler that raises is retried after a delay, `max_attempts` times, then the request ends
-as a typed RequestFailed. Handlers must be idempotent by user and request: JetStream
-redelivers whatever was not acked (a crash, a timeout), so a message can arrive twice.
+Every publish, subscription and stream or bucket access is checked against the
+connection's `Access` first (`shared.access.Undeclared` if it is not declared), so the
+declaration stays complete, and is what the connection's NATS permissions are made from.
+What it offers: JetStream publishing with de-duplication and per-subject guards, plain-NATS
+publishing, listening and request/reply, durable consumers (`shared.consuming`), direct
+reads of a subject's last message or whole history, key-value and object buckets, and the
+few stream operations the render queue needs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 import nats
@@ -28,71 +31,94 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, Header, StorageType, StreamConfig
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy, Header, KeyValueConfig, StorageType, StreamConfig,
+)
+from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 from opentelemetry import trace
 
-from shared import subjects
-from shared.events import AnyEvent, Event, RequestFailed, check_ids, decode, encode
-from shared.subjects import Stream
-from shared.telemetry import context_from_headers, inject_headers, trace_id_of, user_ref
+from shared import consuming, subjects
+from shared.access import Access
+from shared.events import AnyEvent, Event, decode_message, encode
+from shared.subjects import Bucket, Stream
+from shared.telemetry import context_from_headers, inject_headers, user_ref
 
 log = logging.getLogger("kiln.bus")
 
-
-
-@dataclass
-class Delivery:
-    """A checked message: its event, the message to ack, and the span continuing its
-    request's trace (current while a single-message handler runs)."""
-
-    event: AnyEvent
-    msg: Msg
-    span: trace.Span = trace.INVALID_SPAN
-
-    @property
-    def trace_id(self) -> str:
-        return trace_id_of(self.span)
-
-
-Handler = Callable[[AnyEvent, Msg], Awaitable[None]]
-BatchHandler = Callable[[list[Delivery]], Awaitable[None]]
-
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-sequence check
 CANNOT_CHANGE_MAX_CONSUMERS = 10052  # servers before 2.12: "can not change MaxConsumers"
-MAX_BACKOFF_S = 30.0
-FETCH_WAIT_S = 0.1  # a pull request waits this long for messages; short, as nats-py may sit out a whole wait
-GIVE_UP_MARGIN = 5  # deliveries beyond max_attempts, to publish the failure itself
 REASON_HEADER = "Kiln-Dead-Letter-Reason"
 ORIGINAL_SUBJECT_HEADER = "Kiln-Original-Subject"
+PULL_TIMEOUT_S = 5.0  # a no-wait pull is answered at once; this only guards a lost reply
+READ_BATCH = 1000
+READ_TIMEOUT_S = 5
+# A subject's history read once: nothing to acknowledge, kept in memory, removed by the
+# server if the reader dies.
+_READER = dict(
+    ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL, mem_storage=True, num_replicas=1,
+    inactive_threshold=30,
+)
+
+
+@dataclass(frozen=True)
+class Message:
+    """A message as a listener hears it."""
+
+    subject: str
+    data: bytes
+    headers: dict[str, str] | None
+
+    def event(self) -> AnyEvent:
+        """Its event; raises `msgspec.DecodeError` if it is not one."""
+        return decode_message(self.data, self.headers)
+
+
+@dataclass(frozen=True)
+class Stored(Message):
+    """A message as a stream keeps it: with its place in the stream."""
+
+    seq: int = 0
 
 
 class Bus:
-    def __init__(self, nc: NATS, service: str, tracer: trace.Tracer) -> None:
-        self.nc = nc
-        self.js = nc.jetstream()
+    def __init__(self, nc: NATS, service: str, tracer: trace.Tracer, access: Access) -> None:
+        self._nc = nc
+        self._js: JetStreamContext = nc.jetstream()
         self.service = service
         self.tracer = tracer
+        self.access = access
 
     @classmethod
-    async def connect(cls, url: str, service: str, tracer: trace.Tracer) -> Bus:
+    async def connect(
+        cls, url: str, service: str, tracer: trace.Tracer, access: Access, **options: Any
+    ) -> Bus:
+        """Connect as `service`. A service reconnects forever (a bus outage pauses it, it
+        does not end it); `options` are nats-py's, for clients that should give up sooner."""
+
         async def on_error(error: Exception) -> None:
             log.warning("NATS: %s", error or type(error).__name__)  # one line, not a traceback
 
-        # Reconnect forever: a bus outage pauses the service, it does not end it.
-        nc = await nats.connect(
-            url, name=f"kiln-{service}", max_reconnect_attempts=-1, error_cb=on_error
-        )
-        return cls(nc, service, tracer)
+        settings: dict[str, Any] = {"max_reconnect_attempts": -1, "error_cb": on_error} | options
+        nc = await nats.connect(url, name=f"kiln-{service}", **settings)
+        return cls(nc, service, tracer, access)
 
     async def close(self) -> None:
-        if self.nc.is_connected:
-            await self.nc.drain()
+        if self._nc.is_connected:
+            await self._nc.drain()
+        else:
+            await self._nc.close()
 
-    # -- streams --------------------------------------------------------------------------
+    @property
+    def is_connected(self) -> bool:
+        return self._nc.is_connected
+
+    # -- streams and buckets --------------------------------------------------------------
 
     async def declare(self) -> None:
-        """Create Kiln's streams and image bucket, or bring their config up to date."""
+        """Create Kiln's streams, or bring their config up to date."""
         for stream in subjects.ALL_STREAMS:
             config = StreamConfig(
                 name=stream.name,
@@ -105,30 +131,42 @@ class Bus:
             if stream.max_consumers is not None:
                 config.max_consumers = stream.max_consumers
             try:
-                await self.js.add_stream(config)
+                await self._js.add_stream(config)
             except nats.js.errors.BadRequestError:
                 # Exists with another config (an older Kiln): update it in place.
                 await self._update_stream(config)
-        await self.image_store()
 
     async def _update_stream(self, config: StreamConfig) -> None:
         try:
-            await self.js.update_stream(config)
+            await self._js.update_stream(config)
         except nats.js.errors.APIError as error:
             # Servers before 2.12 cannot change a stream's consumer limit (theirs has none
             # by default): keep the stream's own and change the rest.
             if error.err_code != CANNOT_CHANGE_MAX_CONSUMERS:
                 raise
-            current = (await self.js.stream_info(config.name)).config
+            current = (await self._js.stream_info(config.name)).config
             log.info("%s keeps max_consumers=%s (%s)", config.name, current.max_consumers, error.description)
             config.max_consumers = current.max_consumers
-            await self.js.update_stream(config)
+            await self._js.update_stream(config)
 
-    async def image_store(self) -> ObjectStore:
+    async def object_store(self, bucket: Bucket) -> ObjectStore:
+        """The object store `bucket`, created if it does not exist yet."""
+        self.access.check_bucket(bucket.name)
         try:
-            return await self.js.object_store(subjects.IMAGE_BUCKET)
+            return await self._js.object_store(bucket.name)
         except nats.js.errors.BucketNotFoundError:
-            return await self.js.create_object_store(subjects.IMAGE_BUCKET)
+            return await self._js.create_object_store(bucket.name)
+
+    async def key_value(self, bucket: Bucket) -> KeyValue:
+        """The key-value bucket `bucket`, created if it does not exist yet."""
+        self.access.check_bucket(bucket.name)
+        try:
+            return await self._js.key_value(bucket.name)
+        except nats.js.errors.BucketNotFoundError:
+            config = KeyValueConfig(bucket=bucket.name, storage=StorageType.FILE)
+            if bucket.ttl_s is not None:
+                config.ttl = bucket.ttl_s
+            return await self._js.create_key_value(config)
 
     # -- publishing -----------------------------------------------------------------------
 
@@ -150,6 +188,7 @@ class Bus:
         `after_seq=0`: on a per-request outcome subject it makes "one outcome per request"
         hold for as long as the stream keeps it, not only for the window.
         """
+        self.access.check_publish(subject)
         if first_on_subject:
             after_seq = 0
         headers = inject_headers({})
@@ -158,18 +197,24 @@ class Bus:
         if after_seq is not None:
             headers[Header.EXPECTED_LAST_SUBJECT_SEQUENCE] = str(after_seq)
         try:
-            ack = await self.js.publish(subject, encode(event), headers=headers)
+            ack = await self._js.publish(subject, encode(event), headers=headers)
         except nats.js.errors.BadRequestError as error:
             if after_seq is not None and error.err_code == WRONG_LAST_SEQUENCE:
                 return False  # someone appended first: by us before a crash, or by a twin
             raise
         return not ack.duplicate
 
-    async def announce(self, subject: str, event: Event, span: trace.Span | None = None) -> None:
-        """Fire-and-forget core NATS publish, for events nobody must keep (progress), in
-        `span`'s trace (default: the current one)."""
+    async def publish_marker(self, subject: str, msg_id: str) -> None:
+        """Publish an empty message to JetStream (a cancel: its subject says it all)."""
+        self.access.check_publish(subject)
+        await self._js.publish(subject, b"", headers={"Nats-Msg-Id": msg_id})
+
+    async def publish_plain(self, subject: str, event: msgspec.Struct, span: trace.Span | None = None) -> None:
+        """Fire-and-forget plain NATS publish, for events nobody must keep (progress,
+        heartbeats), in `span`'s trace (default: the current one)."""
+        self.access.check_publish(subject)
         headers = inject_headers({}, trace.set_span_in_context(span) if span is not None else None)
-        await self.nc.publish(subject, encode(event), headers=headers)
+        await self._nc.publish(subject, encode(event), headers=headers)
 
     async def dead_letter(self, msg: Msg, reason: str) -> None:
         original = msg.headers or {}
@@ -181,144 +226,159 @@ class Bus:
             # Kept so the payload stays readable and the request's trace findable.
             **{key: original[key] for key in ("Content-Type", "traceparent") if key in original},
         }
-        await self.js.publish(subjects.dead_letter(self.service), msg.data, headers=headers)
+        subject = subjects.dead_letter(self.service)
+        self.access.check_publish(subject)
+        await self._js.publish(subject, msg.data, headers=headers)
         log.warning("dead-lettered %s: %s", msg.subject, reason)
 
-    async def outcome_recorded(self, user_id: str, request_id: str) -> bool:
-        try:
-            await self.js.get_last_msg(subjects.OUTCOMES.name, subjects.outcome(user_id, request_id))
-        except nats.js.errors.NotFoundError:
-            return False
-        return True
+    # -- plain NATS: listening, request/reply ---------------------------------------------
 
-    # -- consuming ------------------------------------------------------------------------
+    async def listen(
+        self, subject: str, handler: Callable[[Message], Awaitable[None]], *, queue: str = ""
+    ) -> Subscription:
+        """Call `handler(message)` for each message on `subject` until unsubscribed."""
+        self.access.check_subscribe(subject)
 
-    async def consume(
-        self,
-        stream: Stream,
-        durable: str,
-        handler: Handler,
-        stop: asyncio.Event,
-        *,
-        accepts: tuple[type[Event], ...],
-        max_attempts: int = 20,
-        ack_wait_s: float = 60,
-        batch: int = 16,
-    ) -> None:
-        """Pull messages from a durable consumer and hand each event of an `accepts` type
-        to `handler` until `stop` is set.
+        async def deliver(msg: Msg) -> None:
+            await handler(Message(msg.subject, msg.data, msg.headers))
 
-        A message is tried `max_attempts` times, with back-off after a failure (20 tries
-        ride out about 8 minutes of a database outage). Then the request ends as a typed
-        RequestFailed. JetStream may deliver a few times more than that, so that the
-        failure can still be published after a crash or a bus hiccup in the last attempt.
-        """
+        return await self._nc.subscribe(subject, queue=queue, cb=deliver)
 
-        async def handle_one(items: list[Delivery]) -> None:
-            (item,) = items
-            with trace.use_span(item.span):  # what the handler publishes joins the trace
-                await handler(item.event, item.msg)
+    async def answer(
+        self, subject: str, handler: Callable[[str], Awaitable[Any]], *, queue: str
+    ) -> Subscription:
+        """Answer requests on `subject` with `handler(subject)`, as JSON. A handler that
+        raises is answered `{"error": …}`: a caller always hears back."""
+        self.access.check_subscribe(subject)
 
-        await self.consume_batches(
-            stream, durable, handle_one, stop, accepts=accepts, max_attempts=max_attempts,
-            ack_wait_s=ack_wait_s, batch=batch, one_at_a_time=True,
-        )
-
-    async def consume_batches(
-        self,
-        stream: Stream,
-        durable: str,
-        handler: BatchHandler,
-        stop: asyncio.Event,
-        *,
-        accepts: tuple[type[Event], ...],
-        max_attempts: int = 20,
-        ack_wait_s: float = 60,
-        batch: int = 16,
-        one_at_a_time: bool = False,
-    ) -> None:
-        """Like `consume`, but `handler` gets every checked message of a fetch at once
-        (whatever was waiting, up to `batch`), so it can do one database transaction for
-        all of them. They are acked together after it returns. If it raises, each message
-        is handled again on its own, so one bad message fails alone. (`one_at_a_time`:
-        the handler gets one message per call, acked on its own; what `consume` uses.)"""
-        config = ConsumerConfig(
-            durable_name=durable,
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_wait=ack_wait_s,
-            max_deliver=max_attempts + GIVE_UP_MARGIN,
-        )
-        # Creates the durable consumer, or brings an existing one's config up to date.
-        await self.js.add_consumer(stream.name, config)
-        sub = await self.js.pull_subscribe_bind(durable=durable, stream=stream.name)
-        try:
-            while not stop.is_set():
-                try:
-                    messages = await sub.fetch(batch, timeout=FETCH_WAIT_S)
-                except TimeoutError:  # nats-py's TimeoutError subclasses it
-                    continue  # nothing waiting is normal: poll again
-                try:
-                    items = await self.checked(messages, stream, accepts, max_attempts)
-                    # Each message acked (or retried) on its own, or the batch together.
-                    groups = [[item] for item in items] if one_at_a_time else [items] if items else []
-                    for group in groups:
-                        await self._handle(group, handler, max_attempts)
-                except nats.errors.Error as error:
-                    # The bus failed us mid-batch (an ack, a nak, a publish): what was not
-                    # acked, JetStream delivers again.
-                    log.warning("bus error on %s, will be redelivered: %s", stream.name, error)
-        finally:
-            # The durable consumer stays on the server; only this process stops pulling.
-            # (Left subscribed, a pull subscription holds up `drain` until it times out.)
-            await sub.unsubscribe()
-
-    async def checked(
-        self, messages: list[Msg], stream: Stream, accepts: tuple[type[Event], ...], max_attempts: int
-    ) -> list[Delivery]:
-        """The messages a handler should see. What no retry can fix goes to the dead
-        letters at once; a message past its attempts ends its request."""
-        items = []
-        for msg in messages:
+        async def respond(msg: Msg) -> None:
             try:
-                event = decode(msg.data, (msg.headers or {}).get("Content-Type"))
-            except msgspec.DecodeError as error:
-                await self._reject(msg, f"undecodable: {error}")
-                continue
-            problem = _misfit(event, msg.subject, stream, accepts)
-            if problem is not None:
-                await self._reject(msg, problem)
-            elif msg.metadata.num_delivered > max_attempts:
-                # It failed or crashed its handler every time.
-                await self.give_up(event, msg, f"not handled in {max_attempts} attempts")
-            else:
-                items.append(Delivery(event, msg))
-        return items
+                reply = await handler(msg.subject)
+            except Exception as error:  # noqa: BLE001 — the caller hears of it, the service goes on
+                log.warning("answering %s: %r", msg.subject, error)
+                reply = {"error": str(error) or type(error).__name__}
+            await msg.respond(msgspec.json.encode(reply))
 
-    async def _handle(self, items: list[Delivery], handler: BatchHandler, max_attempts: int) -> None:
-        # One span per message, continuing each request's own trace.
-        for item in items:
-            item.span = self.span(item.event, item.msg)
+        return await self._nc.subscribe(subject, queue=queue, cb=respond)
+
+    async def request(self, subject: str, timeout_s: float) -> bytes:
+        """Ask `subject` and return the answer. Raises nats.errors.NoRespondersError or
+        TimeoutError."""
+        self.access.check_publish(subject)
+        return (await self._nc.request(subject, b"", timeout=timeout_s)).data
+
+    # -- reading streams ------------------------------------------------------------------
+
+    async def last_message(self, stream: Stream, subject: str) -> Stored | None:
+        """The last message a stream keeps on `subject`, if any."""
+        self.access.check_stream(stream.name)
         try:
-            await handler(items)
-        # A handler may fail on anything (the database down, a bug); the message is not
-        # lost: it is retried with back-off, and after its last attempt the request ends
-        # as a typed RequestFailed.
-        except Exception as error:  # noqa: BLE001
-            for item in items:
-                item.span.record_exception(error)
-                item.span.end()
-            if len(items) > 1:  # find the one that fails: each on its own
-                log.warning("a batch of %d failed (%r); handling each on its own", len(items), error)
-                for item in items:
-                    await self._handle([item], handler, max_attempts)
-            else:
-                for item in items:
-                    await self._retry_or_give_up(item.event, item.msg, error, max_attempts)
-            return
-        for item in items:
-            item.span.end()
-            await item.msg.ack()
+            raw = await self._js.get_last_msg(stream.name, subject)
+        except nats.js.errors.NotFoundError:
+            return None
+        return Stored(raw.subject or subject, raw.data or b"", raw.headers, seq=raw.seq)
+
+    async def outcome_recorded(self, user_id: str, request_id: str) -> bool:
+        return await self.last_message(subjects.OUTCOMES, subjects.outcome(user_id, request_id)) is not None
+
+    async def read_subject(self, stream: Stream, subject: str, last_seq: int) -> list[Stored]:
+        """Every message on `subject` up to stream sequence `last_seq`, in order, with one
+        short-lived consumer that hands over the whole subject in a fetch or a few
+        (measured: 23 ms for 500 messages, against 185 ms reading them one request each)."""
+        self.access.check_stream(stream.name)
+        name = f"read-{uuid.uuid4().hex}"
+        found: list[Stored] = []
+        try:
+            await self._js.add_consumer(stream.name, ConsumerConfig(name=name, filter_subject=subject, **_READER))
+            reader = await self._js.pull_subscribe_bind(durable=name, stream=stream.name)
+            try:
+                seq = 0
+                while seq < last_seq:
+                    for msg in await reader.fetch(batch=READ_BATCH, timeout=READ_TIMEOUT_S):
+                        seq = msg.metadata.sequence.stream
+                        if seq > last_seq:
+                            break  # appended after the caller looked
+                        found.append(Stored(msg.subject, msg.data, msg.headers, seq=seq))
+            finally:
+                await reader.unsubscribe()
+        finally:
+            # Removed now, not when idle, as a stream takes a limited number of consumers;
+            # if this fails, the server removes it after `inactive_threshold`.
+            with contextlib.suppress(nats.errors.Error):
+                await self._js.delete_consumer(stream.name, name)
+        return found
+
+    async def next_stored(self, stream: Stream, subject: str, from_seq: int) -> Stored | None:
+        """The first message on `subject` at or after `from_seq`, without consuming it."""
+        self.access.check_stream(stream.name)
+        try:
+            raw = await self._js.get_msg(stream.name, seq=from_seq, subject=subject, next=True)
+        except nats.js.errors.NotFoundError:
+            return None
+        return Stored(raw.subject or subject, raw.data or b"", raw.headers, seq=raw.seq)
+
+    async def subject_counts(self, stream: Stream, subject_filter: str) -> dict[str, int]:
+        """How many messages a stream holds on each subject matching the filter."""
+        self.access.check_stream(stream.name)
+        info = await self._js.stream_info(stream.name, subjects_filter=subject_filter)
+        return dict(info.state.subjects or {})
+
+    # -- consumers ------------------------------------------------------------------------
+
+    async def consume(self, stream: Stream, durable: str, handler: Callable[[Any], Awaitable[None]],
+                      stop: asyncio.Event, **options: Any) -> None:
+        """Hand a durable consumer's events to `handler` until `stop` (`shared.consuming`)."""
+        await consuming.consume(self, stream, durable, handler, stop, **options)
+
+    async def pull_subscription(self, stream: Stream, config: ConsumerConfig) -> JetStreamContext.PullSubscription:
+        """Create (or update) a durable consumer and bind a pull subscription to it."""
+        self.access.check_stream(stream.name)
+        await self._js.add_consumer(stream.name, config)
+        return await self._js.pull_subscribe_bind(durable=config.durable_name, stream=stream.name)
+
+    async def consumers(self, stream: Stream) -> list[ConsumerInfo]:
+        """Every consumer of the stream (JetStream lists them 256 at a time)."""
+        self.access.check_stream(stream.name)
+        consumers: list[ConsumerInfo] = []
+        while True:
+            page = await self._js.consumers_info(stream.name, offset=len(consumers))
+            consumers += page
+            if len(page) < 256:
+                return consumers
+
+    async def add_consumer(self, stream: Stream, config: ConsumerConfig) -> None:
+        self.access.check_stream(stream.name)
+        await self._js.add_consumer(stream.name, config)
+
+    async def delete_consumer(self, stream: Stream, name: str) -> None:
+        """Remove a consumer; one already gone is fine."""
+        self.access.check_stream(stream.name)
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await self._js.delete_consumer(stream.name, name)
+
+    async def pull_now(self, stream: Stream, consumer: str, count: int) -> list[Msg]:
+        """Up to `count` messages that are waiting on a durable consumer now; never waits
+        for new ones. (nats-py's fetch waits for its timeout when fewer are waiting.)"""
+        self.access.check_stream(stream.name)
+        inbox = self._nc.new_inbox()
+        sub = await self._nc.subscribe(inbox)
+        request = json.dumps({"batch": count, "no_wait": True}).encode()
+        messages: list[Msg] = []
+        try:
+            await self._nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream.name}.{consumer}", request, reply=inbox)
+            while len(messages) < count:
+                try:
+                    msg = await sub.next_msg(timeout=PULL_TIMEOUT_S)
+                except nats.errors.TimeoutError:
+                    break
+                if msg.headers and msg.headers.get("Status"):  # 404 no messages, 408 expired
+                    break
+                messages.append(msg)
+        finally:
+            await sub.unsubscribe()
+        return messages
+
+    # -- tracing --------------------------------------------------------------------------
 
     def span(self, event: AnyEvent, msg: Msg) -> trace.Span:
         """The span of handling one message, continuing its request's trace. Subjects name
@@ -336,44 +396,3 @@ class Bus:
                 "kiln.delivery_attempt": msg.metadata.num_delivered,
             },
         )
-
-    async def _retry_or_give_up(self, event: AnyEvent, msg: Msg, error: Exception, max_attempts: int) -> None:
-        attempt = msg.metadata.num_delivered
-        log.error("handling %s (attempt %d) failed: %r", msg.subject, attempt, error, exc_info=error)
-        if attempt >= max_attempts:
-            await self.give_up(event, msg, f"failed {attempt} times, last: {error!r}")
-        else:
-            await msg.nak(delay=min(2.0**attempt, MAX_BACKOFF_S))
-
-    async def _reject(self, msg: Msg, reason: str) -> None:
-        await self.dead_letter(msg, reason)
-        await msg.term()
-
-    async def give_up(self, event: Event, msg: Msg, reason: str) -> None:
-        """End the request as failed: a typed outcome for the client, the message kept
-        as a dead letter for the operator."""
-        failed = RequestFailed(
-            request_id=event.request_id,
-            user_id=event.user_id,
-            conversation_id=event.conversation_id,
-            stage=self.service,
-            reason="gave_up",
-            detail=reason,
-            plan=getattr(event, "plan", ""),  # known once quota has granted
-        )
-        await self.publish(subjects.outcome(event.user_id, event.request_id), failed, first_on_subject=True)
-        await self._reject(msg, reason)
-
-
-def _misfit(event: Event, subject: str, stream: Stream, accepts: tuple[type[Event], ...]) -> str | None:
-    """Why a decodable event cannot be handled here, or None if it can."""
-    if not isinstance(event, accepts):
-        expected = " or ".join(kind.__name__ for kind in accepts)
-        return f"expected {expected}, got {type(event).__name__}"
-    try:
-        check_ids(event)
-    except ValueError as error:
-        return f"invalid: {error}"
-    if stream.user_token is not None and subject.split(".")[stream.user_token] != event.user_id:
-        return f"user_id {event.user_id!r} does not match the subject {subject}"
-    return None

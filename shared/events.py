@@ -26,6 +26,16 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def as_utc(moment: datetime) -> datetime:
+    """A time without a zone (from a client that sent none) is UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+
+
+# What a prompt gets when it names no size or steps: Kiln's own model draws 32×32 pictures.
+DEFAULT_SIZE = 32
+DEFAULT_STEPS = 10
+
+
 class Event(msgspec.Struct, kw_only=True, tag_field="type", tag=True):
     v: int = 1
     request_id: str
@@ -58,9 +68,9 @@ class PromptSubmitted(Event, kw_only=True):
 
     prompt: str
     style: str | None = None
-    width: int = 32
-    height: int = 32
-    steps: int = 10
+    width: int = DEFAULT_SIZE
+    height: int = DEFAULT_SIZE
+    steps: int = DEFAULT_STEPS
     seed: int | None = None
     edit_of: str | None = None
     strength: float = 0.8
@@ -264,6 +274,11 @@ def decode(data: bytes, content_type: str | None = None) -> AnyEvent:
     if content_type == MSGPACK:
         return _msgpack_decoder.decode(data)
     return _json_decoder.decode(data)
+
+
+def decode_message(data: bytes | None, headers: dict[str, str] | None) -> AnyEvent:
+    """Decode a message's event by its `Content-Type` header (JSON unless it says msgpack)."""
+    return decode(data or b"", (headers or {}).get("Content-Type"))
 
 
 def check_ids(event: Event) -> None:

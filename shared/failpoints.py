@@ -1,6 +1,7 @@
 """Failpoints: named places where a test can make a service fail on purpose, to prove that
-nothing is lost when it fails exactly there. Off unless KILN_FAILPOINT names one:
-`name` makes the process die there, `name:raise` makes that step raise."""
+nothing is lost when it fails exactly there. Off unless KILN_FAILPOINT names one (the
+service runner arms it from the settings): `name` makes the process die there,
+`name:raise` makes that step raise."""
 
 from __future__ import annotations
 
@@ -8,14 +9,21 @@ import os
 
 EXIT_CODE = 86
 
+_armed: str | None = None
+
 
 class InjectedFault(RuntimeError):
     pass
 
 
+def arm(name: str | None) -> None:
+    """Fail at the failpoint `name` (None: nowhere)."""
+    global _armed
+    _armed = name
+
+
 def failpoint(name: str) -> None:
-    chosen = os.environ.get("KILN_FAILPOINT")
-    if chosen == name:
+    if _armed == name:
         os._exit(EXIT_CODE)  # no cleanup, no flush: like a power cut to this process
-    if chosen == f"{name}:raise":
+    if _armed == f"{name}:raise":
         raise InjectedFault(f"failpoint {name}")

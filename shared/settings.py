@@ -1,12 +1,22 @@
-"""Settings from the environment. Every knob is a `KILN_*` variable with a default that
-works on a developer's machine; the embedded launcher sets them for its child processes."""
+"""Settings: every `KILN_*` variable, read once, here, typed and checked.
+
+Each field of `Settings` names its variable, its default and what it is for; the README's
+settings table is made from them (`python -m shared.settings`), and a test keeps the two
+in step. A value that does not parse is refused with one line that names the variable
+(`SettingsError`). Defaults work on a developer's machine; the launcher (`kiln up`) sets
+the variables of its child processes.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from dataclasses import dataclass
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,6 +30,230 @@ DEFAULT_TRACING_PORT = 6006  # Phoenix, the tracing UI
 DEFAULT_METRICS_PORTS = {"quota": 9461, "context": 9462, "render": 9463, "delivery": 9464}
 # Kiln's own model, trained by services/render/kiln_model/train.py and shipped in the repo.
 DEFAULT_MODEL = PROJECT_ROOT / "services" / "render" / "models" / "kiln-shapes"
+MIN_LINK_SECRET_CHARS = 32
+
+
+class SettingsError(ValueError):
+    """A `KILN_*` variable holds a value Kiln cannot use; the message names it."""
+
+
+# -- parsers: text → value, or ValueError saying what was expected -----------------------
+
+
+def _text(value: str) -> str:
+    return value
+
+
+def _path(value: str) -> Path:
+    return Path(value).expanduser()
+
+
+def _integer(low: int, high: int = 65535 * 1000) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError(f"must be an integer from {low} to {high}") from None
+        if not low <= number <= high:
+            raise ValueError(f"must be an integer from {low} to {high}")
+        return number
+
+    return parse
+
+
+def _number(low: float) -> Callable[[str], float]:
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"must be a number of at least {low:g}") from None
+        if not number >= low:  # also refuses nan
+            raise ValueError(f"must be at least {low:g}")
+        return number
+
+    return parse
+
+
+def _port(value: str) -> int:
+    return _integer(1, 65535)(value)
+
+
+def _on_off(value: str) -> bool:
+    if value not in ("on", "off"):
+        raise ValueError("must be on or off")
+    return value == "on"
+
+
+def _nats_url(value: str) -> str:
+    if not value.startswith(("nats://", "tls://", "ws://", "wss://")):
+        raise ValueError("must be a nats:// (or tls://, ws://, wss://) URL")
+    return value
+
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://", "postgresql+asyncpg://")
+
+
+def _database_url(value: str) -> str:
+    """Any of the forms people paste, kept as the plain `postgresql://` form."""
+    for scheme in POSTGRES_SCHEMES:
+        if value.startswith(scheme):
+            return "postgresql://" + value[len(scheme):]
+    raise ValueError(f"must start with {', '.join(POSTGRES_SCHEMES)}")
+
+
+def _link_secret(value: str) -> str:
+    if len(value) < MIN_LINK_SECRET_CHARS:
+        raise ValueError(f"must be at least {MIN_LINK_SECRET_CHARS} characters")
+    return value
+
+
+def _optional_text(value: str) -> str | None:
+    return value or None
+
+
+def setting(variable: str, default: Any, doc: str, parse: Callable[[str], Any] = _text, shown: str = "") -> Any:
+    """A field of `Settings`, read from `variable`. `shown`: the default as the README says
+    it, where the value itself would mislead (a path on this machine, a derived default)."""
+    return field(default=default, metadata={"variable": variable, "parse": parse, "doc": doc, "shown": shown})
+
+
+@dataclass(frozen=True)
+class Settings:
+    # -- servers
+    nats_url: str | None = setting(
+        "KILN_NATS_URL", None, "NATS to join (NATS ≥ 2.9 with JetStream); unset: the embedded server",
+        _nats_url, shown="embedded",
+    )
+    database_url: str | None = setting(
+        "KILN_DATABASE_URL", None,
+        "PostgreSQL ≥ 15 to use: `postgresql://`, `postgres://` or `postgresql+asyncpg://`; unset: the embedded server",
+        _database_url, shown="embedded",
+    )
+    nats_port: int = setting("KILN_NATS_PORT", EMBEDDED_NATS_PORT, "the embedded NATS's port", _port)
+    postgres_port: int = setting("KILN_POSTGRES_PORT", EMBEDDED_POSTGRES_PORT, "the embedded PostgreSQL's port", _port)
+    data_dir: Path = setting(
+        "KILN_DATA_DIR", PROJECT_ROOT / ".kiln", "the embedded servers' data, logs, the link key", _path, shown="`.kiln`"
+    )
+    # -- HTTP (delivery)
+    http_host: str = setting("KILN_HTTP_HOST", "127.0.0.1", "where delivery's HTTP server listens")
+    http_port: int = setting("KILN_HTTP_PORT", DEFAULT_HTTP_PORT, "delivery's HTTP port: images, share pages, playground", _port)
+    public_url: str | None = setting(
+        "KILN_PUBLIC_URL", None, "the base of image and share links", _optional_text,
+        shown="`http://<KILN_HTTP_HOST>:<KILN_HTTP_PORT>`",
+    )
+    link_secret: str | None = setting(
+        "KILN_LINK_SECRET", None,
+        "the key that signs links and sign-in cookies (≥ 32 characters; every delivery replica must share it)",
+        _link_secret, shown="made once, kept in `<data>/delivery/link-secret`",
+    )
+    link_ttl_s: int = setting("KILN_LINK_TTL_S", 24 * 3600, "how long a download link works, in seconds", _integer(1))
+    share_ttl_s: int = setting("KILN_SHARE_TTL_S", 7 * 24 * 3600, "how long a share link works, in seconds", _integer(1))
+    # -- tracing and metrics
+    otlp_endpoint: str | None = setting(
+        "KILN_OTLP_ENDPOINT", None,
+        "export traces over OTLP/HTTP here instead of Phoenix; empty: trace nothing",
+        _optional_text, shown="the running platform's Phoenix",
+    )
+    trace_url: str | None = setting(
+        "KILN_TRACE_URL", None, "a tracing UI's page for one trace, with `{trace_id}` in it", _optional_text,
+        shown="the running platform's Phoenix",
+    )
+    tracing_ui: bool = setting("KILN_TRACING_UI", True, "`off`: `kiln up` starts no Phoenix", _on_off, shown="on")
+    tracing_port: int = setting("KILN_TRACING_PORT", DEFAULT_TRACING_PORT, "Phoenix's port", _port)
+    metrics_port: int | None = setting(
+        "KILN_METRICS_PORT", None, "where a service serves its Prometheus metrics", _port,
+        shown="none (`kiln up`: 9461–9464)",
+    )
+    metrics_host: str = setting("KILN_METRICS_HOST", "127.0.0.1", "the metrics endpoint's address")
+    # -- quota
+    plans_file: Path = setting(
+        "KILN_PLANS", PROJECT_ROOT / "services" / "quota" / "plans.toml", "the plans and load-shedding rules",
+        _path, shown="`services/quota/plans.toml`",
+    )
+    quota_batch: int = setting("KILN_QUOTA_BATCH", 256, "prompts decided in one transaction, at most", _integer(1, 10_000))
+    # -- context
+    context_config: Path = setting(
+        "KILN_CONTEXT_CONFIG", PROJECT_ROOT / "services" / "context" / "context.toml",
+        "context's limits, blocklist and styles", _path, shown="`services/context/context.toml`",
+    )
+    # -- render
+    model_path: Path = setting(
+        "KILN_MODEL", DEFAULT_MODEL, "a local diffusers pipeline folder", _path,
+        shown="Kiln's own model, `services/render/models/kiln-shapes`",
+    )
+    render_max_batch: int = setting("KILN_RENDER_MAX_BATCH", 16, "jobs per pipeline call, at most", _integer(1, 1024))
+    render_max_wait_ms: float = setting(
+        "KILN_RENDER_MAX_WAIT_MS", 50.0, "how long a batch may wait to fill, in ms", _number(0)
+    )
+    render_ack_wait_s: float = setting(
+        "KILN_RENDER_ACK_WAIT_S", 30.0, "a silent worker's jobs go to another after this, in seconds", _number(1)
+    )
+    render_threads: int | None = setting(
+        "KILN_RENDER_THREADS", None, "torch threads of a CPU worker (set it when several share a host)",
+        _integer(1, 1024), shown="torch's own",
+    )
+    gpu_hot_c: float = setting("KILN_GPU_HOT_C", 80.0, "the thermal guard halves batches from here, °C", _number(0))
+    gpu_pause_c: float = setting("KILN_GPU_PAUSE_C", 87.0, "the thermal guard takes no new jobs from here, °C", _number(0))
+    gpu_resume_c: float = setting("KILN_GPU_RESUME_C", 75.0, "a paused worker takes jobs again below this, °C", _number(0))
+    inject_gpu_temperature: Path | None = setting(
+        "KILN_INJECT_GPU_TEMPERATURE", None,
+        "a file holding a temperature that replaces the NVML reading (tests, fire drills)", _path, shown="none",
+    )
+    # -- tests and drills
+    failpoint: str | None = setting(
+        "KILN_FAILPOINT", None, "a named place where the service fails on purpose (`name` or `name:raise`)",
+        _optional_text, shown="none",
+    )
+    chromium: Path = setting(
+        "KILN_CHROMIUM", Path("/usr/bin/chromium"), "the browser the playground test drives", _path,
+    )
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Settings from the environment (or `env`); raises SettingsError naming the first
+        variable that holds a value Kiln cannot use."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for spec in dataclasses.fields(cls):
+            variable, parse = spec.metadata["variable"], spec.metadata["parse"]
+            raw = env.get(variable)
+            if raw is None or (raw == "" and variable != "KILN_OTLP_ENDPOINT"):
+                continue  # unset (or empty): the default
+            try:
+                values[spec.name] = parse(raw.strip())
+            except ValueError as error:
+                raise SettingsError(f"{variable} {error} but is {raw!r}") from None
+        settings = cls(**values)
+        if not settings.gpu_resume_c < settings.gpu_pause_c:
+            raise SettingsError(
+                f"KILN_GPU_RESUME_C ({settings.gpu_resume_c:g}) must be below KILN_GPU_PAUSE_C ({settings.gpu_pause_c:g})"
+            )
+        if "KILN_OTLP_ENDPOINT" not in env:
+            # Unset: as the running platform says; set (even empty, which is "off"): as set.
+            saved = TracingInfo.load(settings.data_dir)
+            settings = dataclasses.replace(
+                settings, otlp_endpoint=saved.otlp_endpoint, trace_url=settings.trace_url or saved.trace_url
+            )
+        return settings
+
+    @property
+    def nats_address(self) -> str:
+        """The NATS to connect to: the configured one, else the embedded server."""
+        return self.nats_url or f"nats://127.0.0.1:{self.nats_port}"
+
+    @property
+    def database_address(self) -> str:
+        """The PostgreSQL to connect to: the configured one, else the embedded server."""
+        return self.database_url or f"postgresql://postgres@127.0.0.1:{self.postgres_port}/kiln"
+
+    @property
+    def base_url(self) -> str:
+        """The base of the links delivery hands out."""
+        return (self.public_url or f"http://{self.http_host}:{self.http_port}").rstrip("/")
+
+    def trace_link(self, trace_id: str) -> str | None:
+        """Where the tracing UI shows this trace, if one is configured."""
+        return self.trace_url.replace("{trace_id}", trace_id) if self.trace_url else None
 
 
 @dataclass(frozen=True)
@@ -46,52 +280,19 @@ class TracingInfo:
         return cls(saved.get("otlp_endpoint"), saved.get("trace_url"))
 
 
-@dataclass(frozen=True)
-class Settings:
-    nats_url: str
-    database_url: str
-    data_dir: Path
-    model_path: Path
-    http_host: str
-    http_port: int
-    public_url: str
-    otlp_endpoint: str | None
-    trace_url: str | None  # a tracing UI's page for one trace, with `{trace_id}` in it
-    metrics_port: int | None  # where this process serves its Prometheus metrics
-    metrics_host: str
-
-    @classmethod
-    def from_env(cls) -> Settings:
-        env = os.environ
-        data_dir = Path(env.get("KILN_DATA_DIR", PROJECT_ROOT / ".kiln"))
-        http_host = env.get("KILN_HTTP_HOST", "127.0.0.1")
-        http_port = int(env.get("KILN_HTTP_PORT", DEFAULT_HTTP_PORT))
-        # Unset: as the running platform says; set (even empty, which is "off"): as set.
-        tracing = TracingInfo.load(data_dir) if "KILN_OTLP_ENDPOINT" not in env else TracingInfo(None, None)
-        return cls(
-            nats_url=env.get("KILN_NATS_URL") or f"nats://127.0.0.1:{EMBEDDED_NATS_PORT}",
-            database_url=env.get("KILN_DATABASE_URL")
-            or f"postgresql://postgres@127.0.0.1:{EMBEDDED_POSTGRES_PORT}/kiln",
-            data_dir=data_dir,
-            model_path=Path(env.get("KILN_MODEL", DEFAULT_MODEL)),
-            http_host=http_host,
-            http_port=http_port,
-            public_url=env.get("KILN_PUBLIC_URL", f"http://{http_host}:{http_port}").rstrip("/"),
-            otlp_endpoint=env.get("KILN_OTLP_ENDPOINT", tracing.otlp_endpoint) or None,
-            trace_url=env.get("KILN_TRACE_URL") or tracing.trace_url or None,
-            metrics_port=int(env["KILN_METRICS_PORT"]) if env.get("KILN_METRICS_PORT") else None,
-            metrics_host=env.get("KILN_METRICS_HOST", "127.0.0.1"),
-        )
-
-
-    def trace_link(self, trace_id: str) -> str | None:
-        """Where the tracing UI shows this trace, if one is configured."""
-        return self.trace_url.replace("{trace_id}", trace_id) if self.trace_url else None
-
-
 def asyncpg_url(database_url: str) -> str:
-    """SQLAlchemy needs the driver named in the URL; operators write plain postgresql://."""
-    for prefix in ("postgresql+asyncpg://", "postgresql://", "postgres://"):
-        if database_url.startswith(prefix):
-            return "postgresql+asyncpg://" + database_url[len(prefix):]
-    raise ValueError(f"KILN_DATABASE_URL must be a postgresql:// URL but is {database_url!r}")
+    """SQLAlchemy needs the driver named in the URL; settings keep the plain form."""
+    return "postgresql+asyncpg://" + _database_url(database_url).removeprefix("postgresql://")
+
+
+def markdown_table() -> str:
+    """The README's settings table, made from the fields above."""
+    rows = ["| variable | default | what it sets |", "|---|---|---|"]
+    for spec in dataclasses.fields(Settings):
+        shown = spec.metadata["shown"] or f"`{spec.default}`"
+        rows.append(f"| `{spec.metadata['variable']}` | {shown} | {spec.metadata['doc']} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(markdown_table() + "\n")

@@ -1,86 +1,164 @@
-"""Subjects and streams: where each event travels and which JetStream stream keeps it.
+"""Every subject, stream, bucket and durable consumer name of Kiln, in one place.
 
-Subjects carry the user (and, for outcomes, the request) as tokens so that permissions can
-be scoped per user and a client can look up the outcome of one request by its subject.
+A `Channel` is a family of subjects with named tokens (`kiln.outcome.{user}.{request}`)
+and the events it carries. Subjects carry the user (and, for per-request events, the
+request) as tokens, so that permissions can be scoped per user and a client can look up the
+outcome of one request by its subject. Services declare which channels they publish on and
+read from (`shared.service.Service`); the bus refuses any other subject, and the AsyncAPI
+document (`docs/asyncapi.yaml`) is generated from this module.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from nats.js.api import RetentionPolicy
 
+from shared.events import (
+    TERMINAL,
+    PromptSubmitted,
+    QuotaDenied,
+    QuotaGranted,
+    QuotaStatus,
+    RenderCompleted,
+    RenderFailed,
+    RenderProgress,
+    RenderRequested,
+    TurnComposed,
+    WorkerHeartbeat,
+)
 
-def prompt_submitted(user_id: str) -> str:
-    return f"kiln.prompt.submitted.{user_id}"
-
-
-def quota_decided(user_id: str, request_id: str) -> str:
-    return f"kiln.quota.decided.{user_id}.{request_id}"
-
-
-def render_job(tier: str, user_id: str) -> str:
-    """One subject per user within a tier, so the render queue can take users in turn."""
-    return f"kiln.render.jobs.{tier}.{user_id}"
-
-
-def render_cancel(user_id: str, request_id: str) -> str:
-    """A client's request to drop a job: kept in a stream, so a worker that claims the job
-    later still sees it."""
-    return f"kiln.render.cancel.{user_id}.{request_id}"
+_TOKEN = re.compile(r"\{(\w+)\}")
 
 
-def render_event(user_id: str, request_id: str) -> str:
-    """RenderCompleted / RenderFailed: kept in a stream for delivery."""
-    return f"kiln.render.events.{user_id}.{request_id}"
+@dataclass(frozen=True)
+class Channel:
+    """A subject template, what travels on it, and how.
+
+    `kept`: JetStream keeps it in a stream (else it is plain NATS: missed is lost).
+    `reply`: a request/reply subject, answered with this type (JSON), or `{"error": …}`.
+    """
+
+    template: str
+    doc: str
+    events: tuple[type, ...] = ()
+    kept: bool = True
+    reply: type | None = None
+
+    @property
+    def tokens(self) -> list[str]:
+        """The names of the template's variable tokens, in order: ["user", "request"]."""
+        return _TOKEN.findall(self.template)
+
+    @property
+    def pattern(self) -> str:
+        """The template as a NATS wildcard: `kiln.outcome.*.*`."""
+        return _TOKEN.sub("*", self.template)
+
+    def subject(self, *values: str) -> str:
+        """The subject for these token values, in the template's order."""
+        if len(values) != len(self.tokens):
+            raise TypeError(f"{self.template} takes {len(self.tokens)} tokens, got {len(values)}")
+        given = iter(values)
+        return _TOKEN.sub(lambda _: next(given), self.template)
+
+    def position(self, token: str) -> int:
+        """Which dot-separated part of a subject holds `token` (e.g. the user)."""
+        return self.template.split(".").index("{" + token + "}")
+
+    def value(self, subject: str, token: str) -> str:
+        """The value of `token` in a subject of this channel."""
+        return subject.split(".")[self.position(token)]
 
 
-def render_progress(user_id: str, request_id: str) -> str:
-    """Step progress: plain NATS, not stored; a missed progress event costs nothing."""
-    return f"kiln.render.progress.{user_id}.{request_id}"
+PROMPT_SUBMITTED = Channel(
+    "kiln.prompt.submitted.{user}", "A client asks for an image (the request's first event).",
+    events=(PromptSubmitted,),
+)
+QUOTA_DECIDED = Channel(
+    "kiln.quota.decided.{user}.{request}", "quota's decision, appended to its log before it is published.",
+    events=(QuotaGranted, QuotaDenied),
+)
+RENDER_JOB = Channel(
+    "kiln.render.jobs.{tier}.{user}",
+    "A fully specified render job (a work queue: a job leaves once a worker acks it). One "
+    "subject per user within a tier, so the render queue can take users in turn.",
+    events=(RenderRequested,),
+)
+RENDER_CANCEL = Channel(
+    "kiln.render.cancel.{user}.{request}",
+    "A client's request to drop a job (empty payload). Kept, so a worker that claims the job "
+    "later still sees it.",
+)
+RENDER_EVENT = Channel(
+    "kiln.render.events.{user}.{request}", "render's result of one job, for delivery.",
+    events=(RenderCompleted, RenderFailed),
+)
+RENDER_PROGRESS = Channel(
+    "kiln.render.progress.{user}.{request}",
+    "Step progress and queue place. Plain NATS, not kept: a missed progress event costs nothing.",
+    events=(RenderProgress,), kept=False,
+)
+OUTCOME = Channel(
+    "kiln.outcome.{user}.{request}",
+    "The request's one outcome: QuotaDenied, ImageDelivered or RequestFailed. The subject "
+    "takes one message ever, so a second outcome is refused whoever sends it.",
+    events=TERMINAL,
+)
+CONVERSATION = Channel(
+    "kiln.conversation.{user}.{conversation}",
+    "A conversation's turns, in order: a turn is appended only after the turn its composer read last.",
+    events=(TurnComposed,),
+)
+FLEET_TELEMETRY = Channel(
+    "kiln.fleet.telemetry.{worker}",
+    "A render worker's heartbeat, once a second (plain NATS): quota sheds load by it.",
+    events=(WorkerHeartbeat,), kept=False,
+)
+QUOTA_STATUS = Channel(
+    "kiln.quota.status.{user}", "Request/reply: quota answers with the user's usage today.",
+    kept=False, reply=QuotaStatus,
+)
+QUOTA_PRESSURE = Channel(
+    "kiln.quota.pressure", "Request/reply: quota answers with the fleet pressure it sheds load by.",
+    kept=False, reply=dict[str, str],
+)
+CONTEXT_STYLES = Channel(
+    "kiln.context.styles", "Request/reply: context answers with its style presets (name → title).",
+    kept=False, reply=dict[str, str],
+)
+DEAD_LETTER = Channel(
+    "kiln.deadletter.{service}",
+    "A message a service could not handle, kept as it came with the reason in the "
+    "`Kiln-Dead-Letter-Reason` header and its subject in `Kiln-Original-Subject`.",
+)
 
+ALL_CHANNELS = [
+    PROMPT_SUBMITTED, QUOTA_DECIDED, RENDER_JOB, RENDER_CANCEL, RENDER_EVENT, RENDER_PROGRESS, OUTCOME,
+    CONVERSATION, FLEET_TELEMETRY, QUOTA_STATUS, QUOTA_PRESSURE, CONTEXT_STYLES, DEAD_LETTER,
+]
 
-def outcome(user_id: str, request_id: str) -> str:
-    """The request's one outcome — QuotaDenied, ImageDelivered or RequestFailed — on one
-    subject, so that JetStream can refuse a second one whoever sends it."""
-    return f"kiln.outcome.{user_id}.{request_id}"
-
-
-def conversation(user_id: str, conversation_id: str) -> str:
-    """A conversation's turns (TurnComposed), in order: one subject per conversation, so a
-    turn can be appended only after the turn its composer read last."""
-    return f"kiln.conversation.{user_id}.{conversation_id}"
-
-
-def quota_status(user_id: str) -> str:
-    """Request/reply: quota answers with the user's QuotaStatus for today."""
-    return f"kiln.quota.status.{user_id}"
-
-
-# Request/reply: quota answers with the fleet pressure it sheds load by ({"level", "why"}).
-QUOTA_PRESSURE = "kiln.quota.pressure"
-# Request/reply: context answers with its style presets (name → title).
-CONTEXT_STYLES = "kiln.context.styles"
-
-
-def fleet_telemetry(worker_id: str) -> str:
-    """WorkerHeartbeat: plain NATS, not stored; quota keeps the latest per worker."""
-    return f"kiln.fleet.telemetry.{worker_id}"
-
-
-FLEET_TELEMETRY = "kiln.fleet.telemetry.*"
-
-
-def dead_letter(service: str) -> str:
-    return f"kiln.deadletter.{service}"
+# The subject functions the code calls: `subjects.outcome(user, request)`.
+prompt_submitted = PROMPT_SUBMITTED.subject
+quota_decided = QUOTA_DECIDED.subject
+render_job = RENDER_JOB.subject
+render_cancel = RENDER_CANCEL.subject
+render_event = RENDER_EVENT.subject
+render_progress = RENDER_PROGRESS.subject
+outcome = OUTCOME.subject
+conversation = CONVERSATION.subject
+fleet_telemetry = FLEET_TELEMETRY.subject
+quota_status = QUOTA_STATUS.subject
+dead_letter = DEAD_LETTER.subject
 
 
 @dataclass(frozen=True)
 class Stream:
+    """A JetStream stream keeping one channel."""
+
     name: str
-    subjects: list[str]
-    # Which subject token names the user (checked against the event), if one does.
-    user_token: int | None = None
+    channel: Channel
     retention: RetentionPolicy = RetentionPolicy.LIMITS
     max_age_s: float = 7 * 24 * 3600
     duplicate_window_s: float = 600  # Nats-Msg-Id duplicates dropped within this window
@@ -88,34 +166,79 @@ class Stream:
     # means unlimited): the streams that hold a consumer per user, or per read, say more.
     max_consumers: int | None = None
 
+    @property
+    def subjects(self) -> list[str]:
+        return [self.channel.pattern]
 
-PROMPTS = Stream("KILN_PROMPTS", ["kiln.prompt.submitted.*"], user_token=3)
-QUOTA = Stream("KILN_QUOTA", ["kiln.quota.decided.*.*"], user_token=3)
+    @property
+    def user_token(self) -> int | None:
+        """Which subject token names the user (checked against the event), if one does."""
+        return self.channel.position("user") if "user" in self.channel.tokens else None
+
+
+YEAR_S = 365 * 24 * 3600
+PROMPTS = Stream("KILN_PROMPTS", PROMPT_SUBMITTED)
+QUOTA = Stream("KILN_QUOTA", QUOTA_DECIDED)
 # A work queue: a job leaves the stream once a worker acks it.
 # One consumer per user with jobs waiting (the fair queue).
-RENDER_JOBS = Stream(
-    "KILN_RENDER_JOBS", ["kiln.render.jobs.*.*"], user_token=4, retention=RetentionPolicy.WORK_QUEUE,
-    max_consumers=1_000_000,
-)
-RENDER_CANCELS = Stream("KILN_RENDER_CANCELS", ["kiln.render.cancel.*.*"], user_token=3, max_age_s=24 * 3600)
-RENDER_EVENTS = Stream("KILN_RENDER_EVENTS", ["kiln.render.events.*.*"], user_token=3)
-YEAR_S = 365 * 24 * 3600
+RENDER_JOBS = Stream("KILN_RENDER_JOBS", RENDER_JOB, retention=RetentionPolicy.WORK_QUEUE, max_consumers=1_000_000)
+RENDER_CANCELS = Stream("KILN_RENDER_CANCELS", RENDER_CANCEL, max_age_s=24 * 3600)
+RENDER_EVENTS = Stream("KILN_RENDER_EVENTS", RENDER_EVENT)
 # Kept a year: an edit by id finds its source image's prompt in the source's outcome.
-OUTCOMES = Stream("KILN_OUTCOMES", ["kiln.outcome.*.*"], user_token=2, max_age_s=YEAR_S)
+OUTCOMES = Stream("KILN_OUTCOMES", OUTCOME, max_age_s=YEAR_S)
 # A short-lived consumer per conversation read (context composing a turn).
-CONVERSATIONS = Stream(
-    "KILN_CONVERSATIONS", ["kiln.conversation.*.*"], user_token=2, max_age_s=YEAR_S, max_consumers=100_000
-)
-DEAD_LETTERS = Stream("KILN_DEAD_LETTERS", ["kiln.deadletter.*"], max_age_s=30 * 24 * 3600)
+CONVERSATIONS = Stream("KILN_CONVERSATIONS", CONVERSATION, max_age_s=YEAR_S, max_consumers=100_000)
+DEAD_LETTERS = Stream("KILN_DEAD_LETTERS", DEAD_LETTER, max_age_s=30 * 24 * 3600)
 
 ALL_STREAMS = [PROMPTS, QUOTA, RENDER_JOBS, RENDER_CANCELS, RENDER_EVENTS, OUTCOMES, CONVERSATIONS, DEAD_LETTERS]
 TIERS = ("paid", "free")  # render lanes, in the order workers pull them
 
-IMAGE_BUCKET = "kiln-images"
-# delivery's record of each image: prompt, composition, owner, time (key `<user>.<request>`).
-IMAGE_META_BUCKET = "kiln-image-meta"
+
+def stream_of(channel: Channel) -> Stream | None:
+    """The stream that keeps a channel, if one does."""
+    return next((stream for stream in ALL_STREAMS if stream.channel is channel), None)
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A JetStream key-value bucket or object store."""
+
+    name: str
+    kind: str  # "objects" or "keys"
+    doc: str
+    ttl_s: float | None = None  # entries expire after this (key-value buckets)
+
+
+IMAGES = Bucket(
+    "kiln-images", "objects",
+    "The PNGs: `<user>/<request>.png` (render writes), and masks under `<user>/masks/` (clients write).",
+)
+IMAGE_RECORDS = Bucket(
+    "kiln-image-meta", "keys", "delivery's record of each image (`<user>.<request>`): prompt, composition, owner, time."
+)
+RENDER_ATTEMPTS = Bucket(
+    "kiln-render-attempts", "keys", "Renders started per request (`<user>.<request>`), shared by the fleet.",
+    ttl_s=7 * 24 * 3600,
+)
+ALL_BUCKETS = [IMAGES, IMAGE_RECORDS, RENDER_ATTEMPTS]
+IMAGE_BUCKET = IMAGES.name  # (the name, where an API wants a string)
 
 
 def image_key(user_id: str, request_id: str) -> str:
     """Where a request's PNG lives in the image bucket."""
     return f"{user_id}/{request_id}.png"
+
+
+# Durable consumers: a service's name for its place in a stream, kept by the server.
+DURABLE_QUOTA_PROMPTS = "quota"
+DURABLE_QUOTA_REFUNDS = "quota-refunds"
+DURABLE_CONTEXT = "context"
+DURABLE_DELIVERY = "delivery"
+
+
+def render_consumer(tier: str, user_id: str) -> str:
+    """The render queue's durable consumer for one user's jobs in one tier."""
+    return f"render-{tier}-{user_id}"
+
+
+RENDER_CONSUMER_PREFIX = "render-"

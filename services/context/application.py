@@ -10,10 +10,10 @@ publish the render job. A refusal ends the request as RequestFailed(stage="conte
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
-import msgspec
 from opentelemetry import metrics
-from nats.aio.msg import Msg
 
 from services.context import config as context_config
 from services.context.compose import Refusal, check_submission, compose, render_request, style_in_force, wants_latest_image
@@ -23,6 +23,8 @@ from shared.events import (
     LAST_IMAGE, Composition, ImageDelivered, QuotaDenied, QuotaGranted, RequestFailed, TurnComposed,
 )
 from shared.records import read_outcome, read_turns
+from shared.service import CannotStart
+from shared.settings import Settings
 
 log = logging.getLogger("kiln.context")
 turns = metrics.get_meter("kiln.context").create_counter(
@@ -38,7 +40,16 @@ class Context:
         self.bus = bus
         self.config = config
 
-    async def handle_decision(self, event: QuotaGranted | QuotaDenied, msg: Msg) -> None:
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, settings: Settings, bus: Bus) -> AsyncIterator[Context]:
+        try:
+            config = context_config.load(settings.context_config)
+        except context_config.ConfigError as error:
+            raise CannotStart(f"cannot read its config: {error}") from error
+        yield cls(bus, config)
+
+    async def handle_decision(self, event: QuotaGranted | QuotaDenied) -> None:
         if isinstance(event, QuotaDenied):
             return  # a denial ends the request at quota; nothing to render
         if await self.bus.outcome_recorded(event.user_id, event.request_id):
@@ -79,7 +90,7 @@ class Context:
         if not grant.conversation_id:
             return await self.compose(grant, [])
         for _ in range(MAX_APPEND_TRIES):
-            turns, last_seq = await read_turns(self.bus.js, grant.user_id, grant.conversation_id)
+            turns, last_seq = await read_turns(self.bus, grant.user_id, grant.conversation_id)
             for turn in turns:
                 if turn.request_id == grant.request_id:
                     return turn.composition, turn.prompt  # composed before (a redelivery)
@@ -114,7 +125,7 @@ class Context:
         """The newest image of the conversation. If the newest turn is still being drawn,
         the user means that one: refuse rather than edit an older image."""
         for turn in reversed(turns[-LATEST_IMAGE_LOOKBACK:]):
-            outcome = await read_outcome(self.bus.js, grant.user_id, turn.request_id)
+            outcome = await read_outcome(self.bus, grant.user_id, turn.request_id)
             if outcome is None and turn is turns[-1]:
                 raise Refusal("still_drawing", "the last image is still being drawn; ask again once it is there")
             if isinstance(outcome, ImageDelivered):
@@ -123,14 +134,14 @@ class Context:
 
     async def image(self, user_id: str, request_id: str) -> tuple[str, Composition] | None:
         """The user's image from that request, with what it shows; None if it has none."""
-        outcome = await read_outcome(self.bus.js, user_id, request_id)
+        outcome = await read_outcome(self.bus, user_id, request_id)
         if not isinstance(outcome, ImageDelivered):
             return None
         return request_id, _composition(outcome)
 
-    async def answer_styles(self, msg: Msg) -> None:
-        styles = {name: style.title for name, style in self.config.styles.items()}
-        await msg.respond(msgspec.json.encode(styles))
+    async def answer_styles(self, subject: str) -> dict[str, str]:
+        """The answer to `kiln.context.styles`: the style presets, name → title."""
+        return {name: style.title for name, style in self.config.styles.items()}
 
 
 

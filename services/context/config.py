@@ -4,7 +4,6 @@ file stops the service at start with a message naming the key."""
 
 from __future__ import annotations
 
-import os
 import re
 import tomllib
 from functools import cached_property
@@ -12,7 +11,6 @@ from pathlib import Path
 
 import msgspec
 
-DEFAULT_FILE = Path(__file__).with_name("context.toml")
 
 
 class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -48,8 +46,7 @@ class ConfigError(Exception):
     pass
 
 
-def load(path: Path | None = None) -> Config:
-    path = path or Path(os.environ.get("KILN_CONTEXT_CONFIG") or DEFAULT_FILE)
+def load(path: Path) -> Config:
     try:
         config = msgspec.convert(tomllib.loads(path.read_text()), Config)
     except (OSError, tomllib.TOMLDecodeError, msgspec.ValidationError) as error:

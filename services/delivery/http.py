@@ -42,7 +42,7 @@ from kiln.client import KilnClient, ServiceUnavailable
 from services.delivery.links import LinkError, Links, image_subject
 from services.delivery.image_records import ImageRecords
 from shared.bus import Bus
-from shared.events import ID_PATTERN, ImageDelivered, PromptSubmitted, QuotaDenied, RenderProgress, check_ids
+from shared.events import DEFAULT_SIZE, DEFAULT_STEPS, ID_PATTERN, ImageDelivered, PromptSubmitted, QuotaDenied, RenderProgress, check_ids
 from shared.records import Outcome
 from shared.settings import Settings
 from shared.telemetry import trace_id_of, user_ref
@@ -63,8 +63,8 @@ class GenerateBody(msgspec.Struct, forbid_unknown_fields=True):
     style: str | None = None
     edit_of: str | None = None
     strength: float = 0.8
-    size: int = 32
-    steps: int = 20
+    size: int = DEFAULT_SIZE
+    steps: int = DEFAULT_STEPS
 
 
 class ShareBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -81,7 +81,7 @@ class Site:
 
     @property
     def client(self) -> KilnClient:
-        return KilnClient(self.bus.nc)  # the SDK on the service's own connection
+        return KilnClient(self.bus)  # the SDK on the service's own connection
 
     def user(self, request: Request) -> str | None:
         return self.links.signer.session_user(request.cookies.get(SESSION_COOKIE), time.time())
@@ -120,7 +120,7 @@ def create_app(site: Site) -> Starlette:
         token = site.links.signer.session(user_id, int(time.time()) + SESSION_TTL_S)
         response.set_cookie(
             SESSION_COOKIE, token, max_age=SESSION_TTL_S, httponly=True, samesite="strict",
-            secure=site.settings.public_url.startswith("https://"),
+            secure=site.settings.base_url.startswith("https://"),
         )
         return response
 
@@ -232,7 +232,7 @@ def create_app(site: Site) -> Starlette:
         return FileResponse(PLAYGROUND / "index.html")
 
     async def healthz(request: Request) -> Response:
-        ok = site.bus.nc.is_connected
+        ok = site.bus.is_connected
         return JSONResponse({"nats": "connected" if ok else "disconnected"}, status_code=200 if ok else 503)
 
     return Starlette(

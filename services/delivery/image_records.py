@@ -7,12 +7,9 @@ from datetime import datetime
 
 import msgspec
 import nats.js.errors
-from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
 from shared.events import Composition, utcnow
-from shared.subjects import IMAGE_META_BUCKET
 
 
 class ImageRecord(msgspec.Struct, kw_only=True):
@@ -29,14 +26,6 @@ class ImageRecord(msgspec.Struct, kw_only=True):
 class ImageRecords:
     def __init__(self, kv: KeyValue) -> None:
         self.kv = kv
-
-    @classmethod
-    async def open(cls, js: JetStreamContext) -> ImageRecords:
-        try:
-            kv = await js.key_value(IMAGE_META_BUCKET)
-        except nats.js.errors.BucketNotFoundError:
-            kv = await js.create_key_value(KeyValueConfig(bucket=IMAGE_META_BUCKET, storage=StorageType.FILE))
-        return cls(kv)
 
     async def put(self, record: ImageRecord) -> None:
         await self.kv.put(_key(record.user_id, record.request_id), msgspec.json.encode(record))

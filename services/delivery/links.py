@@ -19,7 +19,6 @@ from urllib.parse import urlencode
 
 Purpose = Literal["download", "share", "session"]
 SECRET_BYTES = 32
-MIN_SECRET_CHARS = 32
 EXPIRY = re.compile(r"[0-9]{1,12}")  # seconds since 1970; ASCII digits only
 
 
@@ -35,12 +34,11 @@ class Expired(LinkError):
     status = 410
 
 
-def load_secret(data_dir: Path) -> bytes:
-    """KILN_LINK_SECRET if set (every delivery replica must share it), else a secret made
-    once and kept in the data folder, so links stay valid across restarts."""
-    if configured := os.environ.get("KILN_LINK_SECRET"):
-        if len(configured) < MIN_SECRET_CHARS:
-            raise ValueError(f"KILN_LINK_SECRET must be at least {MIN_SECRET_CHARS} characters")
+def load_secret(configured: str | None, data_dir: Path) -> bytes:
+    """KILN_LINK_SECRET if set (every delivery replica must share it; the settings check its
+    length), else a secret made once and kept in the data folder, so links stay valid
+    across restarts."""
+    if configured:
         return configured.encode()
     path = data_dir / "delivery" / "link-secret"
     if not path.exists():

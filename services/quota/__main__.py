@@ -1,60 +1,22 @@
 """Entry point: `python -m services.quota` (run several for more throughput or redundancy)."""
 
-from __future__ import annotations
-
-import asyncio
-import functools
-import os
-import sys
-
-from services.quota import log as quota_log
-from services.quota import metrics, plans
-from services.quota.application import QuotaService
-from services.quota.migrate import upgrade
-from services.quota.pressure import FleetMonitor
-from services.quota.relay import run_relay
+from services.quota.application import QuotaService as Quota
 from shared import service, subjects
-from shared.bus import Bus
-from shared.events import ImageDelivered, PromptSubmitted, QuotaDenied, RequestFailed
-from shared.settings import Settings
+from shared.service import Answer, Consume, Listen, Service
 
-# Prompts decided in one transaction, at most.
-PROMPT_BATCH = int(os.environ.get("KILN_QUOTA_BATCH", 256))
-
-
-async def serve(settings: Settings, bus: Bus, stop: asyncio.Event, *, config: plans.Config) -> None:
-    await asyncio.to_thread(upgrade, settings.database_url)
-    pool = await quota_log.connect(settings.database_url)
-    try:
-        fleet = FleetMonitor(config.pressure)
-        await fleet.watch(bus.nc)
-        metrics.watch_pressure(fleet)
-        quota = QuotaService(pool, bus, config, fleet)
-        # Users are subject tokens (checked where they enter), so one token is one user.
-        await bus.nc.subscribe(subjects.quota_status("*"), queue="quota", cb=quota.answer_status)
-        await bus.nc.subscribe(subjects.QUOTA_PRESSURE, queue="quota", cb=quota.answer_pressure)
-        await asyncio.gather(
-            bus.consume_batches(
-                subjects.PROMPTS, "quota", quota.handle_prompts, stop,
-                accepts=(PromptSubmitted,), batch=PROMPT_BATCH,
-            ),
-            bus.consume(
-                subjects.OUTCOMES, "quota-refunds", quota.handle_outcome, stop,
-                accepts=(QuotaDenied, ImageDelivered, RequestFailed), batch=64,
-            ),
-            run_relay(pool, bus, stop),
-        )
-    finally:
-        await pool.close()
-
-
-def main() -> None:
-    try:
-        config = plans.load()
-    except plans.ConfigError as error:
-        sys.exit(f"quota: cannot read the plans: {error}")
-    service.run("quota", functools.partial(serve, config=config))
-
+SERVICE = Service(
+    name="quota",
+    open=Quota.open,
+    consumes=(
+        Consume(subjects.PROMPTS, subjects.DURABLE_QUOTA_PROMPTS, Quota.handle_prompts, batch=lambda s: s.quota_batch),
+        Consume(subjects.OUTCOMES, subjects.DURABLE_QUOTA_REFUNDS, Quota.handle_outcome, batch=64),
+    ),
+    answers=(Answer(subjects.QUOTA_STATUS, Quota.answer_status), Answer(subjects.QUOTA_PRESSURE, Quota.answer_pressure)),
+    listens=(Listen(subjects.FLEET_TELEMETRY, Quota.hear_heartbeat),),
+    publishes=(subjects.QUOTA_DECIDED, subjects.OUTCOME),
+    reads=(subjects.OUTCOMES,),
+    tasks=(Quota.relay,),
+)
 
 if __name__ == "__main__":
-    main()
+    service.run(SERVICE)

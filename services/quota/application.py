@@ -21,25 +21,32 @@ import logging
 import os
 import socket
 import time
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
-from collections.abc import Coroutine
 from typing import Any
 
 import asyncpg
 import msgspec
-from nats.aio.msg import Msg
 from opentelemetry import trace
 
 from services.quota import log as quota_log
-from services.quota import metrics
-from services.quota import policy
+from services.quota import metrics, plans, policy
 from services.quota.events import Decision, QuotaRefunded
+from services.quota.migrate import upgrade
 from services.quota.plans import DEFAULT_PLAN, Config
 from services.quota.pressure import FleetMonitor
+from services.quota.relay import POLL_S as RELAY_POLL_S
+from services.quota.relay import publish_decision, relay_once
 from shared import subjects
-from shared.bus import Bus, Delivery
+from shared.bus import Bus, Message
+from shared.consuming import Received
+from shared.events import (
+    ID_PATTERN, ImageDelivered, PromptSubmitted, QuotaDenied, QuotaGranted, QuotaStatus, RequestFailed, as_utc,
+)
 from shared.failpoints import failpoint
-from shared.events import ID_PATTERN, ImageDelivered, PromptSubmitted, QuotaDenied, QuotaGranted, QuotaStatus, RequestFailed
+from shared.service import CannotStart, sleep_unless_stopped
+from shared.settings import Settings
 
 logger = logging.getLogger("kiln.quota")
 
@@ -56,9 +63,26 @@ class QuotaService:
         self.fleet = fleet
         self._tasks: set[asyncio.Task] = set()
 
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, settings: Settings, bus: Bus) -> AsyncIterator[QuotaService]:
+        """Read the plans, bring the log's schema up to date, connect to it."""
+        try:
+            config = plans.load(settings.plans_file)
+        except plans.ConfigError as error:
+            raise CannotStart(f"cannot read the plans: {error}") from error
+        await asyncio.to_thread(upgrade, settings.database_address)
+        pool = await quota_log.connect(settings.database_address)
+        try:
+            fleet = FleetMonitor(config.pressure)
+            metrics.watch_pressure(fleet)
+            yield cls(pool, bus, config, fleet)
+        finally:
+            await pool.close()
+
     # -- prompts --------------------------------------------------------------------------
 
-    async def handle_prompts(self, batch: list[Delivery]) -> None:
+    async def handle_prompts(self, batch: list[Received[PromptSubmitted]]) -> None:
         # 1. A request that has ended already stays ended.
         ended = await asyncio.gather(*(self._ended(d) for d in batch))
         live = [d for d, done in zip(batch, ended) if not done]
@@ -81,7 +105,7 @@ class QuotaService:
 
     def _trace_append(
         self,
-        batch: list[Delivery],
+        batch: list[Received],
         decisions: dict[tuple[str, str], Decision],
         new: set[tuple[str, str]],
         started: int,
@@ -115,21 +139,18 @@ class QuotaService:
         if not task.cancelled() and task.exception() is not None:
             logger.warning("background work failed (the relay will cover it): %r", task.exception())
 
-    async def _ended(self, delivery: Delivery) -> bool:
+    async def _ended(self, delivery: Received) -> bool:
         """Whether the request has an outcome already. Only a copy that has been around can
         find one: quota gives a request up only after minutes of retries, and clients check
         for an outcome before sending a prompt again. So a fresh prompt on its first
         delivery (the common case, at full load) is not looked up."""
-        submitted = delivery.event.submitted_at
-        if submitted.tzinfo is None:
-            submitted = submitted.replace(tzinfo=timezone.utc)  # a client that sent no zone
-        fresh = datetime.now(timezone.utc) - submitted < FRESH
-        if fresh and delivery.msg.metadata.num_delivered == 1:
+        fresh = datetime.now(timezone.utc) - as_utc(delivery.event.submitted_at) < FRESH
+        if fresh and delivery.attempt == 1:
             return False
         return await self.bus.outcome_recorded(delivery.event.user_id, delivery.event.request_id)
 
     async def decide(
-        self, batch: list[Delivery]
+        self, batch: list[Received]
     ) -> tuple[dict[tuple[str, str], Decision], list[int], list[Decision]]:
         """Each request's decision (recorded before, or made and appended now), the log
         positions of the new ones, and the new ones."""
@@ -148,7 +169,7 @@ class QuotaService:
 
     def _decide_new(
         self,
-        batch: list[Delivery],
+        batch: list[Received],
         decisions: dict[tuple[str, str], Decision],
         users: dict[str, quota_log.UserRecord],
         now: datetime,
@@ -195,13 +216,13 @@ class QuotaService:
             )
         return entries
 
-    async def _publish(self, delivery: Delivery, decision: Decision) -> None:
+    async def _publish(self, delivery: Received, decision: Decision) -> None:
         with trace.use_span(delivery.span):  # the decision continues the request's trace
             await publish_decision(self.bus, decision)
 
     # -- refunds --------------------------------------------------------------------------
 
-    async def handle_outcome(self, outcome: QuotaDenied | ImageDelivered | RequestFailed, _msg: Any) -> None:
+    async def handle_outcome(self, outcome: QuotaDenied | ImageDelivered | RequestFailed) -> None:
         metrics.count_outcome(outcome)
         if not isinstance(outcome, RequestFailed):
             return
@@ -225,25 +246,36 @@ class QuotaService:
 
     # -- status ---------------------------------------------------------------------------
 
-    async def answer_status(self, msg: Msg) -> None:
-        """Reply to `kiln.quota.status.<user>` with the user's QuotaStatus for today, or
-        with `{"error": …}`: a caller always hears back."""
-        user_id = msg.subject.rsplit(".", 1)[-1]
+    async def answer_status(self, subject: str) -> QuotaStatus | dict[str, str]:
+        """The answer to `kiln.quota.status.<user>`: the user's QuotaStatus for today, or
+        `{"error": …}` saying why not."""
+        user_id = subjects.QUOTA_STATUS.value(subject, "user")
         if not ID_PATTERN.match(user_id):
-            await msg.respond(msgspec.json.encode({"error": f"not a user id: {user_id!r}"}))
-            return
+            return {"error": f"not a user id: {user_id!r}"}
         try:
-            status = await self.status(user_id)
+            return await self.status(user_id)
         except (OSError, asyncpg.PostgresError) as error:
             logger.warning("quota status for %s: %r", user_id, error)
-            await msg.respond(msgspec.json.encode({"error": "quota's database is unavailable; try again shortly"}))
-            return
-        await msg.respond(msgspec.json.encode(status))
+            return {"error": "quota's database is unavailable; try again shortly"}
 
-    async def answer_pressure(self, msg: Msg) -> None:
-        """Reply to `kiln.quota.pressure` with the level quota sheds load by, and why."""
+    async def answer_pressure(self, subject: str) -> dict[str, str]:
+        """The answer to `kiln.quota.pressure`: the level quota sheds load by, and why."""
         level, why = self.fleet.level()
-        await msg.respond(msgspec.json.encode({"level": level, "why": why}))
+        return {"level": level, "why": why}
+
+    async def hear_heartbeat(self, message: Message) -> None:
+        self.fleet.hear(message.data, message.subject)
+
+    # -- the outbox relay -----------------------------------------------------------------
+
+    async def relay(self, stop: asyncio.Event) -> None:
+        """Publish, every second, decisions a crash left committed but unpublished."""
+        while not stop.is_set():
+            try:
+                await relay_once(self.pool, self.bus)
+            except Exception as error:  # noqa: BLE001 — the database or bus is down: try again later
+                logger.warning("relay round failed, will retry: %r", error)
+            await sleep_unless_stopped(stop, RELAY_POLL_S)
 
     async def status(self, user_id: str) -> QuotaStatus:
         now = datetime.now(timezone.utc)
@@ -256,17 +288,6 @@ class QuotaService:
             user_id=user_id, plan=plan_name, used=usage.used,
             limit=policy.daily_limit(self.config.plan(plan_name), usage),
             day=day, resets_at=policy.next_utc_midnight(now),
-        )
-
-
-async def publish_decision(bus: Bus, decision: Decision) -> None:
-    """Publish a logged decision; JetStream refuses a second copy on the request's subject."""
-    await bus.publish(
-        subjects.quota_decided(decision.user_id, decision.request_id), decision, first_on_subject=True
-    )
-    if isinstance(decision, QuotaDenied):  # a denial is the request's outcome
-        await bus.publish(
-            subjects.outcome(decision.user_id, decision.request_id), decision, first_on_subject=True
         )
 
 

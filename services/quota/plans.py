@@ -4,7 +4,6 @@ message naming the key, not at the first request."""
 
 from __future__ import annotations
 
-import os
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -13,7 +12,6 @@ import msgspec
 
 from shared.events import Pressure
 
-DEFAULT_FILE = Path(__file__).with_name("plans.toml")
 DEFAULT_PLAN = "free"
 PRESSURE_LEVELS: tuple[Pressure, ...] = ("normal", "elevated", "critical")
 
@@ -77,9 +75,8 @@ class ConfigError(Exception):
     pass
 
 
-def load(path: Path | None = None) -> Config:
+def load(path: Path) -> Config:
     """Read the plans file; raise ConfigError naming the file and what is wrong."""
-    path = path or Path(os.environ.get("KILN_PLANS") or DEFAULT_FILE)
     try:
         config = msgspec.convert(tomllib.loads(path.read_text()), Config)
     except (OSError, tomllib.TOMLDecodeError, msgspec.ValidationError, ValueError) as error:

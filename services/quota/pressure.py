@@ -10,11 +10,8 @@ import logging
 import time
 
 import msgspec
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 
 from services.quota.plans import PRESSURE_LEVELS, PressureRules
-from shared import subjects
 from shared.events import Pressure, WorkerHeartbeat
 
 log = logging.getLogger("kiln.quota.pressure")
@@ -43,14 +40,12 @@ class FleetMonitor:
         self._decoder = msgspec.json.Decoder(WorkerHeartbeat)
         self._last_level: Pressure = "normal"
 
-    async def watch(self, nc: NATS) -> None:
-        await nc.subscribe(subjects.FLEET_TELEMETRY, cb=self._on_heartbeat)
-
-    async def _on_heartbeat(self, msg: Msg) -> None:
+    def hear(self, data: bytes, subject: str) -> None:
+        """A heartbeat as it came off the bus."""
         try:
-            beat = self._decoder.decode(msg.data)
+            beat = self._decoder.decode(data)
         except msgspec.DecodeError as error:
-            log.warning("ignoring a heartbeat that does not decode on %s: %s", msg.subject, error)
+            log.warning("ignoring a heartbeat that does not decode on %s: %s", subject, error)
             return
         self.record(beat)
 

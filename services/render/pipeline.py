@@ -51,7 +51,7 @@ def batch_key(job: RenderRequested) -> tuple:
 
 
 class Renderer:
-    def __init__(self, model_path: Path) -> None:
+    def __init__(self, model_path: Path, threads: int | None = None) -> None:
         quiet_model_libraries()
         import torch
         from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
@@ -62,8 +62,8 @@ class Renderer:
                 "set KILN_MODEL to a local pipeline folder"
             )
         self.torch = torch
-        if os.environ.get("KILN_RENDER_THREADS"):  # CPU workers sharing a host: one share each
-            torch.set_num_threads(int(os.environ["KILN_RENDER_THREADS"]))
+        if threads is not None:  # CPU workers sharing a host: one share each
+            torch.set_num_threads(threads)
         # `--gpu N` pins the process to one GPU through CUDA_VISIBLE_DEVICES: it sees cuda:0.
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.float16 if self.device == "cuda" else torch.float32

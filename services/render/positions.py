@@ -17,13 +17,12 @@ import time
 import msgspec
 import nats.errors
 import nats.js.errors
-from nats.aio.msg import Msg
 
-from services.render.queue import STREAM, JobQueue, Waiting, fair_order
+from services.render.queue import JobQueue, Waiting, fair_order
 from shared import subjects
 from shared.bus import Bus
+from shared.events import RenderProgress, RenderRequested, WorkerHeartbeat
 from shared.service import sleep_unless_stopped
-from shared.events import RenderProgress, RenderRequested, WorkerHeartbeat, decode
 
 log = logging.getLogger("kiln.render.positions")
 
@@ -40,24 +39,25 @@ class QueueReporter:
         self.heard: dict[str, tuple[float, WorkerHeartbeat]] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
-        subscription = await self.bus.nc.subscribe(subjects.FLEET_TELEMETRY, cb=self._on_heartbeat)
-        try:
-            while not stop.is_set():
-                if self.is_reporter():
-                    try:
-                        await self.report()
-                    except (nats.errors.Error, nats.js.errors.Error) as error:
-                        log.warning("queue positions not reported: %s", error)
-                await sleep_unless_stopped(stop, REPORT_S)
-        finally:
-            await subscription.unsubscribe()
+        while not stop.is_set():
+            if self.is_reporter():
+                try:
+                    await self.report()
+                except (nats.errors.Error, nats.js.errors.Error) as error:
+                    log.warning("queue positions not reported: %s", error)
+            await sleep_unless_stopped(stop, REPORT_S)
 
-    async def _on_heartbeat(self, msg: Msg) -> None:
+    def hear(self, data: bytes) -> None:
+        """A worker's heartbeat: who else is reporting, and how fast the fleet draws."""
         try:
-            beat = msgspec.json.decode(msg.data, type=WorkerHeartbeat)
+            beat = msgspec.json.decode(data, type=WorkerHeartbeat)
         except msgspec.DecodeError:
             return
         self.heard[beat.worker_id] = (time.monotonic(), beat)
+        # Forget workers long gone, so the map holds the live fleet only.
+        cutoff = time.monotonic() - 10 * FRESH_S
+        for worker in [w for w, (at, _) in self.heard.items() if at < cutoff]:
+            del self.heard[worker]
 
     def _fresh(self) -> list[WorkerHeartbeat]:
         cutoff = time.monotonic() - FRESH_S
@@ -81,7 +81,7 @@ class QueueReporter:
                 step=0, total_steps=job.steps, state="queued", queue_position=place,
                 eta_s=round(place / rate, 1) if rate > 0 else None,
             )
-            await self.bus.announce(subjects.render_progress(job.user_id, job.request_id), queued)
+            await self.bus.publish_plain(subjects.render_progress(job.user_id, job.request_id), queued)
 
     async def _jobs(self, wanted: list[tuple[Waiting, int]]) -> dict[str, list[RenderRequested]]:
         """Each user's first waiting jobs, up to the index wanted, in stream order (plain
@@ -90,14 +90,13 @@ class QueueReporter:
         for w, last_index in wanted:
             subject, seq, found = subjects.render_job(w.tier, w.user_id), w.after_seq + 1, []
             while len(found) <= last_index:
-                try:
-                    raw = await self.bus.js.get_msg(STREAM, seq=seq, subject=subject, next=True)
-                except nats.js.errors.NotFoundError:
+                stored = await self.bus.next_stored(subjects.RENDER_JOBS, subject, seq)
+                if stored is None:
                     break
                 try:
-                    found.append(decode(raw.data, (raw.headers or {}).get("Content-Type")))
+                    found.append(stored.event())
                 except msgspec.DecodeError:
                     pass  # the worker that claims it dead-letters it
-                seq = raw.seq + 1
+                seq = stored.seq + 1
             jobs[w.consumer] = [job for job in found if isinstance(job, RenderRequested)]
         return jobs

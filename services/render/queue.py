@@ -14,28 +14,21 @@ for longer than `ack_wait`. A job published just after the delete simply gets a 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
 
-import msgspec
-import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 
 from shared import subjects
 from shared.bus import Bus
-from shared.events import decode
 
 log = logging.getLogger("kiln.render.queue")
 
-STREAM = subjects.RENDER_JOBS.name
-CLAIM_TIMEOUT_S = 5.0
 MAX_CONSUMERS_REACHED = 10026  # JetStream's error code
 NO_ROOM_PAUSE_S = 5.0
-LEGACY_CONSUMER = "render"  # one consumer for every job (before users took turns)
 
 
 @dataclass
@@ -51,8 +44,7 @@ class Waiting:
         return consumer_name(self.tier, self.user_id)
 
 
-def consumer_name(tier: str, user_id: str) -> str:
-    return f"render-{tier}-{user_id}"
+consumer_name = subjects.render_consumer
 
 
 def fair_order(waiting: list[Waiting], last_served: dict[str, float], limit: int) -> list[tuple[Waiting, int]]:
@@ -94,25 +86,13 @@ class JobQueue:
         self._empty_since: dict[str, float] = {}  # consumer → when this worker first saw it idle
         self._no_room_until = 0.0  # the stream refused a consumer: ask again after this
 
-    async def prepare(self) -> None:
-        """Upgrading from one consumer for every job (before users took turns): remove it,
-        as the stream refuses per-user consumers beside it, and re-file the jobs left on
-        the old per-tier subjects. Stop the old render workers first."""
-        try:
-            await self.bus.js.delete_consumer(STREAM, LEGACY_CONSUMER)
-        except nats.js.errors.NotFoundError:
-            pass
-        info = await self.bus.js.stream_info(STREAM, subjects_filter="kiln.render.jobs.*")
-        for subject in info.state.subjects or {}:
-            await self._refile(subject)
-
     async def waiting(self) -> list[Waiting]:
         """Who has jobs waiting, and how many each. Creates a consumer for a user with jobs
         and none yet; removes one that has been idle for longer than `ack_wait`."""
-        consumers = {c.name: c for c in await self._all_consumers() if c.name.startswith("render-")}
-        info = await self.bus.js.stream_info(STREAM, subjects_filter="kiln.render.jobs.*.*")
+        consumers = {c.name: c for c in await self._all_consumers()}
+        counts = await self.bus.subject_counts(subjects.RENDER_JOBS, subjects.RENDER_JOB.pattern)
         result, with_jobs, now = [], set(), time.monotonic()
-        for subject, count in (info.state.subjects or {}).items():
+        for subject, count in counts.items():
             tier, user_id = subject.split(".")[3:5]
             with_jobs.add(consumer_name(tier, user_id))
             if consumer_name(tier, user_id) not in consumers and await self._create(tier, user_id):
@@ -145,21 +125,16 @@ class JobQueue:
         """Jobs not yet handed to a worker, per tier."""
         depth = {tier: 0 for tier in subjects.TIERS}
         for consumer in await self._all_consumers():
-            if consumer.name.startswith("render-"):
-                tier = consumer.name.split("-", 2)[1]
-                depth[tier] = depth.get(tier, 0) + consumer.num_pending
+            tier = consumer.name.split("-", 2)[1]
+            depth[tier] = depth.get(tier, 0) + consumer.num_pending
         return depth
 
     # -- JetStream --------------------------------------------------------------------------
 
-    async def _all_consumers(self) -> list:
-        consumers, offset = [], 0
-        while True:
-            page = await self.bus.js.consumers_info(STREAM, offset=offset)
-            consumers += page
-            if len(page) < 256:  # JetStream's page size
-                return consumers
-            offset += len(page)
+    async def _all_consumers(self) -> list[ConsumerInfo]:
+        """The queue's per-user consumers."""
+        consumers = await self.bus.consumers(subjects.RENDER_JOBS)
+        return [c for c in consumers if c.name.startswith(subjects.RENDER_CONSUMER_PREFIX)]
 
     async def _create(self, tier: str, user_id: str) -> bool:
         """A consumer for the user's jobs; False if the stream has no room for one now
@@ -176,7 +151,7 @@ class JobQueue:
             max_deliver=self.max_deliver,
         )
         try:
-            await self.bus.js.add_consumer(STREAM, config)  # two workers creating it at once is fine
+            await self.bus.add_consumer(subjects.RENDER_JOBS, config)  # two workers creating it at once is fine
         except nats.js.errors.BadRequestError as error:
             if error.err_code != MAX_CONSUMERS_REACHED:
                 raise
@@ -187,46 +162,8 @@ class JobQueue:
 
     async def _delete(self, name: str) -> None:
         self._empty_since.pop(name, None)
-        try:
-            await self.bus.js.delete_consumer(STREAM, name)
-        except nats.js.errors.NotFoundError:
-            pass  # another worker was first
-
-    async def _refile(self, subject: str) -> None:
-        """Move the jobs on an old `kiln.render.jobs.<tier>` subject to their user's subject."""
-        tier, seq = subject.split(".")[3], 1
-        while True:
-            try:
-                raw = await self.bus.js.get_msg(STREAM, seq=seq, subject=subject, next=True)
-            except nats.js.errors.NotFoundError:
-                return
-            try:
-                job = decode(raw.data or b"", (raw.headers or {}).get("Content-Type"))
-                await self.bus.js.publish(subjects.render_job(tier, job.user_id), raw.data or b"", headers=raw.headers)
-            except msgspec.DecodeError:
-                log.warning("dropped an undecodable job left on %s", subject)
-            await self.bus.js.delete_msg(STREAM, raw.seq)
-            seq = raw.seq + 1
+        await self.bus.delete_consumer(subjects.RENDER_JOBS, name)  # (another worker may have been first)
 
     async def _next(self, consumer: str, count: int) -> list[Msg]:
         """Up to `count` messages that are waiting now; never waits for new ones."""
-        nc = self.bus.nc
-        inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox)
-        request = json.dumps({"batch": count, "no_wait": True}).encode()
-        messages: list[Msg] = []
-        try:
-            await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{consumer}", request, reply=inbox)
-            while len(messages) < count:
-                try:
-                    # The server answers a no-wait pull at once; the timeout only guards
-                    # against a lost reply (a late message would come back after ack_wait).
-                    msg = await sub.next_msg(timeout=CLAIM_TIMEOUT_S)
-                except nats.errors.TimeoutError:
-                    break
-                if msg.headers and msg.headers.get("Status"):  # 404 no messages, 408 expired
-                    break
-                messages.append(msg)
-        finally:
-            await sub.unsubscribe()
-        return messages
+        return await self.bus.pull_now(subjects.RENDER_JOBS, consumer, count)

@@ -67,12 +67,12 @@ class Gpu:
         )
 
 
-def injected_temperature() -> float | None:
-    path = os.environ.get("KILN_INJECT_GPU_TEMPERATURE")
-    if not path:
+def injected_temperature(path: Path | None) -> float | None:
+    """The temperature written in `path` (KILN_INJECT_GPU_TEMPERATURE), read each time."""
+    if path is None:
         return None
     try:
-        return float(Path(path).read_text().strip())
+        return float(path.read_text().strip())
     except (OSError, ValueError):
         return None
 

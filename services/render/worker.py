@@ -24,12 +24,11 @@ import json
 import logging
 import time
 from contextlib import AbstractContextManager
-from datetime import datetime, timezone
+from datetime import datetime
 
 import nats.errors
 import nats.js.errors
-from nats.aio.msg import Msg
-from nats.js.api import KeyValueConfig, ObjectMeta
+from nats.js.api import ObjectMeta
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 from opentelemetry import trace
@@ -38,11 +37,12 @@ from PIL import Image
 from services.render import metrics
 from services.render.pipeline import Cancelled, Renderer, batch_key
 from services.render.queue import JobQueue
-from services.render.telemetry import Throughput
+from services.render.status import Throughput, WorkerStatus
 from services.render.thermal import ThermalGuard
-from shared import subjects
-from shared.bus import MAX_BACKOFF_S, Bus, Delivery
-from shared.events import RenderCompleted, RenderFailed, RenderProgress, RenderRequested, utcnow
+from shared import consuming, subjects
+from shared.bus import Bus
+from shared.consuming import Received
+from shared.events import RenderCompleted, RenderFailed, RenderProgress, RenderRequested, as_utc, utcnow
 from shared.failpoints import failpoint
 from shared.service import sleep_unless_stopped
 from shared.telemetry import context_from_headers
@@ -67,17 +67,8 @@ class Attempts:
     attempt; a job handed back unstarted (drain, heat) does not, unlike JetStream's
     delivery count."""
 
-    BUCKET = "kiln-render-attempts"
-
     def __init__(self, kv: KeyValue) -> None:
         self.kv = kv
-
-    @classmethod
-    async def open(cls, bus: Bus) -> Attempts:
-        try:
-            return cls(await bus.js.key_value(cls.BUCKET))
-        except nats.js.errors.BucketNotFoundError:
-            return cls(await bus.js.create_key_value(KeyValueConfig(bucket=cls.BUCKET, ttl=7 * 24 * 3600)))
 
     async def start(self, job: RenderRequested) -> int:
         """Count a render of `job` starting; return which attempt it is (1, 2, …)."""
@@ -114,19 +105,29 @@ class RenderWorker:
         # Tell JetStream well before `ack_wait` that the jobs in hand are being worked on.
         self.in_progress_s = min(10.0, queue.ack_wait_s / 3)
         self.throughput = Throughput()
-        self.held: list[Delivery] = []  # claimed, not yet in a batch
+        self.held: list[Received] = []  # claimed, not yet in a batch
         self.cancelled: set[str] = set()  # "<user>.<request>" seen on the cancel subject
         self._new_work = asyncio.Event()
         self._queued_ms: dict[str, float] = {}  # request → from its request to its batch's start
         self._finishing: asyncio.Future | None = None  # the last batch's stores and reports
         self._storing: set[int] = set()  # the jobs (by id()) whose image is being stored
 
+    def status(self) -> WorkerStatus:
+        """What the heartbeat reports of this worker."""
+        return WorkerStatus(
+            worker_id=self.worker_id, device=self.renderer.device, model=self.renderer.model,
+            batch_limit=self.guard.batch_limit(), temperature_c=self.guard.temperature(),
+            images_per_s=self.throughput.per_second(),
+        )
+
+    def job_published(self) -> None:
+        """A job was published somewhere in the queue: look for work now."""
+        self._new_work.set()
+
+    def cancel_requested(self, user_id: str, request_id: str) -> None:
+        self.cancelled.add(f"{user_id}.{request_id}")
+
     async def run(self, stop: asyncio.Event) -> None:
-        subscriptions = [
-            await self.bus.nc.subscribe("kiln.render.jobs.>", cb=self._on_job_published),
-            await self.bus.nc.subscribe("kiln.render.cancel.>", cb=self._on_cancel),
-        ]
-        await self.queue.prepare()
         try:
             while not stop.is_set():
                 limit = self.guard.batch_limit()
@@ -148,12 +149,10 @@ class RenderWorker:
             except nats.errors.Error as error:
                 log.warning("bus error, jobs will be redelivered: %s", error)
             await self._hand_back()
-            for subscription in subscriptions:
-                await subscription.unsubscribe()
 
     # -- intake -----------------------------------------------------------------------------
 
-    async def _next_batch(self, limit: int, stop: asyncio.Event) -> list[Delivery]:
+    async def _next_batch(self, limit: int, stop: asyncio.Event) -> list[Received]:
         """Up to `limit` compatible jobs: as soon as that many are here, or once the oldest
         has waited `max_wait_s` for company."""
         first_at: float | None = None
@@ -162,7 +161,7 @@ class RenderWorker:
             room = limit - len(self.held)  # never hold more than one batch's worth
             if room > 0:
                 claimed = await self.queue.claim(room)
-                self.held += await self.bus.checked(claimed, subjects.RENDER_JOBS, (RenderRequested,), MAX_DELIVERIES)
+                self.held += await consuming.checked(self.bus, claimed, subjects.RENDER_JOBS, (RenderRequested,), MAX_DELIVERIES)
             if not self.held:
                 first_at = None
                 await self.finish_previous()  # nothing to render meanwhile
@@ -189,21 +188,15 @@ class RenderWorker:
             log.info("handed back %d jobs", len(self.held))
         self.held = []
 
-    async def _on_job_published(self, msg: Msg) -> None:
-        self._new_work.set()
-
-    async def _on_cancel(self, msg: Msg) -> None:
-        self.cancelled.add(msg.subject.removeprefix("kiln.render.cancel."))
-
     # -- one batch --------------------------------------------------------------------------
 
-    async def _run_batch(self, batch: list[Delivery]) -> None:
+    async def _run_batch(self, batch: list[Received]) -> None:
         started = utcnow()
         try:
             for item in batch:
                 self._trace_queue_wait(item, started)
                 item.span = self.bus.span(item.event, item.msg)
-                self._queued_ms[item.event.request_id] = (started - _aware(item.event.requested_at)).total_seconds() * 1000
+                self._queued_ms[item.event.request_id] = (started - as_utc(item.event.requested_at)).total_seconds() * 1000
             settled = await asyncio.gather(*(self._settled_before(item) for item in batch))
             todo = [item for item, done in zip(batch, settled) if not done]
             sources, masks, todo = await self._inputs(todo)
@@ -215,7 +208,7 @@ class RenderWorker:
                 if id(item) not in self._storing:
                     _end(item.span)  # (a job being stored ends its span when stored)
 
-    def _trace_queue_wait(self, item: Delivery, started: datetime) -> None:
+    def _trace_queue_wait(self, item: Received, started: datetime) -> None:
         """The time the job waited for a GPU, as a span of its own in the request's trace:
         from context's request to the start of the batch that takes it."""
         job: RenderRequested = item.event
@@ -227,7 +220,7 @@ class RenderWorker:
         )
         wait.end(end_time=_ns(started))
 
-    async def _settled_before(self, item: Delivery) -> bool:
+    async def _settled_before(self, item: Received) -> bool:
         """A job whose image is stored (a redelivery) or that was cancelled is settled
         without rendering."""
         job: RenderRequested = item.event
@@ -240,7 +233,7 @@ class RenderWorker:
             return True
         return False
 
-    async def _inputs(self, todo: list[Delivery]) -> tuple[list, list, list[Delivery]]:
+    async def _inputs(self, todo: list[Received]) -> tuple[list, list, list[Received]]:
         """The source image (and mask) each edit starts from; a job whose input is missing
         fails as invalid."""
         sources, masks, ready = [], [], []
@@ -257,21 +250,21 @@ class RenderWorker:
             ready.append(item)
         return sources, masks, ready
 
-    async def _starting(self, todo: list[Delivery]) -> tuple[dict[str, int], list[Delivery]]:
+    async def _starting(self, todo: list[Received]) -> tuple[dict[str, int], list[Received]]:
         """Count each render starting; a job that has started RENDER_ATTEMPTS times
         before (its worker died each time) ends as failed instead."""
         attempts, ready = {}, []
         started = await asyncio.gather(*(self.attempts.start(item.event) for item in todo))
         for item, attempt in zip(todo, started):
             if attempt > RENDER_ATTEMPTS:
-                await self.bus.give_up(item.event, item.msg, f"not finished in {RENDER_ATTEMPTS} renders")
+                await consuming.give_up(self.bus, item.event, item.msg, f"not finished in {RENDER_ATTEMPTS} renders")
                 continue
             attempts[item.event.request_id] = attempt
             ready.append(item)
         return attempts, ready
 
     async def _render_and_store(
-        self, todo: list[Delivery], sources: list, masks: list, attempts: dict[str, int]
+        self, todo: list[Received], sources: list, masks: list, attempts: dict[str, int]
     ) -> None:
         try:
             failpoint("render.job")  # tests: a render that fails every time, or a worker that dies
@@ -293,7 +286,7 @@ class RenderWorker:
         except Exception as error:  # noqa: BLE001
             for item in todo:
                 item.span.record_exception(error)
-                await self._retry_or_give_up(item, error, attempts[item.event.request_id])
+                await consuming.retry_or_give_up(self.bus, item, error, attempts[item.event.request_id], RENDER_ATTEMPTS)
             return
         metrics.batch_sizes.record(len(todo))
         metrics.render_seconds.record(render_ms / 1000)
@@ -310,7 +303,7 @@ class RenderWorker:
         if finishing is not None:
             await finishing
 
-    def _batch_span(self, todo: list[Delivery]) -> AbstractContextManager[trace.Span]:
+    def _batch_span(self, todo: list[Received]) -> AbstractContextManager[trace.Span]:
         """One span for the pipeline call, linked to every request in it (and in the trace
         of the first). Each request's own span names the batch it rendered in."""
         first: RenderRequested = todo[0].event
@@ -325,7 +318,7 @@ class RenderWorker:
             },
         )
 
-    async def _store(self, item: Delivery, png: bytes, render_ms: float, batch_size: int) -> None:
+    async def _store(self, item: Received, png: bytes, render_ms: float, batch_size: int) -> None:
         job: RenderRequested = item.event
         try:
             if self._cancel_key(job) in self.cancelled:  # its batch went on without it
@@ -344,7 +337,7 @@ class RenderWorker:
             _end(item.span)
 
     async def _render(
-        self, todo: list[Delivery], sources: list, masks: list, batch_span: trace.Span
+        self, todo: list[Received], sources: list, masks: list, batch_span: trace.Span
     ) -> tuple[list[bytes], float]:
         loop = asyncio.get_running_loop()
         jobs: list[RenderRequested] = [item.event for item in todo]
@@ -374,7 +367,7 @@ class RenderWorker:
                 )
                 subject = subjects.render_progress(job.user_id, job.request_id)
                 # In the job's own trace, not the batch's (this thread runs in the batch span).
-                asyncio.run_coroutine_threadsafe(self.bus.announce(subject, progress, span=item.span), loop)
+                asyncio.run_coroutine_threadsafe(self.bus.publish_plain(subject, progress, span=item.span), loop)
 
         rendering = asyncio.ensure_future(
             asyncio.to_thread(self.renderer.render_batch, jobs, on_step, sources, masks)
@@ -406,13 +399,6 @@ class RenderWorker:
             raise BadInput(f"{key!r} is not an image: {error}") from None
         return image
 
-    async def _retry_or_give_up(self, item: Delivery, error: Exception, attempt: int) -> None:
-        log.error("rendering %s (attempt %d) failed: %r", item.event.request_id, attempt, error, exc_info=error)
-        if attempt >= RENDER_ATTEMPTS:
-            await self.bus.give_up(item.event, item.msg, f"failed {attempt} times, last: {error!r}")
-        else:
-            await item.msg.nak(delay=min(2.0**attempt, MAX_BACKOFF_S))
-
     async def _stored_render_ms(self, key: str) -> float | None:
         try:
             info = await self.store.get_info(key)
@@ -427,13 +413,10 @@ class RenderWorker:
     async def _is_cancelled(self, job: RenderRequested) -> bool:
         if self._cancel_key(job) in self.cancelled:
             return True
-        try:
-            await self.bus.js.get_last_msg(subjects.RENDER_CANCELS.name, subjects.render_cancel(job.user_id, job.request_id))
-        except nats.js.errors.NotFoundError:
-            return False
-        return True
+        cancel = subjects.render_cancel(job.user_id, job.request_id)
+        return await self.bus.last_message(subjects.RENDER_CANCELS, cancel) is not None
 
-    async def _complete(self, item: Delivery, render_ms: float, batch_size: int = 1) -> None:
+    async def _complete(self, item: Received, render_ms: float, batch_size: int = 1) -> None:
         job: RenderRequested = item.event
         completed = RenderCompleted(
             request_id=job.request_id, user_id=job.user_id, conversation_id=job.conversation_id,
@@ -443,7 +426,7 @@ class RenderWorker:
         )
         await self._report(item, completed)
 
-    async def _fail(self, item: Delivery, reason: str, detail: str) -> None:
+    async def _fail(self, item: Received, reason: str, detail: str) -> None:
         job: RenderRequested = item.event
         log.warning("job %s failed for good: %s %s", job.request_id, reason, detail)
         failed = RenderFailed(
@@ -452,7 +435,7 @@ class RenderWorker:
         )
         await self._report(item, failed)
 
-    async def _report(self, item: Delivery, outcome: RenderCompleted | RenderFailed) -> None:
+    async def _report(self, item: Received, outcome: RenderCompleted | RenderFailed) -> None:
         """Publish the job's one outcome (completed and failed share the subject, which
         takes one message ever), in the job's own trace; then ack the job."""
         with trace.use_span(item.span):
@@ -462,14 +445,9 @@ class RenderWorker:
         await item.msg.ack()
 
 
-def _aware(moment: datetime) -> datetime:
-    """A time without a zone (from a client that sent none) is UTC."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
-
-
 def _ns(moment: datetime) -> int:
     """A timestamp as OpenTelemetry takes it: nanoseconds since the epoch."""
-    return int(_aware(moment).timestamp() * 1e9)
+    return int(as_utc(moment).timestamp() * 1e9)
 
 
 def _end(span: trace.Span) -> None:

@@ -1,6 +1,9 @@
 import pytest
 
-from services.context.config import DEFAULT_FILE, ConfigError, load
+from services.context.config import ConfigError, load
+from shared.settings import Settings
+
+DEFAULT_FILE = Settings().context_config
 
 
 def test_the_shipped_config_loads_with_its_styles():

@@ -1,5 +1,6 @@
 import pytest
 
+from shared.settings import Settings, SettingsError
 from services.delivery.links import Expired, Signer, Tampered, load_secret
 
 SIGNER = Signer(b"server secret")
@@ -57,14 +58,14 @@ def test_sessions_name_their_user_until_they_expire_and_resist_forgery():
     assert SIGNER.session_user(None, now=1000.0) is None
 
 
-def test_the_secret_is_made_once_and_kept(tmp_path, monkeypatch):
-    monkeypatch.delenv("KILN_LINK_SECRET", raising=False)
-    first = load_secret(tmp_path)
-    assert len(first) == 64 and load_secret(tmp_path) == first
+def test_the_secret_is_made_once_and_kept(tmp_path):
+    first = load_secret(None, tmp_path)
+    assert len(first) == 64 and load_secret(None, tmp_path) == first
     assert (tmp_path / "delivery" / "link-secret").stat().st_mode & 0o777 == 0o600
     assert [p.name for p in (tmp_path / "delivery").iterdir()] == ["link-secret"]  # no draft left
-    monkeypatch.setenv("KILN_LINK_SECRET", "c" * 32)
-    assert load_secret(tmp_path) == b"c" * 32
-    monkeypatch.setenv("KILN_LINK_SECRET", "short")
-    with pytest.raises(ValueError, match="at least 32"):
-        load_secret(tmp_path)
+    assert load_secret("c" * 32, tmp_path) == b"c" * 32
+
+
+def test_a_short_configured_secret_is_refused_naming_the_variable():
+    with pytest.raises(SettingsError, match="KILN_LINK_SECRET must be at least 32 characters"):
+        Settings.from_env({"KILN_LINK_SECRET": "short"})

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from shared.settings import Settings
 from services.quota import chain, plans
 from services.quota.pressure import FleetMonitor, level_of
 from shared.events import WorkerHeartbeat
@@ -39,7 +40,7 @@ def test_a_silent_worker_stops_counting():
 
 
 def test_the_default_plans_file_loads():
-    config = plans.load(plans.DEFAULT_FILE)
+    config = plans.load(Settings().plans_file)
     assert config.plan("free").daily_limit == 3 and config.plan("free").tier == "free"
     assert {config.plan(name).tier for name in ("plus", "pro")} == {"paid"}
 

@@ -1,0 +1,77 @@
+"""The delivery application: a render result in, the request's outcome out; and the HTTP
+side (images, share pages, the playground) served beside it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import uvicorn
+from opentelemetry import metrics
+
+from services.delivery.http import Site, create_app
+from services.delivery.image_records import ImageRecord, ImageRecords
+from services.delivery.links import Links, Signer, load_secret
+from services.delivery.outcome import outcome
+from shared import subjects
+from shared.bus import Bus
+from shared.events import RenderCompleted, RenderFailed
+from shared.settings import Settings
+
+outcomes = metrics.get_meter("kiln.delivery").create_counter(
+    "kiln_delivery_outcomes", description="Render results turned into outcomes: delivered or failed"
+)
+
+
+class Delivery:
+    def __init__(self, bus: Bus, site: Site) -> None:
+        self.bus = bus
+        self.site = site
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, settings: Settings, bus: Bus) -> AsyncIterator[Delivery]:
+        links = Links(
+            Signer(load_secret(settings.link_secret, settings.data_dir)), settings.base_url,
+            settings.link_ttl_s, settings.share_ttl_s,
+        )
+        records = ImageRecords(await bus.key_value(subjects.IMAGE_RECORDS))
+        yield cls(bus, Site(bus, await bus.object_store(subjects.IMAGES), records, links, settings))
+
+    async def handle_render_event(self, event: RenderCompleted | RenderFailed) -> None:
+        if isinstance(event, RenderCompleted):
+            # Kept before the outcome goes out, so every delivered image has its record.
+            with self.bus.tracer.start_as_current_span(
+                "delivery record image", attributes={"kiln.bucket": subjects.IMAGE_RECORDS.name}
+            ):
+                await self.site.records.put(ImageRecord(
+                    user_id=event.user_id, request_id=event.request_id, conversation_id=event.conversation_id,
+                    prompt=event.prompt, composition=event.composition, width=event.width, height=event.height,
+                    created_at=event.completed_at,
+                ))
+        subject, result = outcome(event, self.site.links, time.time())
+        if await self.bus.publish(subject, result, first_on_subject=True):
+            outcomes.add(1, {"outcome": "delivered" if isinstance(event, RenderCompleted) else "failed"})
+
+    async def serve_http(self, stop: asyncio.Event) -> None:
+        """The HTTP side, until `stop`."""
+        settings = self.site.settings
+        config = uvicorn.Config(
+            create_app(self.site), host=settings.http_host, port=settings.http_port, log_level="warning",
+            lifespan="off",
+        )
+        http = _HttpServer(config)
+        serving = asyncio.create_task(http.serve())
+        await stop.wait()
+        http.should_exit = True
+        await serving
+
+
+class _HttpServer(uvicorn.Server):
+    """Signals belong to the service runner (it sets `stop`); uvicorn must not take them."""
+
+    def capture_signals(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()

@@ -1,0 +1,77 @@
+"""The render application: a worker with its queue, thermal guard and heartbeat.
+
+Jobs are not handed to it by a durable consumer of `shared.service`: the fair queue
+(queue.py) pulls from a consumer per user, so the worker claims its own work (`work`).
+What it hears on plain NATS only wakes it up (a job was published), marks a job cancelled,
+or tells the queue reporter who else is in the fleet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from services.render.heartbeat import send_heartbeats
+from services.render.positions import QueueReporter
+from services.render.queue import JobQueue
+from services.render.thermal import Gpu, ThermalGuard, injected_temperature
+from services.render.worker import MAX_DELIVERIES, Attempts, RenderWorker
+from shared import subjects
+from shared.bus import Bus, Message
+from shared.consuming import GIVE_UP_MARGIN
+from shared.settings import Settings
+
+
+class Render:
+    def __init__(self, bus: Bus, worker: RenderWorker, reporter: QueueReporter, gpu: Gpu) -> None:
+        self.bus = bus
+        self.worker = worker
+        self.reporter = reporter
+        self.gpu = gpu
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, settings: Settings, bus: Bus, *, worker_id: str) -> AsyncIterator[Render]:
+        from services.render.pipeline import Renderer  # imports torch: after CUDA_VISIBLE_DEVICES
+
+        renderer = await asyncio.to_thread(Renderer, settings.model_path, settings.render_threads)
+        gpu = Gpu()
+
+        def temperature() -> float | None:
+            injected = injected_temperature(settings.inject_gpu_temperature)
+            return injected if injected is not None else gpu.read().temperature_c
+
+        guard = ThermalGuard(
+            temperature, settings.render_max_batch,
+            hot_c=settings.gpu_hot_c, pause_c=settings.gpu_pause_c, resume_c=settings.gpu_resume_c,
+        )
+        queue = JobQueue(bus, ack_wait_s=settings.render_ack_wait_s, max_deliver=MAX_DELIVERIES + GIVE_UP_MARGIN)
+        worker = RenderWorker(
+            bus, await bus.object_store(subjects.IMAGES), renderer, worker_id, queue, guard,
+            Attempts(await bus.key_value(subjects.RENDER_ATTEMPTS)),
+            max_wait_s=settings.render_max_wait_ms / 1000,
+        )
+        yield cls(bus, worker, QueueReporter(bus, queue, worker_id), gpu)
+
+    # -- heard on plain NATS
+    async def hear_job(self, message: Message) -> None:
+        self.worker.job_published()
+
+    async def hear_cancel(self, message: Message) -> None:
+        user_id = subjects.RENDER_CANCEL.value(message.subject, "user")
+        request_id = subjects.RENDER_CANCEL.value(message.subject, "request")
+        self.worker.cancel_requested(user_id, request_id)
+
+    async def hear_heartbeat(self, message: Message) -> None:
+        self.reporter.hear(message.data)
+
+    # -- loops
+    async def work(self, stop: asyncio.Event) -> None:
+        await self.worker.run(stop)
+
+    async def send_heartbeats(self, stop: asyncio.Event) -> None:
+        await send_heartbeats(self.bus, self.worker.status, self.worker.queue.depth, self.gpu, stop)
+
+    async def report_positions(self, stop: asyncio.Event) -> None:
+        await self.reporter.run(stop)
