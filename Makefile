@@ -8,7 +8,7 @@ PHOENIX := .phoenix/.installed
 CHROMIUM ?= /usr/bin/chromium
 export KILN_CHROMIUM := $(CHROMIUM)
 
-.PHONY: run test bench model model-check clean
+.PHONY: run test lint asyncapi bench model model-check clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,6 +22,16 @@ run: $(STAMP) $(PHOENIX)
 
 test: $(STAMP) $(PHOENIX) $(CHROMIUM)
 	$(PYTHON) -m pytest -q
+
+# ruff (pinned in pyproject.toml): the lint rules and the formatting; CI runs it before the tests.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PYTHON) -m infra.asyncapi --check
+
+# The bus's AsyncAPI document, docs/asyncapi.yaml, made from the services' declarations.
+asyncapi: $(STAMP)
+	$(PYTHON) -m infra.asyncapi
 
 # The tracing UI (Arize Phoenix) in a virtual environment of its own: it brings ~140
 # packages and pins its own versions. `kiln up` starts it when it is there.

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import TextIO
 
 import httpx
-import nats
 import msgspec
+import nats
 import nats.errors
 import nats.js.errors
 import psutil

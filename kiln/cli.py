@@ -35,11 +35,11 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kiln import admin, status
 from kiln.client import KilnClient, ServiceUnavailable
+from shared import telemetry
 from shared.events import DEFAULT_SIZE, DEFAULT_STEPS, ID_PATTERN, ImageDelivered, QuotaDenied, RenderProgress
 from shared.records import Outcome
-from shared import telemetry
-from shared.telemetry import trace_id_of
 from shared.settings import Settings, SettingsError
+from shared.telemetry import trace_id_of
 
 EXIT_DENIED, EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, EXIT_INTERRUPTED = 2, 3, 4, 64, 130
 
@@ -340,7 +340,7 @@ async def _ask(prompt: str) -> str:
     def read() -> None:
         try:
             line, error = input(prompt), None
-        except BaseException as raised:  # EOFError: stdin closed
+        except BaseException as raised:  # noqa: BLE001 — EOFError (stdin closed) and the rest go to the waiting loop
             line, error = None, raised
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
             loop.call_soon_threadsafe(settle, line, error)

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any
 
 import httpx
 import msgspec
@@ -39,6 +39,7 @@ from shared.events import (
     check_ids,
 )
 from shared.records import Outcome, read_outcome, read_turns
+from shared.subjects import Channel
 from shared.telemetry import user_ref
 
 ProgressCallback = Callable[[RenderProgress], None]
@@ -46,9 +47,6 @@ ProgressCallback = Callable[[RenderProgress], None]
 tracer = trace.get_tracer("kiln.client")
 log = logging.getLogger("kiln.client")
 
-
-
-T = TypeVar("T")
 ANNOUNCED_LOOKUPS, ANNOUNCED_LOOKUP_PAUSE_S = 20, 0.05
 
 
@@ -160,26 +158,27 @@ class KilnClient:
     async def quota(self, user_id: str, timeout_s: float = 5) -> QuotaStatus:
         """Today's usage and limit for the user, from the quota service. Raises
         ServiceUnavailable if quota does not answer or cannot tell."""
-        return await self._ask(subjects.quota_status(user_id), QuotaStatus, timeout_s)
+        return await self._ask(subjects.QUOTA_STATUS, (user_id,), timeout_s)
 
     async def pressure(self, timeout_s: float = 5) -> dict[str, str]:
         """The fleet pressure quota sheds load by: {"level": …, "why": …}."""
-        return await self._ask(subjects.QUOTA_PRESSURE, dict[str, str], timeout_s)
+        return await self._ask(subjects.QUOTA_PRESSURE, (), timeout_s)
 
     async def styles(self, timeout_s: float = 5) -> dict[str, str]:
         """The style presets context offers: name → title."""
-        return await self._ask(subjects.CONTEXT_STYLES, dict[str, str], timeout_s)
+        return await self._ask(subjects.CONTEXT_STYLES, (), timeout_s)
 
-    async def _ask(self, subject: str, answer: type[T], timeout_s: float) -> T:
-        service = subject.split(".")[1]
+    async def _ask(self, channel: Channel, tokens: tuple[str, ...], timeout_s: float) -> Any:
+        """Ask a request/reply channel; its answer is decoded as the type it declares."""
+        service = channel.template.split(".")[1]  # kiln.<service>.…
         try:
-            reply = await self.bus.request(subject, timeout_s)
+            reply = await self.bus.request(channel.subject(*tokens), timeout_s)
         except nats.errors.NoRespondersError:
             raise ServiceUnavailable(f"{service} is not running") from None
         except (TimeoutError, nats.errors.TimeoutError):
             raise ServiceUnavailable(f"{service} did not answer within {timeout_s:g} s") from None
         try:
-            return msgspec.json.decode(reply, type=answer)
+            return msgspec.json.decode(reply, type=channel.reply)
         except msgspec.DecodeError:
             pass
         try:

@@ -34,7 +34,14 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import (
-    AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy, Header, KeyValueConfig, StorageType, StreamConfig,
+    AckPolicy,
+    ConsumerConfig,
+    ConsumerInfo,
+    DeliverPolicy,
+    Header,
+    KeyValueConfig,
+    StorageType,
+    StreamConfig,
 )
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore

@@ -16,11 +16,24 @@ from contextlib import asynccontextmanager
 from opentelemetry import metrics
 
 from services.context import config as context_config
-from services.context.compose import Refusal, check_submission, compose, render_request, style_in_force, wants_latest_image
+from services.context.compose import (
+    Refusal,
+    check_submission,
+    compose,
+    render_request,
+    style_in_force,
+    wants_latest_image,
+)
 from shared import subjects
 from shared.bus import Bus
 from shared.events import (
-    LAST_IMAGE, Composition, ImageDelivered, QuotaDenied, QuotaGranted, RequestFailed, TurnComposed,
+    LAST_IMAGE,
+    Composition,
+    ImageDelivered,
+    QuotaDenied,
+    QuotaGranted,
+    RequestFailed,
+    TurnComposed,
 )
 from shared.records import read_outcome, read_turns
 from shared.service import CannotStart

@@ -1,6 +1,6 @@
 """Compose the render job from a granted prompt and its conversation. Pure: no I/O, easy
-to test. The service (`__main__.py`) reads the conversation and the edited image's
-record, then calls these.
+to test. The application (`application.py`) reads the conversation and the edited image's
+outcome, then calls these.
 
 A turn is either a new picture or an edit of an earlier one:
   - an edit by id (`edit_of=<request>`) or of the conversation's latest image

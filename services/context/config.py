@@ -12,7 +12,6 @@ from pathlib import Path
 import msgspec
 
 
-
 class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_prompt_chars: int = 500
     max_composed_chars: int = 1000

@@ -39,10 +39,19 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from kiln.client import KilnClient, ServiceUnavailable
-from services.delivery.links import LinkError, Links, image_subject
 from services.delivery.image_records import ImageRecords
+from services.delivery.links import LinkError, Links, expiry, image_subject
 from shared.bus import Bus
-from shared.events import DEFAULT_SIZE, DEFAULT_STEPS, ID_PATTERN, ImageDelivered, PromptSubmitted, QuotaDenied, RenderProgress, check_ids
+from shared.events import (
+    DEFAULT_SIZE,
+    DEFAULT_STEPS,
+    ID_PATTERN,
+    ImageDelivered,
+    PromptSubmitted,
+    QuotaDenied,
+    RenderProgress,
+    check_ids,
+)
 from shared.records import Outcome
 from shared.settings import Settings
 from shared.telemetry import trace_id_of, user_ref
@@ -162,7 +171,7 @@ def create_app(site: Site) -> Starlette:
         return JSONResponse([
             {"request_id": turn.request_id, "prompt": turn.prompt, "composition": msgspec.to_builtins(turn.composition),
              **(_outcome_line(site, outcome) if outcome else {"event": "pending"})}
-            for turn, outcome in zip(turns, outcomes)
+            for turn, outcome in zip(turns, outcomes, strict=True)
         ])
 
     @signed_in
@@ -178,7 +187,7 @@ def create_app(site: Site) -> Starlette:
         if not ID_PATTERN.match(request_id) or await site.records.get(user_id, request_id) is None:
             return _error(404, f"you have no image from request {request_id}")
         now = time.time()
-        return JSONResponse({"url": site.links.share(user_id, request_id, now, ttl_s), "expires_at": int(now) + ttl_s})
+        return JSONResponse({"url": site.links.share(user_id, request_id, now, ttl_s), "expires_at": expiry(now, ttl_s)})
 
     # -- images and share pages ------------------------------------------------------------
 

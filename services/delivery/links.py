@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import math
 import os
 import re
 import secrets
@@ -32,6 +33,12 @@ class Tampered(LinkError):
 
 class Expired(LinkError):
     status = 410
+
+
+def expiry(now: float, ttl_s: int) -> int:
+    """When a link made `now` stops working: whole seconds, rounded up, so that it works
+    for at least `ttl_s` seconds."""
+    return math.ceil(now) + ttl_s
 
 
 def load_secret(configured: str | None, data_dir: Path) -> bytes:
@@ -111,11 +118,11 @@ class Links:
         self.share_ttl_s = share_ttl_s
 
     def download(self, user_id: str, request_id: str, now: float) -> str:
-        expires = int(now) + self.download_ttl_s
+        expires = expiry(now, self.download_ttl_s)
         query = self.signer.query("download", image_subject(user_id, request_id), expires)
         return f"{self.public_url}/images/{user_id}/{request_id}.png?{query}"
 
     def share(self, user_id: str, request_id: str, now: float, ttl_s: int | None = None) -> str:
-        expires = int(now) + (ttl_s if ttl_s is not None else self.share_ttl_s)
+        expires = expiry(now, ttl_s if ttl_s is not None else self.share_ttl_s)
         query = self.signer.query("share", image_subject(user_id, request_id), expires)
         return f"{self.public_url}/share/{user_id}/{request_id}?{query}"

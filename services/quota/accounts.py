@@ -8,13 +8,13 @@ log (QuotaAdjusted), appended like any decision.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import asyncpg
 
 from services.quota import log as quota_log
 from services.quota import policy
-from services.quota.events import QuotaAdjusted
+from services.quota.log_events import QuotaAdjusted
 from services.quota.plans import Config
 from shared.events import ID_PATTERN
 
@@ -56,7 +56,7 @@ async def listing(conn: asyncpg.Connection) -> list[asyncpg.Record]:
         FROM accounts a LEFT JOIN quota_usage u ON u.user_id = a.user_id AND u.day = $1
         ORDER BY a.user_id
         """,
-        policy.utc_day(datetime.now(timezone.utc)),
+        policy.utc_day(datetime.now(UTC)),
     )
 
 
@@ -70,7 +70,7 @@ async def grant(
     adjusted = QuotaAdjusted(
         request_id=f"adjust-{uuid.uuid4().hex[:12]}",
         user_id=user_id,
-        day=policy.utc_day(datetime.now(timezone.utc)),
+        day=policy.utc_day(datetime.now(UTC)),
         images=images,
         by=by,
         note=note,

@@ -23,7 +23,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -32,7 +32,7 @@ from opentelemetry import trace
 
 from services.quota import log as quota_log
 from services.quota import metrics, plans, policy
-from services.quota.events import Decision, QuotaRefunded
+from services.quota.log_events import Decision, QuotaRefunded
 from services.quota.migrate import upgrade
 from services.quota.plans import DEFAULT_PLAN, Config
 from services.quota.pressure import FleetMonitor
@@ -42,7 +42,14 @@ from shared import subjects
 from shared.bus import Bus, Message
 from shared.consuming import Received
 from shared.events import (
-    ID_PATTERN, ImageDelivered, PromptSubmitted, QuotaDenied, QuotaGranted, QuotaStatus, RequestFailed, as_utc,
+    ID_PATTERN,
+    ImageDelivered,
+    PromptSubmitted,
+    QuotaDenied,
+    QuotaGranted,
+    QuotaStatus,
+    RequestFailed,
+    as_utc,
 )
 from shared.failpoints import failpoint
 from shared.service import CannotStart, sleep_unless_stopped
@@ -85,7 +92,7 @@ class QuotaService:
     async def handle_prompts(self, batch: list[Received[PromptSubmitted]]) -> None:
         # 1. A request that has ended already stays ended.
         ended = await asyncio.gather(*(self._ended(d) for d in batch))
-        live = [d for d, done in zip(batch, ended) if not done]
+        live = [d for d, done in zip(batch, ended, strict=True) if not done]
         if not live:
             return
         # 2. Decide and commit.
@@ -144,7 +151,7 @@ class QuotaService:
         find one: quota gives a request up only after minutes of retries, and clients check
         for an outcome before sending a prompt again. So a fresh prompt on its first
         delivery (the common case, at full load) is not looked up."""
-        fresh = datetime.now(timezone.utc) - as_utc(delivery.event.submitted_at) < FRESH
+        fresh = datetime.now(UTC) - as_utc(delivery.event.submitted_at) < FRESH
         if fresh and delivery.attempt == 1:
             return False
         return await self.bus.outcome_recorded(delivery.event.user_id, delivery.event.request_id)
@@ -157,7 +164,7 @@ class QuotaService:
         for _ in range(MAX_CONFLICT_RETRIES):
             try:
                 async with quota_log.appending(self.pool) as log:
-                    now = datetime.now(timezone.utc)
+                    now = datetime.now(UTC)
                     decisions = await quota_log.decisions_for(log.conn, {_key(d.event) for d in batch})
                     users = await log.users((d.event.user_id, policy.utc_day(now)) for d in batch)
                     entries = self._decide_new(batch, decisions, users, now)
@@ -278,7 +285,7 @@ class QuotaService:
             await sleep_unless_stopped(stop, RELAY_POLL_S)
 
     async def status(self, user_id: str) -> QuotaStatus:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         day = policy.utc_day(now)
         async with self.pool.acquire() as conn:
             record = (await quota_log.user_records(conn, [(user_id, day)]))[user_id]

@@ -20,7 +20,7 @@ import msgspec
 
 from services.quota import chain, policy
 from services.quota import log as quota_log
-from services.quota.events import from_payload
+from services.quota.log_events import from_payload
 from services.quota.plans import Plan, Shedding
 from shared.events import PromptSubmitted, QuotaDenied, QuotaGranted
 

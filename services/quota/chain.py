@@ -8,7 +8,7 @@ head hash for the operator to keep elsewhere.
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -17,7 +17,7 @@ GENESIS = "0" * 64  # the predecessor of the first event
 
 
 def canonical_time(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 def event_hash(

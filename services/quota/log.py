@@ -22,14 +22,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import msgspec
 
 from services.quota import chain
-from services.quota.events import Decision, LogEvent, from_payload
+from services.quota.log_events import Decision, LogEvent, from_payload
 from services.quota.policy import Bucket, Usage, UserState, apply
 from services.quota.policy import utc_day as policy_day
 
@@ -102,7 +102,7 @@ class Appender:
             for entry in entries:
                 apply(users[entry.event.user_id].state, entry.event)
         versions = {user: record.version for user, record in users.items()}
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         rows = []
         for entry in entries:
             user = entry.event.user_id
@@ -126,8 +126,8 @@ class Appender:
         try:
             positions = await self.conn.fetch(
                 APPEND,
-                *map(list, zip(*rows)),
-                *map(list, zip(*usage)) if usage else ([],) * 5,
+                *map(list, zip(*rows, strict=True)),
+                *map(list, zip(*usage, strict=True)) if usage else ([],) * 5,
                 [user for user, _ in buckets], [b.tokens for _, b in buckets], [b.at for _, b in buckets],
                 self.head,
             )

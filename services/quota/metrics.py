@@ -9,8 +9,8 @@ from __future__ import annotations
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from services.quota.pressure import FleetMonitor
 from services.quota.plans import PRESSURE_LEVELS
+from services.quota.pressure import FleetMonitor
 from shared.events import ImageDelivered, QuotaDenied, RequestFailed
 
 meter = metrics.get_meter("kiln.quota")

@@ -8,11 +8,11 @@ build state with it, so the two cannot drift apart.
 
 from __future__ import annotations
 
-from datetime import datetime, time, timedelta, timezone
+from datetime import UTC, datetime, time, timedelta
 
 import msgspec
 
-from services.quota.events import LogEvent, QuotaAdjusted, QuotaRefunded
+from services.quota.log_events import LogEvent, QuotaAdjusted, QuotaRefunded
 from services.quota.plans import Plan, Shedding
 from shared.events import Pressure, PromptSubmitted, QuotaDenied, QuotaGranted
 
@@ -53,12 +53,12 @@ class UserState(msgspec.Struct):
 
 
 def utc_day(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).date().isoformat()
+    return moment.astimezone(UTC).date().isoformat()
 
 
 def next_utc_midnight(moment: datetime) -> datetime:
-    tomorrow = moment.astimezone(timezone.utc).date() + timedelta(days=1)
-    return datetime.combine(tomorrow, time(0), tzinfo=timezone.utc)
+    tomorrow = moment.astimezone(UTC).date() + timedelta(days=1)
+    return datetime.combine(tomorrow, time(0), tzinfo=UTC)
 
 
 def daily_limit(plan: Plan, usage: Usage) -> int:

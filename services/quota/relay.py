@@ -15,7 +15,7 @@ import logging
 import asyncpg
 
 from services.quota import log as quota_log
-from services.quota.events import Decision
+from services.quota.log_events import Decision
 from shared import subjects
 from shared.bus import Bus
 from shared.events import QuotaDenied

@@ -198,7 +198,7 @@ class RenderWorker:
                 item.span = self.bus.span(item.event, item.msg)
                 self._queued_ms[item.event.request_id] = (started - as_utc(item.event.requested_at)).total_seconds() * 1000
             settled = await asyncio.gather(*(self._settled_before(item) for item in batch))
-            todo = [item for item, done in zip(batch, settled) if not done]
+            todo = [item for item, done in zip(batch, settled, strict=True) if not done]
             sources, masks, todo = await self._inputs(todo)
             attempts, todo = await self._starting(todo)
             if todo:
@@ -255,7 +255,7 @@ class RenderWorker:
         before (its worker died each time) ends as failed instead."""
         attempts, ready = {}, []
         started = await asyncio.gather(*(self.attempts.start(item.event) for item in todo))
-        for item, attempt in zip(todo, started):
+        for item, attempt in zip(todo, started, strict=True):
             if attempt > RENDER_ATTEMPTS:
                 await consuming.give_up(self.bus, item.event, item.msg, f"not finished in {RENDER_ATTEMPTS} renders")
                 continue
@@ -293,7 +293,7 @@ class RenderWorker:
         # Store and report while the next batch renders: the images are in hand, and the
         # bus's disk writes need no CPU. One batch finishes at a time.
         self._storing.update(id(item) for item in todo)
-        finishing = asyncio.gather(*(self._store(item, png, render_ms, len(todo)) for item, png in zip(todo, pngs)))
+        finishing = asyncio.gather(*(self._store(item, png, render_ms, len(todo)) for item, png in zip(todo, pngs, strict=True)))
         await self.finish_previous()
         self._finishing = asyncio.ensure_future(finishing)
 

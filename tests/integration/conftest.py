@@ -17,6 +17,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
+import nats
+import nats.aio.client
+import nats.js
 import pytest
 import pytest_asyncio
 
@@ -24,8 +27,7 @@ from infra.databases import create_database, drop_database
 from infra.platform import Platform
 from kiln.client import KilnClient
 from services.quota.migrate import upgrade
-from shared.settings import DEFAULT_MODEL
-
+from shared.settings import DEFAULT_MODEL, Settings
 
 TEST_PLANS = Path(__file__).with_name("plans.toml")
 
@@ -37,12 +39,13 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest_asyncio.fixture(scope="session")
 async def platform(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> AsyncIterator[Platform]:
-    external_db = os.environ.get("KILN_DATABASE_URL")
+    settings = Settings.from_env()
+    external_db = settings.database_url
     database_name = None
     # The services (children) read the test plans: small paid limits, pressure only when a
     # test injects it.
     os.environ["KILN_PLANS"] = str(TEST_PLANS)
-    stack = Platform.isolated(tmp_path_factory.mktemp("kiln"), model_path)
+    stack = Platform.isolated(tmp_path_factory.mktemp("kiln"), model_path, settings)
     if external_db:
         stack.database_url, database_name = await create_database(external_db, "kiln_test")
     try:
@@ -77,10 +80,25 @@ def replaced(platform: Platform, service: str, *instances: tuple[str, dict[str, 
         platform.start_service(service)
 
 
+class TestClient(KilnClient):
+    """The SDK's client, plus a raw NATS connection (`nc`, `js`) on which a test plays the
+    other parts: a service publishing a job or a heartbeat, an attacker sending junk, an
+    auditor reading a stream. The client itself is held to `CLIENT_ACCESS`."""
+
+    nc: nats.aio.client.Client
+    js: nats.js.JetStreamContext
+
+
 @pytest_asyncio.fixture
-async def client(platform: Platform) -> AsyncIterator[KilnClient]:
-    async with await KilnClient.connect(platform.nats_url) as kiln:
-        yield kiln
+async def client(platform: Platform) -> AsyncIterator[TestClient]:
+    assert platform.nats_url
+    async with await TestClient.connect(platform.nats_url) as kiln:
+        kiln.nc = await nats.connect(platform.nats_url)
+        kiln.js = kiln.nc.jetstream()
+        try:
+            yield kiln
+        finally:
+            await kiln.nc.close()
 
 
 @pytest_asyncio.fixture

@@ -9,16 +9,17 @@ from collections import Counter
 from collections.abc import AsyncIterator
 
 import nats
-import nats.js.errors
 import pytest
 import pytest_asyncio
 from opentelemetry import trace
 
 from infra.platform import Platform
 from shared import subjects
-from shared.bus import Bus, Delivery
-from shared.events import PromptSubmitted, RequestFailed, decode, encode
-from shared.subjects import Stream
+from shared.access import Access, Undeclared
+from shared.bus import Bus
+from shared.consuming import Received
+from shared.events import PromptSubmitted, RequestFailed
+from shared.subjects import Channel, Stream
 
 pytestmark = pytest.mark.integration
 
@@ -26,21 +27,25 @@ pytestmark = pytest.mark.integration
 @pytest_asyncio.fixture
 async def bus_and_stream(platform: Platform) -> AsyncIterator[tuple[Bus, Stream]]:
     tag = uuid.uuid4().hex[:8]
-    stream = Stream(f"KILN_TEST_BUS_{tag}", [f"kiln.testbus{tag}.*"], user_token=2)
+    stream = Stream(f"KILN_TEST_BUS_{tag}", Channel(f"kiln.testbus{tag}.{{user}}", "a test's prompts"))
+    access = Access(
+        publish=frozenset({stream.channel.pattern, subjects.OUTCOME.pattern, subjects.dead_letter("testbus")}),
+        streams=frozenset({stream.name, subjects.OUTCOMES.name}),
+    )
     nc = await nats.connect(platform.nats_url)
-    bus = Bus(nc, "testbus", trace.get_tracer("tests"))
-    await bus.js.add_stream(name=stream.name, subjects=stream.subjects)
+    js = nc.jetstream()
+    await js.add_stream(name=stream.name, subjects=stream.subjects)
+    bus = Bus(nc, "testbus", trace.get_tracer("tests"), access)
     try:
         yield bus, stream
     finally:
-        await bus.js.delete_stream(stream.name)
+        await js.delete_stream(stream.name)
         await nc.close()
 
 
 async def _send(bus: Bus, stream: Stream, user: str, requests: list[str]) -> None:
-    subject = stream.subjects[0].replace("*", user)
     for request in requests:
-        await bus.js.publish(subject, encode(PromptSubmitted(request_id=request, user_id=user, prompt="p")))
+        await bus.publish(stream.channel.subject(user), PromptSubmitted(request_id=request, user_id=user, prompt="p"))
 
 
 async def _run_until(condition, consuming: asyncio.Task, stop: asyncio.Event, timeout_s: float = 30) -> None:
@@ -53,9 +58,9 @@ async def _run_until(condition, consuming: asyncio.Task, stop: asyncio.Event, ti
         await consuming
 
 
-async def _gave_up(bus: Bus, user: str, request: str) -> RequestFailed:
-    message = await bus.js.get_last_msg(subjects.OUTCOMES.name, subjects.outcome(user, request))
-    return decode(message.data)
+async def _gave_up(bus: Bus, user: str, request: str) -> RequestFailed | None:
+    message = await bus.last_message(subjects.OUTCOMES, subjects.outcome(user, request))
+    return None if message is None else message.event()
 
 
 @pytest.mark.parametrize("batched", [False, True], ids=["one at a time", "batches"])
@@ -70,10 +75,10 @@ async def test_a_message_that_keeps_failing_fails_alone(bus_and_stream: tuple[Bu
         if request == "bad":
             raise RuntimeError("this one never works")
 
-    async def one(event: PromptSubmitted, _msg) -> None:
+    async def one(event: PromptSubmitted) -> None:
         work(event.request_id)
 
-    async def many(batch: list[Delivery]) -> None:
+    async def many(batch: list[Received]) -> None:
         for delivery in batch:
             work(delivery.event.request_id)
 
@@ -81,7 +86,7 @@ async def test_a_message_that_keeps_failing_fails_alone(bus_and_stream: tuple[Bu
     stop = asyncio.Event()
     options = dict(accepts=(PromptSubmitted,), max_attempts=2, batch=16)
     consuming = asyncio.create_task(
-        bus.consume_batches(stream, "testbus", many, stop, **options)
+        bus.consume(stream, "testbus", many, stop, batched=True, **options)
         if batched else bus.consume(stream, "testbus", one, stop, **options)
     )
     # Tries of the bad one before it is given up: 2 (in batches, its failed batch counts
@@ -93,10 +98,36 @@ async def test_a_message_that_keeps_failing_fails_alone(bus_and_stream: tuple[Bu
     failed = await _gave_up(bus, user, "bad")
     assert (failed.reason, failed.stage) == ("gave_up", "testbus")
     for request in good:
-        with pytest.raises(nats.js.errors.NotFoundError):
-            await _gave_up(bus, user, request)
-    info = await bus.js.consumer_info(stream.name, "testbus")
+        assert await _gave_up(bus, user, request) is None
+    (info,) = [c for c in await bus.consumers(stream) if c.name == "testbus"]
     assert (info.num_pending, info.num_ack_pending) == (0, 0)  # every good message acked
     # One at a time, each good message is handled once; in batches, a failed batch is
     # handled again one by one, so its good messages may be handled twice, never more.
     assert all(handled[r] == 1 for r in good) if not batched else all(1 <= handled[r] <= 2 for r in good)
+
+
+async def test_a_service_cannot_publish_or_read_what_it_did_not_declare(platform: Platform, user: str):
+    """Quota's declaration, on the real bus: a render job (context's to publish) and the
+    render queue (render's to read) are refused before anything reaches NATS."""
+    from services.quota.__main__ import SERVICE as QUOTA
+
+    nc = await nats.connect(platform.nats_url)
+    bus = Bus(nc, "quota", trace.get_tracer("tests"), QUOTA.access())
+    job = subjects.render_job("free", user)
+    try:
+        with pytest.raises(Undeclared, match=job):
+            await bus.publish(job, PromptSubmitted(request_id="r1", user_id=user, prompt="p"))
+        with pytest.raises(Undeclared, match=subjects.RENDER_JOBS.name):
+            await bus.last_message(subjects.RENDER_JOBS, job)
+        with pytest.raises(Undeclared):
+            await bus.listen(subjects.RENDER_PROGRESS.pattern, _ignore)
+        # What it declared goes through.
+        assert await bus.last_message(subjects.OUTCOMES, subjects.outcome(user, "r1")) is None
+        counts = await nc.jetstream().stream_info(subjects.RENDER_JOBS.name, subjects_filter=job)
+        assert not counts.state.subjects  # nothing was published
+    finally:
+        await nc.close()
+
+
+async def _ignore(_message) -> None:
+    pass

@@ -13,8 +13,9 @@ from PIL import Image
 from infra.platform import Platform
 from kiln.client import KilnClient, ServiceUnavailable
 from shared import subjects
-from .conftest import replaced
 from shared.events import ImageDelivered, PromptSubmitted, RequestFailed
+
+from .conftest import replaced
 
 pytestmark = pytest.mark.integration
 

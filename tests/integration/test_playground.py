@@ -7,7 +7,6 @@ the playground is kept in test-artifacts/.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,10 +14,10 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from infra.platform import Platform
-from shared.settings import PROJECT_ROOT
+from shared.settings import PROJECT_ROOT, Settings
 
 pytestmark = pytest.mark.integration
-CHROMIUM = os.environ.get("KILN_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM = str(Settings.from_env().chromium)
 ARTIFACTS = PROJECT_ROOT / "test-artifacts"
 PNG = b"\x89PNG\r\n\x1a\n"
 

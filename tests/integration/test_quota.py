@@ -13,7 +13,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
@@ -26,10 +26,10 @@ from kiln.client import KilnClient
 from services.quota import audit, plans, policy
 from services.quota import log as quota_log
 from services.quota.application import QuotaService
-from services.quota.events import QuotaRefunded
+from services.quota.log_events import QuotaRefunded
 from services.quota.pressure import FleetMonitor
 from shared import subjects
-from shared.bus import Delivery
+from shared.consuming import Received
 from shared.events import (
     ImageDelivered,
     PromptSubmitted,
@@ -241,7 +241,7 @@ async def _write_log(url: str, users: int = 3, prompts_each: int = 4, refund: bo
     quota = QuotaService(pool, None, config, FleetMonitor(config.pressure))  # deciding needs no bus
     try:
         for n in range(prompts_each):
-            batch = [Delivery(_prompt(f"user{u}", f"r{n}"), None) for u in range(users)]
+            batch = [Received(_prompt(f"user{u}", f"r{n}"), None) for u in range(users)]
             await quota.decide(batch)
         if refund:
             async with quota_log.appending(pool) as log:
@@ -252,7 +252,7 @@ async def _write_log(url: str, users: int = 3, prompts_each: int = 4, refund: bo
 
 
 def _today() -> str:
-    return policy.utc_day(datetime.now(timezone.utc))
+    return policy.utc_day(datetime.now(UTC))
 
 
 async def _verify(url: str) -> audit.ChainReport:

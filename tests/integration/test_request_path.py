@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import io
+import json
 import sys
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import httpx
@@ -16,9 +16,8 @@ from PIL import Image
 
 from infra.platform import Platform
 from kiln.client import KilnClient
-from shared import subjects
+from shared import subjects, telemetry
 from shared.bus import ORIGINAL_SUBJECT_HEADER, REASON_HEADER
-from shared import telemetry
 from shared.events import (
     ImageDelivered,
     PromptSubmitted,
@@ -182,7 +181,7 @@ async def test_a_request_that_has_ended_is_not_decided_again(
     await client.js.publish(subjects.outcome(user, request_id), encode(ended))
     late_copy = PromptSubmitted(
         request_id=request_id, user_id=user, prompt="a red circle",
-        submitted_at=datetime.now(timezone.utc) - timedelta(minutes=10),  # sent again, much later
+        submitted_at=datetime.now(UTC) - timedelta(minutes=10),  # sent again, much later
     )
     await client.js.publish(subjects.prompt_submitted(user), encode(late_copy))
 

@@ -1,7 +1,14 @@
 import pytest
 
 from services.context.compose import (
-    Refusal, apply_edit, check_submission, compose, looks_like_edit, render_request, seed_for, style_in_force,
+    Refusal,
+    apply_edit,
+    check_submission,
+    compose,
+    looks_like_edit,
+    render_request,
+    seed_for,
+    style_in_force,
     wants_latest_image,
 )
 from services.context.config import Config, Limits, Style

@@ -1,7 +1,7 @@
 import pytest
 
-from shared.settings import Settings, SettingsError
 from services.delivery.links import Expired, Signer, Tampered, load_secret
+from shared.settings import Settings, SettingsError
 
 SIGNER = Signer(b"server secret")
 

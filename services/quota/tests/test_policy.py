@@ -1,15 +1,15 @@
 """The quota policy is pure: same inputs, same decision."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from services.quota import policy
-from services.quota.events import QuotaAdjusted, QuotaRefunded
+from services.quota.log_events import QuotaAdjusted, QuotaRefunded
 from services.quota.plans import Plan, Shedding
 from shared.events import PromptSubmitted, QuotaDenied, QuotaGranted
 
-NOW = datetime(2026, 11, 26, 15, 30, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 26, 15, 30, tzinfo=UTC)
 FREE = Plan(tier="free", daily_limit=3, burst=3, per_hour=60)
 PLUS = Plan(tier="paid", daily_limit=10, burst=2, per_hour=60, soft_cap=3)
 SHEDDING = Shedding(elevated_burst=1, elevated_per_hour=6, critical_retry_after_s=300)
@@ -44,14 +44,14 @@ def test_fourth_image_is_denied_until_the_next_utc_midnight():
     decision = _decide(_state_after(3))
     assert isinstance(decision, QuotaDenied)
     assert decision.reason == "daily_limit"
-    assert decision.retry_at == datetime(2026, 11, 27, tzinfo=timezone.utc)
+    assert decision.retry_at == datetime(2026, 11, 27, tzinfo=UTC)
     assert "3 images per UTC day" in decision.detail
 
 
 def test_the_day_is_the_utc_day_whatever_the_offset():
     late_evening_in_new_york = datetime.fromisoformat("2026-11-26T22:00:00-05:00")
     assert policy.utc_day(late_evening_in_new_york) == "2026-11-27"
-    assert policy.next_utc_midnight(late_evening_in_new_york) == datetime(2026, 11, 28, tzinfo=timezone.utc)
+    assert policy.next_utc_midnight(late_evening_in_new_york) == datetime(2026, 11, 28, tzinfo=UTC)
 
 
 @pytest.mark.parametrize(

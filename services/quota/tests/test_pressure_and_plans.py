@@ -1,14 +1,14 @@
 """Fleet pressure from heartbeats, the plans file, and the hash chain: pure parts."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from shared.settings import Settings
 from services.quota import chain, plans
 from services.quota.pressure import FleetMonitor, level_of
 from shared.events import WorkerHeartbeat
+from shared.settings import Settings
 
 RULES = plans.PressureRules(
     stale_after_s=5,
@@ -66,11 +66,11 @@ def test_a_broken_plans_file_is_refused_naming_the_problem(tmp_path: Path, text:
 def test_the_hash_changes_with_any_field_and_with_the_predecessor():
     row = dict(
         stream_id="user:a", version=1, event_type="QuotaGranted", request_id="r1",
-        payload={"x": 1}, metadata={"m": "n"}, recorded_at=datetime(2026, 1, 1, tzinfo=timezone.utc),
+        payload={"x": 1}, metadata={"m": "n"}, recorded_at=datetime(2026, 1, 1, tzinfo=UTC),
         prev_hash=chain.GENESIS,
     )
     base = chain.event_hash(**row)
     assert chain.event_hash(**row) == base
     for key, other in [("version", 2), ("payload", {"x": 2}), ("metadata", {}), ("prev_hash", "1" * 64),
-                       ("recorded_at", datetime(2026, 1, 1, 0, 0, 1, tzinfo=timezone.utc))]:
+                       ("recorded_at", datetime(2026, 1, 1, 0, 0, 1, tzinfo=UTC))]:
         assert chain.event_hash(**(row | {key: other})) != base, key

@@ -102,7 +102,7 @@ def render_held_out(model: Path, steps: int, guidance: float, seed: int) -> list
         generator = torch.Generator().manual_seed(seed + start)
         images += pipe(prompts[start:start + 20], num_inference_steps=steps, guidance_scale=guidance,
                        width=scenes.SIZE, height=scenes.SIZE, generator=generator).images
-    return list(zip(held_out, images))
+    return list(zip(held_out, images, strict=True))
 
 
 def main() -> int:

@@ -181,7 +181,7 @@ def train(folder: Path, minutes: float, batch_size: int, save_every: float, ae_m
     parameters = [*unet.parameters(), *text_encoder.parameters()]
     optimiser = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=0.01)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
-    ema_pairs = [*zip(ema_unet.parameters(), unet.parameters()), *zip(ema_text.parameters(), text_encoder.parameters())]
+    ema_pairs = [*zip(ema_unet.parameters(), unet.parameters(), strict=True), *zip(ema_text.parameters(), text_encoder.parameters(), strict=True)]
 
     budget_s, started, last_save = minutes * 60, time.monotonic(), time.monotonic()
     step, running = 0, 0.0

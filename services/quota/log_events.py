@@ -1,5 +1,5 @@
-"""The events of the quota log. Decisions (QuotaGranted, QuotaDenied) are shared events that
-also travel on the bus; refunds and admin adjustments live only in the log."""
+"""The events of the quota log. Decisions (QuotaGranted, QuotaDenied) are the bus's events
+(`shared.events`) and travel on it too; refunds and admin adjustments live only in the log."""
 
 from __future__ import annotations
 
