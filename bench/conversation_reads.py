@@ -13,20 +13,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-import nats
-
 from infra.embedded import EmbeddedNats, free_port
+from services.context.__main__ import SERVICE as CONTEXT
 from shared import subjects
 from shared.bus import Bus
 from shared.events import Composition, TurnComposed
 from shared.records import read_turns
+from shared.settings import Settings
 from shared.telemetry import setup
 
 RESULTS = Path(__file__).parent / "results"
@@ -36,13 +35,17 @@ SIZES = (10, 100, 500)
 def _turn(user: str, conversation: str, i: int) -> TurnComposed:
     text = f"a red circle, with {i} stripes"
     return TurnComposed(
-        request_id=f"r{i}", user_id=user, conversation_id=conversation, prompt=text,
+        request_id=f"r{i}",
+        user_id=user,
+        conversation_id=conversation,
+        prompt=text,
         composition=Composition(text=text, subject=text),
     )
 
 
 async def run(url: str, repeats: int) -> dict:
-    bus = Bus(await nats.connect(url), "bench", setup("bench", None))
+    # The bench does what context does (read a conversation, append a turn): its access.
+    bus = await Bus.connect(url, "bench", setup("bench", None), CONTEXT.access())
     await bus.declare()
     user, figures = f"u{uuid.uuid4().hex[:8]}", {}
     try:
@@ -54,7 +57,7 @@ async def run(url: str, repeats: int) -> dict:
             reads = []
             for _ in range(repeats):
                 start = time.perf_counter()
-                turns, last = await read_turns(bus.js, user, conversation)
+                turns, last = await read_turns(bus, user, conversation)
                 reads.append((time.perf_counter() - start) * 1000)
                 assert len(turns) == size
             appends = []
@@ -63,15 +66,19 @@ async def run(url: str, repeats: int) -> dict:
                 appended = await bus.publish(subject, _turn(user, conversation, size + i), after_seq=last)
                 appends.append((time.perf_counter() - start) * 1000)
                 assert appended
-                last = (await bus.js.get_last_msg(subjects.CONVERSATIONS.name, subject)).seq
+                stored = await bus.last_message(subjects.CONVERSATIONS, subject)
+                assert stored is not None
+                last = stored.seq
             figures[f"{size}_turns"] = {
                 "read_ms_p50": round(statistics.median(reads), 2),
                 "read_ms_per_turn": round(statistics.median(reads) / size, 3),
                 "append_ms_p50": round(statistics.median(appends), 2),
             }
-            print(f"{size:>4} turns: read p50 {figures[f'{size}_turns']['read_ms_p50']} ms "
-                  f"({figures[f'{size}_turns']['read_ms_per_turn']} ms a turn), "
-                  f"append p50 {figures[f'{size}_turns']['append_ms_p50']} ms")
+            print(
+                f"{size:>4} turns: read p50 {figures[f'{size}_turns']['read_ms_p50']} ms "
+                f"({figures[f'{size}_turns']['read_ms_per_turn']} ms a turn), "
+                f"append p50 {figures[f'{size}_turns']['append_ms_p50']} ms"
+            )
     finally:
         await bus.close()
     return figures
@@ -81,7 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
-    url = os.environ.get("KILN_NATS_URL")
+    url = Settings.from_env().nats_url
     with tempfile.TemporaryDirectory() as scratch:
         server = None
         if not url:

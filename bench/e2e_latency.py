@@ -20,16 +20,23 @@ import statistics
 import tempfile
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
+from opentelemetry import trace
+
 from infra.platform import Platform
-from kiln.client import KilnClient
-from shared.settings import DEFAULT_MODEL
+from kiln.client import CLIENT_ACCESS, KilnClient
 from shared import subjects
-from shared.events import ImageDelivered, QuotaGranted, RenderCompleted, decode
+from shared.access import Access
+from shared.bus import Bus
+from shared.events import ImageDelivered, QuotaGranted, RenderCompleted
+from shared.settings import DEFAULT_MODEL, Settings
 
 RESULTS = Path(__file__).parent / "results"
+# A client that also reads the quota decision and the render result of its requests, for
+# the timestamps the services recorded on them.
+BENCH_ACCESS = CLIENT_ACCESS | Access(streams=frozenset({subjects.QUOTA.name, subjects.RENDER_EVENTS.name}))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -59,8 +66,10 @@ async def _stage_times(client: KilnClient, delivered: ImageDelivered, received_a
     """Where the time outside the render went, from the timestamps the services recorded
     on their events (all processes share this machine's clock)."""
     user, request = delivered.user_id, delivered.request_id
-    grant = decode((await client.js.get_last_msg("KILN_QUOTA", subjects.quota_decided(user, request))).data)
-    done = decode((await client.js.get_last_msg("KILN_RENDER_EVENTS", subjects.render_event(user, request))).data)
+    granted = await client.bus.last_message(subjects.QUOTA, subjects.quota_decided(user, request))
+    rendered = await client.bus.last_message(subjects.RENDER_EVENTS, subjects.render_event(user, request))
+    assert granted is not None and rendered is not None
+    grant, done = granted.event(), rendered.event()
     assert isinstance(grant, QuotaGranted) and isinstance(done, RenderCompleted)
 
     def ms(start: datetime, end: datetime) -> float:
@@ -74,12 +83,25 @@ async def _stage_times(client: KilnClient, delivered: ImageDelivered, received_a
     }
 
 
-async def measure(requests: int, warmup: int) -> dict:
+async def connect_client(nats_url: str) -> KilnClient:
+    """An SDK client whose bus may also read what `_stage_times` needs."""
+    bus = await Bus.connect(
+        nats_url,
+        "bench",
+        trace.get_tracer("kiln.bench"),
+        BENCH_ACCESS,
+        connect_timeout=2,
+        max_reconnect_attempts=3,  # a bench should fail, not wait forever
+    )
+    return KilnClient(bus)
+
+
+async def measure(requests: int, warmup: int, settings: Settings) -> dict:
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
-        stack = Platform.isolated(Path(tmp) / "kiln", DEFAULT_MODEL)
+        stack = Platform.isolated(Path(tmp) / "kiln", DEFAULT_MODEL, settings)
         await stack.start()
         try:
-            async with await KilnClient.connect(stack.nats_url) as client:
+            async with await connect_client(stack.nats_url) as client:
                 total, render, overhead = [], [], []
                 stages: dict[str, list[float]] = {name: [] for name in STAGES}
                 for index in range(warmup + requests):
@@ -87,7 +109,7 @@ async def measure(requests: int, warmup: int) -> dict:
                     started = time.perf_counter()
                     outcome = await client.generate("a red circle on a blue background", user_id=user)
                     elapsed_ms = (time.perf_counter() - started) * 1000
-                    received_at = datetime.now(timezone.utc)
+                    received_at = datetime.now(UTC)
                     if not isinstance(outcome, ImageDelivered):
                         raise RuntimeError(f"request {index} did not deliver: {outcome}")
                     if index >= warmup:
@@ -103,7 +125,7 @@ async def measure(requests: int, warmup: int) -> dict:
         "requests": requests,
         "warmup": warmup,
         "model": f"{DEFAULT_MODEL.name}, 32x32, 10 steps, CPU",
-        "servers": "external" if os.environ.get("KILN_NATS_URL") else "embedded (nats-server 2.15, PostgreSQL 18)",
+        "servers": "external" if settings.nats_url else "embedded (nats-server 2.15, PostgreSQL 18)",
         "host": f"{host.node()} ({os.cpu_count()} cpus)",
         "end_to_end": summary(total),
         "render_own_time": summary(render),
@@ -117,7 +139,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=5)
     args = parser.parse_args()
-    result = asyncio.run(measure(args.requests, args.warmup))
+    result = asyncio.run(measure(args.requests, args.warmup, Settings.from_env()))
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "e2e_latency.json"
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -33,6 +33,7 @@ from typing import Any
 
 from services.render.pipeline import Renderer, quiet_model_libraries
 from shared.events import RenderRequested
+from shared.settings import Settings
 
 RESULTS = Path(__file__).parent / "results"
 PROMPT = "a red clay teapot on a wooden table, soft window light"
@@ -126,9 +127,7 @@ def save_random_pipeline(folder: Path, tiny: bool, dtype: Any) -> None:
     with tempfile.TemporaryDirectory() as vocab_folder:
         tokenizer = clip_tokenizer(Path(vocab_folder))
         if text_config["vocab_size"] < len(tokenizer):
-            raise ValueError(
-                f"`vocab_size` must be at least {len(tokenizer)} but is {text_config['vocab_size']}"
-            )
+            raise ValueError(f"`vocab_size` must be at least {len(tokenizer)} but is {text_config['vocab_size']}")
         pipe = StableDiffusionPipeline(
             vae=AutoencoderKL(**vae_config),
             text_encoder=CLIPTextModel(CLIPTextConfig(**text_config)),
@@ -136,8 +135,12 @@ def save_random_pipeline(folder: Path, tiny: bool, dtype: Any) -> None:
             unet=UNet2DConditionModel(**unet_config),
             # SD 1.5's scheduler settings.
             scheduler=DDIMScheduler(
-                beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                beta_start=0.00085,
+                beta_end=0.012,
+                beta_schedule="scaled_linear",
+                clip_sample=False,
+                set_alpha_to_one=False,
+                steps_offset=1,
             ),
             safety_checker=None,
             feature_extractor=None,
@@ -159,8 +162,14 @@ def load_plain(folder: Path, device: str, dtype: Any) -> Any:
 def render_jobs(batch: int, size: int, steps: int) -> list[RenderRequested]:
     return [
         RenderRequested(
-            request_id=f"bench-{i}", user_id="bench", prompt=PROMPT,
-            width=size, height=size, steps=steps, seed=i, guidance=GUIDANCE,
+            request_id=f"bench-{i}",
+            user_id="bench",
+            prompt=PROMPT,
+            width=size,
+            height=size,
+            steps=steps,
+            seed=i,
+            guidance=GUIDANCE,
         )
         for i in range(batch)
     ]
@@ -176,8 +185,9 @@ def timed(call: Callable[[], Any], sync: Callable[[], None]) -> tuple[float, Any
     return time.perf_counter() - started, result
 
 
-def measure_batch(plain: Any, renderer: Renderer, batch: int, size: int, steps: int, repeats: int,
-                  sync: Callable[[], None]) -> dict[str, Any]:
+def measure_batch(
+    plain: Any, renderer: Renderer, batch: int, size: int, steps: int, repeats: int, sync: Callable[[], None]
+) -> dict[str, Any]:
     import torch
 
     device = renderer.device
@@ -185,7 +195,10 @@ def measure_batch(plain: Any, renderer: Renderer, batch: int, size: int, steps: 
 
     def plain_call() -> Any:
         return plain(
-            prompt=[PROMPT] * batch, num_inference_steps=steps, width=size, height=size,
+            prompt=[PROMPT] * batch,
+            num_inference_steps=steps,
+            width=size,
+            height=size,
             guidance_scale=GUIDANCE,
             generator=[torch.Generator(device).manual_seed(i) for i in range(batch)],
         ).images
@@ -201,7 +214,7 @@ def measure_batch(plain: Any, renderer: Renderer, batch: int, size: int, steps: 
     service_render_s: list[float] = []
     for repeat in range(repeats):
         # Who goes first swaps every repeat, so neither path always runs on a cooler GPU.
-        for which in (("plain", "service") if repeat % 2 == 0 else ("service", "plain")):
+        for which in ("plain", "service") if repeat % 2 == 0 else ("service", "plain"):
             if which == "plain":
                 seconds, _ = timed(plain_call, sync)
                 plain_s.append(seconds)
@@ -228,23 +241,23 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
     single = next((row for row in rows if row["batch"] == 1), None)
     for row in rows:
         row["service_over_plain"] = row["service_images_per_s"] / row["plain_images_per_s"]
-        row["speedup_vs_batch_1"] = (
-            row["service_images_per_s"] / single["service_images_per_s"] if single else None
-        )
-        row["plain_speedup_vs_batch_1"] = (
-            row["plain_images_per_s"] / single["plain_images_per_s"] if single else None
-        )
+        row["speedup_vs_batch_1"] = row["service_images_per_s"] / single["service_images_per_s"] if single else None
+        row["plain_speedup_vs_batch_1"] = row["plain_images_per_s"] / single["plain_images_per_s"] if single else None
 
 
 def print_table(result: dict[str, Any]) -> None:
     config = result["config"]
-    print(f"{result['device']}, torch {result['torch']}, {config['model']} model, "
-          f"{config['size']}x{config['size']}, {config['steps']} steps, median of {config['repeats']}")
+    print(
+        f"{result['device']}, torch {result['torch']}, {config['model']} model, "
+        f"{config['size']}x{config['size']}, {config['steps']} steps, median of {config['repeats']}"
+    )
     print(f"  {'batch':>5}  {'plain img/s':>11}  {'service img/s':>13}  {'service/plain':>13}  {'vs batch 1':>10}")
     for row in result["batches"]:
         speedup = f"{row['speedup_vs_batch_1']:.2f}x" if row["speedup_vs_batch_1"] is not None else "-"
-        print(f"  {row['batch']:>5}  {row['plain_images_per_s']:>11.3f}  {row['service_images_per_s']:>13.3f}"
-              f"  {row['service_over_plain']:>13.3f}  {speedup:>10}")
+        print(
+            f"  {row['batch']:>5}  {row['plain_images_per_s']:>11.3f}  {row['service_images_per_s']:>13.3f}"
+            f"  {row['service_over_plain']:>13.3f}  {speedup:>10}"
+        )
 
 
 def quiet_benchmark_warnings() -> None:
@@ -267,21 +280,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 1 2 4 8 16; 1 2 4 with --tiny)")
     parser.add_argument("--repeats", type=int, help="timed runs per path and batch size (default 3; 1 with --tiny)")
     args = parser.parse_args(argv)
-    defaults = dict(size=64, steps=4, batches=[1, 2, 4], repeats=1) if args.tiny else \
-        dict(size=512, steps=20, batches=[1, 2, 4, 8, 16], repeats=3)
+    defaults = (
+        dict(size=64, steps=4, batches=[1, 2, 4], repeats=1)
+        if args.tiny
+        else dict(size=512, steps=20, batches=[1, 2, 4, 8, 16], repeats=3)
+    )
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.size % 8:
         parser.error(f"--size must be divisible by 8 but is {args.size}")
     if args.steps < 1 or args.repeats < 1 or min(args.batches) < 1:
-        parser.error(f"--steps, --repeats and --batches must be at least 1 but are {args.steps}, "
-                     f"{args.repeats} and {args.batches}")
+        parser.error(
+            f"--steps, --repeats and --batches must be at least 1 but are {args.steps}, "
+            f"{args.repeats} and {args.batches}"
+        )
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    settings = Settings.from_env()
     # Before transformers is imported: no import-time warnings, no progress bars.
     quiet_model_libraries()
     import torch
@@ -299,11 +318,13 @@ def main(argv: list[str] | None = None) -> None:
         model = Path(folder) / ("sd15-shaped-tiny" if args.tiny else "sd15-shaped")
         save_random_pipeline(model, args.tiny, dtype)
         plain = load_plain(model, device, dtype)
-        renderer = Renderer(model)
+        # KILN_RENDER_THREADS caps the CPU threads, as it does for a render worker.
+        renderer = Renderer(model, settings.render_threads)
         if renderer.device != device:
             raise RuntimeError(f"the plain pipeline runs on {device} but the Renderer on {renderer.device}")
-        rows = [measure_batch(plain, renderer, batch, args.size, args.steps, args.repeats, sync)
-                for batch in args.batches]
+        rows = [
+            measure_batch(plain, renderer, batch, args.size, args.steps, args.repeats, sync) for batch in args.batches
+        ]
     add_ratios(rows)
 
     result = {

@@ -29,20 +29,34 @@ import statistics
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import msgspec
+from opentelemetry import trace
 
 from infra.platform import Platform
-from kiln.client import KilnClient
+from kiln.client import CLIENT_ACCESS, KilnClient
 from services.render.pipeline import quiet_model_libraries
 from shared import subjects
-from shared.events import RenderCompleted, RenderRequested, WorkerHeartbeat, decode, encode
-from shared.settings import DEFAULT_MODEL
+from shared.access import Access
+from shared.bus import Bus, Message
+from shared.events import RenderCompleted, RenderRequested, WorkerHeartbeat
+from shared.settings import DEFAULT_MODEL, Settings
 
 RESULTS = Path(__file__).parent / "results"
-PROMPTS = ["a red circle on a blue background", "the digit 7 in green on white", "a yellow triangle at the left",
-           "a purple square on orange at the top"]
+# Only render runs, so the bench queues the jobs itself, as context would, and hears
+# render's results on their subjects; beside that it is a client (it hears heartbeats).
+BENCH_ACCESS = CLIENT_ACCESS | Access(
+    publish=frozenset({subjects.RENDER_JOB.pattern}),
+    subscribe=frozenset({subjects.RENDER_EVENT.pattern}),
+)
+PROMPTS = [
+    "a red circle on a blue background",
+    "the digit 7 in green on white",
+    "a yellow triangle at the left",
+    "a purple square on orange at the top",
+]
 STEPS, SIZE = 20, 32
 USERS = 8  # jobs come from several users, as they would: the fair queue takes them in turn
 
@@ -76,8 +90,13 @@ def plain_loop(batch: int, batches: int, repeats: int) -> float:
 
 def _job(index: int, run: str) -> RenderRequested:
     return RenderRequested(
-        request_id=f"{run}{index:05d}", user_id=f"bench{index % USERS}", prompt=PROMPTS[index % len(PROMPTS)],
-        width=SIZE, height=SIZE, steps=STEPS, seed=index,
+        request_id=f"{run}{index:05d}",
+        user_id=f"bench{index % USERS}",
+        prompt=PROMPTS[index % len(PROMPTS)],
+        width=SIZE,
+        height=SIZE,
+        steps=STEPS,
+        seed=index,
     )
 
 
@@ -89,19 +108,27 @@ class Workers:
         self.names: list[str] = []
 
     async def start(self, count: int, max_batch: int) -> None:
-        beats = await self.client.nc.subscribe(subjects.FLEET_TELEMETRY)
+        beats: asyncio.Queue[Message] = asyncio.Queue()
+        subscription = await self.client.bus.listen(subjects.FLEET_TELEMETRY.pattern, beats.put)
         pids = set()
         # Workers on one CPU host split its cores; more threads than cores only thrash.
         threads = str(max(1, (os.cpu_count() or 1) // count))
         for n in range(count):
             name = f"render-bench-{n}"
-            env = {"KILN_RENDER_MAX_BATCH": str(max_batch), "KILN_RENDER_MAX_WAIT_MS": "50", "KILN_RENDER_THREADS": threads}
+            env = {
+                "KILN_RENDER_MAX_BATCH": str(max_batch),
+                "KILN_RENDER_MAX_WAIT_MS": "50",
+                "KILN_RENDER_THREADS": threads,
+            }
             pids.add(self.stack.start_service("render", instance=name, env=env).pid)
             self.names.append(name)
-        while pids:  # ready: each has sent a heartbeat
-            beat = msgspec.json.decode((await beats.next_msg(timeout=120)).data, type=WorkerHeartbeat)
-            pids.discard(int(beat.worker_id.rsplit("-", 1)[1]))
-        await beats.unsubscribe()
+        try:
+            while pids:  # ready: each has sent a heartbeat
+                message = await asyncio.wait_for(beats.get(), 120)
+                beat = msgspec.json.decode(message.data, type=WorkerHeartbeat)
+                pids.discard(int(beat.worker_id.rsplit("-", 1)[1]))
+        finally:
+            await subscription.unsubscribe()
 
     def stop(self) -> None:
         for name in self.names:
@@ -109,19 +136,24 @@ class Workers:
         self.names = []
 
 
-async def _completions(client: KilnClient, count: int, publish) -> list[RenderCompleted]:
+async def _queue_job(client: KilnClient, job: RenderRequested) -> None:
+    """Put a job on the render queue, as context does."""
+    await client.bus.publish(subjects.render_job("free", job.user_id), job)
+
+
+async def _completions(client: KilnClient, count: int, publish: Callable[[], Awaitable[None]]) -> list[RenderCompleted]:
     """Run `publish()` and collect `count` RenderCompleted events as they come."""
     done: list[RenderCompleted] = []
     finished = asyncio.Event()
 
-    async def on_event(msg) -> None:
-        event = decode(msg.data)
+    async def on_event(message: Message) -> None:
+        event = message.event()
         if isinstance(event, RenderCompleted):
             done.append(event)
             if len(done) >= count:
                 finished.set()
 
-    sub = await client.nc.subscribe("kiln.render.events.>", cb=on_event)
+    sub = await client.bus.listen(subjects.RENDER_EVENT.pattern, on_event)
     try:
         await publish()
         await asyncio.wait_for(finished.wait(), 600)
@@ -135,8 +167,7 @@ async def service_rate(client: KilnClient, jobs: int) -> float:
     run = uuid.uuid4().hex[:8]
 
     async def publish() -> None:
-        await asyncio.gather(*(client.js.publish(subjects.render_job("free", j.user_id), encode(j))
-                               for j in map(lambda i: _job(i, run), range(jobs))))
+        await asyncio.gather(*(_queue_job(client, _job(index, run)) for index in range(jobs)))
 
     started = time.perf_counter()
     await _completions(client, jobs, publish)
@@ -151,8 +182,7 @@ async def queue_wait(client: KilnClient, rate: float, seconds: float) -> dict:
         started = time.perf_counter()
         for index in range(count):
             await asyncio.sleep(max(0.0, started + index / rate - time.perf_counter()))
-            job = _job(index, run)
-            await client.js.publish(subjects.render_job("free", job.user_id), encode(job))
+            await _queue_job(client, _job(index, run))
 
     done = await _completions(client, count, publish)
     waits = sorted(event.queued_ms for event in done if event.queued_ms is not None)
@@ -165,15 +195,28 @@ async def queue_wait(client: KilnClient, rate: float, seconds: float) -> dict:
     }
 
 
-async def measure(jobs: int, batch: int, rate: float, seconds: float, repeats: int) -> dict:
+async def connect_client(nats_url: str) -> KilnClient:
+    """An SDK client whose bus may also queue render jobs and hear their results."""
+    bus = await Bus.connect(
+        nats_url,
+        "bench",
+        trace.get_tracer("kiln.bench"),
+        BENCH_ACCESS,
+        connect_timeout=2,
+        max_reconnect_attempts=3,  # a bench should fail, not wait forever
+    )
+    return KilnClient(bus)
+
+
+async def measure(jobs: int, batch: int, rate: float, seconds: float, repeats: int, settings: Settings) -> dict:
     plain = await asyncio.to_thread(plain_loop, batch, max(1, jobs // batch), repeats)
     plain_1 = await asyncio.to_thread(plain_loop, 1, min(jobs, 16), repeats)
     result: dict = {"plain_loop_per_s": {"batch": round(plain, 2), "batch_1": round(plain_1, 2)}}
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
-        stack = Platform.isolated(Path(tmp) / "kiln", DEFAULT_MODEL)
+        stack = Platform.isolated(Path(tmp) / "kiln", DEFAULT_MODEL, settings)
         stack.start_servers()
         try:
-            async with await KilnClient.connect(stack.nats_url) as client:
+            async with await connect_client(stack.nats_url) as client:
                 workers = Workers(stack, client)
                 for label, max_batch in (("batch", batch), ("batch_1", 1)):
                     await workers.start(1, max_batch)
@@ -198,7 +241,7 @@ async def measure(jobs: int, batch: int, rate: float, seconds: float, repeats: i
         "batch": batch,
         "jobs_per_measurement": jobs,
         "repeats": repeats,
-        "servers": "external NATS" if os.environ.get("KILN_NATS_URL") else "embedded nats-server 2.15",
+        "servers": "external NATS" if settings.nats_url else "embedded nats-server 2.15",
         "host": f"{host.node()} ({os.cpu_count()} cpus)",
         **result,
     }
@@ -212,20 +255,26 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    result = asyncio.run(measure(args.jobs, args.batch, args.rate, args.seconds, args.repeats))
+    result = asyncio.run(measure(args.jobs, args.batch, args.rate, args.seconds, args.repeats, Settings.from_env()))
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "render_throughput.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     plain, service = result["plain_loop_per_s"], result["service_per_s"]
     print(f"render throughput, {result['model']}, {result['host']}:")
-    print(f"  batch {args.batch}: plain loop {plain['batch']:.1f}/s, service {service['batch']:.1f}/s "
-          f"-> service / plain {result['service_vs_plain']:.3f}")
-    print(f"  batch 1: plain loop {plain['batch_1']:.1f}/s, service {service['batch_1']:.1f}/s "
-          f"-> service / plain {result['service_vs_plain_batch_1']:.3f}")
+    print(
+        f"  batch {args.batch}: plain loop {plain['batch']:.1f}/s, service {service['batch']:.1f}/s "
+        f"-> service / plain {result['service_vs_plain']:.3f}"
+    )
+    print(
+        f"  batch 1: plain loop {plain['batch_1']:.1f}/s, service {service['batch_1']:.1f}/s "
+        f"-> service / plain {result['service_vs_plain_batch_1']:.3f}"
+    )
     print(f"  service batched / batch 1: {result['batched_vs_batch_1']:.2f}x")
     for workers, figures in result["queue_wait"].items():
-        print(f"  {workers}: {figures['offered_per_s']:.0f} jobs/s offered, queue wait p50 {figures['p50_wait_ms']:.0f} ms, "
-              f"p95 {figures['p95_wait_ms']:.0f} ms, mean batch {figures['mean_batch']}")
+        print(
+            f"  {workers}: {figures['offered_per_s']:.0f} jobs/s offered, queue wait p50 {figures['p50_wait_ms']:.0f} ms, "
+            f"p95 {figures['p95_wait_ms']:.0f} ms, mean batch {figures['mean_batch']}"
+        )
     print(f"written to {out}")
 
 

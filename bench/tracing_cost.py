@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import platform as host
@@ -35,7 +36,7 @@ from infra.platform import SERVICES, Platform
 from infra.tracing_ui import Phoenix
 from kiln.client import KilnClient
 from shared.events import ImageDelivered
-from shared.settings import DEFAULT_MODEL
+from shared.settings import DEFAULT_MODEL, Settings
 
 RESULTS = Path(__file__).parent / "results"
 PLANS = Path(__file__).with_name("plans.toml")  # every request granted
@@ -76,7 +77,12 @@ async def _null_collector() -> tuple[asyncio.Server, str]:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 length = next(
-                    (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")), 0
+                    (
+                        int(line.split(b":")[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length")
+                    ),
+                    0,
                 )
                 await reader.readexactly(length)
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 0\r\n\r\n")
@@ -91,11 +97,14 @@ async def _null_collector() -> tuple[asyncio.Server, str]:
 async def measure(rounds: int, requests: int, concurrency: int) -> dict:
     if not Phoenix.installed():
         raise SystemExit("the tracing UI is not installed: make .phoenix/.installed")
-    os.environ["KILN_PLANS"] = str(PLANS)
+    os.environ["KILN_PLANS"] = str(PLANS)  # for the services this starts
+    # Its own Phoenix for the `phoenix` rounds, not the one of a `make run` on this machine
+    # (which `Settings.from_env` finds when KILN_OTLP_ENDPOINT is unset).
+    settings = dataclasses.replace(Settings.from_env(), otlp_endpoint=None, trace_url=None)
     rates: dict[str, list[float]] = {"off": [], "on": [], "phoenix": []}
     collector, collector_url = await _null_collector()
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
-        stack = Platform.isolated(Path(tmp) / "kiln", DEFAULT_MODEL)
+        stack = Platform.isolated(Path(tmp) / "kiln", DEFAULT_MODEL, settings)
         await stack.start()
         endpoints = {"off": None, "on": collector_url, "phoenix": stack.otlp_endpoint}
         try:
