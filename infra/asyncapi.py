@@ -45,8 +45,10 @@ CLIENT = "client"  # the operations' tag and id prefix for the SDK, or any clien
 # The real declarations, in the order a request meets them. Imported only when the whole
 # document is made, so that `document()` can be tested with declarations of one's own.
 SERVICE_MODULES = (
-    "services.quota.__main__", "services.context.__main__",
-    "services.render.__main__", "services.delivery.__main__",
+    "services.quota.__main__",
+    "services.context.__main__",
+    "services.render.__main__",
+    "services.delivery.__main__",
 )
 CLIENT_MODULE = "kiln.client"
 
@@ -109,8 +111,11 @@ TOKENS: dict[str, str] = {
 }
 # The payload field that repeats a token's value, where the channel's events all have it.
 TOKEN_FIELDS = {
-    "user": "user_id", "request": "request_id", "conversation": "conversation_id",
-    "worker": "worker_id", "tier": "tier",
+    "user": "user_id",
+    "request": "request_id",
+    "conversation": "conversation_id",
+    "worker": "worker_id",
+    "tier": "tier",
 }
 TOKEN_EXAMPLES = {"user": ["alice"], "request": ["3f2a9c0e"], "conversation": ["c1"], "worker": ["gpu-host-4121"]}
 
@@ -385,7 +390,9 @@ def _service_operations(service: Service) -> dict[str, Any]:
         channel, stream = consume.stream.channel, consume.stream.name
         batch = ", whatever is waiting as one batch" if consume.batched else ""
         operations[f"{name}.consume.{channel_id(channel)}"] = _operation(
-            "receive", channel, name,
+            "receive",
+            channel,
+            name,
             f"{name} pulls `{stream}` with the durable consumer `{consume.durable}` (explicit ack{batch}); "
             "an event of another type is dead-lettered.",
             messages=_accepted(consume.accepts, channel, name),
@@ -393,7 +400,10 @@ def _service_operations(service: Service) -> dict[str, Any]:
         )
     for answer in service.answers:
         operations[f"{name}.answer.{channel_id(answer.channel)}"] = _operation(
-            "receive", answer.channel, name, f"{name} answers; one of its processes takes each request.",
+            "receive",
+            answer.channel,
+            name,
+            f"{name} answers; one of its processes takes each request.",
             bindings={"nats": {"queue": name, "bindingVersion": NATS_BINDING_VERSION}},
         )
     for listen in service.listens:
@@ -406,7 +416,9 @@ def _service_operations(service: Service) -> dict[str, Any]:
         )
     for stream in service.reads:
         operations[f"{name}.read.{channel_id(stream.channel)}"] = _operation(
-            "receive", stream.channel, name,
+            "receive",
+            stream.channel,
+            name,
             f"{name} reads `{stream.name}` directly: a subject's last message or its history.",
         )
     for channel in service.publishes:
@@ -417,7 +429,9 @@ def _service_operations(service: Service) -> dict[str, Any]:
     # service its own dead-letter subject.
     if service.consumes:
         operations[f"{name}.deadLetter"] = _operation(
-            "send", subjects.DEAD_LETTER, name,
+            "send",
+            subjects.DEAD_LETTER,
+            name,
             f"{name} dead-letters on `{subjects.dead_letter(name)}` what it cannot handle.",
         )
     return operations
@@ -455,7 +469,9 @@ def _client_operations(access: Access) -> dict[str, Any]:
         stream = stream_of(channel)
         if stream is not None and stream.name in access.streams:
             operations[f"{CLIENT}.read.{channel_id(channel)}"] = _operation(
-                "receive", channel, CLIENT,
+                "receive",
+                channel,
+                CLIENT,
                 f"A client reads `{stream.name}` directly: a subject's last message (a request's recorded "
                 "outcome) or its history.",
             )
@@ -500,11 +516,14 @@ def _schemas() -> dict[str, Any]:
 
 def _header_schemas() -> dict[str, Any]:
     content_type = {
-        "type": "string", "enum": [JSON, MSGPACK], "default": JSON,
+        "type": "string",
+        "enum": [JSON, MSGPACK],
+        "default": JSON,
         "description": f"How the payload is encoded: JSON unless this says `{MSGPACK}`.",
     }
     traceparent = {
-        "type": "string", "pattern": "^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$",
+        "type": "string",
+        "pattern": "^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$",
         "description": "W3C trace context of the span that published it; a client may send its own to root "
         "the request's trace.",
     }
@@ -514,7 +533,8 @@ def _header_schemas() -> dict[str, Any]:
         "Its format on each channel: the channel's `x-kiln-headers`.",
     }
     expected = {
-        "type": "string", "pattern": "^[0-9]+$",
+        "type": "string",
+        "pattern": "^[0-9]+$",
         "description": "JetStream refuses the message unless the subject's last message has this stream sequence "
         "(`0`: the subject holds none, so a per-request subject takes one message ever).",
     }
@@ -522,8 +542,10 @@ def _header_schemas() -> dict[str, Any]:
         "EventHeaders": {
             "type": "object",
             "properties": {
-                "Content-Type": content_type, "traceparent": traceparent,
-                "Nats-Msg-Id": msg_id, "Nats-Expected-Last-Subject-Sequence": expected,
+                "Content-Type": content_type,
+                "traceparent": traceparent,
+                "Nats-Msg-Id": msg_id,
+                "Nats-Expected-Last-Subject-Sequence": expected,
             },
         },
         "MarkerHeaders": {"type": "object", "properties": {"Nats-Msg-Id": msg_id}, "required": ["Nats-Msg-Id"]},
@@ -532,7 +554,9 @@ def _header_schemas() -> dict[str, Any]:
             "properties": {
                 REASON_HEADER: {"type": "string", "description": "Why the service could not handle the message."},
                 ORIGINAL_SUBJECT_HEADER: {"type": "string", "description": "The subject the message came on."},
-                "Nats-Msg-Id": msg_id, "Content-Type": content_type, "traceparent": traceparent,
+                "Nats-Msg-Id": msg_id,
+                "Content-Type": content_type,
+                "traceparent": traceparent,
             },
             "required": [REASON_HEADER, ORIGINAL_SUBJECT_HEADER],
         },

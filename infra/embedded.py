@@ -321,7 +321,11 @@ class EmbeddedPostgres:
             try:
                 subprocess.run(
                     [str(self.bin_dir / program), *args],
-                    stdout=out, stderr=err, text=True, check=True, timeout=timeout_s,
+                    stdout=out,
+                    stderr=err,
+                    text=True,
+                    check=True,
+                    timeout=timeout_s,
                     cwd="/",  # the server's user may not enter ours (a clone in /root)
                     **identity,
                 )
@@ -351,7 +355,8 @@ class EmbeddedPostgres:
             exists = self._run(
                 "psql",
                 [*server, "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{self.database}'"],
-                timeout_s=30, as_server=False,
+                timeout_s=30,
+                as_server=False,
             )
             if exists.strip() != "1":
                 self._run("createdb", [*server, self.database], timeout_s=30, as_server=False)

@@ -184,9 +184,7 @@ class Platform:
             lock.seek(0)
             holder = lock.read().strip() or "?"
             lock.close()
-            raise RuntimeError(
-                f"another Kiln (pid {holder}) is running on {self.data_dir}; stop it first"
-            ) from None
+            raise RuntimeError(f"another Kiln (pid {holder}) is running on {self.data_dir}; stop it first") from None
         lock.truncate(0)
         lock.write(str(os.getpid()))
         lock.flush()
@@ -309,9 +307,7 @@ class Platform:
     def _check_alive(self, name: str) -> None:
         process = self.services.get(name)
         if process is not None and process.poll() is not None:
-            raise RuntimeError(
-                f"{name} exited with {process.returncode}; see {self.log_dir / (name + '.log')}"
-            )
+            raise RuntimeError(f"{name} exited with {process.returncode}; see {self.log_dir / (name + '.log')}")
 
     async def _http_ok(self) -> bool:
         try:

@@ -58,8 +58,12 @@ class Phoenix:
         }
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [str(PHOENIX), "serve"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=die_with(os.getpid()),
+                [str(PHOENIX), "serve"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with(os.getpid()),
             )
 
     def wait(self) -> None:

@@ -45,7 +45,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     grant.add_argument("--note", default="")
     grant.set_defaults(run=_database_command(_accounts_grant))
 
-    aud = commands.add_parser("audit", help="check and export the quota log").add_subparsers(dest="action", required=True)
+    aud = commands.add_parser("audit", help="check and export the quota log").add_subparsers(
+        dest="action", required=True
+    )
     replay = aud.add_parser("replay", help="re-run the recorded policy over the log; exit 1 on any mismatch")
     replay.add_argument("--user")
     replay.add_argument("--since", type=_timestamp, help="ISO time, e.g. 2026-11-26T00:00Z")
@@ -120,13 +122,17 @@ async def _accounts_list(args: argparse.Namespace, pool: asyncpg.Pool, settings:
         for row in await accounts.listing(conn):
             plan = config.plans.get(row["plan"])
             allowed = str(plan.daily_limit + row["extra_today"]) if plan else "? (plan not in the plans file)"
-            table.add_row(row["user_id"], row["plan"], str(row["used_today"]), allowed, f"{row['updated_at']:%Y-%m-%d %H:%M}")
+            table.add_row(
+                row["user_id"], row["plan"], str(row["used_today"]), allowed, f"{row['updated_at']:%Y-%m-%d %H:%M}"
+            )
     out.print(table)
     return 0
 
 
 async def _accounts_grant(args: argparse.Namespace, pool: asyncpg.Pool, settings: Settings) -> int:
-    adjusted = await accounts.grant(pool, plans.load(settings.plans_file), args.user, args.images, getpass.getuser(), args.note)
+    adjusted = await accounts.grant(
+        pool, plans.load(settings.plans_file), args.user, args.images, getpass.getuser(), args.note
+    )
     out.print(f"{args.user}: {adjusted.images:+d} images on {adjusted.day} ({adjusted.request_id})")
     return 0
 

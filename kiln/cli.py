@@ -148,9 +148,7 @@ async def _connected(body: Command, args: argparse.Namespace) -> int:
 
 
 async def _generate(client: KilnClient, args: argparse.Namespace, settings: Settings) -> int:
-    return await _one_request(
-        client, args, settings, conversation_id=args.conversation, style=args.style
-    )
+    return await _one_request(client, args, settings, conversation_id=args.conversation, style=args.style)
 
 
 async def _edit(client: KilnClient, args: argparse.Namespace, settings: Settings) -> int:
@@ -160,7 +158,11 @@ async def _edit(client: KilnClient, args: argparse.Namespace, settings: Settings
         console.print(f"kiln: {args.user} has no image from request {args.image_id}")
         return EXIT_FAILED
     return await _one_request(
-        client, args, settings, conversation_id=source.conversation_id, edit_of=args.image_id,
+        client,
+        args,
+        settings,
+        conversation_id=source.conversation_id,
+        edit_of=args.image_id,
         strength=args.strength,
     )
 
@@ -171,8 +173,17 @@ async def _one_request(client: KilnClient, args: argparse.Namespace, settings: S
     request_id = args.request_id or uuid.uuid4().hex
     try:
         outcome, trace_link = await _draw(
-            client, settings, args.prompt, user_id=args.user, request_id=request_id, width=args.size,
-            height=args.size, steps=args.steps, seed=args.seed, timeout_s=args.timeout, **fields,
+            client,
+            settings,
+            args.prompt,
+            user_id=args.user,
+            request_id=request_id,
+            width=args.size,
+            height=args.size,
+            steps=args.steps,
+            seed=args.seed,
+            timeout_s=args.timeout,
+            **fields,
         )
     except TimeoutError as error:
         console.print(f"kiln: {error}; to keep waiting, run the same command with --request-id {request_id}")
@@ -201,8 +212,12 @@ async def _draw(client: KilnClient, settings: Settings, prompt: str, **fields) -
 
 async def _draw_with_progress(client: KilnClient, prompt: str, **fields) -> Outcome:
     with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(), console=console, transient=True,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
     ) as bar:
         task = bar.add_task("waiting for quota", total=fields.get("steps", 10))
 
@@ -258,7 +273,7 @@ async def _quota(client: KilnClient, args: argparse.Namespace, settings: Setting
 
 
 CHAT_HELP = (
-    "Type a prompt to draw it; then say what to change (\"make it blue\", \"add a border\") to edit "
+    'Type a prompt to draw it; then say what to change ("make it blue", "add a border") to edit '
     "the last image. /style NAME picks a style (/style none drops it), /styles lists them, "
     "/new starts a new conversation, /quota shows what is left, /quit (or Ctrl-D) ends."
 )
@@ -310,8 +325,15 @@ async def _chat_turn(
 ) -> bool:
     """Draw one turn; whether an image came of it."""
     outcome, trace_link = await _draw(
-        client, settings, text, user_id=args.user, conversation_id=conversation, style=style,
-        width=args.size, height=args.size, steps=args.steps,
+        client,
+        settings,
+        text,
+        user_id=args.user,
+        conversation_id=conversation,
+        style=style,
+        width=args.size,
+        height=args.size,
+        steps=args.steps,
     )
     delivered = _say_outcome(outcome) == 0
     console.print(f"trace: {trace_link}")

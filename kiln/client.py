@@ -57,8 +57,13 @@ class ServiceUnavailable(Exception):
 # What a client does on the bus, for one user: send prompts and cancels, hear its progress
 # and outcomes, read its outcomes and conversations, store masks, ask the services. The
 # playground (delivery) acts for its signed-in users through the same SDK.
-CLIENT_CHANNELS = (subjects.PROMPT_SUBMITTED, subjects.RENDER_CANCEL, subjects.QUOTA_STATUS,
-                   subjects.QUOTA_PRESSURE, subjects.CONTEXT_STYLES)
+CLIENT_CHANNELS = (
+    subjects.PROMPT_SUBMITTED,
+    subjects.RENDER_CANCEL,
+    subjects.QUOTA_STATUS,
+    subjects.QUOTA_PRESSURE,
+    subjects.CONTEXT_STYLES,
+)
 CLIENT_HEARS = (subjects.RENDER_PROGRESS, subjects.OUTCOME, subjects.FLEET_TELEMETRY)
 CLIENT_READS = (subjects.OUTCOMES, subjects.CONVERSATIONS)
 CLIENT_ACCESS = Access(
@@ -76,12 +81,19 @@ class KilnClient:
     @classmethod
     async def connect(cls, nats_url: str) -> KilnClient:
         """Connect, or raise nats.errors.NoServersError within a few seconds."""
+
         async def on_error(error: Exception) -> None:
             log.debug("NATS: %s", error)  # what matters reaches the caller as an exception
 
         bus = await Bus.connect(
-            nats_url, "client", tracer, CLIENT_ACCESS,
-            connect_timeout=2, max_reconnect_attempts=3, reconnect_time_wait=1, error_cb=on_error,
+            nats_url,
+            "client",
+            tracer,
+            CLIENT_ACCESS,
+            connect_timeout=2,
+            max_reconnect_attempts=3,
+            reconnect_time_wait=1,
+            error_cb=on_error,
         )
         return cls(bus)
 

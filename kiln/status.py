@@ -45,17 +45,31 @@ class Fleet:
         beats = self.live()
         for b in beats:
             table.add_row(
-                b.worker_id, b.device, b.model, _num(b.gpu_temperature_c, "{:.0f}"), _num(b.gpu_utilisation, "{:.0%}"),
-                _num(b.gpu_memory_used, "{:.0%}"), _num(b.gpu_power_w, "{:.0f} W"), f"{b.cpu_load:.2f}",
-                "paused" if b.batch_limit == 0 else str(b.batch_limit), f"{b.images_per_s:.2f}",
+                b.worker_id,
+                b.device,
+                b.model,
+                _num(b.gpu_temperature_c, "{:.0f}"),
+                _num(b.gpu_utilisation, "{:.0%}"),
+                _num(b.gpu_memory_used, "{:.0%}"),
+                _num(b.gpu_power_w, "{:.0f} W"),
+                f"{b.cpu_load:.2f}",
+                "paused" if b.batch_limit == 0 else str(b.batch_limit),
+                f"{b.images_per_s:.2f}",
             )
         # Every worker sees the same queue; the newest report is the best.
         newest = max(beats, key=lambda b: b.at, default=None)
-        queue = f"queue: paid {newest.queue_depth_paid}, free {newest.queue_depth_free}" if newest else "queue: no worker reporting"
+        queue = (
+            f"queue: paid {newest.queue_depth_paid}, free {newest.queue_depth_free}"
+            if newest
+            else "queue: no worker reporting"
+        )
         level = self.pressure.get("level", "unknown")
         colour = {"normal": "green", "elevated": "yellow", "critical": "red"}.get(level, "white")
         summary = Text.assemble(
-            (f"{len(beats)} worker{'' if len(beats) == 1 else 's'} · ", ""), (queue, ""), ("  ·  pressure: ", ""), (level, f"bold {colour}"),
+            (f"{len(beats)} worker{'' if len(beats) == 1 else 's'} · ", ""),
+            (queue, ""),
+            ("  ·  pressure: ", ""),
+            (level, f"bold {colour}"),
             (f" ({self.pressure['why']})" if "why" in self.pressure else "", ""),
             (f"  ·  {sum(b.images_per_s for b in beats):.2f} images/s", ""),
         )

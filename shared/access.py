@@ -59,6 +59,8 @@ class Access:
 
     def __or__(self, other: Access) -> Access:
         return Access(
-            self.publish | other.publish, self.subscribe | other.subscribe,
-            self.streams | other.streams, self.buckets | other.buckets,
+            self.publish | other.publish,
+            self.subscribe | other.subscribe,
+            self.streams | other.streams,
+            self.buckets | other.buckets,
         )

@@ -65,7 +65,10 @@ READ_TIMEOUT_S = 5
 # A subject's history read once: nothing to acknowledge, kept in memory, removed by the
 # server if the reader dies.
 _READER = dict(
-    ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL, mem_storage=True, num_replicas=1,
+    ack_policy=AckPolicy.NONE,
+    deliver_policy=DeliverPolicy.ALL,
+    mem_storage=True,
+    num_replicas=1,
     inactive_threshold=30,
 )
 
@@ -99,9 +102,7 @@ class Bus:
         self.access = access
 
     @classmethod
-    async def connect(
-        cls, url: str, service: str, tracer: trace.Tracer, access: Access, **options: Any
-    ) -> Bus:
+    async def connect(cls, url: str, service: str, tracer: trace.Tracer, access: Access, **options: Any) -> Bus:
         """Connect as `service`. A service reconnects forever (a bus outage pauses it, it
         does not end it); `options` are nats-py's, for clients that should give up sooner."""
 
@@ -251,9 +252,7 @@ class Bus:
 
         return await self._nc.subscribe(subject, queue=queue, cb=deliver)
 
-    async def answer(
-        self, subject: str, handler: Callable[[str], Awaitable[Any]], *, queue: str
-    ) -> Subscription:
+    async def answer(self, subject: str, handler: Callable[[str], Awaitable[Any]], *, queue: str) -> Subscription:
         """Answer requests on `subject` with `handler(subject)`, as JSON. A handler that
         raises is answered `{"error": …}`: a caller always hears back."""
         self.access.check_subscribe(subject)
@@ -332,8 +331,14 @@ class Bus:
 
     # -- consumers ------------------------------------------------------------------------
 
-    async def consume(self, stream: Stream, durable: str, handler: Callable[[Any], Awaitable[None]],
-                      stop: asyncio.Event, **options: Any) -> None:
+    async def consume(
+        self,
+        stream: Stream,
+        durable: str,
+        handler: Callable[[Any], Awaitable[None]],
+        stop: asyncio.Event,
+        **options: Any,
+    ) -> None:
         """Hand a durable consumer's events to `handler` until `stop` (`shared.consuming`)."""
         await consuming.consume(self, stream, durable, handler, stop, **options)
 

@@ -89,6 +89,7 @@ async def consume(
     if batched:
         handle = handler
     else:
+
         async def handle(items: list[Received]) -> None:
             (item,) = items
             with trace.use_span(item.span):  # what the handler publishes joins the trace

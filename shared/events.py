@@ -230,6 +230,7 @@ class QuotaStatus(msgspec.Struct, kw_only=True):
     def left(self) -> int:
         return max(self.limit - self.used, 0)
 
+
 class WorkerHeartbeat(msgspec.Struct, kw_only=True):
     """A render worker's telemetry, once a second on `kiln.fleet.telemetry.<worker>` (plain
     NATS: only the latest matters). Quota derives the fleet pressure from it."""
@@ -255,9 +256,10 @@ class WorkerHeartbeat(msgspec.Struct, kw_only=True):
 # Events that end a request: a client waits for exactly one of these.
 TERMINAL = (QuotaDenied, ImageDelivered, RequestFailed)
 
+
 def _is_own_mask(key: str, user_id: str) -> bool:
     prefix = f"{user_id}/masks/"
-    return key.startswith(prefix) and bool(ID_PATTERN.match(key[len(prefix):].removesuffix(".png")))
+    return key.startswith(prefix) and bool(ID_PATTERN.match(key[len(prefix) :].removesuffix(".png")))
 
 
 _json_encoder = msgspec.json.Encoder()
@@ -296,6 +298,4 @@ def check_ids(event: Event) -> None:
         if not ID_PATTERN.match(value):
             raise ValueError(f"`{field}` must match {ID_PATTERN.pattern} but is {value!r}")
     if event.conversation_id and not ID_PATTERN.match(event.conversation_id):
-        raise ValueError(
-            f"`conversation_id` must match {ID_PATTERN.pattern} but is {event.conversation_id!r}"
-        )
+        raise ValueError(f"`conversation_id` must match {ID_PATTERN.pattern} but is {event.conversation_id!r}")

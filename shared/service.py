@@ -155,8 +155,13 @@ async def _serve(service: Service, settings: Settings, app: Any, bus: Bus, stop:
         await asyncio.gather(
             *(
                 bus.consume(
-                    c.stream, c.durable, _bound(c.handler, app), stop, accepts=c.accepts,
-                    batched=c.batched, batch=c.batch(settings) if callable(c.batch) else c.batch,
+                    c.stream,
+                    c.durable,
+                    _bound(c.handler, app),
+                    stop,
+                    accepts=c.accepts,
+                    batched=c.batched,
+                    batch=c.batch(settings) if callable(c.batch) else c.batch,
                     max_attempts=c.max_attempts,
                 )
                 for c in service.consumes

@@ -97,7 +97,7 @@ def _database_url(value: str) -> str:
     """Any of the forms people paste, kept as the plain `postgresql://` form."""
     for scheme in POSTGRES_SCHEMES:
         if value.startswith(scheme):
-            return "postgresql://" + value[len(scheme):]
+            return "postgresql://" + value[len(scheme) :]
     raise ValueError(f"must start with {', '.join(POSTGRES_SCHEMES)}")
 
 
@@ -121,64 +121,101 @@ def setting(variable: str, default: Any, doc: str, parse: Callable[[str], Any] =
 class Settings:
     # -- servers
     nats_url: str | None = setting(
-        "KILN_NATS_URL", None, "NATS to join (NATS ≥ 2.9 with JetStream); unset: the embedded server",
-        _nats_url, shown="embedded",
+        "KILN_NATS_URL",
+        None,
+        "NATS to join (NATS ≥ 2.9 with JetStream); unset: the embedded server",
+        _nats_url,
+        shown="embedded",
     )
     database_url: str | None = setting(
-        "KILN_DATABASE_URL", None,
+        "KILN_DATABASE_URL",
+        None,
         "PostgreSQL ≥ 15 to use: `postgresql://`, `postgres://` or `postgresql+asyncpg://`; unset: the embedded server",
-        _database_url, shown="embedded",
+        _database_url,
+        shown="embedded",
     )
     nats_port: int = setting("KILN_NATS_PORT", EMBEDDED_NATS_PORT, "the embedded NATS's port", _port)
     postgres_port: int = setting("KILN_POSTGRES_PORT", EMBEDDED_POSTGRES_PORT, "the embedded PostgreSQL's port", _port)
     data_dir: Path = setting(
-        "KILN_DATA_DIR", PROJECT_ROOT / ".kiln", "the embedded servers' data, logs, the link key", _path, shown="`.kiln`"
+        "KILN_DATA_DIR",
+        PROJECT_ROOT / ".kiln",
+        "the embedded servers' data, logs, the link key",
+        _path,
+        shown="`.kiln`",
     )
     # -- HTTP (delivery)
     http_host: str = setting("KILN_HTTP_HOST", "127.0.0.1", "where delivery's HTTP server listens")
-    http_port: int = setting("KILN_HTTP_PORT", DEFAULT_HTTP_PORT, "delivery's HTTP port: images, share pages, playground", _port)
+    http_port: int = setting(
+        "KILN_HTTP_PORT", DEFAULT_HTTP_PORT, "delivery's HTTP port: images, share pages, playground", _port
+    )
     public_url: str | None = setting(
-        "KILN_PUBLIC_URL", None, "the base of image and share links", _optional_text,
+        "KILN_PUBLIC_URL",
+        None,
+        "the base of image and share links",
+        _optional_text,
         shown="`http://<KILN_HTTP_HOST>:<KILN_HTTP_PORT>`",
     )
     link_secret: str | None = setting(
-        "KILN_LINK_SECRET", None,
+        "KILN_LINK_SECRET",
+        None,
         "the key that signs links and sign-in cookies (≥ 32 characters; every delivery replica must share it)",
-        _link_secret, shown="made once, kept in `<data>/delivery/link-secret`",
+        _link_secret,
+        shown="made once, kept in `<data>/delivery/link-secret`",
     )
     link_ttl_s: int = setting("KILN_LINK_TTL_S", 24 * 3600, "how long a download link works, in seconds", _integer(1))
-    share_ttl_s: int = setting("KILN_SHARE_TTL_S", 7 * 24 * 3600, "how long a share link works, in seconds", _integer(1))
+    share_ttl_s: int = setting(
+        "KILN_SHARE_TTL_S", 7 * 24 * 3600, "how long a share link works, in seconds", _integer(1)
+    )
     # -- tracing and metrics
     otlp_endpoint: str | None = setting(
-        "KILN_OTLP_ENDPOINT", None,
+        "KILN_OTLP_ENDPOINT",
+        None,
         "export traces over OTLP/HTTP here instead of Phoenix; empty: trace nothing",
-        _optional_text, shown="the running platform's Phoenix",
+        _optional_text,
+        shown="the running platform's Phoenix",
     )
     trace_url: str | None = setting(
-        "KILN_TRACE_URL", None, "a tracing UI's page for one trace, with `{trace_id}` in it", _optional_text,
+        "KILN_TRACE_URL",
+        None,
+        "a tracing UI's page for one trace, with `{trace_id}` in it",
+        _optional_text,
         shown="the running platform's Phoenix",
     )
     tracing_ui: bool = setting("KILN_TRACING_UI", True, "`off`: `kiln up` starts no Phoenix", _on_off, shown="on")
     tracing_port: int = setting("KILN_TRACING_PORT", DEFAULT_TRACING_PORT, "Phoenix's port", _port)
     metrics_port: int | None = setting(
-        "KILN_METRICS_PORT", None, "where a service serves its Prometheus metrics", _port,
+        "KILN_METRICS_PORT",
+        None,
+        "where a service serves its Prometheus metrics",
+        _port,
         shown="none (`kiln up`: 9461–9464)",
     )
     metrics_host: str = setting("KILN_METRICS_HOST", "127.0.0.1", "the metrics endpoint's address")
     # -- quota
     plans_file: Path = setting(
-        "KILN_PLANS", PROJECT_ROOT / "services" / "quota" / "plans.toml", "the plans and load-shedding rules",
-        _path, shown="`services/quota/plans.toml`",
+        "KILN_PLANS",
+        PROJECT_ROOT / "services" / "quota" / "plans.toml",
+        "the plans and load-shedding rules",
+        _path,
+        shown="`services/quota/plans.toml`",
     )
-    quota_batch: int = setting("KILN_QUOTA_BATCH", 256, "prompts decided in one transaction, at most", _integer(1, 10_000))
+    quota_batch: int = setting(
+        "KILN_QUOTA_BATCH", 256, "prompts decided in one transaction, at most", _integer(1, 10_000)
+    )
     # -- context
     context_config: Path = setting(
-        "KILN_CONTEXT_CONFIG", PROJECT_ROOT / "services" / "context" / "context.toml",
-        "context's limits, blocklist and styles", _path, shown="`services/context/context.toml`",
+        "KILN_CONTEXT_CONFIG",
+        PROJECT_ROOT / "services" / "context" / "context.toml",
+        "context's limits, blocklist and styles",
+        _path,
+        shown="`services/context/context.toml`",
     )
     # -- render
     model_path: Path = setting(
-        "KILN_MODEL", DEFAULT_MODEL, "a local diffusers pipeline folder", _path,
+        "KILN_MODEL",
+        DEFAULT_MODEL,
+        "a local diffusers pipeline folder",
+        _path,
         shown="Kiln's own model, `services/render/models/kiln-shapes`",
     )
     render_max_batch: int = setting("KILN_RENDER_MAX_BATCH", 16, "jobs per pipeline call, at most", _integer(1, 1024))
@@ -189,23 +226,39 @@ class Settings:
         "KILN_RENDER_ACK_WAIT_S", 30.0, "a silent worker's jobs go to another after this, in seconds", _number(1)
     )
     render_threads: int | None = setting(
-        "KILN_RENDER_THREADS", None, "torch threads of a CPU worker (set it when several share a host)",
-        _integer(1, 1024), shown="torch's own",
+        "KILN_RENDER_THREADS",
+        None,
+        "torch threads of a CPU worker (set it when several share a host)",
+        _integer(1, 1024),
+        shown="torch's own",
     )
     gpu_hot_c: float = setting("KILN_GPU_HOT_C", 80.0, "the thermal guard halves batches from here, °C", _number(0))
-    gpu_pause_c: float = setting("KILN_GPU_PAUSE_C", 87.0, "the thermal guard takes no new jobs from here, °C", _number(0))
-    gpu_resume_c: float = setting("KILN_GPU_RESUME_C", 75.0, "a paused worker takes jobs again below this, °C", _number(0))
+    gpu_pause_c: float = setting(
+        "KILN_GPU_PAUSE_C", 87.0, "the thermal guard takes no new jobs from here, °C", _number(0)
+    )
+    gpu_resume_c: float = setting(
+        "KILN_GPU_RESUME_C", 75.0, "a paused worker takes jobs again below this, °C", _number(0)
+    )
     inject_gpu_temperature: Path | None = setting(
-        "KILN_INJECT_GPU_TEMPERATURE", None,
-        "a file holding a temperature that replaces the NVML reading (tests, fire drills)", _path, shown="none",
+        "KILN_INJECT_GPU_TEMPERATURE",
+        None,
+        "a file holding a temperature that replaces the NVML reading (tests, fire drills)",
+        _path,
+        shown="none",
     )
     # -- tests and drills
     failpoint: str | None = setting(
-        "KILN_FAILPOINT", None, "a named place where the service fails on purpose (`name` or `name:raise`)",
-        _optional_text, shown="none",
+        "KILN_FAILPOINT",
+        None,
+        "a named place where the service fails on purpose (`name` or `name:raise`)",
+        _optional_text,
+        shown="none",
     )
     chromium: Path = setting(
-        "KILN_CHROMIUM", Path("/usr/bin/chromium"), "the browser the playground test drives", _path,
+        "KILN_CHROMIUM",
+        Path("/usr/bin/chromium"),
+        "the browser the playground test drives",
+        _path,
     )
 
     @classmethod

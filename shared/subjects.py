@@ -73,11 +73,13 @@ class Channel:
 
 
 PROMPT_SUBMITTED = Channel(
-    "kiln.prompt.submitted.{user}", "A client asks for an image (the request's first event).",
+    "kiln.prompt.submitted.{user}",
+    "A client asks for an image (the request's first event).",
     events=(PromptSubmitted,),
 )
 QUOTA_DECIDED = Channel(
-    "kiln.quota.decided.{user}.{request}", "quota's decision, appended to its log before it is published.",
+    "kiln.quota.decided.{user}.{request}",
+    "quota's decision, appended to its log before it is published.",
     events=(QuotaGranted, QuotaDenied),
 )
 RENDER_JOB = Channel(
@@ -88,17 +90,18 @@ RENDER_JOB = Channel(
 )
 RENDER_CANCEL = Channel(
     "kiln.render.cancel.{user}.{request}",
-    "A client's request to drop a job (empty payload). Kept, so a worker that claims the job "
-    "later still sees it.",
+    "A client's request to drop a job (empty payload). Kept, so a worker that claims the job later still sees it.",
 )
 RENDER_EVENT = Channel(
-    "kiln.render.events.{user}.{request}", "render's result of one job, for delivery.",
+    "kiln.render.events.{user}.{request}",
+    "render's result of one job, for delivery.",
     events=(RenderCompleted, RenderFailed),
 )
 RENDER_PROGRESS = Channel(
     "kiln.render.progress.{user}.{request}",
     "Step progress and queue place. Plain NATS, not kept: a missed progress event costs nothing.",
-    events=(RenderProgress,), kept=False,
+    events=(RenderProgress,),
+    kept=False,
 )
 OUTCOME = Channel(
     "kiln.outcome.{user}.{request}",
@@ -114,19 +117,26 @@ CONVERSATION = Channel(
 FLEET_TELEMETRY = Channel(
     "kiln.fleet.telemetry.{worker}",
     "A render worker's heartbeat, once a second (plain NATS): quota sheds load by it.",
-    events=(WorkerHeartbeat,), kept=False,
+    events=(WorkerHeartbeat,),
+    kept=False,
 )
 QUOTA_STATUS = Channel(
-    "kiln.quota.status.{user}", "Request/reply: quota answers with the user's usage today.",
-    kept=False, reply=QuotaStatus,
+    "kiln.quota.status.{user}",
+    "Request/reply: quota answers with the user's usage today.",
+    kept=False,
+    reply=QuotaStatus,
 )
 QUOTA_PRESSURE = Channel(
-    "kiln.quota.pressure", "Request/reply: quota answers with the fleet pressure it sheds load by.",
-    kept=False, reply=dict[str, str],
+    "kiln.quota.pressure",
+    "Request/reply: quota answers with the fleet pressure it sheds load by.",
+    kept=False,
+    reply=dict[str, str],
 )
 CONTEXT_STYLES = Channel(
-    "kiln.context.styles", "Request/reply: context answers with its style presets (name → title).",
-    kept=False, reply=dict[str, str],
+    "kiln.context.styles",
+    "Request/reply: context answers with its style presets (name → title).",
+    kept=False,
+    reply=dict[str, str],
 )
 DEAD_LETTER = Channel(
     "kiln.deadletter.{service}",
@@ -135,8 +145,19 @@ DEAD_LETTER = Channel(
 )
 
 ALL_CHANNELS = [
-    PROMPT_SUBMITTED, QUOTA_DECIDED, RENDER_JOB, RENDER_CANCEL, RENDER_EVENT, RENDER_PROGRESS, OUTCOME,
-    CONVERSATION, FLEET_TELEMETRY, QUOTA_STATUS, QUOTA_PRESSURE, CONTEXT_STYLES, DEAD_LETTER,
+    PROMPT_SUBMITTED,
+    QUOTA_DECIDED,
+    RENDER_JOB,
+    RENDER_CANCEL,
+    RENDER_EVENT,
+    RENDER_PROGRESS,
+    OUTCOME,
+    CONVERSATION,
+    FLEET_TELEMETRY,
+    QUOTA_STATUS,
+    QUOTA_PRESSURE,
+    CONTEXT_STYLES,
+    DEAD_LETTER,
 ]
 
 # The subject functions the code calls: `subjects.outcome(user, request)`.
@@ -210,14 +231,17 @@ class Bucket:
 
 
 IMAGES = Bucket(
-    "kiln-images", "objects",
+    "kiln-images",
+    "objects",
     "The PNGs: `<user>/<request>.png` (render writes), and masks under `<user>/masks/` (clients write).",
 )
 IMAGE_RECORDS = Bucket(
     "kiln-image-meta", "keys", "delivery's record of each image (`<user>.<request>`): prompt, composition, owner, time."
 )
 RENDER_ATTEMPTS = Bucket(
-    "kiln-render-attempts", "keys", "Renders started per request (`<user>.<request>`), shared by the fleet.",
+    "kiln-render-attempts",
+    "keys",
+    "Renders started per request (`<user>.<request>`), shared by the fleet.",
     ttl_s=7 * 24 * 3600,
 )
 ALL_BUCKETS = [IMAGES, IMAGE_RECORDS, RENDER_ATTEMPTS]

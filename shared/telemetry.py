@@ -54,7 +54,9 @@ def setup(service_name: str, otlp_endpoint: str | None) -> trace.Tracer:
 
             endpoint = otlp_endpoint.rstrip("/") + "/v1/traces"
             _provider.add_span_processor(_ServiceNameOnSpans(service_name))
-            _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint), schedule_delay_millis=500))
+            _provider.add_span_processor(
+                BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint), schedule_delay_millis=500)
+            )
         trace.set_tracer_provider(_provider)
     return trace.get_tracer(service_name)
 
@@ -74,7 +76,9 @@ def serve_metrics(service_name: str, port: int | None, host: str = "127.0.0.1") 
                 readers.append(PrometheusMetricReader())
             except OSError as error:  # the port is taken: serve without metrics, say so
                 logging.getLogger(f"kiln.{service_name}").warning("no metrics endpoint on :%d: %s", port, error)
-        _meter_provider = MeterProvider(resource=Resource.create({"service.name": service_name}), metric_readers=readers)
+        _meter_provider = MeterProvider(
+            resource=Resource.create({"service.name": service_name}), metric_readers=readers
+        )
         metrics.set_meter_provider(_meter_provider)
     return metrics.get_meter(f"kiln.{service_name}")
 

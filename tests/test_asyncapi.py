@@ -51,7 +51,8 @@ async def _open(settings: Any, bus: Any):
 
 SERVICES = [
     Service(
-        name="quota", open=_open,
+        name="quota",
+        open=_open,
         consumes=(
             Consume(subjects.PROMPTS, "quota", _App.take_prompts),
             Consume(subjects.OUTCOMES, "quota-refunds", _App.take_outcome),
@@ -62,21 +63,24 @@ SERVICES = [
         reads=(subjects.OUTCOMES,),
     ),
     Service(
-        name="context", open=_open,
+        name="context",
+        open=_open,
         consumes=(Consume(subjects.QUOTA, "context", _App.take_decision),),
         answers=(Answer(subjects.CONTEXT_STYLES, _App.answer),),
         publishes=(subjects.RENDER_JOB, subjects.CONVERSATION, subjects.OUTCOME),
         reads=(subjects.OUTCOMES, subjects.CONVERSATIONS),
     ),
     Service(
-        name="render", open=_open,
+        name="render",
+        open=_open,
         consumes=(Consume(subjects.RENDER_JOBS, "render", _App.take_job),),
         publishes=(subjects.RENDER_EVENT, subjects.RENDER_PROGRESS, subjects.FLEET_TELEMETRY, subjects.OUTCOME),
         reads=(subjects.RENDER_CANCELS,),
         buckets=(subjects.IMAGES, subjects.RENDER_ATTEMPTS),
     ),
     Service(
-        name="delivery", open=_open,
+        name="delivery",
+        open=_open,
         consumes=(Consume(subjects.RENDER_EVENTS, "delivery", _App.take_render_event),),
         publishes=(subjects.OUTCOME, subjects.PROMPT_SUBMITTED, subjects.QUOTA_STATUS),
         hears=(subjects.RENDER_PROGRESS, subjects.OUTCOME),
@@ -118,7 +122,8 @@ def _refs(node: Any) -> list[str]:
 def _operations_on(doc: dict[str, Any], channel: subjects.Channel, tag: str, action: str) -> list[dict[str, Any]]:
     ref = f"#/channels/{channel_id(channel)}"
     return [
-        op for op in doc["operations"].values()
+        op
+        for op in doc["operations"].values()
         if op["channel"]["$ref"] == ref and op["action"] == action and op["tags"] == [{"name": tag}]
     ]
 
@@ -132,7 +137,9 @@ def test_it_is_an_asyncapi_3_document(doc):
     assert {"info", "channels", "operations", "components"} <= doc.keys()
     assert doc["info"]["title"] == "Kiln" and doc["info"]["version"]
     assert doc["servers"]["nats"] == {
-        "host": "127.0.0.1:14222", "protocol": "nats", "description": doc["servers"]["nats"]["description"],
+        "host": "127.0.0.1:14222",
+        "protocol": "nats",
+        "description": doc["servers"]["nats"]["description"],
     }
     assert all(op["action"] in ("send", "receive") for op in doc["operations"].values())
     for key in (*doc["channels"], *doc["operations"], *doc["components"]["messages"], *doc["components"]["schemas"]):
@@ -194,7 +201,8 @@ def test_an_operation_per_declared_publish_consume_answer_and_listen(doc):
             assert _operations_on(doc, channel, service.name, "send"), (service.name, channel.template)
         for consume in service.consumes:
             (operation,) = [
-                op for op in _operations_on(doc, consume.stream.channel, service.name, "receive")
+                op
+                for op in _operations_on(doc, consume.stream.channel, service.name, "receive")
                 if "x-kiln-consumer" in op
             ]
             assert _message_names(operation) == [kind.__name__ for kind in consume.accepts]

@@ -24,4 +24,3 @@ def test_unreachable_bus_is_one_line_and_exit_3():
 def test_missing_arguments_are_a_usage_error():
     result = _kiln("generate", "a red circle")
     assert result.returncode == 64 and "--user" in result.stderr  # 2 is kept for "denied"
-

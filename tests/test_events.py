@@ -38,7 +38,11 @@ def test_nested_submission_round_trips():
 
 def test_msgpack_is_readable_when_the_header_says_so():
     event = QuotaDenied(
-        request_id="r1", user_id="alice", plan="free", reason="daily_limit", detail="3 of 3",
+        request_id="r1",
+        user_id="alice",
+        plan="free",
+        reason="daily_limit",
+        detail="3 of 3",
         retry_at=datetime(2026, 11, 27, tzinfo=UTC),
     )
     assert decode(msgspec.msgpack.encode(event), MSGPACK) == event

@@ -67,7 +67,9 @@ def test_the_readme_table_is_the_one_the_code_makes():
     readme = (PROJECT_ROOT / "README.md").read_text()
     found = re.search(r"<!-- settings: [^\n]*-->\n(.*?)<!-- /settings -->", readme, re.S)
     assert found, "README.md has no generated settings table"
-    assert found.group(1).strip() == markdown_table().strip(), "README's settings table is stale: python -m shared.settings"
+    assert found.group(1).strip() == markdown_table().strip(), (
+        "README's settings table is stale: python -m shared.settings"
+    )
 
 
 def test_every_kiln_variable_the_readme_names_is_a_setting():

@@ -74,10 +74,13 @@ class Context:
                 span.set_attribute("kiln.refusal", refusal.reason)
                 await self.refuse(event, refusal)
                 return
-            span.set_attributes({
-                "kiln.style": composition.style, "kiln.edit_of": composition.edit_of or "",
-                "kiln.conversation": bool(event.conversation_id),
-            })
+            span.set_attributes(
+                {
+                    "kiln.style": composition.style,
+                    "kiln.edit_of": composition.edit_of or "",
+                    "kiln.conversation": bool(event.conversation_id),
+                }
+            )
         turns.add(1, {"kind": "edit" if composition.edit_of else "new"})
         job = render_request(event, composition, prompt, self.config)
         # The job subject is shared by all requests of a user's tier, so duplicates are caught
@@ -90,8 +93,13 @@ class Context:
         turns.add(1, {"kind": "refused", "reason": refusal.reason})
         log.info("refused %s/%s: %s", grant.user_id, grant.request_id, refusal)
         failed = RequestFailed(
-            request_id=grant.request_id, user_id=grant.user_id, conversation_id=grant.conversation_id,
-            stage="context", reason=refusal.reason, detail=refusal.detail, plan=grant.plan,
+            request_id=grant.request_id,
+            user_id=grant.user_id,
+            conversation_id=grant.conversation_id,
+            stage="context",
+            reason=refusal.reason,
+            detail=refusal.detail,
+            plan=grant.plan,
         )
         await self.bus.publish(subjects.outcome(grant.user_id, grant.request_id), failed, first_on_subject=True)
 
@@ -111,13 +119,20 @@ class Context:
                 raise Refusal("conversation_full", f"this conversation has {len(turns)} turns; start a new one")
             composition, prompt = await self.compose(grant, turns)
             recorded = TurnComposed(
-                request_id=grant.request_id, user_id=grant.user_id, conversation_id=grant.conversation_id,
-                prompt=prompt, composition=composition,
+                request_id=grant.request_id,
+                user_id=grant.user_id,
+                conversation_id=grant.conversation_id,
+                prompt=prompt,
+                composition=composition,
             )
             subject = subjects.conversation(grant.user_id, grant.conversation_id)
             if await self.bus.publish(subject, recorded, after_seq=last_seq):
                 return composition, prompt
-            log.info("conversation %s gained a turn while composing %s; composing again", grant.conversation_id, grant.request_id)
+            log.info(
+                "conversation %s gained a turn while composing %s; composing again",
+                grant.conversation_id,
+                grant.request_id,
+            )
         raise RuntimeError(f"conversation {grant.conversation_id} kept changing while composing")  # retried by the bus
 
     async def compose(self, grant: QuotaGranted, turns: list[TurnComposed]) -> tuple[Composition, str]:
@@ -155,8 +170,6 @@ class Context:
     async def answer_styles(self, subject: str) -> dict[str, str]:
         """The answer to `kiln.context.styles`: the style presets, name → title."""
         return {name: style.title for name, style in self.config.styles.items()}
-
-
 
 
 def _composition(delivered: ImageDelivered) -> Composition:

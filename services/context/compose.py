@@ -86,7 +86,7 @@ def apply_edit(subject: str, instruction: str) -> str:
     if change.lower() in COLOURS:
         for i, word in enumerate(words):
             if word.lower() in COLOURS:
-                return " ".join(words[:i] + [change.lower()] + words[i + 1:])
+                return " ".join(words[:i] + [change.lower()] + words[i + 1 :])
     change = re.sub(r"^add\s+", "with ", change, flags=re.IGNORECASE)
     change = re.sub(r"^remove\s+", "without ", change, flags=re.IGNORECASE)
     return f"{subject}, {change}"
@@ -118,7 +118,8 @@ def check_submission(submission: PromptSubmitted, config: Config) -> None:
     limits = config.limits
     if len(submission.prompt) > limits.max_prompt_chars:
         raise Refusal(
-            "prompt_too_long", f"the prompt has {len(submission.prompt)} characters; the limit is {limits.max_prompt_chars}"
+            "prompt_too_long",
+            f"the prompt has {len(submission.prompt)} characters; the limit is {limits.max_prompt_chars}",
         )
     if max(submission.width, submission.height) > limits.max_side:
         raise Refusal(

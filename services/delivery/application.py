@@ -35,8 +35,10 @@ class Delivery:
     @asynccontextmanager
     async def open(cls, settings: Settings, bus: Bus) -> AsyncIterator[Delivery]:
         links = Links(
-            Signer(load_secret(settings.link_secret, settings.data_dir)), settings.base_url,
-            settings.link_ttl_s, settings.share_ttl_s,
+            Signer(load_secret(settings.link_secret, settings.data_dir)),
+            settings.base_url,
+            settings.link_ttl_s,
+            settings.share_ttl_s,
         )
         records = ImageRecords(await bus.key_value(subjects.IMAGE_RECORDS))
         yield cls(bus, Site(bus, await bus.object_store(subjects.IMAGES), records, links, settings))
@@ -47,11 +49,18 @@ class Delivery:
             with self.bus.tracer.start_as_current_span(
                 "delivery record image", attributes={"kiln.bucket": subjects.IMAGE_RECORDS.name}
             ):
-                await self.site.records.put(ImageRecord(
-                    user_id=event.user_id, request_id=event.request_id, conversation_id=event.conversation_id,
-                    prompt=event.prompt, composition=event.composition, width=event.width, height=event.height,
-                    created_at=event.completed_at,
-                ))
+                await self.site.records.put(
+                    ImageRecord(
+                        user_id=event.user_id,
+                        request_id=event.request_id,
+                        conversation_id=event.conversation_id,
+                        prompt=event.prompt,
+                        composition=event.composition,
+                        width=event.width,
+                        height=event.height,
+                        created_at=event.completed_at,
+                    )
+                )
         subject, result = outcome(event, self.site.links, time.time())
         if await self.bus.publish(subject, result, first_on_subject=True):
             outcomes.add(1, {"outcome": "delivered" if isinstance(event, RenderCompleted) else "failed"})
@@ -60,7 +69,10 @@ class Delivery:
         """The HTTP side, until `stop`."""
         settings = self.site.settings
         config = uvicorn.Config(
-            create_app(self.site), host=settings.http_host, port=settings.http_port, log_level="warning",
+            create_app(self.site),
+            host=settings.http_host,
+            port=settings.http_port,
+            log_level="warning",
             lifespan="off",
         )
         http = _HttpServer(config)

@@ -122,13 +122,17 @@ def create_app(site: Site) -> Starlette:
         try:
             user_id = str((await _body(request, dict)).get("user", "")).strip()
         except msgspec.DecodeError:
-            return _error(400, "send JSON: {\"user\": \"alice\"}")
+            return _error(400, 'send JSON: {"user": "alice"}')
         if not ID_PATTERN.match(user_id):
             return _error(400, "a user name is 1-64 letters, digits, _ or -")
         response = JSONResponse({"user": user_id})
         token = site.links.signer.session(user_id, int(time.time()) + SESSION_TTL_S)
         response.set_cookie(
-            SESSION_COOKIE, token, max_age=SESSION_TTL_S, httponly=True, samesite="strict",
+            SESSION_COOKIE,
+            token,
+            max_age=SESSION_TTL_S,
+            httponly=True,
+            samesite="strict",
             secure=site.settings.base_url.startswith("https://"),
         )
         return response
@@ -149,9 +153,16 @@ def create_app(site: Site) -> Starlette:
         try:
             body = await _body(request, GenerateBody)
             submission = PromptSubmitted(
-                request_id=uuid.uuid4().hex, user_id=user_id, conversation_id=body.conversation_id,
-                prompt=body.prompt, width=body.size, height=body.size, steps=body.steps,
-                style=body.style, edit_of=body.edit_of, strength=body.strength,
+                request_id=uuid.uuid4().hex,
+                user_id=user_id,
+                conversation_id=body.conversation_id,
+                prompt=body.prompt,
+                width=body.size,
+                height=body.size,
+                steps=body.steps,
+                style=body.style,
+                edit_of=body.edit_of,
+                strength=body.strength,
             )
             check_ids(submission)
         except (msgspec.DecodeError, ValueError) as error:
@@ -168,11 +179,17 @@ def create_app(site: Site) -> Starlette:
         client = site.client
         turns = await client.conversation(user_id, conversation_id)
         outcomes = await asyncio.gather(*(client.recorded_outcome(user_id, t.request_id) for t in turns))
-        return JSONResponse([
-            {"request_id": turn.request_id, "prompt": turn.prompt, "composition": msgspec.to_builtins(turn.composition),
-             **(_outcome_line(site, outcome) if outcome else {"event": "pending"})}
-            for turn, outcome in zip(turns, outcomes, strict=True)
-        ])
+        return JSONResponse(
+            [
+                {
+                    "request_id": turn.request_id,
+                    "prompt": turn.prompt,
+                    "composition": msgspec.to_builtins(turn.composition),
+                    **(_outcome_line(site, outcome) if outcome else {"event": "pending"}),
+                }
+                for turn, outcome in zip(turns, outcomes, strict=True)
+            ]
+        )
 
     @signed_in
     async def share(request: Request, user_id: str) -> Response:
@@ -187,7 +204,9 @@ def create_app(site: Site) -> Starlette:
         if not ID_PATTERN.match(request_id) or await site.records.get(user_id, request_id) is None:
             return _error(404, f"you have no image from request {request_id}")
         now = time.time()
-        return JSONResponse({"url": site.links.share(user_id, request_id, now, ttl_s), "expires_at": expiry(now, ttl_s)})
+        return JSONResponse(
+            {"url": site.links.share(user_id, request_id, now, ttl_s), "expires_at": expiry(now, ttl_s)}
+        )
 
     # -- images and share pages ------------------------------------------------------------
 
@@ -222,14 +241,20 @@ def create_app(site: Site) -> Starlette:
         user_id, request_id = request.path_params["user_id"], request.path_params["request_id"]
         query = request.query_params
         try:
-            site.links.signer.check("share", image_subject(user_id, request_id), query.get("exp"), query.get("sig"), time.time())
+            site.links.signer.check(
+                "share", image_subject(user_id, request_id), query.get("exp"), query.get("sig"), time.time()
+            )
         except LinkError as error:
             return _page(error.status, "This link does not open", str(error))
         record = await site.records.get(user_id, request_id)
         if record is None:
             return _page(404, "No such image", "The image this link names is gone.")
         image_url = f"/images/{user_id}/{request_id}.png?p=share&exp={query['exp']}&sig={query['sig']}"
-        style = f" · style: {html.escape(record.composition.style)}" if record.composition and record.composition.style else ""
+        style = (
+            f" · style: {html.escape(record.composition.style)}"
+            if record.composition and record.composition.style
+            else ""
+        )
         body = (
             f'<img id="shared-image" src="{html.escape(image_url)}" alt="{html.escape(record.prompt)}">'
             f'<p class="prompt" id="shared-prompt">{html.escape(record.prompt)}</p>'
@@ -276,23 +301,41 @@ async def _outcome_of(site: Site, submission: PromptSubmitted, lines: asyncio.Qu
     attributes = {"kiln.request_id": submission.request_id, "kiln.user": user_ref(submission.user_id)}
     with tracer.start_as_current_span("playground generate", kind=trace.SpanKind.SERVER, attributes=attributes) as span:
         trace_id = trace_id_of(span)
-        lines.put_nowait({
-            "event": "accepted", "request_id": submission.request_id, "trace_id": trace_id,
-            "trace_url": site.settings.trace_link(trace_id),
-        })
+        lines.put_nowait(
+            {
+                "event": "accepted",
+                "request_id": submission.request_id,
+                "trace_id": trace_id,
+                "trace_url": site.settings.trace_link(trace_id),
+            }
+        )
 
         def on_progress(event: RenderProgress) -> None:
-            lines.put_nowait({
-                "event": "progress", "state": event.state, "step": event.step, "total": event.total_steps,
-                "queue_position": event.queue_position, "eta_s": event.eta_s,
-            })
+            lines.put_nowait(
+                {
+                    "event": "progress",
+                    "state": event.state,
+                    "step": event.step,
+                    "total": event.total_steps,
+                    "queue_position": event.queue_position,
+                    "eta_s": event.eta_s,
+                }
+            )
 
         try:
             outcome = await site.client.generate(
-                submission.prompt, user_id=submission.user_id, conversation_id=submission.conversation_id,
-                request_id=submission.request_id, width=submission.width, height=submission.height,
-                steps=submission.steps, style=submission.style, edit_of=submission.edit_of,
-                strength=submission.strength, on_progress=on_progress, timeout_s=GENERATE_TIMEOUT_S,
+                submission.prompt,
+                user_id=submission.user_id,
+                conversation_id=submission.conversation_id,
+                request_id=submission.request_id,
+                width=submission.width,
+                height=submission.height,
+                steps=submission.steps,
+                style=submission.style,
+                edit_of=submission.edit_of,
+                strength=submission.strength,
+                on_progress=on_progress,
+                timeout_s=GENERATE_TIMEOUT_S,
             )
         except (TimeoutError, nats.errors.Error) as error:
             detail = f"{error or type(error).__name__}; the request may still finish: reload to see it"
@@ -316,9 +359,12 @@ async def _ndjson(lines: asyncio.Queue[dict | None], task: asyncio.Task):
 def _outcome_line(site: Site, outcome: Outcome) -> dict:
     if isinstance(outcome, ImageDelivered):
         return {
-            "event": "delivered", "url": site.links.download(outcome.user_id, outcome.request_id, time.time()),
-            "image": f"/images/{outcome.user_id}/{outcome.request_id}.png", "prompt": outcome.prompt,
-            "composition": msgspec.to_builtins(outcome.composition), "render_ms": outcome.render_ms,
+            "event": "delivered",
+            "url": site.links.download(outcome.user_id, outcome.request_id, time.time()),
+            "image": f"/images/{outcome.user_id}/{outcome.request_id}.png",
+            "prompt": outcome.prompt,
+            "composition": msgspec.to_builtins(outcome.composition),
+            "render_ms": outcome.render_ms,
         }
     if isinstance(outcome, QuotaDenied):
         retry_at = outcome.retry_at.isoformat() if outcome.retry_at else None
@@ -344,7 +390,7 @@ async def _styles(site: Site) -> dict[str, str]:
 
 
 def _page(status: int, title: str, body: str, raw: bool = False) -> HTMLResponse:
-    content = body if raw else f"<p class=\"error\">{html.escape(body)}</p>"
+    content = body if raw else f'<p class="error">{html.escape(body)}</p>'
     return HTMLResponse(
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
         f"<title>{html.escape(title)}</title><link rel=stylesheet href=/static/app.css></head>"

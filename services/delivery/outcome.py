@@ -12,7 +12,9 @@ def outcome(
 ) -> tuple[str, ImageDelivered | RequestFailed]:
     """The outcome event for a render event, and the subject it goes to. A delivered image
     carries a signed download link that expires."""
-    ids = dict(request_id=event.request_id, user_id=event.user_id, conversation_id=event.conversation_id, plan=event.plan)
+    ids = dict(
+        request_id=event.request_id, user_id=event.user_id, conversation_id=event.conversation_id, plan=event.plan
+    )
     if isinstance(event, RenderCompleted):
         delivered = ImageDelivered(
             **ids,

@@ -11,7 +11,10 @@ SERVICE = Service(
         Consume(subjects.PROMPTS, subjects.DURABLE_QUOTA_PROMPTS, Quota.handle_prompts, batch=lambda s: s.quota_batch),
         Consume(subjects.OUTCOMES, subjects.DURABLE_QUOTA_REFUNDS, Quota.handle_outcome, batch=64),
     ),
-    answers=(Answer(subjects.QUOTA_STATUS, Quota.answer_status), Answer(subjects.QUOTA_PRESSURE, Quota.answer_pressure)),
+    answers=(
+        Answer(subjects.QUOTA_STATUS, Quota.answer_status),
+        Answer(subjects.QUOTA_PRESSURE, Quota.answer_pressure),
+    ),
     listens=(Listen(subjects.FLEET_TELEMETRY, Quota.hear_heartbeat),),
     publishes=(subjects.QUOTA_DECIDED, subjects.OUTCOME),
     reads=(subjects.OUTCOMES,),

@@ -40,9 +40,7 @@ async def add(conn: asyncpg.Connection, config: Config, user_id: str, plan: str)
 
 async def set_plan(conn: asyncpg.Connection, config: Config, user_id: str, plan: str) -> None:
     _check(config, user_id, plan)
-    status = await conn.execute(
-        "UPDATE accounts SET plan = $2, updated_at = now() WHERE user_id = $1", user_id, plan
-    )
+    status = await conn.execute("UPDATE accounts SET plan = $2, updated_at = now() WHERE user_id = $1", user_id, plan)
     if status == "UPDATE 0":
         raise AccountError(f"{user_id} has no account; use `kiln accounts add`")
 

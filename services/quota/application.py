@@ -122,17 +122,25 @@ class QuotaService:
         batch shares one transaction: each new decision's write span covers it."""
         for delivery in batch:
             decision = decisions[_key(delivery.event)]
-            delivery.span.set_attributes({
-                "kiln.decision": "granted" if isinstance(decision, QuotaGranted) else "denied",
-                "kiln.plan": decision.plan, "kiln.pressure": decision.pressure,
-                **({"kiln.denial_reason": decision.reason} if isinstance(decision, QuotaDenied) else {}),
-            })
+            delivery.span.set_attributes(
+                {
+                    "kiln.decision": "granted" if isinstance(decision, QuotaGranted) else "denied",
+                    "kiln.plan": decision.plan,
+                    "kiln.pressure": decision.pressure,
+                    **({"kiln.denial_reason": decision.reason} if isinstance(decision, QuotaDenied) else {}),
+                }
+            )
             if _key(delivery.event) not in new:
                 continue  # decided before (a redelivery): nothing written now
             write = self.bus.tracer.start_span(
-                "quota log append", context=trace.set_span_in_context(delivery.span), start_time=started,
-                attributes={"db.system.name": "postgresql", "db.operation.name": "INSERT quota_events",
-                            "kiln.batch_size": len(new)},
+                "quota log append",
+                context=trace.set_span_in_context(delivery.span),
+                start_time=started,
+                attributes={
+                    "db.system.name": "postgresql",
+                    "db.operation.name": "INSERT quota_events",
+                    "kiln.batch_size": len(new),
+                },
             )
             write.end(end_time=ended)
 
@@ -156,9 +164,7 @@ class QuotaService:
             return False
         return await self.bus.outcome_recorded(delivery.event.user_id, delivery.event.request_id)
 
-    async def decide(
-        self, batch: list[Received]
-    ) -> tuple[dict[tuple[str, str], Decision], list[int], list[Decision]]:
+    async def decide(self, batch: list[Received]) -> tuple[dict[tuple[str, str], Decision], list[int], list[Decision]]:
         """Each request's decision (recorded before, or made and appended now), the log
         positions of the new ones, and the new ones."""
         for _ in range(MAX_CONFLICT_RETRIES):
@@ -200,7 +206,10 @@ class QuotaService:
             if isinstance(decision, QuotaGranted) and decision.over_soft_cap:
                 logger.warning(
                     "soft cap: %s on %s has %d images today (soft cap %d)",
-                    submission.user_id, plan_name, decision.used, plan.soft_cap,
+                    submission.user_id,
+                    plan_name,
+                    decision.used,
+                    plan.soft_cap,
                 )
             entries.append(
                 quota_log.Entry(
@@ -250,7 +259,6 @@ class QuotaService:
             await log.append([quota_log.Entry(refund, {"policy_version": policy.POLICY_VERSION})])
         logger.info("refunded %s/%s (%s)", outcome.user_id, outcome.request_id, outcome.reason)
 
-
     # -- status ---------------------------------------------------------------------------
 
     async def answer_status(self, subject: str) -> QuotaStatus | dict[str, str]:
@@ -292,9 +300,12 @@ class QuotaService:
         plan_name = record.plan if record.plan in self.config.plans else DEFAULT_PLAN
         usage = record.state.on(day)
         return QuotaStatus(
-            user_id=user_id, plan=plan_name, used=usage.used,
+            user_id=user_id,
+            plan=plan_name,
+            used=usage.used,
             limit=policy.daily_limit(self.config.plan(plan_name), usage),
-            day=day, resets_at=policy.next_utc_midnight(now),
+            day=day,
+            resets_at=policy.next_utc_midnight(now),
         )
 
 

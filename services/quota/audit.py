@@ -111,7 +111,9 @@ async def replay(conn: asyncpg.Connection, user_id: str | None = None, since: da
                 report.checked += 1
                 problem = _replay_decision(event, row["metadata"], state)
                 if problem:
-                    report.mismatches.append(f"position {row['position']} ({event.user_id}/{event.request_id}): {problem}")
+                    report.mismatches.append(
+                        f"position {row['position']} ({event.user_id}/{event.request_id}): {problem}"
+                    )
         policy.apply(state, event)
     return report
 
@@ -173,9 +175,12 @@ async def rebuild_projections(pool: asyncpg.Pool) -> int:
             event = from_payload(row["payload"])
             policy.apply(states.setdefault(event.user_id, policy.UserState()), event)
         await log.conn.execute("TRUNCATE quota_usage, quota_buckets")
-        usage = [(user, day, u.granted, u.refunded, u.extra) for user, s in states.items() for day, u in s.usage.items()]
-        await log.conn.copy_records_to_table("quota_usage", records=usage, columns=["user_id", "day", "granted", "refunded", "extra"])
+        usage = [
+            (user, day, u.granted, u.refunded, u.extra) for user, s in states.items() for day, u in s.usage.items()
+        ]
+        await log.conn.copy_records_to_table(
+            "quota_usage", records=usage, columns=["user_id", "day", "granted", "refunded", "extra"]
+        )
         buckets = [(user, s.bucket.tokens, s.bucket.at) for user, s in states.items() if s.bucket.at is not None]
         await log.conn.copy_records_to_table("quota_buckets", records=buckets, columns=["user_id", "tokens", "at"])
     return len(states)
-

@@ -120,15 +120,20 @@ class Appender:
             self.head = chain.event_hash(**row)
             rows.append((*row.values(), self.head))
         touched = {entry.event.user_id for entry in entries}
-        usage = [(user, day, u.granted, u.refunded, u.extra)
-                 for user in touched for day, u in users[user].state.usage.items()]
+        usage = [
+            (user, day, u.granted, u.refunded, u.extra)
+            for user in touched
+            for day, u in users[user].state.usage.items()
+        ]
         buckets = [(user, users[user].state.bucket) for user in touched if users[user].state.bucket.at]
         try:
             positions = await self.conn.fetch(
                 APPEND,
                 *map(list, zip(*rows, strict=True)),
                 *map(list, zip(*usage, strict=True)) if usage else ([],) * 5,
-                [user for user, _ in buckets], [b.tokens for _, b in buckets], [b.at for _, b in buckets],
+                [user for user, _ in buckets],
+                [b.tokens for _, b in buckets],
+                [b.at for _, b in buckets],
                 self.head,
             )
         except asyncpg.UniqueViolationError as error:
@@ -231,8 +236,7 @@ async def decisions_for(
 async def refund_recorded(conn: asyncpg.Connection, user_id: str, request_id: str) -> bool:
     return bool(
         await conn.fetchval(
-            "SELECT 1 FROM quota_events WHERE stream_id = $1 AND request_id = $2"
-            " AND event_type = 'QuotaRefunded'",
+            "SELECT 1 FROM quota_events WHERE stream_id = $1 AND request_id = $2 AND event_type = 'QuotaRefunded'",
             user_stream(user_id),
             request_id,
         )
@@ -252,9 +256,7 @@ async def published(pool: asyncpg.Pool, positions: list[int]) -> None:
 
 
 @asynccontextmanager
-async def unpublished(
-    pool: asyncpg.Pool, older_than_s: float, limit: int = 500
-) -> AsyncIterator[list[Decision]]:
+async def unpublished(pool: asyncpg.Pool, older_than_s: float, limit: int = 500) -> AsyncIterator[list[Decision]]:
     """Decisions committed at least `older_than_s` ago and still in the outbox, locked so
     that two relays never take the same ones; they leave the outbox when the block ends."""
     async with pool.acquire() as conn, conn.transaction():

@@ -119,8 +119,13 @@ def decide(
 
     def deny(reason: str, detail: str, retry_at: datetime | None) -> QuotaDenied:
         return QuotaDenied(
-            **ids, plan=plan_name, reason=reason, detail=detail, retry_at=retry_at,
-            pressure=pressure, decided_at=now,
+            **ids,
+            plan=plan_name,
+            reason=reason,
+            detail=detail,
+            retry_at=retry_at,
+            pressure=pressure,
+            decided_at=now,
         )
 
     problem = invalid_reason(submission)

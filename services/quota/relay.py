@@ -28,14 +28,9 @@ POLL_S = 1.0
 
 async def publish_decision(bus: Bus, decision: Decision) -> None:
     """Publish a logged decision; JetStream refuses a second copy on the request's subject."""
-    await bus.publish(
-        subjects.quota_decided(decision.user_id, decision.request_id), decision, first_on_subject=True
-    )
+    await bus.publish(subjects.quota_decided(decision.user_id, decision.request_id), decision, first_on_subject=True)
     if isinstance(decision, QuotaDenied):  # a denial is the request's outcome
-        await bus.publish(
-            subjects.outcome(decision.user_id, decision.request_id), decision, first_on_subject=True
-        )
-
+        await bus.publish(subjects.outcome(decision.user_id, decision.request_id), decision, first_on_subject=True)
 
 
 async def relay_once(pool: asyncpg.Pool, bus: Bus, grace_s: float = GRACE_S) -> int:

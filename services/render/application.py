@@ -43,12 +43,20 @@ class Render:
             return injected if injected is not None else gpu.read().temperature_c
 
         guard = ThermalGuard(
-            temperature, settings.render_max_batch,
-            hot_c=settings.gpu_hot_c, pause_c=settings.gpu_pause_c, resume_c=settings.gpu_resume_c,
+            temperature,
+            settings.render_max_batch,
+            hot_c=settings.gpu_hot_c,
+            pause_c=settings.gpu_pause_c,
+            resume_c=settings.gpu_resume_c,
         )
         queue = JobQueue(bus, ack_wait_s=settings.render_ack_wait_s, max_deliver=MAX_DELIVERIES + GIVE_UP_MARGIN)
         worker = RenderWorker(
-            bus, await bus.object_store(subjects.IMAGES), renderer, worker_id, queue, guard,
+            bus,
+            await bus.object_store(subjects.IMAGES),
+            renderer,
+            worker_id,
+            queue,
+            guard,
             Attempts(await bus.key_value(subjects.RENDER_ATTEMPTS)),
             max_wait_s=settings.render_max_wait_ms / 1000,
         )

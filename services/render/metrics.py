@@ -16,11 +16,14 @@ from shared.events import WorkerHeartbeat
 meter = metrics.get_meter("kiln.render")
 
 batch_sizes = meter.create_histogram(
-    "kiln_render_batch_size", description="Jobs rendered in one pipeline call",
+    "kiln_render_batch_size",
+    description="Jobs rendered in one pipeline call",
     explicit_bucket_boundaries_advisory=[1, 2, 4, 8, 16, 32],
 )
 render_seconds = meter.create_histogram(
-    "kiln_render_duration", unit="s", description="A batch's pipeline time, without queueing or storage",
+    "kiln_render_duration",
+    unit="s",
+    description="A batch's pipeline time, without queueing or storage",
     explicit_bucket_boundaries_advisory=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30],
 )
 
@@ -45,19 +48,43 @@ def _gauge(name: str, description: str, read, unit: str = "") -> None:
     meter.create_observable_gauge(name, callbacks=[_observe(read)], unit=unit, description=description)
 
 
-_gauge("kiln_render_queue_depth", "Jobs waiting for a worker, by tier",
-       lambda b: [(b.queue_depth_paid, {"tier": "paid"}), (b.queue_depth_free, {"tier": "free"})])
-_gauge("kiln_render_images_per_second", "Images finished per second, over the last minute",
-       lambda b: [(b.images_per_s, {"worker": b.worker_id})])
-_gauge("kiln_render_batch_limit", "The largest batch the thermal guard allows now (0: paused)",
-       lambda b: [(b.batch_limit, {"worker": b.worker_id})])
-_gauge("kiln_gpu_temperature_celsius", "GPU temperature (NVML)",
-       lambda b: [(b.gpu_temperature_c, {"worker": b.worker_id, "device": b.device})])
-_gauge("kiln_gpu_utilisation_ratio", "GPU busy fraction (NVML)",
-       lambda b: [(b.gpu_utilisation, {"worker": b.worker_id, "device": b.device})])
-_gauge("kiln_gpu_memory_used_ratio", "GPU memory in use, fraction (NVML)",
-       lambda b: [(b.gpu_memory_used, {"worker": b.worker_id, "device": b.device})])
-_gauge("kiln_gpu_power_watts", "GPU power draw (NVML)",
-       lambda b: [(b.gpu_power_w, {"worker": b.worker_id, "device": b.device})])
-_gauge("kiln_cpu_load_per_core", "1-minute load average per core (the figure on a CPU host)",
-       lambda b: [(b.cpu_load, {"worker": b.worker_id})])
+_gauge(
+    "kiln_render_queue_depth",
+    "Jobs waiting for a worker, by tier",
+    lambda b: [(b.queue_depth_paid, {"tier": "paid"}), (b.queue_depth_free, {"tier": "free"})],
+)
+_gauge(
+    "kiln_render_images_per_second",
+    "Images finished per second, over the last minute",
+    lambda b: [(b.images_per_s, {"worker": b.worker_id})],
+)
+_gauge(
+    "kiln_render_batch_limit",
+    "The largest batch the thermal guard allows now (0: paused)",
+    lambda b: [(b.batch_limit, {"worker": b.worker_id})],
+)
+_gauge(
+    "kiln_gpu_temperature_celsius",
+    "GPU temperature (NVML)",
+    lambda b: [(b.gpu_temperature_c, {"worker": b.worker_id, "device": b.device})],
+)
+_gauge(
+    "kiln_gpu_utilisation_ratio",
+    "GPU busy fraction (NVML)",
+    lambda b: [(b.gpu_utilisation, {"worker": b.worker_id, "device": b.device})],
+)
+_gauge(
+    "kiln_gpu_memory_used_ratio",
+    "GPU memory in use, fraction (NVML)",
+    lambda b: [(b.gpu_memory_used, {"worker": b.worker_id, "device": b.device})],
+)
+_gauge(
+    "kiln_gpu_power_watts",
+    "GPU power draw (NVML)",
+    lambda b: [(b.gpu_power_w, {"worker": b.worker_id, "device": b.device})],
+)
+_gauge(
+    "kiln_cpu_load_per_core",
+    "1-minute load average per core (the figure on a CPU host)",
+    lambda b: [(b.cpu_load, {"worker": b.worker_id})],
+)

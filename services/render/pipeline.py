@@ -67,9 +67,9 @@ class Renderer:
         # `--gpu N` pins the process to one GPU through CUDA_VISIBLE_DEVICES: it sees cuda:0.
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.float16 if self.device == "cuda" else torch.float32
-        text = AutoPipelineForText2Image.from_pretrained(
-            str(model_path), dtype=dtype, local_files_only=True
-        ).to(self.device)
+        text = AutoPipelineForText2Image.from_pretrained(str(model_path), dtype=dtype, local_files_only=True).to(
+            self.device
+        )
         # The edit pipelines share the text pipeline's modules: no second copy of the weights.
         self.pipelines = {
             "text": text,
@@ -113,8 +113,9 @@ class Renderer:
         else:
             arguments.update(image=[_sized(source, size, "RGB") for source in sources], strength=first.strength)
         if first.mode == "inpaint":
-            arguments.update(mask_image=[_sized(mask, size, "L") for mask in masks], width=first.width,
-                             height=first.height)
+            arguments.update(
+                mask_image=[_sized(mask, size, "L") for mask in masks], width=first.width, height=first.height
+            )
         started = time.perf_counter()
         images = pipe(**arguments).images
         render_ms = (time.perf_counter() - started) * 1000

@@ -77,8 +77,13 @@ class QueueReporter:
                 continue  # taken meanwhile
             job = jobs[w.consumer][index]
             queued = RenderProgress(
-                request_id=job.request_id, user_id=job.user_id, conversation_id=job.conversation_id,
-                step=0, total_steps=job.steps, state="queued", queue_position=place,
+                request_id=job.request_id,
+                user_id=job.user_id,
+                conversation_id=job.conversation_id,
+                step=0,
+                total_steps=job.steps,
+                state="queued",
+                queue_position=place,
                 eta_s=round(place / rate, 1) if rate > 0 else None,
             )
             await self.bus.publish_plain(subjects.render_progress(job.user_id, job.request_id), queued)

@@ -53,8 +53,10 @@ def fair_order(waiting: list[Waiting], last_served: dict[str, float], limit: int
     longest ago (or never) first. Pure."""
     order: list[tuple[Waiting, int]] = []
     for tier in subjects.TIERS:
-        users = sorted((w for w in waiting if w.tier == tier and w.jobs > 0),
-                       key=lambda w: (last_served.get(w.consumer, 0.0), w.user_id))
+        users = sorted(
+            (w for w in waiting if w.tier == tier and w.jobs > 0),
+            key=lambda w: (last_served.get(w.consumer, 0.0), w.user_id),
+        )
         for round_ in range(max((w.jobs for w in users), default=0)):
             for w in users:
                 if len(order) >= limit:
@@ -72,9 +74,11 @@ def fair_shares(waiting: list[Waiting], slots: int, last_served: dict[str, float
     for w, _ in fair_order(waiting, last_served, slots):
         counts[w.consumer] = (w, counts.get(w.consumer, (w, 0))[1] + 1)
     left = slots - sum(count for _, count in counts.values())
-    maybe = sorted((w for w in waiting if w.maybe_due and w.consumer not in counts),
-                   key=lambda w: (w.tier != "paid", last_served.get(w.consumer, 0.0), w.user_id))
-    return [*counts.values(), *((w, 1) for w in maybe[:max(0, left)])]
+    maybe = sorted(
+        (w for w in waiting if w.maybe_due and w.consumer not in counts),
+        key=lambda w: (w.tier != "paid", last_served.get(w.consumer, 0.0), w.user_id),
+    )
+    return [*counts.values(), *((w, 1) for w in maybe[: max(0, left)])]
 
 
 class JobQueue:
@@ -101,8 +105,15 @@ class JobQueue:
             _, tier, user_id = name.split("-", 2)
             if consumer.num_pending or consumer.num_ack_pending:
                 self._empty_since.pop(name, None)
-                result.append(Waiting(tier, user_id, consumer.num_pending, maybe_due=bool(consumer.num_ack_pending),
-                                      after_seq=consumer.delivered.stream_seq or 0))
+                result.append(
+                    Waiting(
+                        tier,
+                        user_id,
+                        consumer.num_pending,
+                        maybe_due=bool(consumer.num_ack_pending),
+                        after_seq=consumer.delivered.stream_seq or 0,
+                    )
+                )
             elif name not in with_jobs and now - self._empty_since.setdefault(name, now) > self.ack_wait_s:
                 # Idle this long: no job of it can be in anyone's hands.
                 await self._delete(name)
@@ -155,7 +166,9 @@ class JobQueue:
         except nats.js.errors.BadRequestError as error:
             if error.err_code != MAX_CONSUMERS_REACHED:
                 raise
-            log.warning("the render queue has no room for more users' consumers (%s); new users wait", error.description)
+            log.warning(
+                "the render queue has no room for more users' consumers (%s); new users wait", error.description
+            )
             self._no_room_until = time.monotonic() + NO_ROOM_PAUSE_S
             return False
         return True

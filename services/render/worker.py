@@ -115,8 +115,11 @@ class RenderWorker:
     def status(self) -> WorkerStatus:
         """What the heartbeat reports of this worker."""
         return WorkerStatus(
-            worker_id=self.worker_id, device=self.renderer.device, model=self.renderer.model,
-            batch_limit=self.guard.batch_limit(), temperature_c=self.guard.temperature(),
+            worker_id=self.worker_id,
+            device=self.renderer.device,
+            model=self.renderer.model,
+            batch_limit=self.guard.batch_limit(),
+            temperature_c=self.guard.temperature(),
             images_per_s=self.throughput.per_second(),
         )
 
@@ -161,7 +164,9 @@ class RenderWorker:
             room = limit - len(self.held)  # never hold more than one batch's worth
             if room > 0:
                 claimed = await self.queue.claim(room)
-                self.held += await consuming.checked(self.bus, claimed, subjects.RENDER_JOBS, (RenderRequested,), MAX_DELIVERIES)
+                self.held += await consuming.checked(
+                    self.bus, claimed, subjects.RENDER_JOBS, (RenderRequested,), MAX_DELIVERIES
+                )
             if not self.held:
                 first_at = None
                 await self.finish_previous()  # nothing to render meanwhile
@@ -196,7 +201,9 @@ class RenderWorker:
             for item in batch:
                 self._trace_queue_wait(item, started)
                 item.span = self.bus.span(item.event, item.msg)
-                self._queued_ms[item.event.request_id] = (started - as_utc(item.event.requested_at)).total_seconds() * 1000
+                self._queued_ms[item.event.request_id] = (
+                    started - as_utc(item.event.requested_at)
+                ).total_seconds() * 1000
             settled = await asyncio.gather(*(self._settled_before(item) for item in batch))
             todo = [item for item, done in zip(batch, settled, strict=True) if not done]
             sources, masks, todo = await self._inputs(todo)
@@ -277,7 +284,7 @@ class RenderWorker:
         except ValueError as error:  # the pipeline rejected a job: find which, fail only it
             if len(todo) > 1:
                 for index, item in enumerate(todo):
-                    await self._render_and_store([item], sources[index:index + 1], masks[index:index + 1], attempts)
+                    await self._render_and_store([item], sources[index : index + 1], masks[index : index + 1], attempts)
             else:
                 await self._fail(todo[0], "invalid", str(error))
             return
@@ -286,14 +293,18 @@ class RenderWorker:
         except Exception as error:  # noqa: BLE001
             for item in todo:
                 item.span.record_exception(error)
-                await consuming.retry_or_give_up(self.bus, item, error, attempts[item.event.request_id], RENDER_ATTEMPTS)
+                await consuming.retry_or_give_up(
+                    self.bus, item, error, attempts[item.event.request_id], RENDER_ATTEMPTS
+                )
             return
         metrics.batch_sizes.record(len(todo))
         metrics.render_seconds.record(render_ms / 1000)
         # Store and report while the next batch renders: the images are in hand, and the
         # bus's disk writes need no CPU. One batch finishes at a time.
         self._storing.update(id(item) for item in todo)
-        finishing = asyncio.gather(*(self._store(item, png, render_ms, len(todo)) for item, png in zip(todo, pngs, strict=True)))
+        finishing = asyncio.gather(
+            *(self._store(item, png, render_ms, len(todo)) for item, png in zip(todo, pngs, strict=True))
+        )
         await self.finish_previous()
         self._finishing = asyncio.ensure_future(finishing)
 
@@ -312,9 +323,14 @@ class RenderWorker:
             context=trace.set_span_in_context(todo[0].span),
             links=[trace.Link(item.span.get_span_context()) for item in todo],
             attributes={
-                "kiln.batch_size": len(todo), "kiln.steps": first.steps, "kiln.mode": first.mode,
-                "kiln.width": first.width, "kiln.height": first.height, "kiln.model": self.renderer.model,
-                "kiln.worker_id": self.worker_id, "kiln.device": self.renderer.device,
+                "kiln.batch_size": len(todo),
+                "kiln.steps": first.steps,
+                "kiln.mode": first.mode,
+                "kiln.width": first.width,
+                "kiln.height": first.height,
+                "kiln.model": self.renderer.model,
+                "kiln.worker_id": self.worker_id,
+                "kiln.device": self.renderer.device,
             },
         )
 
@@ -326,7 +342,8 @@ class RenderWorker:
                 return
             meta = ObjectMeta(description=json.dumps({"render_ms": render_ms, "batch": batch_size}))
             with self.bus.tracer.start_as_current_span(
-                "image store put", context=trace.set_span_in_context(item.span),
+                "image store put",
+                context=trace.set_span_in_context(item.span),
                 attributes={"kiln.bytes": len(png), "kiln.bucket": subjects.IMAGE_BUCKET},
             ):
                 await self.store.put(subjects.image_key(job.user_id, job.request_id), png, meta=meta)
@@ -344,10 +361,13 @@ class RenderWorker:
         last_sent = 0.0
         for item in todo:
             context = batch_span.get_span_context()
-            item.span.set_attributes({
-                "kiln.batch_size": len(todo), "kiln.batch.trace_id": format(context.trace_id, "032x"),
-                "kiln.batch.span_id": format(context.span_id, "016x"),
-            })
+            item.span.set_attributes(
+                {
+                    "kiln.batch_size": len(todo),
+                    "kiln.batch.trace_id": format(context.trace_id, "032x"),
+                    "kiln.batch.span_id": format(context.span_id, "016x"),
+                }
+            )
 
         def on_step(step: int, total: int) -> None:
             # Runs on the render thread: hand the publishing to the event loop.
@@ -362,16 +382,17 @@ class RenderWorker:
             for item in todo:
                 job = item.event
                 progress = RenderProgress(
-                    request_id=job.request_id, user_id=job.user_id, conversation_id=job.conversation_id,
-                    step=step, total_steps=total,
+                    request_id=job.request_id,
+                    user_id=job.user_id,
+                    conversation_id=job.conversation_id,
+                    step=step,
+                    total_steps=total,
                 )
                 subject = subjects.render_progress(job.user_id, job.request_id)
                 # In the job's own trace, not the batch's (this thread runs in the batch span).
                 asyncio.run_coroutine_threadsafe(self.bus.publish_plain(subject, progress, span=item.span), loop)
 
-        rendering = asyncio.ensure_future(
-            asyncio.to_thread(self.renderer.render_batch, jobs, on_step, sources, masks)
-        )
+        rendering = asyncio.ensure_future(asyncio.to_thread(self.renderer.render_batch, jobs, on_step, sources, masks))
         while True:
             done, _ = await asyncio.wait({rendering}, timeout=self.in_progress_s)
             if done:
@@ -419,10 +440,20 @@ class RenderWorker:
     async def _complete(self, item: Received, render_ms: float, batch_size: int = 1) -> None:
         job: RenderRequested = item.event
         completed = RenderCompleted(
-            request_id=job.request_id, user_id=job.user_id, conversation_id=job.conversation_id,
-            image_key=subjects.image_key(job.user_id, job.request_id), width=job.width, height=job.height,
-            seed=job.seed, render_ms=render_ms, worker_id=self.worker_id, batch_size=batch_size, plan=job.plan,
-            queued_ms=self._queued_ms.pop(job.request_id, None), prompt=job.prompt, composition=job.composition,
+            request_id=job.request_id,
+            user_id=job.user_id,
+            conversation_id=job.conversation_id,
+            image_key=subjects.image_key(job.user_id, job.request_id),
+            width=job.width,
+            height=job.height,
+            seed=job.seed,
+            render_ms=render_ms,
+            worker_id=self.worker_id,
+            batch_size=batch_size,
+            plan=job.plan,
+            queued_ms=self._queued_ms.pop(job.request_id, None),
+            prompt=job.prompt,
+            composition=job.composition,
         )
         await self._report(item, completed)
 
@@ -430,8 +461,13 @@ class RenderWorker:
         job: RenderRequested = item.event
         log.warning("job %s failed for good: %s %s", job.request_id, reason, detail)
         failed = RenderFailed(
-            request_id=job.request_id, user_id=job.user_id, conversation_id=job.conversation_id,
-            reason=reason, detail=detail, worker_id=self.worker_id, plan=job.plan,
+            request_id=job.request_id,
+            user_id=job.user_id,
+            conversation_id=job.conversation_id,
+            reason=reason,
+            detail=detail,
+            worker_id=self.worker_id,
+            plan=job.plan,
         )
         await self._report(item, failed)
 

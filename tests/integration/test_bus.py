@@ -87,7 +87,8 @@ async def test_a_message_that_keeps_failing_fails_alone(bus_and_stream: tuple[Bu
     options = dict(accepts=(PromptSubmitted,), max_attempts=2, batch=16)
     consuming = asyncio.create_task(
         bus.consume(stream, "testbus", many, stop, batched=True, **options)
-        if batched else bus.consume(stream, "testbus", one, stop, **options)
+        if batched
+        else bus.consume(stream, "testbus", one, stop, **options)
     )
     # Tries of the bad one before it is given up: 2 (in batches, its failed batch counts
     # as one more, as the batch is then handled one message at a time).

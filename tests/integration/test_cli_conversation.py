@@ -20,8 +20,14 @@ pytestmark = pytest.mark.integration
 async def _kiln(platform: Platform, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
     env = os.environ | {"KILN_NATS_URL": platform.nats_url, "COLUMNS": "200"}
     return await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "kiln", *args], cwd=PROJECT_ROOT, env=env, input=stdin,
-        capture_output=True, text=True, timeout=180,
+        subprocess.run,
+        [sys.executable, "-m", "kiln", *args],
+        cwd=PROJECT_ROOT,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
 
 
@@ -55,9 +61,7 @@ async def test_edit_by_id_and_quota_from_the_command_line(platform: Platform, us
     assert quota.returncode == 0 and "2 of 3 images used today, 1 left" in quota.stdout
 
 
-async def test_chat_refuses_a_name_it_cannot_use_and_says_what_a_stopped_service_means(
-    platform: Platform, user: str
-):
+async def test_chat_refuses_a_name_it_cannot_use_and_says_what_a_stopped_service_means(platform: Platform, user: str):
     bad = await _kiln(platform, "chat", "--user", "al ice", stdin="a red circle\n")
     assert bad.returncode == 64 and "--user must be 1-64 letters" in bad.stderr
     platform.stop_service("context")

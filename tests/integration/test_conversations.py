@@ -85,8 +85,13 @@ async def test_nothing_to_edit_blocked_words_and_unknown_styles_fail_with_a_reas
 async def test_an_edit_in_words_while_the_last_image_is_still_drawing_is_refused(client: KilnClient, user: str):
     conversation = _conversation()
     first = PromptSubmitted(
-        request_id=uuid.uuid4().hex, user_id=user, conversation_id=conversation,
-        prompt="a red circle", width=64, height=64, steps=50,
+        request_id=uuid.uuid4().hex,
+        user_id=user,
+        conversation_id=conversation,
+        prompt="a red circle",
+        width=64,
+        height=64,
+        steps=50,
     )
     await client.submit(first)  # not waited for: it is still drawing when the edit comes
     edit = await client.generate("make it blue", user_id=user, conversation_id=conversation)
@@ -117,10 +122,12 @@ async def test_two_context_processes_record_turns_sent_at_once_each_once(
     with replaced(platform, "context", ("context-a", {}), ("context-b", {})):
         while (await client.js.consumer_info(subjects.QUOTA.name, "context")).num_waiting < 2:
             await asyncio.sleep(0.1)  # both are pulling
-        outcomes = await asyncio.gather(*(
-            client.generate(f"a {colour} circle", user_id=user, conversation_id=conversation)
-            for colour in ("red", "green", "blue")
-        ))
+        outcomes = await asyncio.gather(
+            *(
+                client.generate(f"a {colour} circle", user_id=user, conversation_id=conversation)
+                for colour in ("red", "green", "blue")
+            )
+        )
     assert all(isinstance(o, ImageDelivered) for o in outcomes), outcomes
     turns = await client.conversation(user, conversation)
     assert sorted(t.request_id for t in turns) == sorted(o.request_id for o in outcomes)

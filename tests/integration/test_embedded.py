@@ -107,8 +107,11 @@ def test_a_fresh_clone_in_a_private_folder_runs_postgres():
         copy_postgres_wheel(site)
         started = subprocess.run(
             [sys.executable, "-c", CLONE_STARTS_POSTGRES],
-            cwd=clone, env={**os.environ, "PYTHONPATH": search_path(site, clone)},
-            capture_output=True, text=True, timeout=240,
+            cwd=clone,
+            env={**os.environ, "PYTHONPATH": search_path(site, clone)},
+            capture_output=True,
+            text=True,
+            timeout=240,
         )
         assert started.returncode == 0, started.stderr
 
@@ -237,9 +240,7 @@ def test_two_starts_at_once_share_one_copy_of_the_binaries(tmp_path: Path):
 
 
 def test_children_die_with_a_launcher_killed_outright():
-    launcher = subprocess.Popen(
-        [sys.executable, "-c", LAUNCHER], stdout=subprocess.PIPE, text=True, cwd=PROJECT_ROOT
-    )
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER], stdout=subprocess.PIPE, text=True, cwd=PROJECT_ROOT)
     child = psutil.Process(int(launcher.stdout.readline()))
     assert child.is_running()
 

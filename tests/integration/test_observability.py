@@ -27,8 +27,13 @@ async def _kiln(platform: Platform, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("KILN_OTLP_ENDPOINT", "KILN_TRACE_URL")}
     env |= {"KILN_NATS_URL": platform.nats_url, "KILN_DATA_DIR": str(platform.data_dir), "COLUMNS": "200"}
     return await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "kiln", *args], cwd=PROJECT_ROOT, env=env,
-        capture_output=True, text=True, timeout=180,
+        subprocess.run,
+        [sys.executable, "-m", "kiln", *args],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
 
 
@@ -86,7 +91,10 @@ async def test_one_generate_is_one_trace_across_the_client_and_four_services_in_
     assert wait["end_time"] > wait["start_time"]
     batch = named["render batch"]
     assert {k: batch["attributes"][k] for k in ("kiln.batch_size", "kiln.steps", "kiln.model", "kiln.device")} == {
-        "kiln.batch_size": 1, "kiln.steps": 10, "kiln.model": "kiln-shapes", "kiln.device": "cpu",
+        "kiln.batch_size": 1,
+        "kiln.steps": 10,
+        "kiln.model": "kiln-shapes",
+        "kiln.device": "cpu",
     }
     assert batch["attributes"]["kiln.worker_id"]
     assert [event["attributes"]["kiln.step"] for event in batch["events"]] == list(range(1, 11))  # step timings

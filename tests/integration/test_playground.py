@@ -44,7 +44,9 @@ def _draw(page: Page, prompt: str) -> None:
     page.click("#send")
 
 
-def test_generate_watch_progress_edit_download_and_share(browser: Browser, platform: Platform, user: str, tmp_path: Path):
+def test_generate_watch_progress_edit_download_and_share(
+    browser: Browser, platform: Platform, user: str, tmp_path: Path
+):
     base = platform.http_url
     context = browser.new_context(accept_downloads=True)
     page = context.new_page()

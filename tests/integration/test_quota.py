@@ -60,26 +60,33 @@ async def _logged(db: asyncpg.Connection, user: str) -> list[asyncpg.Record]:
 async def _wait_for_decisions(db: asyncpg.Connection, user: str, count: int, timeout_s: float = 60) -> list[dict]:
     deadline = time.monotonic() + timeout_s
     while True:
-        rows = [
-            row for row in await _logged(db, user) if row["event_type"] in ("QuotaGranted", "QuotaDenied")
-        ]
+        rows = [row for row in await _logged(db, user) if row["event_type"] in ("QuotaGranted", "QuotaDenied")]
         if len(rows) >= count or time.monotonic() > deadline:
-            return [{**dict(row), "payload": json.loads(row["payload"]), "metadata": json.loads(row["metadata"])} for row in rows]
+            return [
+                {**dict(row), "payload": json.loads(row["payload"]), "metadata": json.loads(row["metadata"])}
+                for row in rows
+            ]
         await asyncio.sleep(0.2)
 
 
 def _kiln(*args: str, database_url: str) -> subprocess.CompletedProcess:
     env = os.environ | {"KILN_DATABASE_URL": database_url, "KILN_PLANS": str(TEST_PLANS)}
     return subprocess.run(
-        [sys.executable, "-m", "kiln", *args], cwd=PROJECT_ROOT, env=env,
-        capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "kiln", *args],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
 @contextlib.asynccontextmanager
 async def _fleet_pressure(client: KilnClient, queue_depth: int) -> AsyncIterator[None]:
     """A (pretend) render worker reporting a deep queue, as long as the block runs."""
-    beat = WorkerHeartbeat(worker_id="test-hot-worker", device="cpu", model="tiny", queue_depth=queue_depth, cpu_load=0.1)
+    beat = WorkerHeartbeat(
+        worker_id="test-hot-worker", device="cpu", model="tiny", queue_depth=queue_depth, cpu_load=0.1
+    )
 
     async def beat_forever() -> None:
         while True:
@@ -180,7 +187,11 @@ async def test_plans_burst_limits_soft_caps_and_shedding_by_fleet_pressure(
     first, second, third = [await client.generate("a red square", user_id=plus) for _ in range(3)]
     assert isinstance(first, ImageDelivered) and isinstance(second, ImageDelivered)
     assert isinstance(third, QuotaDenied) and third.reason == "rate_limit" and third.retry_at is not None
-    flags = [row["payload"]["over_soft_cap"] for row in await _wait_for_decisions(db, plus, 2) if row["event_type"] == "QuotaGranted"]
+    flags = [
+        row["payload"]["over_soft_cap"]
+        for row in await _wait_for_decisions(db, plus, 2)
+        if row["event_type"] == "QuotaGranted"
+    ]
     assert flags == [False, True]
 
     async with _fleet_pressure(client, queue_depth=1500):  # elevated
@@ -198,7 +209,10 @@ async def test_plans_burst_limits_soft_caps_and_shedding_by_fleet_pressure(
         assert isinstance(served, ImageDelivered)
 
     pro_grants = [row for row in await _wait_for_decisions(db, pro, 2) if row["event_type"] == "QuotaGranted"]
-    assert [(g["payload"]["tier"], g["metadata"]["pressure"]) for g in pro_grants] == [("paid", "elevated"), ("free", "critical")]
+    assert [(g["payload"]["tier"], g["metadata"]["pressure"]) for g in pro_grants] == [
+        ("paid", "elevated"),
+        ("free", "critical"),
+    ]
 
     # An admin grant: two more images for the free user today, logged as an event.
     assert _kiln("accounts", "grant", free, "2", "--note", "sorry", database_url=platform.database_url).returncode == 0

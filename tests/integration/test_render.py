@@ -51,8 +51,19 @@ def _user(name: str) -> str:
 async def _queue_job(client: KilnClient, user: str, tier: str = "free", **fields: object) -> RenderRequested:
     """A render job put on the queue by hand, as context would after a grant."""
     job = RenderRequested(
-        **({"request_id": uuid.uuid4().hex[:16], "user_id": user, "prompt": "a red circle on blue",
-            "width": 32, "height": 32, "steps": 10, "seed": 1, "tier": tier} | fields)
+        **(
+            {
+                "request_id": uuid.uuid4().hex[:16],
+                "user_id": user,
+                "prompt": "a red circle on blue",
+                "width": 32,
+                "height": 32,
+                "steps": 10,
+                "seed": 1,
+                "tier": tier,
+            }
+            | fields
+        )
     )
     await client.js.publish(subjects.render_job(tier, user), encode(job))
     return job
@@ -122,7 +133,9 @@ async def test_paid_jobs_go_first_and_free_users_take_turns(platform: Platform, 
         light_job = await _queue_job(client, light)
         paid_jobs = [await _queue_job(client, paying, tier="paid", seed=n) for n in range(2)]
         with _worker(platform, "render-one-at-a-time", KILN_RENDER_MAX_BATCH="1"):
-            outcomes = {job.request_id: await _render_outcome(client, job) for job in [*heavy_jobs, light_job, *paid_jobs]}
+            outcomes = {
+                job.request_id: await _render_outcome(client, job) for job in [*heavy_jobs, light_job, *paid_jobs]
+            }
 
     order = sorted(outcomes.values(), key=lambda o: o.completed_at)
     served = [o.user_id for o in order]
@@ -134,13 +147,13 @@ async def test_paid_jobs_go_first_and_free_users_take_turns(platform: Platform, 
 # -- nothing lost ------------------------------------------------------------------------
 
 
-async def test_a_worker_that_dies_mid_batch_has_its_jobs_rendered_by_another(
-    platform: Platform, client: KilnClient
-):
+async def test_a_worker_that_dies_mid_batch_has_its_jobs_rendered_by_another(platform: Platform, client: KilnClient):
     fast_redelivery = {"KILN_RENDER_ACK_WAIT_S": "2", "KILN_RENDER_MAX_BATCH": "4", "KILN_RENDER_MAX_WAIT_MS": "1000"}
     with replaced(platform, "render"):
         jobs = [await _queue_job(client, _user("d")) for _ in range(3)]
-        platform.start_service("render", instance="render-doomed", env=fast_redelivery | {"KILN_FAILPOINT": "render.job"})
+        platform.start_service(
+            "render", instance="render-doomed", env=fast_redelivery | {"KILN_FAILPOINT": "render.job"}
+        )
         doomed = platform.services["render-doomed"]
         assert await asyncio.to_thread(doomed.wait, 60) == EXIT_CODE  # died holding the batch
         platform.stop_service("render-doomed")
@@ -152,9 +165,7 @@ async def test_a_worker_that_dies_mid_batch_has_its_jobs_rendered_by_another(
         await _exactly_one_image(client, job)
 
 
-async def test_sigterm_finishes_the_batch_in_hand_and_hands_back_the_rest(
-    platform: Platform, client: KilnClient
-):
+async def test_sigterm_finishes_the_batch_in_hand_and_hands_back_the_rest(platform: Platform, client: KilnClient):
     # Users named so that the worker, taking users in turn (never served: by name), claims
     # a slow 90-step job and a 20-step job that cannot share its batch: it renders the
     # first and holds the second when SIGTERM comes.
@@ -279,8 +290,9 @@ async def test_an_edit_starts_from_the_earlier_image_and_inpainting_keeps_the_un
     assert isinstance(original, ImageDelivered), original
     source = _pixels(await client.download(original))
 
-    edited = await client.generate("a green circle on a blue background", user_id=user, steps=20,
-                                   edit_of=original.request_id, strength=0.8)
+    edited = await client.generate(
+        "a green circle on a blue background", user_id=user, steps=20, edit_of=original.request_id, strength=0.8
+    )
     assert isinstance(edited, ImageDelivered), edited
     assert np.abs(_pixels(await client.download(edited)) - source).max() > 40  # it changed
 
@@ -289,8 +301,9 @@ async def test_an_edit_starts_from_the_earlier_image_and_inpainting_keeps_the_un
     buffer = io.BytesIO()
     mask.save(buffer, format="PNG")
     mask_key = await client.upload_mask(user, buffer.getvalue())
-    inpainted = await client.generate("a yellow square on a blue background", user_id=user, steps=20,
-                                      edit_of=original.request_id, mask_key=mask_key)
+    inpainted = await client.generate(
+        "a yellow square on a blue background", user_id=user, steps=20, edit_of=original.request_id, mask_key=mask_key
+    )
     assert isinstance(inpainted, ImageDelivered), inpainted
     result = _pixels(await client.download(inpainted))
     assert np.abs(result[:, 20:] - source[:, 20:]).mean() < 12  # the unmasked right side is kept

@@ -43,14 +43,22 @@ async def _decisions(db: asyncpg.Connection, user: str) -> list[asyncpg.Record]:
     )
 
 
-async def _send_render_job(
-    client: KilnClient, user: str, request_id: str | None = None, **fields: object
-) -> str:
+async def _send_render_job(client: KilnClient, user: str, request_id: str | None = None, **fields: object) -> str:
     """Put a render job on the queue by hand, as context would, bypassing quota."""
     request_id = request_id or uuid.uuid4().hex
     job = RenderRequested(
-        **({"request_id": request_id, "user_id": user, "prompt": "x", "width": 32, "height": 32,
-            "steps": 10, "seed": 1} | fields)
+        **(
+            {
+                "request_id": request_id,
+                "user_id": user,
+                "prompt": "x",
+                "width": 32,
+                "height": 32,
+                "steps": 10,
+                "seed": 1,
+            }
+            | fields
+        )
     )
     await client.js.publish(subjects.render_job("free", user), encode(job))
     return request_id
@@ -114,9 +122,7 @@ async def test_same_request_id_twice_gives_one_decision_and_one_image(
     assert [(row["event_type"], json.loads(row["payload"])["used"]) for row in rows] == [("QuotaGranted", 1)]
 
 
-async def test_one_trace_spans_the_client_and_all_four_services(
-    client: KilnClient, db: asyncpg.Connection, user: str
-):
+async def test_one_trace_spans_the_client_and_all_four_services(client: KilnClient, db: asyncpg.Connection, user: str):
     tracer = telemetry.setup("kiln-tests", otlp_endpoint=None)
     with tracer.start_as_current_span("test") as root:
         outcome = await client.generate("a black circle", user_id=user)
@@ -126,9 +132,7 @@ async def test_one_trace_spans_the_client_and_all_four_services(
     # quota's decision, render's result (render continued context's job message) and
     # delivery's outcome must all belong to the client's trace.
     client_trace = format(root.get_span_context().trace_id, "032x")
-    recorded = await db.fetchval(
-        "SELECT metadata FROM quota_events WHERE stream_id = $1", f"user:{user}"
-    )
+    recorded = await db.fetchval("SELECT metadata FROM quota_events WHERE stream_id = $1", f"user:{user}")
     assert json.loads(recorded)["trace_id"] == client_trace  # the log row leads to the trace
     published_by = {
         "quota": ("KILN_QUOTA", subjects.quota_decided(user, outcome.request_id)),
@@ -153,9 +157,7 @@ async def test_a_render_that_cannot_succeed_ends_as_a_failed_request(client: Kil
     assert "divisible by 8" in outcome.detail
 
 
-async def test_a_job_that_keeps_failing_is_retried_then_ends_as_a_failed_request(
-    client: KilnClient, user: str
-):
+async def test_a_job_that_keeps_failing_is_retried_then_ends_as_a_failed_request(client: KilnClient, user: str):
     # steps=0 makes the pipeline raise ZeroDivisionError: not a rejection (ValueError) but
     # an error that might pass, so render retries it before giving up.
     request_id = await _send_render_job(client, user, steps=0)
@@ -171,16 +173,16 @@ async def test_a_job_that_keeps_failing_is_retried_then_ends_as_a_failed_request
     assert b"ZeroDivisionError" in headers[REASON_HEADER].encode() and request_id.encode() in data
 
 
-async def test_a_request_that_has_ended_is_not_decided_again(
-    client: KilnClient, db: asyncpg.Connection, user: str
-):
+async def test_a_request_that_has_ended_is_not_decided_again(client: KilnClient, db: asyncpg.Connection, user: str):
     # An earlier copy of the request was given up on; a later copy (a re-submission past
     # the duplicate window) must not open it again.
     request_id = uuid.uuid4().hex
     ended = RequestFailed(request_id=request_id, user_id=user, stage="quota", reason="gave_up", detail="outage")
     await client.js.publish(subjects.outcome(user, request_id), encode(ended))
     late_copy = PromptSubmitted(
-        request_id=request_id, user_id=user, prompt="a red circle",
+        request_id=request_id,
+        user_id=user,
+        prompt="a red circle",
         submitted_at=datetime.now(UTC) - timedelta(minutes=10),  # sent again, much later
     )
     await client.js.publish(subjects.prompt_submitted(user), encode(late_copy))
@@ -228,10 +230,14 @@ async def _dead_letter_for(
     [
         (b"\xff\x00 not an event", "undecodable"),
         (b'{"type":"PromptSubmitted","request_id":"r","user_id":"u"}', "undecodable"),  # no prompt
-        (b'{"type":"RenderProgress","request_id":"r","user_id":"SUBJECT_USER","step":1,"total_steps":2}',
-         "expected PromptSubmitted"),
-        (b'{"type":"PromptSubmitted","request_id":"r","user_id":"someone-else","prompt":"p"}',
-         "does not match the subject"),
+        (
+            b'{"type":"RenderProgress","request_id":"r","user_id":"SUBJECT_USER","step":1,"total_steps":2}',
+            "expected PromptSubmitted",
+        ),
+        (
+            b'{"type":"PromptSubmitted","request_id":"r","user_id":"someone-else","prompt":"p"}',
+            "does not match the subject",
+        ),
     ],
 )
 async def test_bad_messages_are_dead_lettered_and_the_services_keep_serving(
@@ -293,7 +299,10 @@ async def test_delivery_answers_unknown_images_with_404_and_reports_health(platf
 
 async def _kiln(platform: Platform, *args: str) -> tuple[int, str]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "kiln.cli", *args,
+        sys.executable,
+        "-m",
+        "kiln.cli",
+        *args,
         env={**platform.service_env()},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

@@ -30,14 +30,23 @@ def _submission(**fields) -> PromptSubmitted:
 
 def _grant(**submission_fields) -> QuotaGranted:
     return QuotaGranted(
-        request_id="r1", user_id="alice", conversation_id=submission_fields.get("conversation_id", ""), plan="free",
-        used=1, limit=3, day="2026-11-26", submission=_submission(**submission_fields),
+        request_id="r1",
+        user_id="alice",
+        conversation_id=submission_fields.get("conversation_id", ""),
+        plan="free",
+        used=1,
+        limit=3,
+        day="2026-11-26",
+        submission=_submission(**submission_fields),
     )
 
 
 def _turn(request_id: str, subject: str, style: str = "") -> TurnComposed:
     return TurnComposed(
-        request_id=request_id, user_id="alice", conversation_id="c1", prompt=subject,
+        request_id=request_id,
+        user_id="alice",
+        conversation_id="c1",
+        prompt=subject,
         composition=Composition(text=subject, subject=subject, style=style),
     )
 
@@ -52,7 +61,14 @@ def _job(grant: QuotaGranted, style: str = "", source=None):
 
 def test_render_request_carries_the_prompt_and_parameters():
     job = _job(_grant(width=64, height=48, steps=12))
-    assert (job.prompt, job.width, job.height, job.steps, job.tier, job.mode) == ("a red circle", 64, 48, 12, "free", "text")
+    assert (job.prompt, job.width, job.height, job.steps, job.tier, job.mode) == (
+        "a red circle",
+        64,
+        48,
+        12,
+        "free",
+        "text",
+    )
     assert job.composition == Composition(text="a red circle", subject="a red circle")
 
 
@@ -95,9 +111,14 @@ def test_an_unknown_style_is_refused_naming_the_styles():
 @pytest.mark.parametrize(
     "text, edit",
     [
-        ("make it blue", True), ("Now add a border", True), ("please turn it green", True),
-        ("remove the background", True), ("do the last one again in yellow", True),
-        ("a red circle", False), ("the digit 3 in blue", False), ("makeup on a face", False),
+        ("make it blue", True),
+        ("Now add a border", True),
+        ("please turn it green", True),
+        ("remove the background", True),
+        ("do the last one again in yellow", True),
+        ("a red circle", False),
+        ("the digit 3 in blue", False),
+        ("makeup on a face", False),
     ],
 )
 def test_chat_messages_that_ask_to_change_the_picture(text, edit):
@@ -132,7 +153,9 @@ def test_an_edit_starts_from_the_source_image_and_records_it():
     job = _job(_grant(prompt="make it blue", strength=0.6), style="watercolor", source=source)
     assert job.prompt == "a blue circle, watercolor painting"
     assert (job.mode, job.source_key, job.strength) == ("edit", "alice/r0.png", 0.6)
-    assert job.composition == Composition(text="make it blue", subject="a blue circle", style="watercolor", edit_of="r0")
+    assert job.composition == Composition(
+        text="make it blue", subject="a blue circle", style="watercolor", edit_of="r0"
+    )
 
 
 def test_an_edit_worded_as_a_whole_description_replaces_the_subject():

@@ -36,7 +36,16 @@ def test_a_forged_expiry_is_tampering_even_when_expired():
 
 @pytest.mark.parametrize(
     "expires, sig",
-    [(None, None), ("2000", None), ("2000", ""), ("soon", "x"), ("2000", "AAAA"), ("²", "x"), ("9" * 5000, "x"), ("-1", "x")],
+    [
+        (None, None),
+        ("2000", None),
+        ("2000", ""),
+        ("soon", "x"),
+        ("2000", "AAAA"),
+        ("²", "x"),
+        ("9" * 5000, "x"),
+        ("-1", "x"),
+    ],
 )
 def test_missing_or_malformed_parts_are_tampering(expires, sig):
     with pytest.raises(Tampered):

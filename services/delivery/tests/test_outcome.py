@@ -9,8 +9,15 @@ LINKS = Links(Signer(b"secret"), "http://kiln.test", download_ttl_s=3600, share_
 
 def test_completed_render_becomes_a_delivered_image_with_a_signed_link():
     completed = RenderCompleted(
-        request_id="r1", user_id="alice", image_key="alice/r1.png", width=32, height=32, seed=1,
-        render_ms=12.5, worker_id="w1", prompt="a blue circle, watercolor",
+        request_id="r1",
+        user_id="alice",
+        image_key="alice/r1.png",
+        width=32,
+        height=32,
+        seed=1,
+        render_ms=12.5,
+        worker_id="w1",
+        prompt="a blue circle, watercolor",
         composition=Composition(text="make it blue", subject="a blue circle", style="watercolor", edit_of="r0"),
     )
     subject, event = outcome(completed, LINKS, now=1000.0)

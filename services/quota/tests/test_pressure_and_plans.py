@@ -19,7 +19,9 @@ RULES = plans.PressureRules(
 
 
 def _beat(worker="w1", **signals) -> WorkerHeartbeat:
-    return WorkerHeartbeat(**({"worker_id": worker, "device": "cpu", "model": "m", "queue_depth": 0, "cpu_load": 0.5} | signals))
+    return WorkerHeartbeat(
+        **({"worker_id": worker, "device": "cpu", "model": "m", "queue_depth": 0, "cpu_load": 0.5} | signals)
+    )
 
 
 def test_the_worst_signal_of_any_worker_sets_the_level():
@@ -65,12 +67,22 @@ def test_a_broken_plans_file_is_refused_naming_the_problem(tmp_path: Path, text:
 
 def test_the_hash_changes_with_any_field_and_with_the_predecessor():
     row = dict(
-        stream_id="user:a", version=1, event_type="QuotaGranted", request_id="r1",
-        payload={"x": 1}, metadata={"m": "n"}, recorded_at=datetime(2026, 1, 1, tzinfo=UTC),
+        stream_id="user:a",
+        version=1,
+        event_type="QuotaGranted",
+        request_id="r1",
+        payload={"x": 1},
+        metadata={"m": "n"},
+        recorded_at=datetime(2026, 1, 1, tzinfo=UTC),
         prev_hash=chain.GENESIS,
     )
     base = chain.event_hash(**row)
     assert chain.event_hash(**row) == base
-    for key, other in [("version", 2), ("payload", {"x": 2}), ("metadata", {}), ("prev_hash", "1" * 64),
-                       ("recorded_at", datetime(2026, 1, 1, 0, 0, 1, tzinfo=UTC))]:
+    for key, other in [
+        ("version", 2),
+        ("payload", {"x": 2}),
+        ("metadata", {}),
+        ("prev_hash", "1" * 64),
+        ("recorded_at", datetime(2026, 1, 1, 0, 0, 1, tzinfo=UTC)),
+    ]:
         assert chain.event_hash(**(row | {key: other})) != base, key

@@ -42,8 +42,10 @@ def _nearest_colour(rgb: np.ndarray) -> str:
 
 
 def _templates() -> dict[str, np.ndarray]:
-    return {g: np.asarray(scenes.glyph_mask(g).resize(GLYPH_BOX, Image.Resampling.BILINEAR), float) / 255
-            for g in scenes.GLYPHS}
+    return {
+        g: np.asarray(scenes.glyph_mask(g).resize(GLYPH_BOX, Image.Resampling.BILINEAR), float) / 255
+        for g in scenes.GLYPHS
+    }
 
 
 _TEMPLATES: dict[str, np.ndarray] = {}
@@ -60,7 +62,9 @@ def read(image: Image.Image) -> Reading:
     ys, xs = np.nonzero(mask)
     colour = _nearest_colour(np.median(pixels[mask], axis=0))
     cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
-    position = min(scenes.POSITIONS, key=lambda p: (scenes.POSITIONS[p][0] - cx) ** 2 + (scenes.POSITIONS[p][1] - cy) ** 2)
+    position = min(
+        scenes.POSITIONS, key=lambda p: (scenes.POSITIONS[p][0] - cx) ** 2 + (scenes.POSITIONS[p][1] - cy) ** 2
+    )
     top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     fill = mask.sum() / ((bottom - top) * (right - left))
     shape = "square" if fill > 0.88 else "circle" if fill > 0.64 else "triangle"
@@ -74,6 +78,7 @@ def read(image: Image.Image) -> Reading:
 
 def score(pairs: list[tuple[scenes.Scene, Reading]]) -> dict[str, float]:
     """The share of prompts whose attribute the image shows."""
+
     def share(hits: list[bool]) -> float:
         return sum(hits) / len(hits) if hits else float("nan")
 
@@ -100,8 +105,14 @@ def render_held_out(model: Path, steps: int, guidance: float, seed: int) -> list
     images: list[Image.Image] = []
     for start in range(0, len(prompts), 20):
         generator = torch.Generator().manual_seed(seed + start)
-        images += pipe(prompts[start:start + 20], num_inference_steps=steps, guidance_scale=guidance,
-                       width=scenes.SIZE, height=scenes.SIZE, generator=generator).images
+        images += pipe(
+            prompts[start : start + 20],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            width=scenes.SIZE,
+            height=scenes.SIZE,
+            generator=generator,
+        ).images
     return list(zip(held_out, images, strict=True))
 
 
@@ -118,11 +129,19 @@ def main() -> int:
     rendered = render_held_out(args.model, args.steps, args.guidance, args.seed)
     pairs = [(scene, read(image)) for scene, image in rendered]
     for scene, reading in pairs:
-        wrong = [name for name, ok in (
-            ("colour", reading.colour == scene.colour), ("background", reading.background == scene.background),
-            ("position", reading.position == scene.position),
-            ("digit" if scene.is_glyph else "shape", (reading.glyph if scene.is_glyph else reading.shape) == scene.thing),
-        ) if not ok]
+        wrong = [
+            name
+            for name, ok in (
+                ("colour", reading.colour == scene.colour),
+                ("background", reading.background == scene.background),
+                ("position", reading.position == scene.position),
+                (
+                    "digit" if scene.is_glyph else "shape",
+                    (reading.glyph if scene.is_glyph else reading.shape) == scene.thing,
+                ),
+            )
+            if not ok
+        ]
         print(f"{'ok ' if not wrong else 'BAD'} {scenes.held_out_prompt(scene):60} {', '.join(wrong)}")
     scores = score(pairs)
     passed = all(scores[name] >= target for name, target in TARGETS.items())
@@ -135,8 +154,19 @@ def main() -> int:
         sheet.resize((sheet.width * 4, sheet.height * 4), Image.Resampling.NEAREST).save(args.sheet)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"model": str(args.model), "steps": args.steps, "guidance": args.guidance,
-                                         "scores": scores, "targets": TARGETS, "passed": passed}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "model": str(args.model),
+                    "steps": args.steps,
+                    "guidance": args.guidance,
+                    "scores": scores,
+                    "targets": TARGETS,
+                    "passed": passed,
+                },
+                indent=2,
+            )
+        )
     return 0 if passed else 1
 
 

@@ -73,8 +73,13 @@ def caption(scene: Scene, rng: random.Random) -> tuple[str, Scene]:
     """A caption in one of several phrasings, and the scene it actually describes (a
     caption that leaves out the background describes a scene with any background)."""
     if scene.is_glyph:
-        thing = rng.choice([f"the digit {scene.thing} in {scene.colour}", f"a {scene.colour} {scene.thing}",
-                            f"the number {scene.thing} in {scene.colour}"])
+        thing = rng.choice(
+            [
+                f"the digit {scene.thing} in {scene.colour}",
+                f"a {scene.colour} {scene.thing}",
+                f"the number {scene.thing} in {scene.colour}",
+            ]
+        )
     else:
         thing = f"a {scene.colour} {scene.thing}"
     background = ""

@@ -47,8 +47,21 @@ from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast 
 
 MAX_TOKENS = 16
 SPECIALS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
-WORDS = [*scenes.COLOURS, *scenes.SHAPES, *scenes.DIGITS, *scenes.POSITIONS,
-         "a", "an", "the", "on", "at", "in", "digit", "number", "background"]
+WORDS = [
+    *scenes.COLOURS,
+    *scenes.SHAPES,
+    *scenes.DIGITS,
+    *scenes.POSITIONS,
+    "a",
+    "an",
+    "the",
+    "on",
+    "at",
+    "in",
+    "digit",
+    "number",
+    "background",
+]
 TRAIN_STEPS = 1000  # noise levels
 CAPTION_DROPOUT = 0.1
 EMA_DECAY = 0.995
@@ -67,25 +80,50 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         single="[BOS] $A [EOS]", special_tokens=[("[BOS]", vocab["[BOS]"]), ("[EOS]", vocab["[EOS]"])]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="[BOS]", eos_token="[EOS]", pad_token="[PAD]",
-        unk_token="[UNK]", model_max_length=MAX_TOKENS,
+        tokenizer_object=tokenizer,
+        bos_token="[BOS]",
+        eos_token="[EOS]",
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        model_max_length=MAX_TOKENS,
     )
 
 
 def build_models(tokenizer: PreTrainedTokenizerFast) -> tuple[CLIPTextModel, AutoencoderKL, UNet2DConditionModel]:
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=MAX_TOKENS, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    ))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_TOKENS,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(32, 64), layers_per_block=1,
-        latent_channels=4, norm_num_groups=8, sample_size=scenes.SIZE, mid_block_add_attention=False,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=scenes.SIZE,
+        mid_block_add_attention=False,
     )
     unet = UNet2DConditionModel(
-        sample_size=scenes.SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64),
-        layers_per_block=1, norm_num_groups=8, cross_attention_dim=128, attention_head_dim=8,
+        sample_size=scenes.SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=128,
+        attention_head_dim=8,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     )
@@ -143,13 +181,23 @@ def latent_scaling(vae: AutoencoderKL, batches: Batches) -> float:
 
 def save(folder: Path, tokenizer, text_encoder, vae, unet) -> None:
     scheduler = DDIMScheduler(
-        num_train_timesteps=TRAIN_STEPS, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
-        clip_sample=False, thresholding=True, sample_max_value=1.0, set_alpha_to_one=False,
+        num_train_timesteps=TRAIN_STEPS,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type="v_prediction",
+        clip_sample=False,
+        thresholding=True,
+        sample_max_value=1.0,
+        set_alpha_to_one=False,
         timestep_spacing="trailing",
     )
     pipe = StableDiffusionPipeline(
-        vae=copy.deepcopy(vae).half(), text_encoder=copy.deepcopy(text_encoder).half(), tokenizer=tokenizer,
-        unet=copy.deepcopy(unet).half(), scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        vae=copy.deepcopy(vae).half(),
+        text_encoder=copy.deepcopy(text_encoder).half(),
+        tokenizer=tokenizer,
+        unet=copy.deepcopy(unet).half(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
@@ -167,8 +215,11 @@ def train(folder: Path, minutes: float, batch_size: int, save_every: float, ae_m
     batches = Batches(batch_size, seed)
     tokenizer = build_tokenizer()
     text_encoder, vae, unet = build_models(tokenizer)
-    print(f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters, "
-          f"text encoder {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f} M", flush=True)
+    print(
+        f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters, "
+        f"text encoder {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f} M",
+        flush=True,
+    )
 
     loss = train_autoencoder(vae, batches, ae_minutes)
     scaling = latent_scaling(vae, batches)
@@ -181,7 +232,10 @@ def train(folder: Path, minutes: float, batch_size: int, save_every: float, ae_m
     parameters = [*unet.parameters(), *text_encoder.parameters()]
     optimiser = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=0.01)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
-    ema_pairs = [*zip(ema_unet.parameters(), unet.parameters(), strict=True), *zip(ema_text.parameters(), text_encoder.parameters(), strict=True)]
+    ema_pairs = [
+        *zip(ema_unet.parameters(), unet.parameters(), strict=True),
+        *zip(ema_text.parameters(), text_encoder.parameters(), strict=True),
+    ]
 
     budget_s, started, last_save = minutes * 60, time.monotonic(), time.monotonic()
     step, running = 0, 0.0
