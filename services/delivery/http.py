@@ -34,7 +34,7 @@ from nats.js.object_store import ObjectStore
 from opentelemetry import trace
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -262,8 +262,11 @@ def create_app(site: Site) -> Starlette:
         )
         return _page(200, "Shared from Kiln", body, raw=True)
 
+    # The page's default steps are the platform's (shared.events), not a second copy.
+    page = (PLAYGROUND / "index.html").read_text().replace("__DEFAULT_STEPS__", str(DEFAULT_STEPS))
+
     async def playground(request: Request) -> Response:
-        return FileResponse(PLAYGROUND / "index.html")
+        return HTMLResponse(page)
 
     async def healthz(request: Request) -> Response:
         ok = site.bus.is_connected
