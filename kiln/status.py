@@ -20,7 +20,7 @@ from rich.text import Text
 from kiln.client import KilnClient, ServiceUnavailable
 from shared import subjects
 from shared.bus import Message
-from shared.events import WorkerHeartbeat
+from shared.events import WorkerHeartbeat, decode_json
 
 STALE_S = 5.0  # a worker not heard from for this long is gone from the view
 REFRESH_S = 1.0
@@ -87,7 +87,7 @@ async def show(client: KilnClient, once: bool, listen_s: float = 2.5) -> Group:
 
     async def on_beat(message: Message) -> None:
         try:
-            fleet.heard(msgspec.json.decode(message.data, type=WorkerHeartbeat))
+            fleet.heard(decode_json(message.data, WorkerHeartbeat))
         except msgspec.DecodeError:
             pass  # not a heartbeat we can read: not ours to show
 

@@ -59,6 +59,8 @@ WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-sequ
 CANNOT_CHANGE_MAX_CONSUMERS = 10052  # servers before 2.12: "can not change MaxConsumers"
 REASON_HEADER = "Kiln-Dead-Letter-Reason"
 ORIGINAL_SUBJECT_HEADER = "Kiln-Original-Subject"
+TRUNCATED_HEADER = "Kiln-Dead-Letter-Truncated"  # the original size, when the payload was cut
+HEADER_OVERHEAD = 64  # NATS/1.0 line, line ends and the subject's room, with a margin
 PULL_TIMEOUT_S = 5.0  # a no-wait pull is answered at once; this only guards a lost reply
 READ_BATCH = 1000
 READ_TIMEOUT_S = 5
@@ -225,19 +227,33 @@ class Bus:
         await self._nc.publish(subject, encode(event), headers=headers)
 
     async def dead_letter(self, msg: Msg, reason: str) -> None:
-        original = msg.headers or {}
+        """Keep a message this service cannot handle on its dead-letter subject (the caller
+        then terminates it)."""
+        stored = Stored(msg.subject, msg.data, msg.headers, seq=msg.metadata.sequence.stream)
+        await self.dead_letter_stored(msg.metadata.stream, stored, reason)
+
+    async def dead_letter_stored(self, stream: str, stored: Stored, reason: str) -> None:
+        """The same for a message read straight from `stream`."""
+        original = stored.headers or {}
         headers = {
             REASON_HEADER: reason[:1000],
-            ORIGINAL_SUBJECT_HEADER: msg.subject,
+            ORIGINAL_SUBJECT_HEADER: stored.subject[:1000],
             # One dead letter per stream message, however often it is redelivered.
-            "Nats-Msg-Id": f"{msg.metadata.stream}:{msg.metadata.sequence.stream}",
+            "Nats-Msg-Id": f"{stream}:{stored.seq}",
             # Kept so the payload stays readable and the request's trace findable.
             **{key: original[key] for key in ("Content-Type", "traceparent") if key in original},
         }
         subject = subjects.dead_letter(self.service)
         self.access.check_publish(subject)
-        await self._js.publish(subject, msg.data, headers=headers)
-        log.warning("dead-lettered %s: %s", msg.subject, reason)
+        data = stored.data
+        # A message just under the server's size limit is over it with these headers, and
+        # the server would close the connection: keep what fits, and say how much there was.
+        room = self._nc.max_payload - sum(len(k) + len(v) + 4 for k, v in headers.items()) - HEADER_OVERHEAD
+        if len(data) > room:
+            headers[TRUNCATED_HEADER] = str(len(data))
+            data = data[: max(0, room - len(TRUNCATED_HEADER) - 24)]
+        await self._js.publish(subject, data, headers=headers)
+        log.warning("dead-lettered %s: %s", stored.subject[:200], reason)
 
     # -- plain NATS: listening, request/reply ---------------------------------------------
 
@@ -322,6 +338,11 @@ class Bus:
         except nats.js.errors.NotFoundError:
             return None
         return Stored(raw.subject or subject, raw.data or b"", raw.headers, seq=raw.seq)
+
+    async def purge_subject(self, stream: Stream, subject: str) -> None:
+        """Remove every message the stream keeps on `subject`."""
+        self.access.check_stream(stream.name)
+        await self._js.purge_stream(stream.name, subject=subject)
 
     async def subject_counts(self, stream: Stream, subject_filter: str) -> dict[str, int]:
         """How many messages a stream holds on each subject matching the filter."""

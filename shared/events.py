@@ -10,9 +10,11 @@ and a timestamp.
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, TypeVar
 
 import msgspec
 
@@ -266,6 +268,12 @@ _json_encoder = msgspec.json.Encoder()
 _json_decoder = msgspec.json.Decoder(AnyEvent)
 _msgpack_decoder = msgspec.msgpack.Decoder(AnyEvent)
 
+# An event is a few hundred bytes (images never travel on the bus); anything much larger
+# is junk or an attack, refused before it is parsed.
+MAX_EVENT_BYTES = 64 * 1024
+
+T = TypeVar("T")
+
 
 def encode(event: msgspec.Struct) -> bytes:
     return _json_encoder.encode(event)
@@ -273,9 +281,8 @@ def encode(event: msgspec.Struct) -> bytes:
 
 def decode(data: bytes, content_type: str | None = None) -> AnyEvent:
     """Decode one event; raises `msgspec.DecodeError` (a `ValueError`) with the reason."""
-    if content_type == MSGPACK:
-        return _msgpack_decoder.decode(data)
-    return _json_decoder.decode(data)
+    decoder = _msgpack_decoder if content_type == MSGPACK else _json_decoder
+    return _guarded(decoder.decode, data)
 
 
 def decode_message(data: bytes | None, headers: dict[str, str] | None) -> AnyEvent:
@@ -283,11 +290,50 @@ def decode_message(data: bytes | None, headers: dict[str, str] | None) -> AnyEve
     return decode(data or b"", (headers or {}).get("Content-Type"))
 
 
+def decode_json(data: bytes, kind: type[T]) -> T:
+    """Decode JSON that is not an event (a heartbeat, an HTTP body, a stored record) with
+    the same guards; raises `msgspec.DecodeError` with the reason."""
+    return _guarded(lambda raw: msgspec.json.decode(raw, type=kind), data)
+
+
+def _guarded(decode_bytes: Callable[[bytes], T], data: bytes) -> T:
+    """Whatever the bytes hold, the caller gets a value or a `msgspec.DecodeError`: too
+    large, nested too deeply (msgspec raises RecursionError), malformed, mistyped, or
+    holding a value no field should (see `_refuse_odd_values`)."""
+    if len(data) > MAX_EVENT_BYTES:
+        raise msgspec.DecodeError(f"{len(data)} bytes, more than the {MAX_EVENT_BYTES} a message may have")
+    try:
+        value = decode_bytes(data)
+    except RecursionError:
+        raise msgspec.DecodeError("nested too deeply") from None
+    _refuse_odd_values(value)
+    return value
+
+
+def _refuse_odd_values(value: object, field: str = "$") -> None:
+    """No NUL character in any text (PostgreSQL refuses it in JSONB, C libraries cut the
+    text there) and no NaN, infinity or -0.0 in any number (they break comparisons,
+    limits and the quota log's hashes)."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise msgspec.DecodeError(f"`{field}` contains a NUL character")
+    elif isinstance(value, float):
+        if not math.isfinite(value) or (value == 0 and math.copysign(1, value) < 0):
+            raise msgspec.DecodeError(f"`{field}` is {value!r}, not a usable number")
+    elif isinstance(value, msgspec.Struct):
+        for name in value.__struct_fields__:
+            _refuse_odd_values(getattr(value, name), f"{field}.{name}")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_odd_values(key, field)
+            _refuse_odd_values(item, f"{field}.{key}")
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _refuse_odd_values(item, f"{field}[{index}]")
+
+
 def check_ids(event: Event) -> None:
-    """Raise ValueError naming the field when an id cannot be a subject token, or a text
-    cannot be stored (PostgreSQL's JSONB refuses the NUL character)."""
-    if isinstance(event, PromptSubmitted) and "\x00" in event.prompt:
-        raise ValueError("`prompt` contains a NUL character")
+    """Raise ValueError naming the field when an id cannot be a subject token."""
     if isinstance(event, PromptSubmitted) and event.edit_of is not None and not ID_PATTERN.match(event.edit_of):
         raise ValueError(f"`edit_of` must match {ID_PATTERN.pattern} but is {event.edit_of!r}")
     mask_key = getattr(event, "mask_key", None)

@@ -1,17 +1,21 @@
 """The event schemas: both encodings, forward compatibility, clear errors."""
 
+import re
 from datetime import UTC, datetime
 
 import msgspec
 import pytest
 
 from shared.events import (
+    MAX_EVENT_BYTES,
     MSGPACK,
     PromptSubmitted,
     QuotaDenied,
     QuotaGranted,
+    WorkerHeartbeat,
     check_ids,
     decode,
+    decode_json,
     encode,
 )
 
@@ -68,6 +72,63 @@ def test_ids_that_cannot_be_subject_tokens_are_named(field, value):
         check_ids(_prompt(**{field: value}))
 
 
-def test_a_prompt_postgres_cannot_store_is_named():
-    with pytest.raises(ValueError, match="`prompt` contains a NUL"):
-        check_ids(_prompt(prompt="a\x00b"))
+def _prompt_json(**extra: object) -> bytes:
+    fields = {"type": "PromptSubmitted", "request_id": "r1", "user_id": "alice", "prompt": "a red circle"}
+    return msgspec.json.encode(fields | extra)
+
+
+def _prompt_msgpack(**extra: object) -> bytes:
+    fields = {"type": "PromptSubmitted", "request_id": "r1", "user_id": "alice", "prompt": "p"}
+    return msgspec.msgpack.encode(fields | extra)
+
+
+DEEP = b"[" * 30_000 + b"]" * 30_000  # deeper than msgspec goes, under the size limit
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type", "reason"),
+    [
+        (_prompt_json(prompt="a\x00b"), None, "`$.prompt` contains a NUL"),
+        (_prompt_json(style="\x00"), None, "`$.style` contains a NUL"),
+        (_prompt_json()[:-1] + b',"x":' + DEEP + b"}", None, "nested too deeply"),  # in a field no one reads
+        (_prompt_msgpack(x=None)[:-1] + b"\x91" * 60_000 + b"\xc0", MSGPACK, "nested too deeply"),
+        (_prompt_json(strength=-0.0), None, "-0.0"),
+        (
+            msgspec.msgpack.encode(
+                {
+                    "type": "PromptSubmitted",
+                    "request_id": "r1",
+                    "user_id": "alice",
+                    "prompt": "p",
+                    "strength": float("nan"),
+                }
+            ),
+            MSGPACK,
+            "nan",
+        ),
+        (
+            msgspec.msgpack.encode(
+                {
+                    "type": "PromptSubmitted",
+                    "request_id": "r1",
+                    "user_id": "alice",
+                    "prompt": "p",
+                    "strength": float("inf"),
+                }
+            ),
+            MSGPACK,
+            "inf",
+        ),
+        (_prompt_json(prompt="x" * MAX_EVENT_BYTES), None, "more than the"),
+        (_prompt_json()[:-1] + b',"prompt":"\xff\xfe"}', None, "UTF-8"),
+    ],
+    ids=["nul", "nul-in-style", "deep-json", "deep-msgpack", "minus-zero", "nan", "inf", "oversized", "bad-utf8"],
+)
+def test_hostile_payloads_are_refused_with_a_reason(data: bytes, content_type: str | None, reason: str):
+    with pytest.raises(msgspec.DecodeError, match=re.escape(reason)):
+        decode(data, content_type)
+
+
+def test_a_heartbeat_or_a_body_gets_the_same_guards():
+    with pytest.raises(msgspec.DecodeError, match="nested too deeply"):
+        decode_json(b'{"worker_id": "w", "x": ' + DEEP + b"}", WorkerHeartbeat)

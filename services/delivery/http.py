@@ -51,6 +51,7 @@ from shared.events import (
     QuotaDenied,
     RenderProgress,
     check_ids,
+    decode_json,
 )
 from shared.records import Outcome
 from shared.settings import Settings
@@ -102,7 +103,7 @@ def _error(status: int, message: str) -> JSONResponse:
 
 async def _body(request: Request, kind: type[msgspec.Struct]):
     raw = await request.body()
-    return msgspec.json.decode(raw or b"{}", type=kind)
+    return decode_json(raw or b"{}", kind)
 
 
 def create_app(site: Site) -> Starlette:

@@ -12,7 +12,7 @@ import time
 import msgspec
 
 from services.quota.plans import PRESSURE_LEVELS, PressureRules
-from shared.events import Pressure, WorkerHeartbeat
+from shared.events import Pressure, WorkerHeartbeat, decode_json
 
 log = logging.getLogger("kiln.quota.pressure")
 
@@ -37,13 +37,12 @@ class FleetMonitor:
     def __init__(self, rules: PressureRules) -> None:
         self.rules = rules
         self._latest: dict[str, tuple[float, WorkerHeartbeat]] = {}
-        self._decoder = msgspec.json.Decoder(WorkerHeartbeat)
         self._last_level: Pressure = "normal"
 
     def hear(self, data: bytes, subject: str) -> None:
         """A heartbeat as it came off the bus."""
         try:
-            beat = self._decoder.decode(data)
+            beat = decode_json(data, WorkerHeartbeat)
         except msgspec.DecodeError as error:
             log.warning("ignoring a heartbeat that does not decode on %s: %s", subject, error)
             return

@@ -21,7 +21,7 @@ import nats.js.errors
 from services.render.queue import JobQueue, Waiting, fair_order
 from shared import subjects
 from shared.bus import Bus
-from shared.events import RenderProgress, RenderRequested, WorkerHeartbeat
+from shared.events import RenderProgress, RenderRequested, WorkerHeartbeat, decode_json
 from shared.service import sleep_unless_stopped
 
 log = logging.getLogger("kiln.render.positions")
@@ -50,7 +50,7 @@ class QueueReporter:
     def hear(self, data: bytes) -> None:
         """A worker's heartbeat: who else is reporting, and how fast the fleet draws."""
         try:
-            beat = msgspec.json.decode(data, type=WorkerHeartbeat)
+            beat = decode_json(data, WorkerHeartbeat)
         except msgspec.DecodeError:
             return
         self.heard[beat.worker_id] = (time.monotonic(), beat)

@@ -24,11 +24,13 @@ from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 
 from shared import subjects
 from shared.bus import Bus
+from shared.events import ID_PATTERN
 
 log = logging.getLogger("kiln.render.queue")
 
 MAX_CONSUMERS_REACHED = 10026  # JetStream's error code
 NO_ROOM_PAUSE_S = 5.0
+MAX_DISCARDED = 100  # junk jobs kept as dead letters per subject; the rest are only removed
 
 
 @dataclass
@@ -98,6 +100,9 @@ class JobQueue:
         result, with_jobs, now = [], set(), time.monotonic()
         for subject, count in counts.items():
             tier, user_id = subject.split(".")[3:5]
+            if tier not in subjects.TIERS or not ID_PATTERN.match(user_id):
+                await self._discard(subject)  # no valid job is ever published there
+                continue
             with_jobs.add(consumer_name(tier, user_id))
             if consumer_name(tier, user_id) not in consumers and await self._create(tier, user_id):
                 result.append(Waiting(tier, user_id, count))
@@ -146,6 +151,19 @@ class JobQueue:
         """The queue's per-user consumers."""
         consumers = await self.bus.consumers(subjects.RENDER_JOBS)
         return [c for c in consumers if c.name.startswith(subjects.RENDER_CONSUMER_PREFIX)]
+
+    async def _discard(self, subject: str) -> None:
+        """Jobs on a subject whose tokens cannot name a consumer (a `/`, 300 characters, an
+        unknown tier): only a client bypassing context publishes there. They go to the dead
+        letters, and the subject is emptied, so that they cannot wedge the queue."""
+        seq = 1
+        for _ in range(MAX_DISCARDED):
+            stored = await self.bus.next_stored(subjects.RENDER_JOBS, subject, seq)
+            if stored is None:
+                break
+            await self.bus.dead_letter_stored(subjects.RENDER_JOBS.name, stored, "not a render job subject")
+            seq = stored.seq + 1
+        await self.bus.purge_subject(subjects.RENDER_JOBS, subject)
 
     async def _create(self, tier: str, user_id: str) -> bool:
         """A consumer for the user's jobs; False if the stream has no room for one now
