@@ -314,6 +314,7 @@ def _stream_facts(stream: Stream) -> dict[str, Any]:
         "storage": "file",  # `Bus.declare` makes every stream file-backed
         "maxAgeSeconds": stream.max_age_s,
         "duplicateWindowSeconds": stream.duplicate_window_s,
+        **({"maxMessagesPerSubject": 1, "discard": "new per subject"} if stream.one_per_subject else {}),
     }
 
 

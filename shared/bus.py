@@ -38,6 +38,7 @@ from nats.js.api import (
     ConsumerConfig,
     ConsumerInfo,
     DeliverPolicy,
+    DiscardPolicy,
     Header,
     KeyValueConfig,
     StorageType,
@@ -56,6 +57,7 @@ from shared.telemetry import context_from_headers, inject_headers, user_ref
 log = logging.getLogger("kiln.bus")
 
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-sequence check
+SUBJECT_TAKEN = 10077  # "maximum messages per subject exceeded" on a one-per-subject stream
 CANNOT_CHANGE_MAX_CONSUMERS = 10052  # servers before 2.12: "can not change MaxConsumers"
 REASON_HEADER = "Kiln-Dead-Letter-Reason"
 ORIGINAL_SUBJECT_HEADER = "Kiln-Original-Subject"
@@ -140,6 +142,10 @@ class Bus:
             )
             if stream.max_consumers is not None:
                 config.max_consumers = stream.max_consumers
+            if stream.one_per_subject:
+                config.max_msgs_per_subject = 1
+                config.discard = DiscardPolicy.NEW
+                config.discard_new_per_subject = True
             try:
                 await self._js.add_stream(config)
             except nats.js.errors.BadRequestError:
@@ -208,9 +214,9 @@ class Bus:
             headers[Header.EXPECTED_LAST_SUBJECT_SEQUENCE] = str(after_seq)
         try:
             ack = await self._js.publish(subject, encode(event), headers=headers)
-        except nats.js.errors.BadRequestError as error:
-            if after_seq is not None and error.err_code == WRONG_LAST_SEQUENCE:
-                return False  # someone appended first: by us before a crash, or by a twin
+        except nats.js.errors.APIError as error:
+            if error.err_code in (WRONG_LAST_SEQUENCE, SUBJECT_TAKEN):
+                return False  # someone published first: us before a crash, a twin, or a forger
             raise
         return not ack.duplicate
 

@@ -186,6 +186,9 @@ class Stream:
     # NATS 2.15 gives a stream 1000 consumers unless it says otherwise (and -1 no longer
     # means unlimited): the streams that hold a consumer per user, or per read, say more.
     max_consumers: int | None = None
+    # One message per subject, ever (while the stream keeps it), enforced by the server
+    # whoever publishes: a second decision, result or outcome for a request is refused.
+    one_per_subject: bool = False
 
     @property
     def subjects(self) -> list[str]:
@@ -199,14 +202,14 @@ class Stream:
 
 YEAR_S = 365 * 24 * 3600
 PROMPTS = Stream("KILN_PROMPTS", PROMPT_SUBMITTED)
-QUOTA = Stream("KILN_QUOTA", QUOTA_DECIDED)
+QUOTA = Stream("KILN_QUOTA", QUOTA_DECIDED, one_per_subject=True)
 # A work queue: a job leaves the stream once a worker acks it.
 # One consumer per user with jobs waiting (the fair queue).
 RENDER_JOBS = Stream("KILN_RENDER_JOBS", RENDER_JOB, retention=RetentionPolicy.WORK_QUEUE, max_consumers=1_000_000)
 RENDER_CANCELS = Stream("KILN_RENDER_CANCELS", RENDER_CANCEL, max_age_s=24 * 3600)
-RENDER_EVENTS = Stream("KILN_RENDER_EVENTS", RENDER_EVENT)
+RENDER_EVENTS = Stream("KILN_RENDER_EVENTS", RENDER_EVENT, one_per_subject=True)
 # Kept a year: an edit by id finds its source image's prompt in the source's outcome.
-OUTCOMES = Stream("KILN_OUTCOMES", OUTCOME, max_age_s=YEAR_S)
+OUTCOMES = Stream("KILN_OUTCOMES", OUTCOME, max_age_s=YEAR_S, one_per_subject=True)
 # A short-lived consumer per conversation read (context composing a turn).
 CONVERSATIONS = Stream("KILN_CONVERSATIONS", CONVERSATION, max_age_s=YEAR_S, max_consumers=100_000)
 DEAD_LETTERS = Stream("KILN_DEAD_LETTERS", DEAD_LETTER, max_age_s=30 * 24 * 3600)

@@ -17,6 +17,7 @@ import uuid
 
 import msgspec
 import nats
+import nats.js.errors
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -24,8 +25,8 @@ from hypothesis import strategies as st
 from infra.platform import Platform
 from kiln.client import KilnClient
 from shared import subjects
-from shared.bus import ORIGINAL_SUBJECT_HEADER, REASON_HEADER, TRUNCATED_HEADER
-from shared.events import MSGPACK, ImageDelivered
+from shared.bus import ORIGINAL_SUBJECT_HEADER, REASON_HEADER, SUBJECT_TAKEN, TRUNCATED_HEADER
+from shared.events import MSGPACK, ImageDelivered, RequestFailed, encode
 
 pytestmark = pytest.mark.integration
 log = logging.getLogger(__name__)
@@ -138,3 +139,28 @@ async def _dead_letter_from(js: nats.js.JetStreamContext, subject: str, timeout_
             return last
         await asyncio.sleep(0.2)
     raise AssertionError(f"nothing from {subject} reached quota's dead letters in {timeout_s:.0f}s")
+
+
+async def test_a_second_outcome_is_refused_by_the_server_whoever_sends_it(
+    platform: Platform, client: KilnClient, user: str
+):
+    """A forger publishing a failure after the image was delivered, with a plain client
+    and none of Kiln's headers: the stream keeps one message per request subject."""
+    delivered = await client.generate("a blue square", user_id=user)
+    assert isinstance(delivered, ImageDelivered)
+    forged = RequestFailed(
+        request_id=delivered.request_id, user_id=user, stage="render", reason="gave_up", detail="forged"
+    )
+    attacker = await nats.connect(platform.nats_url)
+    try:
+        for subject in (
+            subjects.outcome(user, delivered.request_id),
+            subjects.render_event(user, delivered.request_id),
+            subjects.quota_decided(user, delivered.request_id),
+        ):
+            with pytest.raises(nats.js.errors.APIError) as refused:
+                await attacker.jetstream().publish(subject, encode(forged))
+            assert refused.value.err_code == SUBJECT_TAKEN, subject
+    finally:
+        await attacker.close()
+    assert await client.recorded_outcome(user, delivered.request_id) == delivered
