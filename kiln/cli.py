@@ -3,6 +3,7 @@
     kiln up                                   start the whole platform (what `make run` does)
     kiln generate "a red circle" --user alice -o out.png
     kiln edit IMAGE_ID "make it blue" --user alice -o blue.png
+    kiln cancel REQUEST_ID --user alice       stop a request that has not ended (refunded)
     kiln chat --user alice                    draw, then edit in words, in the terminal
     kiln quota --user alice                   images used and left today
     kiln status                               a live view of the render fleet
@@ -10,7 +11,8 @@
     kiln audit replay|verify|export|rebuild  check the quota log
 
 Exit codes of `generate` and `edit`: 0 delivered, 2 denied by quota, 3 failed, 4 no outcome in time,
-64 bad arguments.
+64 bad arguments, 130 Ctrl-C (the request goes on). Of `cancel`: 0 cancelled, 3 it had already
+ended, 4 it did not end in time.
 """
 
 from __future__ import annotations
@@ -18,30 +20,44 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
+import math
+import shlex
 import signal
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
 import httpx
 import nats.errors
 from opentelemetry import trace
+from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kiln import admin, status
 from kiln.client import KilnClient, ServiceUnavailable
 from shared import telemetry
-from shared.events import DEFAULT_SIZE, DEFAULT_STEPS, ID_PATTERN, ImageDelivered, QuotaDenied, RenderProgress
+from shared.events import (
+    DEFAULT_SIZE,
+    DEFAULT_STEPS,
+    ID_PATTERN,
+    ImageDelivered,
+    QuotaDenied,
+    RenderProgress,
+    RequestFailed,
+)
 from shared.records import Outcome
 from shared.settings import Settings, SettingsError
 from shared.telemetry import trace_id_of
 
 EXIT_DENIED, EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, EXIT_INTERRUPTED = 2, 3, 4, 64, 130
+VIEWABLE_PX = 256  # a saved image's longer side, at least, unless --native: 32 px is a thumbnail
+CHAT_ENDS = {"quit", "exit", "/quit", "/exit"}  # typed alone, these end a chat instead of drawing
 
 console = Console(stderr=True, soft_wrap=True)  # one message, one line
 tracer = trace.get_tracer("kiln.cli")
@@ -76,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     edit.add_argument("--strength", type=float, default=0.8, help="how far from the image it may go, 0..1")
     edit.set_defaults(run=_command(_edit))
 
+    cancel = commands.add_parser("cancel", help="cancel a request that has not ended: kiln cancel REQUEST_ID")
+    cancel.add_argument("request_id", help="the request to cancel (printed by generate, edit and Ctrl-C)")
+    cancel.add_argument("--user", required=True, help="whose request it is")
+    cancel.add_argument("--timeout", type=float, default=30, help="seconds to wait for the request to end")
+    cancel.set_defaults(run=_command(_cancel))
+
     chat = commands.add_parser("chat", help="an interactive conversation: draw, then edit in words")
     chat.add_argument("--user", required=True, help="the user asking (letters, digits, _ and -)")
     chat.add_argument("--conversation", help="continue this conversation (default: a new one)")
@@ -83,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--size", type=int, default=DEFAULT_SIZE)
     chat.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     chat.add_argument("--save", type=Path, help="a folder to write each image to")
+    chat.add_argument("--native", action="store_true", help="save the model's pixels, not scaled up")
     chat.set_defaults(run=_command(_chat))
 
     status = commands.add_parser("status", help="a live view of the render fleet (Ctrl-C ends it)")
@@ -96,12 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     admin.add_commands(commands)
 
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv  # to print a command that picks the request up again
     return args.run(args)
 
 
 def _request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--user", required=True, help="the user asking (letters, digits, _ and -)")
     parser.add_argument("-o", "--output", type=Path, help="where to write the PNG")
+    parser.add_argument(
+        "--native", action="store_true", help=f"write the model's pixels (default: scaled up to {VIEWABLE_PX} px)"
+    )
     parser.add_argument("--request-id", help="idempotency key (default: a new one)")
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="width and height in pixels")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
@@ -171,43 +198,82 @@ async def _one_request(client: KilnClient, args: argparse.Namespace, settings: S
     # Chosen here, not by the SDK, so that every message can name it: re-running with the
     # same --request-id picks the request up where it is, without spending quota again.
     request_id = args.request_id or uuid.uuid4().hex
-    try:
-        outcome, trace_link = await _draw(
-            client,
-            settings,
-            args.prompt,
-            user_id=args.user,
-            request_id=request_id,
-            width=args.size,
-            height=args.size,
-            steps=args.steps,
-            seed=args.seed,
-            timeout_s=args.timeout,
-            **fields,
-        )
-    except TimeoutError as error:
-        console.print(f"kiln: {error}; to keep waiting, run the same command with --request-id {request_id}")
-        return EXIT_TIMEOUT
-    except nats.errors.Error as error:
-        console.print(
-            f"kiln: the bus at {settings.nats_address} failed ({error}); is Kiln up (`make run`)? "
-            f"Retry with --request-id {request_id}"
-        )
-        return EXIT_FAILED
+    with _request_trace(settings) as trace_link:
+        try:
+            outcome = await _draw_with_progress(
+                client,
+                args.prompt,
+                user_id=args.user,
+                request_id=request_id,
+                width=args.size,
+                height=args.size,
+                steps=args.steps,
+                seed=args.seed,
+                timeout_s=args.timeout,
+                **fields,
+            )
+        except asyncio.CancelledError:  # Ctrl-C: asyncio.run cancels us, then raises KeyboardInterrupt
+            _say_interrupted(args, request_id)
+            raise
+        except TimeoutError as error:
+            _say(f"kiln: {error}; it may still finish. To keep waiting: {_wait_again(args, request_id)}")
+            console.print(f"trace: {trace_link}")
+            return EXIT_TIMEOUT
+        except nats.errors.Error as error:
+            console.print(
+                f"kiln: the bus at {settings.nats_address} failed ({error}); is Kiln up (`make run`)? "
+                f"Retry with --request-id {request_id}"
+            )
+            return EXIT_FAILED
     code = _say_outcome(outcome)
     console.print(f"trace: {trace_link}")
     if code or not args.output:
         return code
-    return await _save(client, outcome, args.output)
+    return await _save(client, outcome, args.output, native=args.native)
+
+
+@contextlib.contextmanager
+def _request_trace(settings: Settings) -> Iterator[str]:
+    """The CLI's span, the root of the request's trace; yields where to see that trace
+    (a tracing UI's page, or the bare trace id), known before any outcome is."""
+    with tracer.start_as_current_span("kiln cli") as span:
+        trace_id = trace_id_of(span)
+        yield settings.trace_link(trace_id) or trace_id
+
+
+def _say_interrupted(args: argparse.Namespace, request_id: str) -> None:
+    """Ctrl-C stops the waiting, not the request: say so, and how to cancel it or wait on."""
+    cancel = [*_program(), "cancel", request_id, "--user", args.user]
+    _say(
+        f"interrupted: request {request_id} goes on, and is charged unless you cancel it.\n"
+        f"  to cancel it:    {shlex.join(cancel)}\n"
+        f"  to keep waiting: {_wait_again(args, request_id)}"
+    )
+
+
+def _wait_again(args: argparse.Namespace, request_id: str) -> str:
+    """This very command, with the request's id: run again, it waits for the same request."""
+    again = args.argv if args.request_id else [*args.argv, "--request-id", request_id]
+    return shlex.join([*_program(), *again])
+
+
+def _program() -> list[str]:
+    """How to start `kiln` again: as it was typed, or (run as `python -m kiln`) the module."""
+    if Path(sys.argv[0]).name == "kiln":
+        return [sys.argv[0]]
+    return [sys.executable, "-m", "kiln"]
+
+
+def _say(text: str) -> None:
+    """Print a line holding the user's own words: no rich markup read into them."""
+    console.print(text, markup=False, highlight=False)
 
 
 async def _draw(client: KilnClient, settings: Settings, prompt: str, **fields) -> tuple[Outcome, str]:
     """One request, with a progress bar while it waits and renders; its outcome and where
-    to see its trace (the CLI's span is the root of the request's trace)."""
-    with tracer.start_as_current_span("kiln cli") as span:
-        outcome = await _draw_with_progress(client, prompt, **fields)
-    trace_id = trace_id_of(span)
-    return outcome, settings.trace_link(trace_id) or trace_id
+    to see its trace."""
+    with _request_trace(settings) as trace_link:
+        return await _draw_with_progress(client, prompt, **fields), trace_link
 
 
 async def _draw_with_progress(client: KilnClient, prompt: str, **fields) -> Outcome:
@@ -235,25 +301,84 @@ def _say_outcome(outcome: Outcome) -> int:
     """One line on what became of the request; the exit code it means."""
     if isinstance(outcome, QuotaDenied):
         retry = f" (try again after {outcome.retry_at:%Y-%m-%d %H:%M} UTC)" if outcome.retry_at else ""
-        console.print(f"denied: {outcome.reason}: {outcome.detail}{retry}")
+        _say(f"denied: {outcome.reason}: {outcome.detail}{retry}")
         return EXIT_DENIED
     if not isinstance(outcome, ImageDelivered):
-        console.print(f"failed at {outcome.stage}: {outcome.reason}: {outcome.detail}")
+        _say(f"failed at {outcome.stage}: {outcome.reason}: {outcome.detail}")
         return EXIT_FAILED
-    console.print(f"image {outcome.request_id} drawn as: {outcome.prompt}")
+    _say(f"image {outcome.request_id} drawn as: {outcome.prompt}")
     console.print(f"link: {outcome.url}")
     return 0
 
 
-async def _save(client: KilnClient, outcome: ImageDelivered, path: Path) -> int:
+async def _save(client: KilnClient, outcome: ImageDelivered, path: Path, native: bool = False) -> int:
     try:
         png = await client.download(outcome)
+        if not native:
+            png = viewable(png)
         path.write_bytes(png)
     except (httpx.HTTPError, OSError) as error:
         console.print(f"kiln: the image is ready at {outcome.url} but was not saved to {path}: {error}")
         return EXIT_FAILED
-    console.print(f"wrote {path} ({len(png)} bytes)")
+    width, height = Image.open(io.BytesIO(png)).size
+    console.print(f"wrote {path} ({width}×{height}, {len(png)} bytes)")
     return 0
+
+
+def viewable(png: bytes, at_least: int = VIEWABLE_PX) -> bytes:
+    """The image scaled up by a whole factor until its longer side is at least `at_least`
+    pixels, as it was if it is that big already. Nearest neighbour: each of the model's
+    pixels becomes a crisp square, nothing is made up between them."""
+    image = Image.open(io.BytesIO(png))
+    factor = math.ceil(at_least / max(image.size))
+    if factor <= 1:
+        return png
+    scaled = image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+    out = io.BytesIO()
+    scaled.save(out, format="PNG")
+    return out.getvalue()
+
+
+async def _cancel(client: KilnClient, args: argparse.Namespace, settings: Settings) -> int:
+    _check_ids(("--user", args.user), ("REQUEST_ID", args.request_id))
+    # 1. A request that has ended is past cancelling: say how it ended.
+    ended = await client.recorded_outcome(args.user, args.request_id)
+    if ended is not None:
+        _say(f"request {args.request_id} had already ended, {_ending(ended)}; nothing to cancel")
+        return EXIT_FAILED
+    # 2. Ask render to drop it. The cancel is kept in a stream: a request still in quota or
+    #    context, or waiting in the queue, is dropped when it reaches render.
+    await client.cancel(args.user, args.request_id)
+    # 3. Wait for its end: cancelled, or what it became just before the cancel reached it.
+    try:
+        outcome = await client.wait_for_outcome(args.user, args.request_id, timeout_s=args.timeout)
+    except TimeoutError:
+        _say(
+            f"kiln: cancel sent, but request {args.request_id} of {args.user} did not end within "
+            f"{args.timeout:g} s; if it exists, render drops it when it gets there"
+        )
+        return EXIT_TIMEOUT
+    if isinstance(outcome, RequestFailed) and outcome.reason == "cancelled":
+        _say(f"cancelled request {args.request_id} ({outcome.detail}); it is not charged")
+        return 0
+    _say(f"request {args.request_id} ended before the cancel reached it, {_ending(outcome)}")
+    return EXIT_FAILED
+
+
+def _check_ids(*named: tuple[str, str]) -> None:
+    """Ids become subject tokens: refuse, as a usage error, one that cannot be."""
+    for name, value in named:
+        if not ID_PATTERN.match(value):
+            raise ValueError(f"{name} must be 1-64 letters, digits, _ or - but is {value!r}")
+
+
+def _ending(outcome: Outcome) -> str:
+    """How a request ended, in a few words."""
+    if isinstance(outcome, ImageDelivered):
+        return f"delivered: {outcome.url}"
+    if isinstance(outcome, QuotaDenied):
+        return f"denied ({outcome.reason}): {outcome.detail}"
+    return f"failed at {outcome.stage} ({outcome.reason}): {outcome.detail}"
 
 
 async def _status(client: KilnClient, args: argparse.Namespace, settings: Settings) -> int:
@@ -275,15 +400,13 @@ async def _quota(client: KilnClient, args: argparse.Namespace, settings: Setting
 CHAT_HELP = (
     'Type a prompt to draw it; then say what to change ("make it blue", "add a border") to edit '
     "the last image. /style NAME picks a style (/style none drops it), /styles lists them, "
-    "/new starts a new conversation, /quota shows what is left, /quit (or Ctrl-D) ends."
+    "/new starts a new conversation, /quota shows what is left, quit (or exit, /quit, Ctrl-D) ends."
 )
 
 
 async def _chat(client: KilnClient, args: argparse.Namespace, settings: Settings) -> int:
     conversation = args.conversation or f"c-{uuid.uuid4().hex[:16]}"
-    for name, value in (("--user", args.user), ("--conversation", conversation)):
-        if not ID_PATTERN.match(value):
-            raise ValueError(f"{name} must be 1-64 letters, digits, _ or - but is {value!r}")
+    _check_ids(("--user", args.user), ("--conversation", conversation))
     style = args.style
     console.print(f"conversation {conversation}. {CHAT_HELP}")
     if args.conversation:
@@ -297,10 +420,10 @@ async def _chat(client: KilnClient, args: argparse.Namespace, settings: Settings
             return 0
         if not line:
             continue
+        if line.lower() in CHAT_ENDS:
+            return 0
         command, _, rest = line.partition(" ")
         try:
-            if command == "/quit":
-                return 0
             if command == "/new":
                 conversation, style = f"c-{uuid.uuid4().hex[:16]}", None
                 console.print(f"conversation {conversation}")
@@ -341,7 +464,7 @@ async def _chat_turn(
         return False
     if args.save:
         args.save.mkdir(parents=True, exist_ok=True)
-        await _save(client, outcome, args.save / f"{outcome.request_id}.png")
+        await _save(client, outcome, args.save / f"{outcome.request_id}.png", native=args.native)
     return True
 
 

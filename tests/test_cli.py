@@ -1,9 +1,14 @@
-"""The CLI's answers when something is wrong before any request is made."""
+"""The CLI's answers when something is wrong before any request is made, and the image it
+writes."""
 
+import io
 import subprocess
 import sys
 
+from PIL import Image
+
 from infra.embedded import free_port
+from kiln.cli import viewable
 
 
 def _kiln(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -24,3 +29,27 @@ def test_unreachable_bus_is_one_line_and_exit_3():
 def test_missing_arguments_are_a_usage_error():
     result = _kiln("generate", "a red circle")
     assert result.returncode == 64 and "--user" in result.stderr  # 2 is kept for "denied"
+
+
+def _png(width: int, height: int) -> bytes:
+    image = Image.new("RGB", (width, height))
+    image.putdata([(x * 8 % 256, y * 8 % 256, (x + y) % 2 * 255) for y in range(height) for x in range(width)])
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_a_small_image_is_scaled_up_by_a_whole_factor_each_pixel_a_square():
+    small = Image.open(io.BytesIO(_png(32, 24)))
+
+    scaled = Image.open(io.BytesIO(viewable(_png(32, 24))))
+
+    assert scaled.size == (256, 192)  # 8 times: the longer side reaches 256
+    for x, y in [(0, 0), (7, 7), (8, 0), (255, 191), (100, 50)]:
+        assert scaled.getpixel((x, y)) == small.getpixel((x // 8, y // 8))
+
+
+def test_an_odd_size_is_scaled_past_256_and_a_large_image_is_left_as_it_is():
+    assert Image.open(io.BytesIO(viewable(_png(40, 40)))).size == (280, 280)  # 7 times
+    large = _png(256, 64)
+    assert viewable(large) == large

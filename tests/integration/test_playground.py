@@ -1,14 +1,18 @@
 """The playground in a real browser: Debian's Chromium, headless, driven by Playwright.
 
-Generates an image and watches the progress bar move, edits it in words, downloads it, and
-opens its share link in a second browser context that is not signed in. A screenshot of
+Generates an image and watches the progress bar move (shown only while drawing), edits it
+in words, downloads it, and opens its share link in a second browser context that is not
+signed in; then a denial, said once, in words, in the browser's time zone. A screenshot of
 the playground is kept in test-artifacts/.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
@@ -20,12 +24,16 @@ pytestmark = pytest.mark.integration
 CHROMIUM = str(Settings.from_env().chromium)
 ARTIFACTS = PROJECT_ROOT / "test-artifacts"
 PNG = b"\x89PNG\r\n\x1a\n"
+BROWSER_ZONE = "America/New_York"  # not the test machine's: the page must use the browser's own
 
-# Records every value the progress bar takes, from the page's side.
+# Records every value the progress bar takes, and whether the bar was on screen then, from
+# the page's side.
 WATCH_PROGRESS = """
 window.progressSeen = [];
-new MutationObserver(() => window.progressSeen.push(document.querySelector('#progress').value))
-  .observe(document.querySelector('#progress'), { attributes: true, attributeFilter: ['value'] });
+new MutationObserver(() => window.progressSeen.push({
+  value: document.querySelector('#progress').value,
+  shown: document.querySelector('#working').checkVisibility(),
+})).observe(document.querySelector('#progress'), { attributes: true, attributeFilter: ['value'] });
 """
 
 
@@ -48,15 +56,18 @@ def test_generate_watch_progress_edit_download_and_share(
     browser: Browser, platform: Platform, user: str, tmp_path: Path
 ):
     base = platform.http_url
-    context = browser.new_context(accept_downloads=True)
+    context = browser.new_context(accept_downloads=True, locale="en-US", timezone_id=BROWSER_ZONE)
     page = context.new_page()
     page.set_default_timeout(90_000)
     page.goto(base)
     page.fill("#user", user)
     page.click("#sign-in")
     expect(page.locator("#quota")).to_have_text("3 of 3 images left today (free)")
+    working = page.locator("#working")
+    expect(working).to_be_hidden()  # nothing in flight, no bar
 
-    # Draw: the progress bar moves through the steps, then the image shows.
+    # Draw: the progress bar shows and moves through the steps, then the image shows and
+    # the bar goes.
     page.evaluate(WATCH_PROGRESS)
     page.select_option("#style", "watercolor")
     page.fill("#steps", "50")
@@ -64,10 +75,12 @@ def test_generate_watch_progress_edit_download_and_share(
     first = page.locator(".turn").nth(0)
     expect(first.locator("img")).to_be_visible()
     expect(page.locator("#quota")).to_have_text("2 of 3 images left today (free)")
+    expect(working).to_be_hidden()
     seen = page.evaluate("window.progressSeen")
-    between = sorted({value for value in seen if 0 < value < 1})
-    assert len(between) >= 2, seen  # it moved, not just jumped to the end
-    assert seen[-1] == 1
+    between = [point for point in seen if 0 < point["value"] < 1]
+    assert len({point["value"] for point in between}) >= 2, seen  # it moved, not just jumped to the end
+    assert all(point["shown"] for point in between), seen  # on screen while drawing
+    assert seen[-1]["value"] == 1
     assert first.locator("img").evaluate("img => img.complete && img.naturalWidth") == 32
     expect(first.locator(".drawn")).to_contain_text("a red circle on a white background, watercolor painting")
 
@@ -107,12 +120,34 @@ def test_generate_watch_progress_edit_download_and_share(
     page.reload()
     expect(page.locator(".turn img")).to_have_count(2)
 
-    # The last free image of the day, then a denial with its reason and when to come back.
+    # The last free image of the day, then a denial: said once, in words, with when to come
+    # back on the browser's clock and naming its zone; no bar left waiting for quota.
     page.fill("#steps", "10")
     _draw(page, "a green square")
     expect(page.locator(".turn img")).to_have_count(3)
     expect(page.locator("#quota")).to_have_text("0 of 3 images left today (free)")
     _draw(page, "a yellow triangle")
-    expect(page.locator("#notice")).to_contain_text("denied: daily_limit")
-    expect(page.locator("#notice")).to_contain_text("Try again after")
+    denial = page.locator(".turn.failed .reason")
+    expect(denial).to_have_count(1)
+    expect(working).to_be_hidden()
+    assert _spaced(denial.inner_text()) == (
+        "You have used all of today’s images: the free plan allows 3 images per UTC day and 3 were used today. "
+        f"Try again after {_next_utc_midnight_in(BROWSER_ZONE)}."
+    )
+    page_text = page.locator("body").inner_text()
+    assert page_text.count("3 images per UTC day") == 1, page_text
+    assert "daily_limit" not in page_text
     context.close()
+
+
+def _next_utc_midnight_in(zone: str) -> str:
+    """When a free user's day resets, as an en-US browser in `zone` says it: "Thu, Nov 26,
+    7:00 PM EST"."""
+    midnight = (datetime.now(UTC) + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    local = midnight.astimezone(ZoneInfo(zone))
+    return f"{local:%a, %b} {local.day}, {local.hour % 12 or 12}:{local:%M %p} {local.tzname()}"
+
+
+def _spaced(text: str) -> str:
+    """ICU puts a narrow no-break space before AM/PM in some versions: one plain space."""
+    return re.sub(r"\s+", " ", text).strip()

@@ -312,11 +312,32 @@ async def _kiln(platform: Platform, *args: str) -> tuple[int, str]:
 
 
 async def test_cli_writes_the_png_then_explains_the_denial(platform: Platform, user: str, tmp_path):
-    for index in range(3):
-        target = tmp_path / f"{index}.png"
-        code, output = await _kiln(platform, "generate", "a purple circle", "--user", user, "-o", str(target))
+    # One request written twice (the same id: one image): as the model drew it, and as a
+    # person looks at it, each of its pixels an 8×8 square.
+    request_id = uuid.uuid4().hex
+    native, viewable = tmp_path / "native.png", tmp_path / "viewable.png"
+    for target, extra in ((native, ["--native"]), (viewable, [])):
+        code, output = await _kiln(
+            platform,
+            "generate",
+            "a purple circle",
+            "--user",
+            user,
+            "--request-id",
+            request_id,
+            "-o",
+            str(target),
+            *extra,
+        )
         assert code == 0, output
-        assert Image.open(target).size == (32, 32)
+    assert Image.open(native).size == (32, 32)
+    assert Image.open(viewable).size == (256, 256) and f"wrote {viewable} (256×256, " in output
+    upscaled = Image.open(native).convert("RGB").resize((256, 256), Image.Resampling.NEAREST)
+    assert Image.open(viewable).convert("RGB").tobytes() == upscaled.tobytes()
+
+    for _ in range(2):  # the day's other two images
+        code, output = await _kiln(platform, "generate", "a purple circle", "--user", user)
+        assert code == 0, output
 
     code, output = await _kiln(platform, "generate", "a purple circle", "--user", user)
 

@@ -107,14 +107,39 @@ function showOutcome(card, outcome) {
     drawn.textContent = "still drawing: reload in a moment";
     card.append(drawn);
   } else if (outcome.event === "denied" || outcome.event === "failed" || outcome.event === "error") {
+    // Said once, on the turn it belongs to (not again in the notice above the composer).
     card.classList.add("failed");
     const reason = document.createElement("div");
     reason.className = "reason";
-    const retry = outcome.retry_at ? ` Try again after ${new Date(outcome.retry_at).toLocaleString()}.` : "";
-    reason.textContent = `${outcome.event}: ${outcome.reason || ""} ${outcome.detail}${retry}`.replace(/ +/g, " ");
+    reason.textContent = explain(outcome);
     card.append(reason);
-    notice(reason.textContent);
   }
+}
+
+// What a denial means, in words; its detail gives the numbers.
+const DENIALS = {
+  daily_limit: "You have used all of today’s images",
+  rate_limit: "That is more images at once than your plan allows",
+  capacity: "Kiln is too busy to draw for your plan just now",
+  invalid: "Kiln cannot take this request",
+};
+
+// The reader's own clock, and which clock it is: "Thu, Nov 26, 7:00 PM EST".
+const LOCAL_TIME = new Intl.DateTimeFormat(undefined, {
+  weekday: "short", month: "short", day: "numeric", hour: "numeric", minute: "2-digit", timeZoneName: "short",
+});
+
+function explain(outcome) {
+  if (outcome.event === "denied") {
+    const retry = outcome.retry_at ? ` Try again after ${LOCAL_TIME.format(new Date(outcome.retry_at))}.` : "";
+    return `${DENIALS[outcome.reason] || "Not drawn"}: ${sentence(outcome.detail)}${retry}`;
+  }
+  if (outcome.event === "failed") return `Not drawn: ${sentence(outcome.detail)}`;
+  return sentence(outcome.detail);
+}
+
+function sentence(text) {
+  return /[.!?]$/.test(text) ? text : `${text}.`;
 }
 
 function actions(card, outcome) {
