@@ -25,6 +25,7 @@ from pathlib import Path
 
 from opentelemetry import trace
 
+from infra.nats_auth import ADMIN
 from infra.platform import Platform
 from kiln.client import CLIENT_ACCESS, KilnClient
 from shared import subjects
@@ -83,13 +84,15 @@ async def _stage_times(client: KilnClient, delivered: ImageDelivered, received_a
     }
 
 
-async def connect_client(nats_url: str) -> KilnClient:
+async def connect_client(stack: Platform) -> KilnClient:
     """An SDK client whose bus may also read what `_stage_times` needs."""
+    assert stack.nats_url
     bus = await Bus.connect(
-        nats_url,
-        "bench",
+        stack.nats_url,
+        ADMIN,  # the launcher's credential: the bench plays context and the client
         trace.get_tracer("kiln.bench"),
         BENCH_ACCESS,
+        stack.credentials(ADMIN),
         connect_timeout=2,
         max_reconnect_attempts=3,  # a bench should fail, not wait forever
     )
@@ -101,7 +104,7 @@ async def measure(requests: int, warmup: int, settings: Settings) -> dict:
         stack = Platform.isolated(Path(tmp) / "kiln", DEFAULT_MODEL, settings)
         await stack.start()
         try:
-            async with await connect_client(stack.nats_url) as client:
+            async with await connect_client(stack) as client:
                 total, render, overhead = [], [], []
                 stages: dict[str, list[float]] = {name: [] for name in STAGES}
                 for index in range(warmup + requests):

@@ -33,6 +33,7 @@ from opentelemetry import trace
 
 from bench.e2e_latency import RESULTS, percentile
 from infra.databases import create_database, drop_database
+from infra.nats_auth import ADMIN
 from infra.platform import Platform
 from kiln.client import CLIENT_ACCESS, KilnClient
 from services.quota.migrate import upgrade
@@ -166,12 +167,12 @@ async def log_only_rate(url: str, seconds: float, batch: int) -> float:
     return round(count / (time.perf_counter() - began), 1)
 
 
-async def raw_publish_rate(url: str, seconds: float, publishers: int) -> float:
+async def raw_publish_rate(stack: Platform, seconds: float, publishers: int) -> float:
     """JetStream publishes acked by the same NATS, from `publishers` loops, to a scratch
     stream: the bus's own ceiling (each decision costs at least two: prompt and decision)."""
     # Plain nats-py, not the Bus: the figure is JetStream's own, beneath the bus, and the
     # bus only touches Kiln's declared streams, not a scratch one.
-    nc = await nats.connect(url)
+    nc = await nats.connect(stack.nats_url, **stack.nats_options(ADMIN))
     js = nc.jetstream()
     await js.add_stream(name="KILN_BENCH_RAW", subjects=["kiln.benchraw.>"], storage=StorageType.FILE)
     count, deadline = 0, time.perf_counter() + seconds
@@ -191,11 +192,11 @@ async def raw_publish_rate(url: str, seconds: float, publishers: int) -> float:
     return round(rate, 1)
 
 
-async def purge_bench_users(url: str, users: set[str]) -> None:
+async def purge_bench_users(stack: Platform, users: set[str]) -> None:
     """Remove the bench's prompts and decisions, so that a Kiln sharing this NATS does not
     turn tens of thousands of bench grants into render jobs."""
     # Plain nats-py: purging is an operator's act that the Bus does not offer.
-    nc = await nats.connect(url)
+    nc = await nats.connect(stack.nats_url, **stack.nats_options(ADMIN))
     js = nc.jetstream()
     for user in users:
         await js.purge_stream(subjects.PROMPTS.name, subject=subjects.prompt_submitted(user))
@@ -241,6 +242,7 @@ async def run(
             stack.database_url, dropped = await create_database(stack.database_url, "kiln_bench")
         stack.start_servers()
         try:
+            await stack.declare()  # the streams and buckets, as `kiln up` makes them before any service
             await asyncio.to_thread(upgrade, stack.database_url)
             raw = {
                 "1 connection": await raw_insert_rate(stack.database_url, seconds, 1),
@@ -255,12 +257,14 @@ async def run(
                 f"the quota log alone (decide + append + commit, no bus): {log_only['1']:.0f} decisions/s "
                 f"one at a time, {log_only['100']:.0f}/s in batches of 100"
             )
-            raw_bus = {str(n): await raw_publish_rate(stack.nats_url, seconds, n) for n in (1, 100)}
+            raw_bus = {str(n): await raw_publish_rate(stack, seconds, n) for n in (1, 100)}
             print(
                 f"raw JetStream publish, acked: {raw_bus['1']:.0f}/s from one publisher, "
                 f"{raw_bus['100']:.0f}/s from 100"
             )
-            bus = await Bus.connect(stack.nats_url, "bench", trace.get_tracer("kiln.bench"), BENCH_ACCESS)
+            bus = await Bus.connect(
+                stack.nats_url, ADMIN, trace.get_tracer("kiln.bench"), BENCH_ACCESS, stack.credentials(ADMIN)
+            )
             client = KilnClient(bus)
             runs = []
             for processes in processes_runs:
@@ -289,7 +293,7 @@ async def run(
                     stack.stop_service(name)
             await client.close()
             if settings.nats_url:
-                await purge_bench_users(stack.nats_url, bench_users)  # leave a shared NATS as we found it
+                await purge_bench_users(stack, bench_users)  # leave a shared NATS as we found it
         finally:
             stack.stop()
             if dropped and settings.database_url:

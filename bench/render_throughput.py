@@ -35,6 +35,7 @@ from pathlib import Path
 import msgspec
 from opentelemetry import trace
 
+from infra.nats_auth import ADMIN
 from infra.platform import Platform
 from kiln.client import CLIENT_ACCESS, KilnClient
 from services.render.pipeline import quiet_model_libraries
@@ -195,13 +196,15 @@ async def queue_wait(client: KilnClient, rate: float, seconds: float) -> dict:
     }
 
 
-async def connect_client(nats_url: str) -> KilnClient:
+async def connect_client(stack: Platform) -> KilnClient:
     """An SDK client whose bus may also queue render jobs and hear their results."""
+    assert stack.nats_url
     bus = await Bus.connect(
-        nats_url,
-        "bench",
+        stack.nats_url,
+        ADMIN,  # the launcher's credential: the bench plays context and the client
         trace.get_tracer("kiln.bench"),
         BENCH_ACCESS,
+        stack.credentials(ADMIN),
         connect_timeout=2,
         max_reconnect_attempts=3,  # a bench should fail, not wait forever
     )
@@ -216,7 +219,8 @@ async def measure(jobs: int, batch: int, rate: float, seconds: float, repeats: i
         stack = Platform.isolated(Path(tmp) / "kiln", DEFAULT_MODEL, settings)
         stack.start_servers()
         try:
-            async with await connect_client(stack.nats_url) as client:
+            await stack.declare()  # the streams and buckets, as `kiln up` makes them before any service
+            async with await connect_client(stack) as client:
                 workers = Workers(stack, client)
                 for label, max_batch in (("batch", batch), ("batch_1", 1)):
                     await workers.start(1, max_batch)

@@ -32,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from infra.nats_auth import ADMIN
 from infra.platform import SERVICES, Platform
 from infra.tracing_ui import Phoenix
 from kiln.client import KilnClient
@@ -48,7 +49,7 @@ USERS = [f"bench-{index}" for index in range(48)]
 async def _round(stack: Platform, requests: int, concurrency: int) -> float:
     """Requests per second, from the first prompt sent to the last outcome received."""
     gate = asyncio.Semaphore(concurrency)
-    async with await KilnClient.connect(stack.nats_url) as client:
+    async with await KilnClient.connect(stack.nats_url, stack.credentials(ADMIN), ADMIN) as client:
 
         async def one(index: int) -> None:
             async with gate:

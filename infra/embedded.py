@@ -113,9 +113,12 @@ def stop_pid(pid: int, cmdline_hint: str, timeout_s: float = 10, sig: int = sign
 
 
 class EmbeddedNats:
-    def __init__(self, root: Path, port: int) -> None:
+    def __init__(self, root: Path, port: int, auth: str = "") -> None:
+        """`auth`: nats-server config that turns authentication on (`infra.nats_auth`);
+        empty: anyone who reaches the port may do anything."""
         self.root = root
         self.port = port
+        self.auth = auth
         self.pid_file = root / "nats-server.pid"
         self.log = root / "nats-server.log"
         self.process: subprocess.Popen | None = None
@@ -130,7 +133,8 @@ class EmbeddedNats:
         if port_in_use(self.port):
             raise ServerError(f"port {self.port} is taken; set KILN_NATS_PORT to another port")
         config = self.root / "nats-server.conf"
-        config.write_text(NATS_CONFIG.format(port=self.port, store=self.root / "jetstream"))
+        config.write_text(NATS_CONFIG.format(port=self.port, store=self.root / "jetstream") + self.auth)
+        config.chmod(0o600)  # it holds the account JWTs
         binary = shutil.which("nats-server", path=str(Path(sys.executable).parent)) or "nats-server"
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import httpx
 import msgspec
@@ -24,11 +24,23 @@ import nats
 import nats.errors
 import nats.js.errors
 import psutil
+from opentelemetry import trace
 
 from infra.embedded import EmbeddedNats, EmbeddedPostgres, ServerError, die_with, free_port, stop_pid
+from infra.nats_auth import (
+    ADMIN,
+    ADMIN_ACCESS,
+    ADMIN_PERMISSIONS,
+    NO_AUTH_WARNING,
+    Authority,
+    declarations,
+    service_permissions,
+)
 from infra.tracing_ui import Phoenix
 from services.quota.migrate import upgrade
 from shared import subjects
+from shared.access import Access, inbox_prefix
+from shared.bus import Bus
 from shared.settings import (
     DEFAULT_HTTP_PORT,
     DEFAULT_METRICS_PORTS,
@@ -56,6 +68,9 @@ CONSUMERS = {
 class Platform:
     data_dir: Path
     nats_url: str | None = None  # external servers; None starts the embedded one
+    # Every connection authenticated, with the permissions its declaration gives
+    # (`infra.nats_auth`); off only when asked, and said loudly.
+    nats_auth: bool = True
     database_url: str | None = None
     nats_port: int = EMBEDDED_NATS_PORT
     postgres_port: int = EMBEDDED_POSTGRES_PORT
@@ -82,6 +97,7 @@ class Platform:
         return cls(
             data_dir=settings.data_dir,
             nats_url=settings.nats_url,
+            nats_auth=settings.nats_auth,
             database_url=settings.database_url,
             nats_port=settings.nats_port,
             postgres_port=settings.postgres_port,
@@ -102,6 +118,7 @@ class Platform:
         return cls(
             data_dir=data_dir,
             nats_url=settings.nats_url,
+            nats_auth=settings.nats_auth,
             database_url=settings.database_url,
             nats_port=free_port(),
             postgres_port=free_port(),
@@ -137,9 +154,14 @@ class Platform:
                 self._phoenix.start()
             except ServerError as error:
                 self._no_tracing_ui(error)
+        if self.nats_auth:
+            self._write_credentials()
+        else:
+            print(NO_AUTH_WARNING)
         if self.nats_url is None:
             # Kept before starting, so that `stop` stops it even if starting is interrupted.
-            self._nats = EmbeddedNats(self.data_dir / "nats", self.nats_port)
+            auth = Authority.open(self.data_dir).server_config() if self.nats_auth else ""
+            self._nats = EmbeddedNats(self.data_dir / "nats", self.nats_port, auth)
             self.nats_url = self._nats.start()
         if self.database_url is None:
             self._postgres = EmbeddedPostgres(self.data_dir / "postgres" / "data", self.postgres_port)
@@ -192,11 +214,65 @@ class Platform:
 
     # -- services -------------------------------------------------------------------------
 
+    # -- who may do what on the bus ---------------------------------------------------------
+
+    def credentials(self, identity: str) -> Path | None:
+        """The credential this platform gave `identity` (a service, or ADMIN), if auth is on."""
+        return self.data_dir / "nats" / "creds" / f"{identity}.creds" if self.nats_auth else None
+
+    def nats_options(self, identity: str) -> dict[str, Any]:
+        """nats-py's connect options for `identity`: its credential and its own inbox."""
+        credentials = self.credentials(identity)
+        if credentials is None:
+            return {}
+        return {"user_credentials": str(credentials), "inbox_prefix": inbox_prefix(identity)}
+
+    async def bus(self, identity: str = ADMIN, access: Access = ADMIN_ACCESS) -> Bus:
+        """A bus connection as `identity` (by default the admin, which may do anything): for
+        the launcher, the tests and the benchmarks."""
+        assert self.nats_url
+        tracer = trace.get_tracer("kiln.platform")
+        try:
+            # No reconnecting: a server that refuses the credential would be asked forever.
+            return await Bus.connect(
+                self.nats_url, identity, tracer, access, self.credentials(identity),
+                allow_reconnect=False, connect_timeout=5,
+            )  # fmt: skip
+        except (OSError, TimeoutError, nats.errors.Error) as error:
+            hint = (
+                "; does it trust Kiln's operator (`kiln accounts nats-config`), or is it a NATS without "
+                "authentication (KILN_NATS_AUTH=off)?"
+                if self.nats_auth
+                else ""
+            )
+            raise ServerError(f"cannot connect to NATS at {self.nats_url} as {identity} ({error}){hint}") from None
+
+    async def declare(self) -> None:
+        """Kiln's streams and buckets, made or brought up to date by the admin: with auth
+        on, no service may change them."""
+        bus = await self.bus()
+        try:
+            await bus.declare()
+        finally:
+            await bus.close()
+
+    def _write_credentials(self) -> None:
+        """A fresh credential for each service (its declaration's permissions) and the admin."""
+        authority = Authority.open(self.data_dir)
+        for name, access in declarations().items():
+            authority.write_credentials(self.credentials(name), name, service_permissions(name, access))
+        authority.write_credentials(self.credentials(ADMIN), ADMIN, ADMIN_PERMISSIONS)
+
+    def _credentials_env(self, service: str) -> dict[str, str]:
+        credentials = self.credentials(service)
+        return {"KILN_NATS_CREDS": str(credentials)} if credentials else {}
+
     def service_env(self) -> dict[str, str]:
         assert self.nats_url and self.database_url and self.model_path
         return {
             **os.environ,
             "KILN_NATS_URL": self.nats_url,
+            "KILN_NATS_AUTH": "on" if self.nats_auth else "off",
             "KILN_DATABASE_URL": self.database_url,
             "KILN_MODEL": str(self.model_path),
             "KILN_DATA_DIR": str(self.data_dir),
@@ -224,7 +300,10 @@ class Platform:
             process = subprocess.Popen(
                 [sys.executable, "-m", f"services.{name}"],
                 cwd=PROJECT_ROOT,
-                env=self.service_env() | {"KILN_METRICS_PORT": metrics_port} | (env or {}),
+                env=self.service_env()
+                | self._credentials_env(name)
+                | {"KILN_METRICS_PORT": metrics_port}
+                | (env or {}),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches the launcher, which stops us in order
@@ -267,7 +346,7 @@ class Platform:
     async def wait_ready(self, timeout_s: float = 120) -> None:
         """Wait until every service is pulling from its consumer and delivery answers HTTP."""
         deadline = time.monotonic() + timeout_s
-        nc = await nats.connect(self.nats_url)
+        nc = await nats.connect(self.nats_url, **self.nats_options(ADMIN))
         heartbeats = await nc.subscribe(subjects.FLEET_TELEMETRY.pattern)
         try:
             js = nc.jetstream()
@@ -328,6 +407,7 @@ class Platform:
 
         return (
             f"  NATS      {self.nats_url}{origin(self._nats)}\n"
+            f"  auth      {self._auth()}\n"
             f"  Postgres  {self.database_url}{origin(self._postgres)}\n"
             f"  HTTP      {self.http_url}  (the playground, images, share pages, /healthz)\n"
             f"  traces    {self._tracing()}\n"
@@ -335,6 +415,11 @@ class Platform:
             f"  model     {self.model_path}\n"
             f"  logs      {self.log_dir}/<service>.log"
         )
+
+    def _auth(self) -> str:
+        if not self.nats_auth:
+            return "OFF (KILN_NATS_AUTH=off): anyone who reaches NATS may do anything"
+        return "on: a credential per service; `kiln accounts add-user NAME` gives a user theirs"
 
     def _tracing(self) -> str:
         if self._phoenix is not None:
@@ -351,6 +436,7 @@ class Platform:
         # On this thread, not a worker thread: children die with the thread that started
         # them (PR_SET_PDEATHSIG), and a worker thread ends before the platform does.
         self.start_servers()
+        await self.declare()
         await asyncio.to_thread(upgrade, self.database_url)  # alembic runs its own event loop
         self.start_services()
         await self.wait_ready()

@@ -16,10 +16,11 @@ import asyncpg
 from rich.console import Console
 from rich.table import Table
 
+from infra.nats_auth import Authority, declarations, permission_table, user_permissions
 from services.quota import accounts, audit, plans
 from services.quota import log as quota_log
 from services.quota.migrate import upgrade
-from shared.events import as_utc
+from shared.events import ID_PATTERN, as_utc
 from shared.settings import Settings, SettingsError
 
 EXIT_FOUND_PROBLEMS, EXIT_BAD_REQUEST = 1, 64
@@ -38,6 +39,17 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     set_plan.add_argument("user")
     set_plan.add_argument("plan")
     set_plan.set_defaults(run=_database_command(_accounts_set_plan))
+    add_user = acc.add_parser("add-user", help="a NATS credential for a user: their own subjects only")
+    add_user.add_argument("user")
+    add_user.add_argument("--days", type=float, default=30, help="how long it is valid (default 30)")
+    add_user.add_argument("-o", "--output", type=Path, help="where to write it (default: <data>/nats/users/USER.creds)")
+    add_user.set_defaults(run=_accounts_add_user)
+    acc.add_parser("permissions", help="what each service and a user may do on the bus").set_defaults(
+        run=_accounts_permissions
+    )
+    acc.add_parser("nats-config", help="the nats-server config that makes your own NATS trust Kiln").set_defaults(
+        run=_accounts_nats_config
+    )
     acc.add_parser("list", help="accounts with today's usage").set_defaults(run=_database_command(_accounts_list))
     grant = acc.add_parser("grant", help="allow a user more images today (logged as QuotaAdjusted)")
     grant.add_argument("user")
@@ -63,6 +75,35 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     aud.add_parser("rebuild", help="drop the usage projections and rebuild them from the log").set_defaults(
         run=_database_command(_audit_rebuild)
     )
+
+
+def _accounts_add_user(args: argparse.Namespace) -> int:
+    """Mint the user's credential with Kiln's keys (they stay on the operator's machine)."""
+    settings = Settings.from_env()
+    if not ID_PATTERN.match(args.user):
+        err.print(f"kiln: a user id is 1-64 letters, digits, _ or -, not {args.user!r}")
+        return EXIT_BAD_REQUEST
+    if not Authority.exists(settings.data_dir):
+        err.print(f"kiln: no Kiln keys in {settings.data_dir}/nats/auth: start Kiln once (`make run`)")
+        return EXIT_BAD_REQUEST
+    path = args.output or settings.data_dir / "nats" / "users" / f"{args.user}.creds"
+    Authority.open(settings.data_dir).write_credentials(
+        path, args.user, user_permissions(args.user), ttl_s=args.days * 24 * 3600
+    )
+    out.print(f"wrote {path} (valid {args.days:g} days): KILN_NATS_CREDS={path} kiln generate …")
+    return 0
+
+
+def _accounts_permissions(args: argparse.Namespace) -> int:
+    out.print(permission_table(declarations()), markup=False, highlight=False)
+    return 0
+
+
+def _accounts_nats_config(args: argparse.Namespace) -> int:
+    """For an external NATS (KILN_NATS_URL): add this to its config, and Kiln's credentials work there."""
+    settings = Settings.from_env()
+    out.print(Authority.open(settings.data_dir).server_config(), markup=False, highlight=False, end="")
+    return 0
 
 
 def _timestamp(text: str) -> datetime:

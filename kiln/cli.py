@@ -41,6 +41,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kiln import admin, status
 from kiln.client import KilnClient, ServiceUnavailable
+from kiln.credentials import for_command as credentials_for
 from shared import telemetry
 from shared.events import (
     DEFAULT_SIZE,
@@ -157,10 +158,11 @@ def _command(body: Command) -> Callable[[argparse.Namespace], int]:
 
 async def _connected(body: Command, args: argparse.Namespace) -> int:
     settings = Settings.from_env()
+    credentials, identity = credentials_for(settings, getattr(args, "user", None))
     telemetry.setup("kiln-cli", settings.otlp_endpoint)
     try:
         try:
-            client = await KilnClient.connect(settings.nats_address)
+            client = await KilnClient.connect(settings.nats_address, credentials, identity)
         except (OSError, TimeoutError, nats.errors.Error) as error:
             console.print(f"kiln: cannot reach NATS at {settings.nats_address} ({error}); is Kiln up (`make run`)?")
             return EXIT_FAILED

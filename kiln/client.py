@@ -17,6 +17,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -38,7 +39,7 @@ from shared.events import (
     TurnComposed,
     check_ids,
 )
-from shared.records import Outcome, read_outcome, read_turns
+from shared.records import Outcome, read_outcome
 from shared.subjects import Channel
 from shared.telemetry import user_ref
 
@@ -54,18 +55,20 @@ class ServiceUnavailable(Exception):
     """A service did not answer a question (quota's status, context's styles)."""
 
 
-# What a client does on the bus, for one user: send prompts and cancels, hear its progress
-# and outcomes, read its outcomes and conversations, store masks, ask the services. The
-# playground (delivery) acts for its signed-in users through the same SDK.
+# What a client does on the bus: send prompts and cancels, hear progress and outcomes, read
+# outcomes, store masks, ask the services (a conversation's turns come from context). The
+# playground (delivery) acts for its signed-in users through the same SDK. With auth on, a
+# user's own credential narrows all of it to that user's subjects (`infra.nats_auth`).
 CLIENT_CHANNELS = (
     subjects.PROMPT_SUBMITTED,
     subjects.RENDER_CANCEL,
     subjects.QUOTA_STATUS,
     subjects.QUOTA_PRESSURE,
     subjects.CONTEXT_STYLES,
+    subjects.CONTEXT_TURNS,
 )
 CLIENT_HEARS = (subjects.RENDER_PROGRESS, subjects.OUTCOME, subjects.FLEET_TELEMETRY)
-CLIENT_READS = (subjects.OUTCOMES, subjects.CONVERSATIONS)
+CLIENT_READS = (subjects.OUTCOMES,)
 CLIENT_ACCESS = Access(
     publish=frozenset(c.pattern for c in CLIENT_CHANNELS),
     subscribe=frozenset(c.pattern for c in CLIENT_HEARS),
@@ -79,17 +82,20 @@ class KilnClient:
         self.bus = bus
 
     @classmethod
-    async def connect(cls, nats_url: str) -> KilnClient:
-        """Connect, or raise nats.errors.NoServersError within a few seconds."""
+    async def connect(cls, nats_url: str, credentials: Path | None = None, identity: str = "client") -> KilnClient:
+        """Connect, or raise nats.errors.NoServersError within a few seconds. `credentials`:
+        a NATS credential (a user's own, or a service's), and `identity` the name it was
+        made for (a user's id): its replies come to that identity's inbox."""
 
         async def on_error(error: Exception) -> None:
             log.debug("NATS: %s", error)  # what matters reaches the caller as an exception
 
         bus = await Bus.connect(
             nats_url,
-            "client",
+            identity,
             tracer,
             CLIENT_ACCESS,
+            credentials,
             connect_timeout=2,
             max_reconnect_attempts=3,
             reconnect_time_wait=1,
@@ -201,8 +207,7 @@ class KilnClient:
 
     async def conversation(self, user_id: str, conversation_id: str) -> list[TurnComposed]:
         """The conversation's turns so far, oldest first, as context composed them."""
-        turns, _ = await read_turns(self.bus, user_id, conversation_id)
-        return turns
+        return await self._ask(subjects.CONTEXT_TURNS, (user_id, conversation_id), timeout_s=10)
 
     async def upload_mask(self, user_id: str, png: bytes) -> str:
         """Store an inpainting mask (white = repaint) and return its key for `generate`."""

@@ -11,6 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def inbox_prefix(identity: str) -> str:
+    """Each identity's replies come to its own inbox, which only it may subscribe to."""
+    return f"_INBOX_{identity}"
+
+
 class Undeclared(Exception):
     """A service tried something on the bus its declaration does not list: a bug to fix in
     the declaration (or in the code), never something to retry."""

@@ -23,6 +23,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -49,7 +50,7 @@ from nats.js.object_store import ObjectStore
 from opentelemetry import trace
 
 from shared import consuming, subjects
-from shared.access import Access
+from shared.access import Access, inbox_prefix
 from shared.events import AnyEvent, Event, decode_message, encode
 from shared.subjects import Bucket, Stream
 from shared.telemetry import context_from_headers, inject_headers, user_ref
@@ -106,14 +107,26 @@ class Bus:
         self.access = access
 
     @classmethod
-    async def connect(cls, url: str, service: str, tracer: trace.Tracer, access: Access, **options: Any) -> Bus:
-        """Connect as `service`. A service reconnects forever (a bus outage pauses it, it
-        does not end it); `options` are nats-py's, for clients that should give up sooner."""
+    async def connect(
+        cls,
+        url: str,
+        service: str,
+        tracer: trace.Tracer,
+        access: Access,
+        credentials: Path | None = None,
+        **options: Any,
+    ) -> Bus:
+        """Connect as `service`, with its NATS credential if the server wants one (then
+        replies come to its own inbox, the only one it may read). A service reconnects
+        forever (a bus outage pauses it, it does not end it); `options` are nats-py's, for
+        clients that should give up sooner."""
 
         async def on_error(error: Exception) -> None:
             log.warning("NATS: %s", error or type(error).__name__)  # one line, not a traceback
 
         settings: dict[str, Any] = {"max_reconnect_attempts": -1, "error_cb": on_error} | options
+        if credentials is not None:
+            settings |= {"user_credentials": str(credentials), "inbox_prefix": inbox_prefix(service)}
         nc = await nats.connect(url, name=f"kiln-{service}", **settings)
         return cls(nc, service, tracer, access)
 
@@ -130,7 +143,14 @@ class Bus:
     # -- streams and buckets --------------------------------------------------------------
 
     async def declare(self) -> None:
-        """Create Kiln's streams, or bring their config up to date."""
+        """Create Kiln's streams, or bring their config up to date; and the buckets this
+        connection may use."""
+        await self._declare_streams()
+        for bucket in subjects.ALL_BUCKETS:
+            if bucket.name in self.access.buckets:
+                await (self.object_store(bucket) if bucket.kind == "objects" else self.key_value(bucket))
+
+    async def _declare_streams(self) -> None:
         for stream in subjects.ALL_STREAMS:
             config = StreamConfig(
                 name=stream.name,
@@ -142,6 +162,7 @@ class Bus:
             )
             if stream.max_consumers is not None:
                 config.max_consumers = stream.max_consumers
+            config.allow_direct = True  # a client reads its outcomes by a get that names the subject
             if stream.one_per_subject:
                 config.max_msgs_per_subject = 1
                 config.discard = DiscardPolicy.NEW
@@ -301,7 +322,8 @@ class Bus:
         """The last message a stream keeps on `subject`, if any."""
         self.access.check_stream(stream.name)
         try:
-            raw = await self._js.get_last_msg(stream.name, subject)
+            # The subject-appended direct get: a permission can scope it to a user's subjects.
+            raw = await self._js.get_last_msg(stream.name, subject, direct=True)
         except nats.js.errors.NotFoundError:
             return None
         return Stored(raw.subject or subject, raw.data or b"", raw.headers, seq=raw.seq)

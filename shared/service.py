@@ -136,9 +136,12 @@ async def _main(service: Service, settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     failpoints.arm(settings.failpoint)
-    bus = await Bus.connect(settings.nats_address, service.name, tracer, service.access())
+    bus = await Bus.connect(settings.nats_address, service.name, tracer, service.access(), settings.nats_creds)
     try:
-        await bus.declare()
+        if settings.nats_creds is None:
+            # With credentials, the launcher's admin declares the streams: a service may
+            # not change them. Without, a service starting alone makes what it needs.
+            await bus.declare()
         async with service.open(settings, bus) as app:
             await _serve(service, settings, app, bus, stop)
     finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -135,6 +136,20 @@ class Settings:
         shown="embedded",
     )
     nats_port: int = setting("KILN_NATS_PORT", EMBEDDED_NATS_PORT, "the embedded NATS's port", _port)
+    nats_auth: bool = setting(
+        "KILN_NATS_AUTH",
+        True,
+        "`off`: NATS without authentication, where anyone who reaches it may do anything (said loudly at start)",
+        _on_off,
+        shown="on",
+    )
+    nats_creds: Path | None = setting(
+        "KILN_NATS_CREDS",
+        None,
+        "the NATS credential (`.creds`) to connect with; `kiln up` gives each service its own",
+        _path,
+        shown="none (the CLI mints one where Kiln's keys are)",
+    )
     postgres_port: int = setting("KILN_POSTGRES_PORT", EMBEDDED_POSTGRES_PORT, "the embedded PostgreSQL's port", _port)
     data_dir: Path = setting(
         "KILN_DATA_DIR",
@@ -347,5 +362,17 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
+README_TABLE = re.compile(r"(<!-- settings: [^\n]*-->\n)(.*?)(<!-- /settings -->)", re.S)
+
+
+def write_readme_table(readme: Path = PROJECT_ROOT / "README.md") -> None:
+    """Put the table in the README, between its two markers."""
+    text = readme.read_text()
+    readme.write_text(README_TABLE.sub(lambda m: m.group(1) + markdown_table() + "\n" + m.group(3), text))
+
+
 if __name__ == "__main__":
-    sys.stdout.write(markdown_table() + "\n")
+    if sys.argv[1:] == ["--readme"]:
+        write_readme_table()
+    else:
+        sys.stdout.write(markdown_table() + "\n")

@@ -138,6 +138,12 @@ CONTEXT_STYLES = Channel(
     kept=False,
     reply=dict[str, str],
 )
+CONTEXT_TURNS = Channel(
+    "kiln.context.turns.{user}.{conversation}",
+    "Request/reply: context answers with the conversation's turns, oldest first (a client may not read streams).",
+    kept=False,
+    reply=list[TurnComposed],
+)
 DEAD_LETTER = Channel(
     "kiln.deadletter.{service}",
     "A message a service could not handle, kept as it came with the reason in the "
@@ -157,6 +163,7 @@ ALL_CHANNELS = [
     QUOTA_STATUS,
     QUOTA_PRESSURE,
     CONTEXT_STYLES,
+    CONTEXT_TURNS,
     DEAD_LETTER,
 ]
 

@@ -1,11 +1,15 @@
 """What a service may do on the bus: the patterns its declaration gives, and the check."""
 
+import re
+
 import pytest
 
+from infra.nats_auth import declarations, permission_markdown, user_permissions
 from services.context.__main__ import SERVICE as CONTEXT
 from services.quota.__main__ import SERVICE as QUOTA
 from shared import subjects
 from shared.access import Access, Undeclared, matches
+from shared.settings import PROJECT_ROOT
 
 
 @pytest.mark.parametrize(
@@ -48,3 +52,17 @@ def test_accesses_combine():
     both.check_publish(subjects.render_job("free", "alice"))
     both.check_publish(subjects.quota_decided("alice", "r1"))
     assert Access() | Access() == Access()
+
+
+def test_the_readme_permission_table_is_the_one_the_declarations_make():
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    found = re.search(r"<!-- permissions: [^\n]*-->\n(.*?)\n<!-- /permissions -->", readme, re.S)
+    assert found and found.group(1) == permission_markdown(declarations()), "README's permission table is stale"
+
+
+def test_a_user_may_publish_only_on_its_own_subjects():
+    allowed = user_permissions("alice")
+    for subject in allowed.publish:
+        assert "alice" in subject or subject in (subjects.QUOTA_PRESSURE.pattern, subjects.CONTEXT_STYLES.pattern)
+    assert all("alice" in subject for subject in allowed.subscribe)
+    assert not any(">" == s or s.startswith("$JS.API.STREAM.MSG") for s in allowed.publish)

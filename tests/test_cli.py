@@ -19,11 +19,20 @@ def _kiln(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
 
 def test_unreachable_bus_is_one_line_and_exit_3():
     url = f"nats://127.0.0.1:{free_port()}"  # nothing listens there
-    result = _kiln("generate", "a red circle", "--user", "alice", env={"KILN_NATS_URL": url, "PATH": ""})
+    env = {"KILN_NATS_URL": url, "KILN_NATS_AUTH": "off", "PATH": ""}
+    result = _kiln("generate", "a red circle", "--user", "alice", env=env)
     assert result.returncode == 3
     assert result.stderr.strip().splitlines() == [
         f"kiln: cannot reach NATS at {url} (nats: no servers available for connection); is Kiln up (`make run`)?"
     ]
+
+
+def test_without_a_credential_the_cli_says_where_to_get_one(tmp_path):
+    url = f"nats://127.0.0.1:{free_port()}"
+    env = {"KILN_NATS_URL": url, "KILN_DATA_DIR": str(tmp_path), "PATH": ""}  # no keys there
+    result = _kiln("generate", "a red circle", "--user", "alice", env=env)
+    assert result.returncode == 64
+    assert result.stderr.strip().startswith("kiln: NATS wants a credential: set KILN_NATS_CREDS")
 
 
 def test_missing_arguments_are_a_usage_error():

@@ -8,7 +8,10 @@ SERVICE = Service(
     name="context",
     open=Context.open,
     consumes=(Consume(subjects.QUOTA, subjects.DURABLE_CONTEXT, Context.handle_decision),),
-    answers=(Answer(subjects.CONTEXT_STYLES, Context.answer_styles),),
+    answers=(
+        Answer(subjects.CONTEXT_STYLES, Context.answer_styles),
+        Answer(subjects.CONTEXT_TURNS, Context.answer_turns),
+    ),
     publishes=(subjects.RENDER_JOB, subjects.CONVERSATION, subjects.OUTCOME),
     reads=(subjects.OUTCOMES, subjects.CONVERSATIONS),
 )

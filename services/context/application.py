@@ -167,6 +167,13 @@ class Context:
             return None
         return request_id, _composition(outcome)
 
+    async def answer_turns(self, subject: str) -> list[TurnComposed]:
+        """The answer to `kiln.context.turns.<user>.<conversation>`: its turns, oldest first."""
+        user_id = subjects.CONTEXT_TURNS.value(subject, "user")
+        conversation_id = subjects.CONTEXT_TURNS.value(subject, "conversation")
+        turns, _ = await read_turns(self.bus, user_id, conversation_id)
+        return turns
+
     async def answer_styles(self, subject: str) -> dict[str, str]:
         """The answer to `kiln.context.styles`: the style presets, name → title."""
         return {name: style.title for name, style in self.config.styles.items()}

@@ -13,6 +13,7 @@ import pytest
 import pytest_asyncio
 from opentelemetry import trace
 
+from infra.nats_auth import ADMIN
 from infra.platform import Platform
 from shared import subjects
 from shared.access import Access, Undeclared
@@ -32,7 +33,7 @@ async def bus_and_stream(platform: Platform) -> AsyncIterator[tuple[Bus, Stream]
         publish=frozenset({stream.channel.pattern, subjects.OUTCOME.pattern, subjects.dead_letter("testbus")}),
         streams=frozenset({stream.name, subjects.OUTCOMES.name}),
     )
-    nc = await nats.connect(platform.nats_url)
+    nc = await nats.connect(platform.nats_url, **platform.nats_options(ADMIN))
     js = nc.jetstream()
     await js.add_stream(name=stream.name, subjects=stream.subjects)
     bus = Bus(nc, "testbus", trace.get_tracer("tests"), access)
@@ -112,7 +113,7 @@ async def test_a_service_cannot_publish_or_read_what_it_did_not_declare(platform
     render queue (render's to read) are refused before anything reaches NATS."""
     from services.quota.__main__ import SERVICE as QUOTA
 
-    nc = await nats.connect(platform.nats_url)
+    nc = await nats.connect(platform.nats_url, **platform.nats_options("quota"))
     bus = Bus(nc, "quota", trace.get_tracer("tests"), QUOTA.access())
     job = subjects.render_job("free", user)
     try:
@@ -124,8 +125,9 @@ async def test_a_service_cannot_publish_or_read_what_it_did_not_declare(platform
             await bus.listen(subjects.RENDER_PROGRESS.pattern, _ignore)
         # What it declared goes through.
         assert await bus.last_message(subjects.OUTCOMES, subjects.outcome(user, "r1")) is None
-        counts = await nc.jetstream().stream_info(subjects.RENDER_JOBS.name, subjects_filter=job)
-        assert not counts.state.subjects  # nothing was published
+        admin = await platform.bus()
+        assert not await admin.subject_counts(subjects.RENDER_JOBS, job)  # nothing was published
+        await admin.close()
     finally:
         await nc.close()
 

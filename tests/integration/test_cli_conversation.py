@@ -19,15 +19,15 @@ from infra.platform import Platform
 from kiln.client import KilnClient
 from shared import subjects
 from shared.settings import PROJECT_ROOT
-
-from .conftest import replaced
+from tests.conftest import replaced
 
 pytestmark = pytest.mark.integration
 KILN = [sys.executable, "-m", "kiln"]
 
 
 def _env(platform: Platform) -> dict[str, str]:
-    return os.environ | {"KILN_NATS_URL": platform.nats_url, "COLUMNS": "200"}
+    # The platform's data folder holds Kiln's keys: the CLI mints the user's credential.
+    return os.environ | {"KILN_NATS_URL": platform.nats_url, "KILN_DATA_DIR": str(platform.data_dir), "COLUMNS": "200"}
 
 
 async def _kiln(platform: Platform, *args: str, stdin: str = "") -> subprocess.CompletedProcess:

@@ -14,8 +14,7 @@ from infra.platform import Platform
 from kiln.client import KilnClient, ServiceUnavailable
 from shared import subjects
 from shared.events import ImageDelivered, PromptSubmitted, RequestFailed
-
-from .conftest import replaced
+from tests.conftest import replaced
 
 pytestmark = pytest.mark.integration
 
@@ -128,6 +127,6 @@ async def test_two_context_processes_record_turns_sent_at_once_each_once(
                 for colour in ("red", "green", "blue")
             )
         )
+        turns = await client.conversation(user, conversation)  # context answers: asked while it runs
     assert all(isinstance(o, ImageDelivered) for o in outcomes), outcomes
-    turns = await client.conversation(user, conversation)
     assert sorted(t.request_id for t in turns) == sorted(o.request_id for o in outcomes)

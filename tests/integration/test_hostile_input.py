@@ -22,6 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from infra.nats_auth import ADMIN
 from infra.platform import Platform
 from kiln.client import KilnClient
 from shared import subjects
@@ -101,7 +102,8 @@ async def test_hostile_messages_on_every_subject_stop_no_service(platform: Platf
     alive = {name: process.pid for name, process in platform.services.items() if process.poll() is None}
     assert set(alive) == {"quota", "context", "render", "delivery"}
     corpus = _corpus()
-    attacker = await nats.connect(platform.nats_url)
+    # A compromised service's credential (or no auth at all): the admin's may send anything.
+    attacker = await nats.connect(platform.nats_url, **platform.nats_options(ADMIN))
     js = attacker.jetstream()
     try:
         # A prompt just under the server's size limit: too large to be an event, and too
@@ -151,7 +153,7 @@ async def test_a_second_outcome_is_refused_by_the_server_whoever_sends_it(
     forged = RequestFailed(
         request_id=delivered.request_id, user_id=user, stage="render", reason="gave_up", detail="forged"
     )
-    attacker = await nats.connect(platform.nats_url)
+    attacker = await nats.connect(platform.nats_url, **platform.nats_options(ADMIN))
     try:
         for subject in (
             subjects.outcome(user, delivered.request_id),

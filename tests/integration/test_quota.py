@@ -41,8 +41,7 @@ from shared.events import (
 )
 from shared.failpoints import EXIT_CODE
 from shared.settings import PROJECT_ROOT
-
-from .conftest import TEST_PLANS, replaced
+from tests.conftest import TEST_PLANS, replaced
 
 pytestmark = pytest.mark.integration
 

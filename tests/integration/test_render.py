@@ -36,8 +36,7 @@ from shared.events import (
     utcnow,
 )
 from shared.failpoints import EXIT_CODE
-
-from .conftest import replaced
+from tests.conftest import replaced
 
 pytestmark = pytest.mark.integration
 

@@ -24,12 +24,13 @@ import pytest
 import pytest_asyncio
 
 from infra.databases import create_database, drop_database
+from infra.nats_auth import ADMIN
 from infra.platform import Platform
 from kiln.client import KilnClient
 from services.quota.migrate import upgrade
 from shared.settings import DEFAULT_MODEL, Settings
 
-TEST_PLANS = Path(__file__).with_name("plans.toml")
+TEST_PLANS = Path(__file__).parent / "integration" / "plans.toml"
 
 
 @pytest.fixture(scope="session")
@@ -92,8 +93,9 @@ class TestClient(KilnClient):
 @pytest_asyncio.fixture
 async def client(platform: Platform) -> AsyncIterator[TestClient]:
     assert platform.nats_url
-    async with await TestClient.connect(platform.nats_url) as kiln:
-        kiln.nc = await nats.connect(platform.nats_url)
+    # The admin's credential: the tests act for many users, as the playground's server does.
+    async with await TestClient.connect(platform.nats_url, platform.credentials(ADMIN), ADMIN) as kiln:
+        kiln.nc = await nats.connect(platform.nats_url, **platform.nats_options(ADMIN))
         kiln.js = kiln.nc.jetstream()
         try:
             yield kiln
