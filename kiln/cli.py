@@ -42,6 +42,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from kiln import admin, status
 from kiln.client import KilnClient, ServiceUnavailable
 from kiln.credentials import for_command as credentials_for
+from kiln.credentials import login as credentials_login
 from shared import telemetry
 from shared.events import (
     DEFAULT_SIZE,
@@ -78,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
 
     up = commands.add_parser("up", help="start the platform (embedded servers unless KILN_*_URL are set)")
     up.set_defaults(run=_up)
+
+    login = commands.add_parser("login", help="use a credential from `kiln accounts add-user` from now on")
+    login.add_argument("credentials", type=Path, help="the .creds file")
+    login.set_defaults(run=_login)
 
     generate = commands.add_parser("generate", help="generate an image from a prompt")
     generate.add_argument("prompt")
@@ -494,6 +499,16 @@ async def _ask(prompt: str) -> str:
 
     threading.Thread(target=read, daemon=True).start()
     return await answer
+
+
+def _login(args: argparse.Namespace) -> int:
+    try:
+        holder = credentials_login(args.credentials)
+    except ValueError as error:
+        console.print(f"kiln: {error}")
+        return EXIT_USAGE
+    console.print(f"logged in as {holder}: kiln commands now act as {holder} only")
+    return 0
 
 
 def _up(args: argparse.Namespace) -> int:

@@ -22,14 +22,20 @@ MINTED_TTL_S = 3600
 OPERATOR = "operator-cli"
 
 
+def login_file() -> Path:
+    """Where `kiln login` keeps the user's credential."""
+    return Path.home() / ".config" / "kiln" / "credentials.creds"
+
+
 def for_command(settings: Settings, user: str | None) -> tuple[Path | None, str]:
     """The credential to connect with, and the identity it was made for; ValueError (said
     in one line) when there is none."""
-    if settings.nats_creds is not None:
-        holder = holder_of(settings.nats_creds)
+    given = settings.nats_creds or (login_file() if login_file().exists() else None)
+    if given is not None:
+        holder = holder_of(given)
         if user is not None and user != holder:
-            raise ValueError(f"KILN_NATS_CREDS is {holder}'s credential, not {user}'s")
-        return settings.nats_creds, holder
+            raise ValueError(f"the credential in {given} is {holder}'s, not {user}'s")
+        return given, holder
     if not settings.nats_auth:
         return None, "client"
     if not Authority.exists(settings.data_dir):
@@ -47,6 +53,17 @@ def for_command(settings: Settings, user: str | None) -> tuple[Path | None, str]
     return authority.write_credentials(path, user, user_permissions(user), MINTED_TTL_S), user
 
 
+def login(credentials: Path) -> str:
+    """Keep a user's credential where every later command finds it; return whose it is."""
+    holder = holder_of(credentials)
+    kept = login_file()
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.touch(mode=0o600)
+    kept.chmod(0o600)
+    kept.write_text(credentials.read_text())
+    return holder
+
+
 def holder_of(credentials: Path) -> str:
     """The name a credential was made for (its JWT's `name`)."""
     try:
@@ -54,4 +71,4 @@ def holder_of(credentials: Path) -> str:
         claims = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
         return str(claims["name"])
     except (OSError, IndexError, KeyError, ValueError) as error:
-        raise ValueError(f"KILN_NATS_CREDS: {credentials} is not a NATS credential ({error})") from None
+        raise ValueError(f"{credentials} is not a NATS credential ({error})") from None

@@ -240,6 +240,15 @@ class Settings:
     render_ack_wait_s: float = setting(
         "KILN_RENDER_ACK_WAIT_S", 30.0, "a silent worker's jobs go to another after this, in seconds", _number(1)
     )
+    render_max_side: int = setting(
+        "KILN_RENDER_MAX_SIDE",
+        512,
+        "the widest or tallest job a worker takes, pixels (re-checked per job)",
+        _integer(8, 4096),
+    )
+    render_max_steps: int = setting(
+        "KILN_RENDER_MAX_STEPS", 50, "the most steps a worker takes in a job (re-checked per job)", _integer(1, 1000)
+    )
     render_threads: int | None = setting(
         "KILN_RENDER_THREADS",
         None,

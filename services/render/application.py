@@ -59,6 +59,8 @@ class Render:
             guard,
             Attempts(await bus.key_value(subjects.RENDER_ATTEMPTS)),
             max_wait_s=settings.render_max_wait_ms / 1000,
+            max_side=settings.render_max_side,
+            max_steps=settings.render_max_steps,
         )
         yield cls(bus, worker, QueueReporter(bus, queue, worker_id), gpu)
 

@@ -93,6 +93,8 @@ class RenderWorker:
         attempts: Attempts,
         *,
         max_wait_s: float,
+        max_side: int = 512,
+        max_steps: int = 50,
     ) -> None:
         self.bus = bus
         self.store = store
@@ -102,6 +104,7 @@ class RenderWorker:
         self.guard = guard
         self.attempts = attempts
         self.max_wait_s = max_wait_s
+        self.max_side, self.max_steps = max_side, max_steps
         # Tell JetStream well before `ack_wait` that the jobs in hand are being worked on.
         self.in_progress_s = min(10.0, queue.ack_wait_s / 3)
         self.throughput = Throughput()
@@ -247,6 +250,7 @@ class RenderWorker:
         for item in todo:
             job: RenderRequested = item.event
             try:
+                self._check_job(job)
                 source = await self._image(job.source_key) if job.mode != "text" else None
                 mask = await self._image(job.mask_key) if job.mode == "inpaint" else None
             except BadInput as error:
@@ -256,6 +260,16 @@ class RenderWorker:
             masks.append(mask)
             ready.append(item)
         return sources, masks, ready
+
+    def _check_job(self, job: RenderRequested) -> None:
+        """Context composed the job within the limits; render checks again, so that a job
+        from anywhere else (a compromised service) cannot hold a GPU or read another's image."""
+        if max(job.width, job.height) > self.max_side or min(job.width, job.height) < 8:
+            raise BadInput(f"{job.width}×{job.height} is outside 8..{self.max_side} a side")
+        if not 1 <= job.steps <= self.max_steps:
+            raise BadInput(f"{job.steps} steps is outside 1..{self.max_steps}")
+        if job.source_key is not None and not job.source_key.startswith(f"{job.user_id}/"):
+            raise BadInput(f"the source image {job.source_key!r} is not {job.user_id}'s")
 
     async def _starting(self, todo: list[Received]) -> tuple[dict[str, int], list[Received]]:
         """Count each render starting; a job that has started RENDER_ATTEMPTS times

@@ -338,3 +338,29 @@ async def _wait_until_queued(client: KilnClient, user: str, timeout_s: float = 3
     while not await _messages_on(client, subjects.RENDER_JOBS.name, subject):
         assert time.monotonic() < deadline, "the job never reached the render queue"
         await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"steps": 5000},
+        {"width": 4096, "height": 4096},
+    ],
+    ids=["steps", "size"],
+)
+async def test_render_checks_each_job_again_whoever_sent_it(client: KilnClient, user: str, fields: dict):
+    """A job over the limits, or editing another user's image, from a compromised service
+    (or anyone who can publish jobs) fails as invalid without holding the worker."""
+    job = await _queue_job(client, user, **fields)
+    outcome = await _render_outcome(client, job)
+    assert isinstance(outcome, RenderFailed) and outcome.reason == "invalid", outcome
+    assert not await _image_stored(client, user, job.request_id)
+
+
+async def test_render_will_not_edit_another_users_image(client: KilnClient, user: str):
+    other = f"o{uuid.uuid4().hex[:10]}"
+    theirs = await client.generate("a blue square", user_id=other)
+    assert isinstance(theirs, ImageDelivered)
+    job = await _queue_job(client, user, mode="edit", source_key=subjects.image_key(other, theirs.request_id))
+    outcome = await _render_outcome(client, job)
+    assert isinstance(outcome, RenderFailed) and outcome.reason == "invalid" and "not" in outcome.detail, outcome

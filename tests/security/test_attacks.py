@@ -8,6 +8,8 @@ everything a user should be able to do.
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -208,3 +210,27 @@ async def test_a_service_credential_allows_only_its_declaration(platform: Platfo
         await nc.close()
     assert any("kiln.render.jobs.paid.x" in v.lower() for v in violations), violations
     assert any(f"$o.{subjects.IMAGES.name}.c.x" in v.lower() for v in violations), violations
+
+
+async def test_add_user_then_login_gives_the_cli_that_user_only(platform: Platform, tmp_path: Path):
+    name = f"carol{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "HOME": str(tmp_path), "KILN_DATA_DIR": str(platform.data_dir)}
+    env |= {"KILN_NATS_URL": platform.nats_url or "", "KILN_DATABASE_URL": platform.database_url or ""}
+
+    async def kiln(*args: str) -> tuple[int, str]:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "kiln.cli", *args, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        out, _ = await process.communicate()
+        return process.returncode or 0, out.decode()
+
+    code, said = await kiln("accounts", "add-user", name, "-o", str(tmp_path / "carol.creds"))
+    assert code == 0, said
+    code, said = await kiln("login", str(tmp_path / "carol.creds"))
+    assert code == 0 and f"logged in as {name}" in said, said
+    assert oct((tmp_path / ".config" / "kiln" / "credentials.creds").stat().st_mode & 0o777) == "0o600"
+    code, said = await kiln("generate", "a red circle", "--user", name, "-o", str(tmp_path / "out.png"))
+    assert code == 0, said
+    code, said = await kiln("generate", "a red circle", "--user", "someone-else")
+    assert code == 64 and f"is {name}'s, not someone-else's" in said, said
