@@ -23,14 +23,10 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-from opentelemetry import trace
-
-from infra.nats_auth import ADMIN
 from infra.platform import Platform
 from kiln.client import CLIENT_ACCESS, KilnClient
 from shared import subjects
 from shared.access import Access
-from shared.bus import Bus
 from shared.events import ImageDelivered, QuotaGranted, RenderCompleted
 from shared.settings import DEFAULT_MODEL, Settings
 
@@ -86,17 +82,8 @@ async def _stage_times(client: KilnClient, delivered: ImageDelivered, received_a
 
 async def connect_client(stack: Platform) -> KilnClient:
     """An SDK client whose bus may also read what `_stage_times` needs."""
-    assert stack.nats_url
-    bus = await Bus.connect(
-        stack.nats_url,
-        ADMIN,  # the launcher's credential: the bench plays context and the client
-        trace.get_tracer("kiln.bench"),
-        BENCH_ACCESS,
-        stack.credentials(ADMIN),
-        connect_timeout=2,
-        max_reconnect_attempts=3,  # a bench should fail, not wait forever
-    )
-    return KilnClient(bus)
+    # The launcher's credential (the bench plays context and the client), held to BENCH_ACCESS.
+    return KilnClient(await stack.bus(access=BENCH_ACCESS))
 
 
 async def measure(requests: int, warmup: int, settings: Settings) -> dict:

@@ -33,15 +33,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import msgspec
-from opentelemetry import trace
 
-from infra.nats_auth import ADMIN
 from infra.platform import Platform
 from kiln.client import CLIENT_ACCESS, KilnClient
 from services.render.pipeline import quiet_model_libraries
 from shared import subjects
 from shared.access import Access
-from shared.bus import Bus, Message
+from shared.bus import Message
 from shared.events import RenderCompleted, RenderRequested, WorkerHeartbeat
 from shared.settings import DEFAULT_MODEL, Settings
 
@@ -198,17 +196,8 @@ async def queue_wait(client: KilnClient, rate: float, seconds: float) -> dict:
 
 async def connect_client(stack: Platform) -> KilnClient:
     """An SDK client whose bus may also queue render jobs and hear their results."""
-    assert stack.nats_url
-    bus = await Bus.connect(
-        stack.nats_url,
-        ADMIN,  # the launcher's credential: the bench plays context and the client
-        trace.get_tracer("kiln.bench"),
-        BENCH_ACCESS,
-        stack.credentials(ADMIN),
-        connect_timeout=2,
-        max_reconnect_attempts=3,  # a bench should fail, not wait forever
-    )
-    return KilnClient(bus)
+    # The launcher's credential (the bench plays context and the client), held to BENCH_ACCESS.
+    return KilnClient(await stack.bus(access=BENCH_ACCESS))
 
 
 async def measure(jobs: int, batch: int, rate: float, seconds: float, repeats: int, settings: Settings) -> dict:
