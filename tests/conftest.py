@@ -46,6 +46,8 @@ async def platform(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -
     # The services (children) read the test plans: small paid limits, pressure only when a
     # test injects it.
     os.environ["KILN_PLANS"] = str(TEST_PLANS)
+    # Some render tests need a render long enough to stop in the middle (hundreds of steps).
+    os.environ["KILN_RENDER_MAX_STEPS"] = "500"
     stack = Platform.isolated(tmp_path_factory.mktemp("kiln"), model_path, settings)
     if external_db:
         stack.database_url, database_name = await create_database(external_db, "kiln_test")

@@ -27,6 +27,7 @@ from shared.events import (
     RequestFailed,
     encode,
 )
+from tests.conftest import replaced
 
 pytestmark = pytest.mark.integration
 
@@ -157,20 +158,22 @@ async def test_a_render_that_cannot_succeed_ends_as_a_failed_request(client: Kil
     assert "divisible by 8" in outcome.detail
 
 
-async def test_a_job_that_keeps_failing_is_retried_then_ends_as_a_failed_request(client: KilnClient, user: str):
-    # steps=0 makes the pipeline raise ZeroDivisionError: not a rejection (ValueError) but
-    # an error that might pass, so render retries it before giving up.
-    request_id = await _send_render_job(client, user, steps=0)
-
-    outcome = await client.wait_for_outcome(user, request_id, timeout_s=60)
+async def test_a_job_that_keeps_failing_is_retried_then_ends_as_a_failed_request(
+    platform: Platform, client: KilnClient, user: str
+):
+    # A render that raises (a failpoint): not a rejection (ValueError) but an error that
+    # might pass, so render retries it before giving up.
+    with replaced(platform, "render", ("render-failing", {"KILN_FAILPOINT": "render.job:raise"})):
+        request_id = await _send_render_job(client, user)
+        outcome = await client.wait_for_outcome(user, request_id, timeout_s=60)
 
     assert isinstance(outcome, RequestFailed), outcome
     assert (outcome.stage, outcome.reason) == ("render", "gave_up")
-    assert "failed 3 times" in outcome.detail and "ZeroDivisionError" in outcome.detail
+    assert "failed 3 times" in outcome.detail and "InjectedFault" in outcome.detail
     data, headers = await _dead_letter_for(
         client, subjects.render_job("free", user), service="render", containing=request_id.encode()
     )
-    assert b"ZeroDivisionError" in headers[REASON_HEADER].encode() and request_id.encode() in data
+    assert b"InjectedFault" in headers[REASON_HEADER].encode() and request_id.encode() in data
 
 
 async def test_a_request_that_has_ended_is_not_decided_again(client: KilnClient, db: asyncpg.Connection, user: str):
