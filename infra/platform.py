@@ -180,6 +180,8 @@ class Platform:
         self._phoenix = None
 
     def stop_servers(self) -> None:
+        if self._lock is None:
+            return  # never started (a second launcher refused): the folder is another's
         (self.data_dir / TracingInfo.FILE).unlink(missing_ok=True)
         if self._phoenix is not None:
             self._phoenix.stop()

@@ -29,7 +29,9 @@ from infra.embedded import (
     free_port,
     port_in_use,
 )
-from shared.settings import PROJECT_ROOT
+from infra.nats_auth import ADMIN
+from infra.platform import Platform
+from shared.settings import PROJECT_ROOT, TracingInfo
 
 pytestmark = pytest.mark.integration
 
@@ -257,3 +259,17 @@ child = subprocess.Popen(["sleep", "60"], preexec_fn=die_with(os.getpid()))
 print(child.pid, flush=True)
 time.sleep(60)
 """
+
+
+def test_a_refused_second_launcher_touches_nothing_of_the_running_one(platform: Platform):
+    """A second `kiln up` on a running Kiln's folder is refused, and its stop leaves the
+    running Kiln's tracing file and credentials as they were."""
+    tracing = platform.data_dir / TracingInfo.FILE
+    credentials = platform.credentials(ADMIN)
+    before = (tracing.read_text(), credentials.read_text() if credentials else None)
+    second = Platform(data_dir=platform.data_dir, nats_auth=platform.nats_auth)
+    with pytest.raises(RuntimeError, match="another Kiln"):
+        second.start_servers()
+    second.stop()
+    assert (tracing.read_text(), credentials.read_text() if credentials else None) == before
+    assert all(process.poll() is None for process in platform.services.values())
