@@ -50,6 +50,7 @@ class Thresholds(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 class PressureRules(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     stale_after_s: float = 5.0
+    hold_s: float = 0.0  # a level is reached only after the signals hold it this long
     queue_depth: Thresholds = Thresholds()
     gpu_temperature_c: Thresholds = Thresholds()
     gpu_utilisation: Thresholds = Thresholds()

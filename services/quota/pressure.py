@@ -7,6 +7,7 @@ worker from plain NATS and forgets a worker that has gone quiet.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import msgspec
@@ -38,6 +39,10 @@ class FleetMonitor:
         self.rules = rules
         self._latest: dict[str, tuple[float, WorkerHeartbeat]] = {}
         self._last_level: Pressure = "normal"
+        # Since when the signals have reached each level without a break: a level counts
+        # only once it has held `hold_s`; it falls at once. Updated with each heartbeat.
+        self._reached_since: dict[Pressure, float] = {}
+        self._lock = threading.Lock()  # the metrics endpoint's thread reads the level too
 
     def hear(self, data: bytes, subject: str) -> None:
         """A heartbeat as it came off the bus."""
@@ -49,19 +54,39 @@ class FleetMonitor:
         self.record(beat)
 
     def record(self, beat: WorkerHeartbeat, received: float | None = None) -> None:
-        self._latest[beat.worker_id] = (received if received is not None else time.monotonic(), beat)
+        now = received if received is not None else time.monotonic()
+        self._latest[beat.worker_id] = (now, beat)
+        self.level(now)  # so that a level's time held is counted from its first heartbeat
 
-    def level(self) -> tuple[Pressure, str]:
-        """Also read by the metrics endpoint's thread: it works on a copy (copying a dict
-        is one step for the interpreter) and removes with `pop`."""
-        cutoff = time.monotonic() - self.rules.stale_after_s
-        latest = dict(self._latest)
-        for worker in [w for w, (at, _) in latest.items() if at < cutoff]:
-            self._latest.pop(worker, None)  # gone quiet: stopped, or crashed
-            del latest[worker]
-        live = [beat for _, beat in latest.values()]
-        level, why = level_of(live, self.rules)
+    def level(self, now: float | None = None) -> tuple[Pressure, str]:
+        """The level the signals have held for `hold_s`, and why."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            reached, why = level_of(self._live(now), self.rules)
+            held = self._held(reached, now)
+        if held != reached:
+            since = now - self._reached_since[reached]
+            why = f"{reached} for {since:.0f} of the {self.rules.hold_s:g} s it must hold ({why})"
+        level = held
         if level != self._last_level:
             log.warning("fleet pressure %s -> %s (%s)", self._last_level, level, why)
             self._last_level = level
         return level, why
+
+    def _live(self, now: float) -> list[WorkerHeartbeat]:
+        cutoff = now - self.rules.stale_after_s
+        for worker in [w for w, (at, _) in self._latest.items() if at < cutoff]:
+            del self._latest[worker]  # gone quiet: stopped, or crashed
+        return [beat for _, beat in self._latest.values()]
+
+    def _held(self, reached: Pressure, now: float) -> Pressure:
+        """The highest level reached without a break for `hold_s`."""
+        held: Pressure = "normal"
+        for level in PRESSURE_LEVELS[1:]:
+            if PRESSURE_LEVELS.index(reached) >= PRESSURE_LEVELS.index(level):
+                since = self._reached_since.setdefault(level, now)
+                if now - since >= self.rules.hold_s:
+                    held = level
+            else:
+                self._reached_since.pop(level, None)
+        return held

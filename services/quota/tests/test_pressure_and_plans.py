@@ -3,6 +3,7 @@
 from datetime import UTC, datetime
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from services.quota import chain, plans
@@ -39,6 +40,24 @@ def test_a_silent_worker_stops_counting():
     assert monitor.level()[0] == "normal"
     monitor.record(_beat(queue_depth=500))
     assert monitor.level()[0] == "critical"
+
+
+def test_a_level_counts_only_once_its_signal_has_held():
+    """A host's start-up load, or one worker's burst, sheds no one: pressure rises only
+    after the signal has held `hold_s`, and falls at once."""
+    monitor = FleetMonitor(msgspec.structs.replace(RULES, hold_s=30))
+    for second in range(0, 30, 1):
+        monitor.record(_beat(queue_depth=60), received=1000.0 + second)
+    level, why = monitor.level(now=1029.0)
+    assert level == "normal" and "elevated for 29 of the 30 s" in why
+    monitor.record(_beat(queue_depth=60), received=1030.0)
+    assert monitor.level(now=1030.0)[0] == "elevated"
+    monitor.record(_beat(queue_depth=500), received=1031.0)  # critical only just reached
+    assert monitor.level(now=1031.0)[0] == "elevated"
+    monitor.record(_beat(queue_depth=10), received=1032.0)  # a break: falls at once
+    assert monitor.level(now=1032.0)[0] == "normal"
+    monitor.record(_beat(queue_depth=60), received=1033.0)  # and the count starts again
+    assert monitor.level(now=1036.0)[0] == "normal"
 
 
 def test_the_default_plans_file_loads():
