@@ -67,9 +67,11 @@ class Renderer:
         # `--gpu N` pins the process to one GPU through CUDA_VISIBLE_DEVICES: it sees cuda:0.
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.float16 if self.device == "cuda" else torch.float32
-        text = AutoPipelineForText2Image.from_pretrained(str(model_path), dtype=dtype, local_files_only=True).to(
-            self.device
-        )
+        # low_cpu_mem_usage needs `accelerate`, which Kiln does not install: asking for it
+        # would only print a warning at every start.
+        text = AutoPipelineForText2Image.from_pretrained(
+            str(model_path), dtype=dtype, local_files_only=True, low_cpu_mem_usage=False
+        ).to(self.device)
         # The edit pipelines share the text pipeline's modules: no second copy of the weights.
         self.pipelines = {
             "text": text,

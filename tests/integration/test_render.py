@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import re
 import signal
 import time
 import uuid
@@ -364,3 +365,11 @@ async def test_render_will_not_edit_another_users_image(client: KilnClient, user
     job = await _queue_job(client, user, mode="edit", source_key=subjects.image_key(other, theirs.request_id))
     outcome = await _render_outcome(client, job)
     assert isinstance(outcome, RenderFailed) and outcome.reason == "invalid" and "not" in outcome.detail, outcome
+
+
+def test_the_render_log_holds_no_library_warnings(platform: Platform):
+    """What an operator reads is Kiln's own: no import-time or load-time warnings of the
+    model libraries (each would repeat at every worker start)."""
+    log = (platform.log_dir / "render.log").read_text(errors="replace")
+    noise = [line for line in log.splitlines() if re.search(r"Warning\b|warnings\.warn|pip install", line)]
+    assert noise == [], noise[:5]
