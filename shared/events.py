@@ -36,6 +36,10 @@ def as_utc(moment: datetime) -> datetime:
 # What a prompt gets when it names no size or steps: Kiln's own model draws 32×32 pictures.
 DEFAULT_SIZE = 32
 DEFAULT_STEPS = 10
+# The largest job Kiln takes, one source for all: quota denies a request past them before it
+# is charged, context and render check again. Sides are multiples of 8 (the model's latents).
+MIN_SIDE, MAX_SIDE = 8, 512
+MAX_STEPS = 50
 
 
 class Event(msgspec.Struct, kw_only=True, tag_field="type", tag=True):

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.events import MAX_SIDE, MAX_STEPS
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 # Where `make run` puts its embedded servers: not the standard ports, so that they never
@@ -242,12 +244,15 @@ class Settings:
     )
     render_max_side: int = setting(
         "KILN_RENDER_MAX_SIDE",
-        512,
+        MAX_SIDE,
         "the widest or tallest job a worker takes, pixels (re-checked per job)",
         _integer(8, 4096),
     )
     render_max_steps: int = setting(
-        "KILN_RENDER_MAX_STEPS", 50, "the most steps a worker takes in a job (re-checked per job)", _integer(1, 1000)
+        "KILN_RENDER_MAX_STEPS",
+        MAX_STEPS,
+        "the most steps a worker takes in a job (re-checked per job)",
+        _integer(1, 1000),
     )
     render_threads: int | None = setting(
         "KILN_RENDER_THREADS",

@@ -18,7 +18,16 @@ import hashlib
 import re
 
 from services.context.config import Config
-from shared.events import LAST_IMAGE, Composition, PromptSubmitted, QuotaGranted, RenderRequested, TurnComposed
+from shared.events import (
+    LAST_IMAGE,
+    MAX_SIDE,
+    MAX_STEPS,
+    Composition,
+    PromptSubmitted,
+    QuotaGranted,
+    RenderRequested,
+    TurnComposed,
+)
 from shared.subjects import image_key
 
 DEFAULT_GUIDANCE = 3.0
@@ -121,13 +130,14 @@ def check_submission(submission: PromptSubmitted, config: Config) -> None:
             "prompt_too_long",
             f"the prompt has {len(submission.prompt)} characters; the limit is {limits.max_prompt_chars}",
         )
-    if max(submission.width, submission.height) > limits.max_side:
+    # Quota denied anything past Kiln's size and steps before charging; checked again here,
+    # against the same limits, for a grant that did not come from quota's rules.
+    if max(submission.width, submission.height) > MAX_SIDE:
         raise Refusal(
-            "too_large",
-            f"{submission.width}x{submission.height} is larger than this service draws ({limits.max_side} pixels a side)",
+            "too_large", f"{submission.width}x{submission.height} is larger than Kiln draws ({MAX_SIDE} pixels a side)"
         )
-    if submission.steps > limits.max_steps:
-        raise Refusal("too_many_steps", f"{submission.steps} steps asked; the limit is {limits.max_steps}")
+    if submission.steps > MAX_STEPS:
+        raise Refusal("too_many_steps", f"{submission.steps} steps asked; the limit is {MAX_STEPS}")
     _check_words(submission.prompt, config)
 
 

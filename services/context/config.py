@@ -15,8 +15,6 @@ import msgspec
 class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_prompt_chars: int = 500
     max_composed_chars: int = 1000
-    max_side: int = 512
-    max_steps: int = 50
     max_turns: int = 500
 
 

@@ -14,12 +14,12 @@ import msgspec
 
 from services.quota.log_events import LogEvent, QuotaAdjusted, QuotaRefunded
 from services.quota.plans import Plan, Shedding
-from shared.events import Pressure, PromptSubmitted, QuotaDenied, QuotaGranted
+from shared.events import MAX_SIDE, MAX_STEPS, MIN_SIDE, Pressure, PromptSubmitted, QuotaDenied, QuotaGranted
 
 POLICY_VERSION = "2"
 MAX_PROMPT_CHARS = 1000
-SIZE_RANGE = (8, 1024)
-STEPS_RANGE = (1, 100)
+SIZE_RANGE = (MIN_SIDE, MAX_SIDE)
+STEPS_RANGE = (1, MAX_STEPS)
 MAX_SEED = 2**63 - 1  # what every torch generator accepts
 
 

@@ -67,13 +67,12 @@ async def test_nothing_to_edit_blocked_words_and_unknown_styles_fail_with_a_reas
         (dict(prompt="make it blue", edit_of="last", conversation_id=_conversation()), "nothing_to_edit"),
         (dict(prompt="a GORE scene"), "blocked"),
         (dict(prompt="a red circle", style="cubism"), "unknown_style"),
-        (dict(prompt="a red circle", steps=80), "too_many_steps"),
     ]
     for fields, reason in cases:
         outcome = await client.generate(user_id=user, **fields)
         assert isinstance(outcome, RequestFailed), outcome
         assert (outcome.stage, outcome.reason) == ("context", reason) and outcome.detail
-    # Four refusals, four refunds: the whole allowance is still there.
+    # Three refusals, three refunds: the whole allowance is still there.
     for _ in range(100):
         if (status := await client.quota(user)).used == 0:
             break

@@ -354,3 +354,12 @@ async def test_cli_writes_the_png_then_explains_the_denial(platform: Platform, u
 async def test_cli_rejects_a_user_id_that_cannot_be_a_subject(platform: Platform):
     code, output = await _kiln(platform, "generate", "a red circle", "--user", "not.a.token")
     assert code == 64 and "`user_id`" in output
+
+
+async def test_a_request_past_kilns_limits_is_denied_before_it_is_charged(client: KilnClient, user: str):
+    """Quota, context and render hold one set of limits: a job too big is refused up front,
+    not charged and then failed."""
+    for fields, named in (({"width": 1024, "height": 1024}, "`width`"), ({"steps": 80}, "`steps`")):
+        outcome = await client.generate("a red circle", user_id=user, **fields)
+        assert isinstance(outcome, QuotaDenied) and outcome.reason == "invalid" and named in outcome.detail, outcome
+    assert (await client.quota(user)).used == 0
