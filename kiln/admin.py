@@ -9,7 +9,7 @@ import asyncio
 import getpass
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import asyncpg
@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from infra.nats_auth import Authority, declarations, permission_table, user_permissions
-from services.quota import accounts, audit, plans
+from services.quota import accounts, audit, plans, policy
 from services.quota import log as quota_log
 from services.quota.migrate import upgrade
 from shared.events import ID_PATTERN, as_utc
@@ -51,6 +51,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         run=_accounts_nats_config
     )
     acc.add_parser("list", help="accounts with today's usage").set_defaults(run=_database_command(_accounts_list))
+    usage = acc.add_parser("usage", help="everyone who used images on a UTC day, with their plan and limit")
+    usage.add_argument("--date", type=_day, help="the UTC day, YYYY-MM-DD (default: today)")
+    usage.set_defaults(run=_database_command(_accounts_usage))
     grant = acc.add_parser("grant", help="allow a user more images today (logged as QuotaAdjusted)")
     grant.add_argument("user")
     grant.add_argument("images", type=int)
@@ -114,6 +117,13 @@ def _timestamp(text: str) -> datetime:
     return as_utc(moment)
 
 
+def _day(text: str) -> str:
+    try:
+        return date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a day as YYYY-MM-DD: {text!r}") from None
+
+
 Command = Callable[[argparse.Namespace, asyncpg.Pool, Settings], Awaitable[int]]
 
 
@@ -168,6 +178,46 @@ async def _accounts_list(args: argparse.Namespace, pool: asyncpg.Pool, settings:
             )
     out.print(table)
     return 0
+
+
+async def _accounts_usage(args: argparse.Namespace, pool: asyncpg.Pool, settings: Settings) -> int:
+    config = plans.load(settings.plans_file)
+    day = args.date or policy.utc_day(datetime.now(UTC))
+    async with pool.acquire() as conn:
+        rows = await accounts.usage_on(conn, day)
+    if not rows:
+        out.print(f"nobody used images on {day} (UTC)")
+        return 0
+    table = Table("user", "plan", "used", "granted", "refunded", "added by admin", "allowed", "left")
+    for row in rows:
+        table.add_row(*_usage_row(row, config))
+    out.print(table)
+    used = sum(row["granted"] - row["refunded"] for row in rows)
+    out.print(f"{len(rows)} users, {used} images used on {day} (UTC)")
+    return 0
+
+
+def _usage_row(row: asyncpg.Record, config: plans.Config) -> list[str]:
+    """A user's day: a user without an account is on the default plan, and says so."""
+    plan_name = row["plan"] or plans.DEFAULT_PLAN
+    shown_plan = plan_name if row["plan"] else f"{plan_name} (no account)"
+    used = row["granted"] - row["refunded"]
+    plan = config.plans.get(plan_name)
+    if plan is None:
+        allowed = left = "? (plan not in the plans file)"
+    else:
+        limit = plan.daily_limit + row["extra"]
+        allowed, left = str(limit), str(max(0, limit - used))
+    return [
+        row["user_id"],
+        shown_plan,
+        str(used),
+        str(row["granted"]),
+        str(row["refunded"]),
+        str(row["extra"]),
+        allowed,
+        left,
+    ]
 
 
 async def _accounts_grant(args: argparse.Namespace, pool: asyncpg.Pool, settings: Settings) -> int:

@@ -243,7 +243,7 @@ async def _one_request(client: KilnClient, args: argparse.Namespace, settings: S
 def _request_trace(settings: Settings) -> Iterator[str]:
     """The CLI's span, the root of the request's trace; yields where to see that trace
     (a tracing UI's page, or the bare trace id), known before any outcome is."""
-    with tracer.start_as_current_span("kiln cli") as span:
+    with tracer.start_as_current_span("kiln cli", kind=trace.SpanKind.CLIENT) as span:
         trace_id = trace_id_of(span)
         yield settings.trace_link(trace_id) or trace_id
 

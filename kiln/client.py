@@ -36,12 +36,13 @@ from shared.events import (
     PromptSubmitted,
     QuotaStatus,
     RenderProgress,
+    RequestFailed,
     TurnComposed,
     check_ids,
 )
 from shared.records import Outcome, read_outcome
 from shared.subjects import Channel
-from shared.telemetry import user_ref
+from shared.telemetry import mark_failed, user_ref
 
 ProgressCallback = Callable[[RenderProgress], None]
 
@@ -158,14 +159,19 @@ class KilnClient:
             mask_key=mask_key,
         )
         check_ids(submission)
+        # The request as its client sees it (CLIENT): the root of its trace, unless the
+        # caller's own span (the CLI's, the playground's) is. Its publishes are spans of their own.
         with tracer.start_as_current_span(
             "kiln generate",
-            kind=trace.SpanKind.PRODUCER,
+            kind=trace.SpanKind.CLIENT,
             attributes={"kiln.request_id": submission.request_id, "kiln.user": user_ref(user_id)},
-        ):
-            return await self._follow(
+        ) as span:
+            outcome = await self._follow(
                 user_id, submission.request_id, submission, on_progress, timeout_s, resubmit_after_s
             )
+            if isinstance(outcome, RequestFailed):  # (a denial is an answer, not a failure)
+                mark_failed(span, f"{outcome.stage} {outcome.reason}: {outcome.detail}")
+            return outcome
 
     async def cancel(self, user_id: str, request_id: str) -> None:
         """Ask render to drop the request: before it starts, or between two steps. The

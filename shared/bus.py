@@ -228,17 +228,20 @@ class Bus:
         self.access.check_publish(subject)
         if first_on_subject:
             after_seq = 0
-        headers = inject_headers({})
-        if msg_id is not None:
-            headers["Nats-Msg-Id"] = msg_id
-        if after_seq is not None:
-            headers[Header.EXPECTED_LAST_SUBJECT_SEQUENCE] = str(after_seq)
-        try:
-            ack = await self._js.publish(subject, encode(event), headers=headers)
-        except nats.js.errors.APIError as error:
-            if error.err_code in (WRONG_LAST_SEQUENCE, SUBJECT_TAKEN):
-                return False  # someone published first: us before a crash, a twin, or a forger
-            raise
+        with self._producer_span(event) as span:
+            headers = inject_headers({})  # the consumer's span continues this publish's
+            if msg_id is not None:
+                headers["Nats-Msg-Id"] = msg_id
+            if after_seq is not None:
+                headers[Header.EXPECTED_LAST_SUBJECT_SEQUENCE] = str(after_seq)
+            try:
+                ack = await self._js.publish(subject, encode(event), headers=headers)
+            except nats.js.errors.APIError as error:
+                if error.err_code in (WRONG_LAST_SEQUENCE, SUBJECT_TAKEN):
+                    span.set_attribute("kiln.published", False)
+                    return False  # someone published first: us before a crash, a twin, or a forger
+                raise
+            span.set_attributes({"messaging.destination.name": ack.stream, "kiln.published": not ack.duplicate})
         return not ack.duplicate
 
     async def publish_marker(self, subject: str, msg_id: str) -> None:
@@ -440,6 +443,23 @@ class Bus:
         return messages
 
     # -- tracing --------------------------------------------------------------------------
+
+    def _producer_span(self, event: Event) -> contextlib.AbstractContextManager[trace.Span]:
+        """A publish within a request's trace is a span of its own (PRODUCER), the parent
+        of the span that handles the message. Outside any trace (the outbox relay) none is
+        started: a publish does not begin a trace. Named by the event, as subjects name
+        users (and a client's bus is named by its user)."""
+        if not trace.get_current_span().get_span_context().is_valid:
+            return contextlib.nullcontext(trace.INVALID_SPAN)
+        return self.tracer.start_as_current_span(
+            f"publish {type(event).__name__}",
+            kind=trace.SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "nats",
+                "messaging.operation.type": "send",
+                "kiln.request_id": event.request_id,
+            },
+        )
 
     def span(self, event: AnyEvent, msg: Msg) -> trace.Span:
         """The span of handling one message, continuing its request's trace. Subjects name

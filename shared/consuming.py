@@ -26,7 +26,7 @@ from opentelemetry import trace
 from shared import subjects
 from shared.events import AnyEvent, Event, RequestFailed, check_ids, decode_message
 from shared.subjects import Stream
-from shared.telemetry import trace_id_of
+from shared.telemetry import record_failure, trace_id_of
 
 if TYPE_CHECKING:
     from shared.bus import Bus
@@ -158,7 +158,7 @@ async def _handle(bus: Bus, items: list[Received], handler: BatchHandler, max_at
     # RequestFailed.
     except Exception as error:  # noqa: BLE001
         for item in items:
-            item.span.record_exception(error)
+            record_failure(item.span, error)
             item.span.end()
         if len(items) > 1:  # find the one that fails: each on its own
             log.warning("a batch of %d failed (%r); handling each on its own", len(items), error)

@@ -7,8 +7,14 @@ log and the messages name the request's trace), nothing is recorded. Each span c
 `service.name` as an attribute too (Phoenix keeps span attributes, not the resource), and
 users appear only hashed (`user_ref`).
 
+Every span says what kind it is (OpenTelemetry's SpanKind): the client's root span CLIENT,
+a JetStream publish PRODUCER, a service handling a message CONSUMER, delivery's HTTP
+handling SERVER, a call to Postgres or a bucket CLIENT, the rest INTERNAL. A span whose work
+failed ends with an error status (`record_failure`, `mark_failed`).
+
 Metrics. Each service serves its instruments at http://<KILN_METRICS_HOST>:<KILN_METRICS_PORT>/metrics
-in the Prometheus text format (host 127.0.0.1 unless set; no port: no endpoint).
+in the Prometheus text format (host 127.0.0.1 unless set; no port: no endpoint), without
+the `otel_scope_*` labels the exporter would put on every series.
 """
 
 from __future__ import annotations
@@ -23,19 +29,24 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
+from opentelemetry.trace import Status, StatusCode
 
 _provider: TracerProvider | None = None
 _meter_provider: MeterProvider | None = None
 
 
-class _ServiceNameOnSpans(SpanProcessor):
-    """Puts `service.name` on every span: some tracing UIs keep span attributes only."""
+class _AttributesForTracingUIs(SpanProcessor):
+    """Puts `service.name` and the span's kind on every span as attributes. Some tracing
+    UIs keep span attributes only: Phoenix drops the resource, and its "kind" column is
+    OpenInference's (LLM, tool, chain…), never OpenTelemetry's, so without
+    `kiln.span_kind` it would show no kind at all."""
 
     def __init__(self, service_name: str) -> None:
         self.service_name = service_name
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         span.set_attribute("service.name", self.service_name)
+        span.set_attribute("kiln.span_kind", span.kind.name.lower())
 
     def on_end(self, span: ReadableSpan) -> None:
         pass
@@ -53,7 +64,7 @@ def setup(service_name: str, otlp_endpoint: str | None) -> trace.Tracer:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
             endpoint = otlp_endpoint.rstrip("/") + "/v1/traces"
-            _provider.add_span_processor(_ServiceNameOnSpans(service_name))
+            _provider.add_span_processor(_AttributesForTracingUIs(service_name))
             _provider.add_span_processor(
                 BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint), schedule_delay_millis=500)
             )
@@ -73,7 +84,9 @@ def serve_metrics(service_name: str, port: int | None, host: str = "127.0.0.1") 
 
             try:
                 start_http_server(port, addr=host)
-                readers.append(PrometheusMetricReader())
+                # No `otel_scope_*` labels: each service has one meter, so they would only
+                # repeat its name on every series.
+                readers.append(PrometheusMetricReader(scope_info_enabled=False))
             except OSError as error:  # the port is taken: serve without metrics, say so
                 logging.getLogger(f"kiln.{service_name}").warning("no metrics endpoint on :%d: %s", port, error)
         _meter_provider = MeterProvider(
@@ -86,6 +99,19 @@ def serve_metrics(service_name: str, port: int | None, host: str = "127.0.0.1") 
 def shutdown() -> None:
     if _provider is not None:
         _provider.shutdown()
+
+
+def record_failure(span: trace.Span, error: BaseException) -> None:
+    """The span's work raised: keep the exception on it and end it as failed, so a tracing
+    UI shows it as an error, not only as an event inside a span that looks fine."""
+    span.record_exception(error)
+    span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+
+
+def mark_failed(span: trace.Span, description: str) -> None:
+    """The span's work failed without an exception (a render the pipeline refused, a
+    request that ended as failed): end it as failed, saying why."""
+    span.set_status(Status(StatusCode.ERROR, description))
 
 
 def user_ref(user_id: str) -> str:

@@ -58,6 +58,22 @@ async def listing(conn: asyncpg.Connection) -> list[asyncpg.Record]:
     )
 
 
+async def usage_on(conn: asyncpg.Connection, day: str) -> list[asyncpg.Record]:
+    """Everyone who used images on a UTC day (`YYYY-MM-DD`), or was given extra ones, from
+    the usage projection (kept with the log, rebuilt from it by `audit rebuild`): images
+    granted, refunded and added by an admin, and the account's plan (None: no account,
+    so the default plan). Most used first."""
+    return await conn.fetch(
+        """
+        SELECT u.user_id, a.plan, u.granted, u.refunded, u.extra
+        FROM quota_usage u LEFT JOIN accounts a ON a.user_id = u.user_id
+        WHERE u.day = $1 AND (u.granted > 0 OR u.extra <> 0)
+        ORDER BY u.granted - u.refunded DESC, u.user_id
+        """,
+        day,
+    )
+
+
 async def grant(
     pool: asyncpg.Pool, config: Config, user_id: str, images: int, by: str, note: str = ""
 ) -> QuotaAdjusted:

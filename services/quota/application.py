@@ -135,6 +135,7 @@ class QuotaService:
             write = self.bus.tracer.start_span(
                 "quota log append",
                 context=trace.set_span_in_context(delivery.span),
+                kind=trace.SpanKind.CLIENT,  # a call to the database
                 start_time=started,
                 attributes={
                     "db.system.name": "postgresql",

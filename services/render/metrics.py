@@ -1,7 +1,8 @@
 """render's Prometheus metrics (served on KILN_METRICS_PORT, see shared/telemetry.py).
 
 The fleet figures are the worker's last heartbeat, read when Prometheus scrapes; batch
-sizes and render times are recorded as each batch finishes.
+sizes and render times are recorded as each batch finishes, each job's queue wait as its
+batch starts, and the jobs in flight while a batch renders.
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ from shared.events import WorkerHeartbeat
 
 meter = metrics.get_meter("kiln.render")
 
+# Seconds, from a tiny model's batch up to 10 minutes (a 512×512, 50-step job renders for
+# about 8 on a CPU): a wait or a render past the last bucket counts only in +Inf, where no
+# quantile can be read from it.
+SECONDS_UP_TO_10_MIN = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600]
+
 batch_sizes = meter.create_histogram(
     "kiln_render_batch_size",
     description="Jobs rendered in one pipeline call",
@@ -24,7 +30,13 @@ render_seconds = meter.create_histogram(
     "kiln_render_duration",
     unit="s",
     description="A batch's pipeline time, without queueing or storage",
-    explicit_bucket_boundaries_advisory=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30],
+    explicit_bucket_boundaries_advisory=SECONDS_UP_TO_10_MIN,
+)
+queue_wait_seconds = meter.create_histogram(
+    "kiln_render_queue_wait",
+    unit="s",
+    description="A job's wait from its request (context's RenderRequested) to the start of its batch, by tier",
+    explicit_bucket_boundaries_advisory=SECONDS_UP_TO_10_MIN,
 )
 
 
@@ -32,6 +44,19 @@ class LastHeartbeat:
     """The gauges read the worker's latest heartbeat."""
 
     beat: WorkerHeartbeat | None = None
+
+
+class InFlight:
+    """The jobs in the pipeline call now: the worker counts them in and out."""
+
+    jobs: int = 0
+
+
+meter.create_observable_gauge(
+    "kiln_render_in_flight",
+    callbacks=[lambda options: [Observation(InFlight.jobs)]],
+    description="Jobs rendering now (in a pipeline call; not those waiting for one)",
+)
 
 
 def _observe(read) -> callable:

@@ -45,7 +45,7 @@ from shared.consuming import Received
 from shared.events import RenderCompleted, RenderFailed, RenderProgress, RenderRequested, as_utc, utcnow
 from shared.failpoints import failpoint
 from shared.service import sleep_unless_stopped
-from shared.telemetry import context_from_headers
+from shared.telemetry import context_from_headers, mark_failed, record_failure
 
 log = logging.getLogger("kiln.render")
 
@@ -204,9 +204,7 @@ class RenderWorker:
             for item in batch:
                 self._trace_queue_wait(item, started)
                 item.span = self.bus.span(item.event, item.msg)
-                self._queued_ms[item.event.request_id] = (
-                    started - as_utc(item.event.requested_at)
-                ).total_seconds() * 1000
+                self._queued_ms[item.event.request_id] = self._record_queue_wait(item.event, started) * 1000
             settled = await asyncio.gather(*(self._settled_before(item) for item in batch))
             todo = [item for item, done in zip(batch, settled, strict=True) if not done]
             sources, masks, todo = await self._inputs(todo)
@@ -217,6 +215,14 @@ class RenderWorker:
             for item in batch:
                 if id(item) not in self._storing:
                     _end(item.span)  # (a job being stored ends its span when stored)
+
+    @staticmethod
+    def _record_queue_wait(job: RenderRequested, started: datetime) -> float:
+        """Record in the queue-wait histogram how long the job waited for a GPU, from
+        context's request to its batch's start; return it in seconds (for its outcome)."""
+        waited_s = (started - as_utc(job.requested_at)).total_seconds()
+        metrics.queue_wait_seconds.record(max(0.0, waited_s), {"tier": job.tier})  # (clocks differ a little)
+        return waited_s
 
     def _trace_queue_wait(self, item: Received, started: datetime) -> None:
         """The time the job waited for a GPU, as a span of its own in the request's trace:
@@ -278,7 +284,9 @@ class RenderWorker:
         started = await asyncio.gather(*(self.attempts.start(item.event) for item in todo))
         for item, attempt in zip(todo, started, strict=True):
             if attempt > RENDER_ATTEMPTS:
-                await consuming.give_up(self.bus, item.event, item.msg, f"not finished in {RENDER_ATTEMPTS} renders")
+                why = f"not finished in {RENDER_ATTEMPTS} renders"
+                mark_failed(item.span, why)
+                await consuming.give_up(self.bus, item.event, item.msg, why)
                 continue
             attempts[item.event.request_id] = attempt
             ready.append(item)
@@ -306,7 +314,7 @@ class RenderWorker:
         # after its last attempt the request ends as failed.
         except Exception as error:  # noqa: BLE001
             for item in todo:
-                item.span.record_exception(error)
+                record_failure(item.span, error)
                 await consuming.retry_or_give_up(
                     self.bus, item, error, attempts[item.event.request_id], RENDER_ATTEMPTS
                 )
@@ -358,6 +366,7 @@ class RenderWorker:
             with self.bus.tracer.start_as_current_span(
                 "image store put",
                 context=trace.set_span_in_context(item.span),
+                kind=trace.SpanKind.CLIENT,  # a call to the object store
                 attributes={"kiln.bytes": len(png), "kiln.bucket": subjects.IMAGE_BUCKET},
             ):
                 await self.store.put(subjects.image_key(job.user_id, job.request_id), png, meta=meta)
@@ -407,11 +416,19 @@ class RenderWorker:
                 asyncio.run_coroutine_threadsafe(self.bus.publish_plain(subject, progress, span=item.span), loop)
 
         rendering = asyncio.ensure_future(asyncio.to_thread(self.renderer.render_batch, jobs, on_step, sources, masks))
+        metrics.InFlight.jobs += len(todo)
+        try:
+            return await self._while_rendering(rendering, todo)
+        finally:
+            metrics.InFlight.jobs -= len(todo)
+
+    async def _while_rendering(self, rendering: asyncio.Future, todo: list[Received]) -> tuple[list[bytes], float]:
+        """Wait for the pipeline call, telling JetStream now and then that its jobs, and
+        those held for the next batch, are still ours."""
         while True:
             done, _ = await asyncio.wait({rendering}, timeout=self.in_progress_s)
             if done:
                 return rendering.result()
-            # Keep the batch, and the jobs held for the next one, ours while it runs.
             for item in [*todo, *self.held]:
                 try:
                     await item.msg.in_progress()
@@ -474,6 +491,8 @@ class RenderWorker:
     async def _fail(self, item: Received, reason: str, detail: str) -> None:
         job: RenderRequested = item.event
         log.warning("job %s failed for good: %s %s", job.request_id, reason, detail)
+        if reason != "cancelled":  # a cancel is what the user asked for, not a failure
+            mark_failed(item.span, f"{reason}: {detail}")
         failed = RenderFailed(
             request_id=job.request_id,
             user_id=job.user_id,

@@ -8,13 +8,15 @@ import os
 import re
 import subprocess
 import sys
+import uuid
 
 import httpx
 import pytest
 
 from infra.platform import Platform
 from kiln.client import KilnClient
-from shared.events import ImageDelivered
+from shared import subjects
+from shared.events import ImageDelivered, RenderRequested, decode, encode
 from shared.settings import PROJECT_ROOT
 from shared.telemetry import user_ref
 
@@ -52,6 +54,15 @@ async def _spans(platform: Platform, trace_id: str, services: set[str], timeout_
     return spans
 
 
+# The messages one request's services handle: (service, event).
+_HANDLED = [
+    ("quota", "PromptSubmitted"),
+    ("context", "QuotaGranted"),
+    ("render", "RenderRequested"),
+    ("delivery", "RenderCompleted"),
+]
+
+
 async def test_one_generate_is_one_trace_across_the_client_and_four_services_in_the_tracing_ui(
     platform: Platform, user: str
 ):
@@ -74,18 +85,30 @@ async def test_one_generate_is_one_trace_across_the_client_and_four_services_in_
     assert roots == ["kiln cli"], roots
     orphans = [span["name"] for span in spans if span["parent_id"] is not None and span["parent_id"] not in by_id]
     assert not orphans, orphans
-    # The request's path, each step a child of the one that sent it on.
+    # The request's path, each step a child of the one that sent it on: a message's
+    # handling is a child of its publish.
     assert parent("kiln generate") == "kiln cli"
-    assert parent("quota PromptSubmitted") == "kiln generate"
+    assert parent("publish PromptSubmitted") == "kiln generate"
+    assert parent("quota PromptSubmitted") == "publish PromptSubmitted"
     assert parent("quota log append") == "quota PromptSubmitted"
-    assert parent("context QuotaGranted") == "quota PromptSubmitted"
+    assert parent("publish QuotaGranted") == "quota PromptSubmitted"
+    assert parent("context QuotaGranted") == "publish QuotaGranted"
     assert parent("context compose") == "context QuotaGranted"
-    assert parent("render queue wait") == "context QuotaGranted"  # waiting for a GPU, its own span
-    assert parent("render RenderRequested") == "context QuotaGranted"
+    assert parent("publish RenderRequested") == "context QuotaGranted"
+    assert parent("render queue wait") == "publish RenderRequested"  # waiting for a GPU, its own span
+    assert parent("render RenderRequested") == "publish RenderRequested"
     assert parent("render batch") == "render RenderRequested"
     assert parent("image store put") == "render RenderRequested"
-    assert parent("delivery RenderCompleted") == "render RenderRequested"
+    assert parent("publish RenderCompleted") == "render RenderRequested"
+    assert parent("delivery RenderCompleted") == "publish RenderCompleted"
     assert parent("delivery record image") == "delivery RenderCompleted"
+    # Each span's kind, as an attribute (Phoenix keeps no other trace of it).
+    kinds = {name: named[name]["attributes"]["kiln.span_kind"] for name in named}
+    assert {kinds["kiln cli"], kinds["kiln generate"]} == {"client"}
+    assert {kinds[name] for name in named if name.startswith("publish ")} == {"producer"}
+    assert {kinds[f"{service} {event}"] for service, event in _HANDLED} == {"consumer"}
+    assert {kinds["render batch"], kinds["context compose"]} == {"internal"}
+    assert {span["status_code"] for span in spans} == {"UNSET"}  # nothing failed
 
     wait = named["render queue wait"]
     assert wait["end_time"] > wait["start_time"]
@@ -151,6 +174,44 @@ async def test_each_service_serves_its_metrics_with_live_values(platform: Platfo
 
     delivery = await _metrics(platform.metrics_ports["delivery"])
     assert _value(delivery, 'kiln_delivery_outcomes_total{outcome="delivered"}') >= 3
+
+
+async def test_render_metrics_show_jobs_in_flight_their_queue_wait_and_renders_up_to_ten_minutes(
+    platform: Platform, client: KilnClient, user: str
+):
+    port = platform.metrics_ports["render"]
+    job = RenderRequested(
+        request_id=uuid.uuid4().hex[:16], user_id=user, prompt="a red circle", width=32, height=32, steps=400, seed=1
+    )
+    progress = await client.nc.subscribe(subjects.render_progress(user, job.request_id))
+    before = await _metrics(port)
+    # A job put on the queue by hand (as context would), long enough to scrape mid-render.
+    await client.js.publish(subjects.render_job("free", user), encode(job))
+    while decode((await progress.next_msg(timeout=60)).data).state != "rendering":
+        pass
+    during = await _metrics(port)
+    await progress.unsubscribe()
+    assert isinstance(await client.wait_for_outcome(user, job.request_id, timeout_s=120), ImageDelivered)
+    after = await _metrics(port)
+
+    assert _value(during, "kiln_render_in_flight") >= 1
+    assert _value(after, "kiln_render_in_flight") == 0
+    waits = 'kiln_render_queue_wait_seconds_count{tier="free"}'
+    assert _value(after, waits) == _count(before, waits) + 1
+    assert _value(after, 'kiln_render_queue_wait_seconds_bucket{le="600",tier="free"}') >= 1
+    # A long render lands in a bucket of its own, not only in +Inf.
+    assert _value(after, 'kiln_render_duration_seconds_bucket{le="600"}') >= 1
+    assert _value(after, 'kiln_render_duration_seconds_bucket{le="300"}') >= 1
+    # No scope labels on every series (one meter per service: they would only repeat its name).
+    assert "otel_scope_" not in after
+
+
+def _count(text: str, series: str) -> float:
+    """A series' value, 0 if it is not there yet (no job recorded before)."""
+    try:
+        return _value(text, series)
+    except AssertionError:
+        return 0
 
 
 async def test_kiln_status_shows_the_workers_queue_and_pressure(platform: Platform):

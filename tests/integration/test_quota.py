@@ -69,7 +69,8 @@ async def _wait_for_decisions(db: asyncpg.Connection, user: str, count: int, tim
 
 
 def _kiln(*args: str, database_url: str) -> subprocess.CompletedProcess:
-    env = os.environ | {"KILN_DATABASE_URL": database_url, "KILN_PLANS": str(TEST_PLANS)}
+    # (wide enough that a table's rows stay on one line each)
+    env = os.environ | {"KILN_DATABASE_URL": database_url, "KILN_PLANS": str(TEST_PLANS), "COLUMNS": "200"}
     return subprocess.run(
         [sys.executable, "-m", "kiln", *args],
         cwd=PROJECT_ROOT,
@@ -242,6 +243,40 @@ async def test_account_commands_refuse_bad_requests_clearly(platform: Platform, 
     assert twice.returncode == 64 and "already" in twice.stderr
     bad_user = _kiln("accounts", "add", "a.b", "plus", database_url=platform.database_url)
     assert bad_user.returncode == 64 and "user id" in bad_user.stderr
+
+
+async def test_accounts_usage_lists_everyone_who_used_images_that_day_with_their_plan_and_limit(
+    platform: Platform, client: KilnClient, db: asyncpg.Connection
+):
+    walk_in, subscriber = (f"{kind}{uuid.uuid4().hex[:10]}" for kind in ("walkin", "plus"))
+    assert _kiln("accounts", "add", subscriber, "plus", database_url=platform.database_url).returncode == 0
+    for user, prompts in ((walk_in, 2), (subscriber, 1)):
+        await asyncio.gather(*(client.submit(_prompt(user)) for _ in range(prompts)))
+        await _wait_for_decisions(db, user, prompts)
+    assert _kiln("accounts", "grant", walk_in, "2", database_url=platform.database_url).returncode == 0
+
+    usage = _kiln("accounts", "usage", database_url=platform.database_url)
+    assert usage.returncode == 0, usage.stderr
+    rows = _table_rows(usage.stdout)
+    # user → plan, used, granted, refunded, added by admin, allowed, left
+    assert rows[walk_in] == ["free (no account)", "2", "2", "0", "2", "5", "3"]  # no account: the free plan
+    assert rows[subscriber] == ["plus", "1", "1", "0", "0", "6", "5"]
+    assert f"images used on {policy.utc_day(datetime.now(UTC))} (UTC)" in usage.stdout
+
+    before = _kiln("accounts", "usage", "--date", "2000-01-01", database_url=platform.database_url)
+    assert before.returncode == 0 and "nobody used images on 2000-01-01 (UTC)" in before.stdout
+    bad_day = _kiln("accounts", "usage", "--date", "yesterday", database_url=platform.database_url)
+    assert bad_day.returncode == 64 and "not a day as YYYY-MM-DD: 'yesterday'" in bad_day.stderr
+
+
+def _table_rows(text: str) -> dict[str, list[str]]:
+    """A printed table's body rows: first cell → the other cells."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("│").split("│")]
+        if len(cells) > 1:
+            rows[cells[0]] = cells[1:]
+    return rows
 
 
 # -- audits on a log of their own --------------------------------------------------------
