@@ -20,7 +20,7 @@ from rich.text import Text
 from kiln.client import KilnClient, ServiceUnavailable
 from shared import subjects
 from shared.bus import Message
-from shared.events import WorkerHeartbeat, decode_json
+from shared.events import WorkerHeartbeat, as_utc, decode_json
 
 STALE_S = 5.0  # a worker not heard from for this long is gone from the view
 REFRESH_S = 1.0
@@ -40,8 +40,11 @@ class Fleet:
 
     def view(self) -> Group:
         table = Table(title="Kiln render fleet", title_justify="left")
-        for column in ("worker", "device", "model", "temp °C", "util", "memory", "power", "cpu load", "batch", "img/s"):
-            table.add_column(column, justify="left" if column in ("worker", "device", "model") else "right")
+        columns = ("worker", "device", "model", "temp °C", "util", "memory", "power", "cpu load", "batch", "img/s")
+        for column in (*columns, "rendering now"):
+            table.add_column(
+                column, justify="left" if column in ("worker", "device", "model", "rendering now") else "right"
+            )
         beats = self.live()
         for b in beats:
             table.add_row(
@@ -55,6 +58,7 @@ class Fleet:
                 f"{b.cpu_load:.2f}",
                 "paused" if b.batch_limit == 0 else str(b.batch_limit),
                 f"{b.images_per_s:.2f}",
+                _rendering(b),
             )
         # Every worker sees the same queue; the newest report is the best.
         newest = max(beats, key=lambda b: b.at, default=None)
@@ -74,6 +78,15 @@ class Fleet:
             (f"  ·  {sum(b.images_per_s for b in beats):.2f} images/s", ""),
         )
         return Group(table, summary)
+
+
+def _rendering(beat: WorkerHeartbeat) -> str:
+    """The batch in the pipeline: its age and its jobs (the first few), or "idle"."""
+    if not beat.rendering or beat.rendering_since is None:
+        return "idle"
+    age_s = max(0.0, (beat.at - as_utc(beat.rendering_since)).total_seconds())
+    jobs = ", ".join(beat.rendering[:3]) + (f" +{len(beat.rendering) - 3}" if len(beat.rendering) > 3 else "")
+    return f"{len(beat.rendering)} for {age_s:.0f} s: {jobs}"
 
 
 def _num(value: float | None, form: str) -> str:

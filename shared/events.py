@@ -256,6 +256,9 @@ class WorkerHeartbeat(msgspec.Struct, kw_only=True):
     gpu_memory_used: float | None = None  # 0..1
     gpu_power_w: float | None = None
     images_per_s: float = 0.0
+    # The batch in the pipeline now ("<user>/<request>" each) and since when: for operators.
+    rendering: list[str] = msgspec.field(default_factory=list)
+    rendering_since: datetime | None = None
     at: datetime = msgspec.field(default_factory=utcnow)
 
 

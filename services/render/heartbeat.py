@@ -54,6 +54,8 @@ async def send_heartbeats(
                 gpu_memory_used=reading.memory_used,
                 gpu_power_w=reading.power_w,
                 images_per_s=now.images_per_s,
+                rendering=list(now.rendering),
+                rendering_since=now.rendering_since,
             )
             LastHeartbeat.beat = beat  # what /metrics shows
             await bus.publish_plain(subjects.fleet_telemetry(now.worker_id), beat)

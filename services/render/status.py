@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
+from datetime import datetime
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,8 @@ class WorkerStatus:
     batch_limit: int  # what the thermal guard allows now (0: paused)
     temperature_c: float | None
     images_per_s: float
+    rendering: tuple[str, ...] = ()  # the batch in the pipeline now: "<user>/<request>" each
+    rendering_since: datetime | None = None
 
 
 class Throughput:

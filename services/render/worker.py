@@ -108,6 +108,7 @@ class RenderWorker:
         # Tell JetStream well before `ack_wait` that the jobs in hand are being worked on.
         self.in_progress_s = min(10.0, queue.ack_wait_s / 3)
         self.throughput = Throughput()
+        self._rendering: tuple[list[str], datetime | None] = ([], None)  # "<user>/<request>" now, since
         self.held: list[Received] = []  # claimed, not yet in a batch
         self.cancelled: set[str] = set()  # "<user>.<request>" seen on the cancel subject
         self._new_work = asyncio.Event()
@@ -124,6 +125,8 @@ class RenderWorker:
             batch_limit=self.guard.batch_limit(),
             temperature_c=self.guard.temperature(),
             images_per_s=self.throughput.per_second(),
+            rendering=tuple(self._rendering[0]),
+            rendering_since=self._rendering[1],
         )
 
     def job_published(self) -> None:
@@ -417,10 +420,12 @@ class RenderWorker:
 
         rendering = asyncio.ensure_future(asyncio.to_thread(self.renderer.render_batch, jobs, on_step, sources, masks))
         metrics.InFlight.jobs += len(todo)
+        self._rendering = ([f"{job.user_id}/{job.request_id}" for job in jobs], utcnow())  # for the heartbeat
         try:
             return await self._while_rendering(rendering, todo)
         finally:
             metrics.InFlight.jobs -= len(todo)
+            self._rendering = ([], None)
 
     async def _while_rendering(self, rendering: asyncio.Future, todo: list[Received]) -> tuple[list[bytes], float]:
         """Wait for the pipeline call, telling JetStream now and then that its jobs, and

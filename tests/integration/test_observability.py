@@ -221,3 +221,22 @@ async def test_kiln_status_shows_the_workers_queue_and_pressure(platform: Platfo
     pid = platform.services["render"].pid
     assert re.search(rf"\S+-{pid}\s+│\s+cpu\s+│\s+kiln-shapes", result.stdout), result.stdout
     assert "queue: paid 0, free 0" in result.stdout and "pressure: normal" in result.stdout
+
+
+async def test_kiln_status_shows_what_each_worker_is_rendering_and_for_how_long(
+    platform: Platform, client: KilnClient, user: str
+):
+    job = RenderRequested(
+        request_id=uuid.uuid4().hex[:16], user_id=user, prompt="a red circle", width=32, height=32, steps=500, seed=1
+    )
+    progress = await client.nc.subscribe(subjects.render_progress(user, job.request_id))
+    await client.js.publish(subjects.render_job("free", user), encode(job))  # a long job, as context would
+    try:
+        while decode((await progress.next_msg(timeout=60)).data).state != "rendering":
+            pass
+        result = await _kiln(platform, "status", "--once")
+    finally:
+        await progress.unsubscribe()
+        await client.cancel(user, job.request_id)  # no need to draw it all
+    assert result.returncode == 0, result.stderr
+    assert re.search(rf"1 for \d+ s: {user}/{job.request_id}", result.stdout), result.stdout
