@@ -18,6 +18,7 @@ from shared.events import Pressure, WorkerHeartbeat, decode_json
 log = logging.getLogger("kiln.quota.pressure")
 
 SIGNALS = ("queue_depth", "gpu_temperature_c", "gpu_utilisation", "cpu_load")
+EVALUATE_EVERY_S = 1.0
 
 
 def level_of(heartbeats: list[WorkerHeartbeat], rules: PressureRules) -> tuple[Pressure, str]:
@@ -43,6 +44,7 @@ class FleetMonitor:
         # only once it has held `hold_s`; it falls at once. Updated with each heartbeat.
         self._reached_since: dict[Pressure, float] = {}
         self._lock = threading.Lock()  # the metrics endpoint's thread reads the level too
+        self._evaluated_at = float("-inf")
 
     def hear(self, data: bytes, subject: str) -> None:
         """A heartbeat as it came off the bus."""
@@ -56,11 +58,16 @@ class FleetMonitor:
     def record(self, beat: WorkerHeartbeat, received: float | None = None) -> None:
         now = received if received is not None else time.monotonic()
         self._latest[beat.worker_id] = (now, beat)
-        self.level(now)  # so that a level's time held is counted from its first heartbeat
+        # So that a level's time held counts from its first heartbeat. Once a second (the
+        # heartbeats' pace) is enough, and keeps a large fleet's heartbeats from costing
+        # a pass over the whole fleet each.
+        if now - self._evaluated_at >= EVALUATE_EVERY_S:
+            self.level(now)
 
     def level(self, now: float | None = None) -> tuple[Pressure, str]:
         """The level the signals have held for `hold_s`, and why."""
         now = time.monotonic() if now is None else now
+        self._evaluated_at = now
         with self._lock:
             reached, why = level_of(self._live(now), self.rules)
             held = self._held(reached, now)
