@@ -24,7 +24,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from infra.nats_auth import Authority, user_permissions
+from infra.nats_auth import Authority, user_credentials_file, user_permissions
 from infra.platform import Platform
 from kiln.client import KilnClient
 from shared.events import ImageDelivered
@@ -111,7 +111,7 @@ async def _connect(stack: Platform, user: str) -> tuple[str, KilnClient]:
 
 
 def _user_credential(stack: Platform, user: str) -> Path:
-    path = stack.data_dir / "nats" / "users" / f"{user}.creds"
+    path = user_credentials_file(stack.data_dir, user)
     return Authority.open(stack.data_dir).write_credentials(path, user, user_permissions(user))
 
 

@@ -266,11 +266,7 @@ class Authority:
         return CREDS_TEMPLATE.format(jwt=jwt, seed=user.seed.decode())
 
     def write_credentials(self, path: Path, name: str, allowed: Permissions, ttl_s: float | None = None) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch(mode=0o600)
-        path.chmod(0o600)
-        path.write_text(self.credentials(name, allowed, ttl_s))
-        return path
+        return write_private(path, self.credentials(name, allowed, ttl_s).encode())
 
 
 _LIMITS = {
@@ -284,9 +280,28 @@ _LIMITS = {
 def _key(path: Path, prefix: int) -> nkeys.KeyPair:
     """The key kept at `path`, made (and kept, 0600) the first time."""
     if not path.exists():
-        path.touch(mode=0o600)
-        path.write_bytes(nkeys.encode_seed(os.urandom(32), prefix))
+        write_private(path, nkeys.encode_seed(os.urandom(32), prefix))
     return nkeys.from_seed(path.read_bytes().strip())
+
+
+def credentials_file(data_dir: Path, identity: str) -> Path:
+    """Where a Kiln in `data_dir` keeps the credentials it mints (services', the admin's, the CLI's)."""
+    return data_dir / "nats" / "creds" / f"{identity}.creds"
+
+
+def user_credentials_file(data_dir: Path, user_id: str) -> Path:
+    """Where `kiln accounts add-user` puts a user's credential by default."""
+    return data_dir / "nats" / "users" / f"{user_id}.creds"
+
+
+def write_private(path: Path, data: bytes) -> Path:
+    """Write a secret (a key, a credential) readable by its owner only: 0600 before the
+    first byte is written, also over an older file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_bytes(data)
+    return path
 
 
 def _public(key: nkeys.KeyPair) -> str:

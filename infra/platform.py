@@ -33,13 +33,14 @@ from infra.nats_auth import (
     ADMIN_PERMISSIONS,
     NO_AUTH_WARNING,
     Authority,
+    credentials_file,
     declarations,
     service_permissions,
 )
 from infra.tracing_ui import Phoenix
 from services.quota.migrate import upgrade
 from shared import subjects
-from shared.access import Access, inbox_prefix
+from shared.access import Access, credential_options
 from shared.bus import Bus
 from shared.settings import (
     DEFAULT_HTTP_PORT,
@@ -220,14 +221,11 @@ class Platform:
 
     def credentials(self, identity: str) -> Path | None:
         """The credential this platform gave `identity` (a service, or ADMIN), if auth is on."""
-        return self.data_dir / "nats" / "creds" / f"{identity}.creds" if self.nats_auth else None
+        return credentials_file(self.data_dir, identity) if self.nats_auth else None
 
     def nats_options(self, identity: str) -> dict[str, Any]:
         """nats-py's connect options for `identity`: its credential and its own inbox."""
-        credentials = self.credentials(identity)
-        if credentials is None:
-            return {}
-        return {"user_credentials": str(credentials), "inbox_prefix": inbox_prefix(identity)}
+        return credential_options(self.credentials(identity), identity)
 
     async def bus(self, identity: str = ADMIN, access: Access = ADMIN_ACCESS) -> Bus:
         """A bus connection as `identity` (by default the admin, which may do anything): for

@@ -16,7 +16,7 @@ import asyncpg
 from rich.console import Console
 from rich.table import Table
 
-from infra.nats_auth import Authority, declarations, permission_table, user_permissions
+from infra.nats_auth import Authority, declarations, permission_table, user_credentials_file, user_permissions
 from services.quota import accounts, audit, plans, policy
 from services.quota import log as quota_log
 from services.quota.migrate import upgrade
@@ -89,7 +89,7 @@ def _accounts_add_user(args: argparse.Namespace) -> int:
     if not Authority.exists(settings.data_dir):
         err.print(f"kiln: no Kiln keys in {settings.data_dir}/nats/auth: start Kiln once (`make run`)")
         return EXIT_BAD_REQUEST
-    path = args.output or settings.data_dir / "nats" / "users" / f"{args.user}.creds"
+    path = args.output or user_credentials_file(settings.data_dir, args.user)
     Authority.open(settings.data_dir).write_credentials(
         path, args.user, user_permissions(args.user), ttl_s=args.days * 24 * 3600
     )

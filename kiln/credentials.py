@@ -13,7 +13,7 @@ import base64
 import json
 from pathlib import Path
 
-from infra.nats_auth import Authority, service_permissions, user_permissions
+from infra.nats_auth import Authority, credentials_file, service_permissions, user_permissions, write_private
 from kiln.client import CLIENT_ACCESS
 from shared.events import ID_PATTERN
 from shared.settings import Settings
@@ -44,23 +44,20 @@ def for_command(settings: Settings, user: str | None) -> tuple[Path | None, str]
             "(or KILN_DATA_DIR to the folder of a running Kiln)"
         )
     authority = Authority.open(settings.data_dir)
-    folder = settings.data_dir / "nats" / "creds"
     if user is None or not ID_PATTERN.match(user):
         # `kiln status`; or a user id no subject can hold, which the command refuses itself.
-        allowed = service_permissions(OPERATOR, CLIENT_ACCESS)
-        return authority.write_credentials(folder / f"{OPERATOR}.creds", OPERATOR, allowed, MINTED_TTL_S), OPERATOR
-    path = folder / f"cli-{user}.creds"
+        path = credentials_file(settings.data_dir, OPERATOR)
+        return authority.write_credentials(
+            path, OPERATOR, service_permissions(OPERATOR, CLIENT_ACCESS), MINTED_TTL_S
+        ), OPERATOR
+    path = credentials_file(settings.data_dir, f"cli-{user}")
     return authority.write_credentials(path, user, user_permissions(user), MINTED_TTL_S), user
 
 
 def login(credentials: Path) -> str:
     """Keep a user's credential where every later command finds it; return whose it is."""
     holder = holder_of(credentials)
-    kept = login_file()
-    kept.parent.mkdir(parents=True, exist_ok=True)
-    kept.touch(mode=0o600)
-    kept.chmod(0o600)
-    kept.write_text(credentials.read_text())
+    write_private(login_file(), credentials.read_bytes())
     return holder
 
 

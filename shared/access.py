@@ -9,11 +9,21 @@ the same declaration can become the connection's NATS permissions.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 
 def inbox_prefix(identity: str) -> str:
     """Each identity's replies come to its own inbox, which only it may subscribe to."""
     return f"_INBOX_{identity}"
+
+
+def credential_options(credentials: Path | None, identity: str) -> dict[str, Any]:
+    """nats-py's connect options for a credential made for `identity`: the credential, and
+    replies to its own inbox (the only one it may read). None: no options."""
+    if credentials is None:
+        return {}
+    return {"user_credentials": str(credentials), "inbox_prefix": inbox_prefix(identity)}
 
 
 class Undeclared(Exception):

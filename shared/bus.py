@@ -50,7 +50,7 @@ from nats.js.object_store import ObjectStore
 from opentelemetry import trace
 
 from shared import consuming, subjects
-from shared.access import Access, inbox_prefix
+from shared.access import Access, credential_options
 from shared.events import AnyEvent, Event, decode_message, encode
 from shared.subjects import Bucket, Stream
 from shared.telemetry import context_from_headers, inject_headers, user_ref
@@ -125,8 +125,7 @@ class Bus:
             log.warning("NATS: %s", error or type(error).__name__)  # one line, not a traceback
 
         settings: dict[str, Any] = {"max_reconnect_attempts": -1, "error_cb": on_error} | options
-        if credentials is not None:
-            settings |= {"user_credentials": str(credentials), "inbox_prefix": inbox_prefix(service)}
+        settings |= credential_options(credentials, service)
         nc = await nats.connect(url, name=f"kiln-{service}", **settings)
         return cls(nc, service, tracer, access)
 

@@ -42,7 +42,17 @@ from services.render.thermal import ThermalGuard
 from shared import consuming, subjects
 from shared.bus import Bus
 from shared.consuming import Received
-from shared.events import RenderCompleted, RenderFailed, RenderProgress, RenderRequested, as_utc, utcnow
+from shared.events import (
+    MAX_SIDE,
+    MAX_STEPS,
+    MIN_SIDE,
+    RenderCompleted,
+    RenderFailed,
+    RenderProgress,
+    RenderRequested,
+    as_utc,
+    utcnow,
+)
 from shared.failpoints import failpoint
 from shared.service import sleep_unless_stopped
 from shared.telemetry import context_from_headers, mark_failed, record_failure
@@ -93,8 +103,8 @@ class RenderWorker:
         attempts: Attempts,
         *,
         max_wait_s: float,
-        max_side: int = 512,
-        max_steps: int = 50,
+        max_side: int = MAX_SIDE,
+        max_steps: int = MAX_STEPS,
     ) -> None:
         self.bus = bus
         self.store = store
@@ -273,8 +283,8 @@ class RenderWorker:
     def _check_job(self, job: RenderRequested) -> None:
         """Context composed the job within the limits; render checks again, so that a job
         from anywhere else (a compromised service) cannot hold a GPU or read another's image."""
-        if max(job.width, job.height) > self.max_side or min(job.width, job.height) < 8:
-            raise BadInput(f"{job.width}×{job.height} is outside 8..{self.max_side} a side")
+        if max(job.width, job.height) > self.max_side or min(job.width, job.height) < MIN_SIDE:
+            raise BadInput(f"{job.width}×{job.height} is outside {MIN_SIDE}..{self.max_side} a side")
         if not 1 <= job.steps <= self.max_steps:
             raise BadInput(f"{job.steps} steps is outside 1..{self.max_steps}")
         if job.source_key is not None and not job.source_key.startswith(f"{job.user_id}/"):

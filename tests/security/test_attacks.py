@@ -25,7 +25,7 @@ from infra.nats_auth import Authority, user_permissions
 from infra.platform import Platform
 from kiln.client import KilnClient
 from shared import subjects
-from shared.access import inbox_prefix
+from shared.access import credential_options
 from shared.events import (
     ImageDelivered,
     PromptSubmitted,
@@ -87,9 +87,7 @@ async def _connect_as(platform: Platform, name: str, folder: Path) -> Intruder:
     async def on_error(error: Exception) -> None:
         intruder.violations.append(str(error))
 
-    intruder.nc = await nats.connect(
-        platform.nats_url, user_credentials=str(credentials), inbox_prefix=inbox_prefix(name), error_cb=on_error
-    )
+    intruder.nc = await nats.connect(platform.nats_url, **credential_options(credentials, name), error_cb=on_error)
     return intruder
 
 
