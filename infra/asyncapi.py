@@ -474,7 +474,7 @@ def _client_operations(access: Access) -> dict[str, Any]:
                 channel,
                 CLIENT,
                 f"A client reads `{stream.name}` directly: a subject's last message (a request's recorded "
-                "outcome) or its history.",
+                "decision or outcome) or its history.",
             )
     return operations
 

@@ -108,8 +108,9 @@ def service_permissions(name: str, access: Access) -> Permissions:
 
 def user_permissions(user_id: str) -> Permissions:
     """A user's own subjects only: submit and cancel its requests, ask its quota and the
-    public lists, hear its progress and outcomes, read its stored outcomes (the
-    subject-appended direct get names the subject, so a permission can scope it)."""
+    public lists, hear its progress and outcomes, read its stored outcomes and quota's
+    decisions (the trace a request runs in) by the subject-appended direct get, which
+    names the subject, so a permission can scope it."""
     return Permissions(
         publish=(
             subjects.prompt_submitted(user_id),
@@ -119,6 +120,7 @@ def user_permissions(user_id: str) -> Permissions:
             subjects.CONTEXT_STYLES.pattern,
             subjects.CONTEXT_TURNS.subject(user_id, "*"),
             f"$JS.API.DIRECT.GET.{subjects.OUTCOMES.name}.{subjects.OUTCOME.subject(user_id, '*')}",
+            f"$JS.API.DIRECT.GET.{subjects.QUOTA.name}.{subjects.QUOTA_DECIDED.subject(user_id, '*')}",
         ),
         subscribe=(
             subjects.RENDER_PROGRESS.subject(user_id, "*"),
@@ -198,7 +200,7 @@ def permission_markdown(declared: dict[str, Access]) -> str:
     published = [s for s in user.publish if not s.startswith("$JS")]
     rows.append(
         f"| a user | {_codes(published)} | {_codes(s for s in user.subscribe if not s.startswith('_INBOX'))} "
-        f"| its own outcomes, by direct get |"
+        f"| its own decisions and outcomes, by direct get |"
     )
     return "\n".join(rows)
 

@@ -220,11 +220,11 @@ async def _one_request(client: KilnClient, args: argparse.Namespace, settings: S
                 **fields,
             )
         except asyncio.CancelledError:  # Ctrl-C: asyncio.run cancels us, then raises KeyboardInterrupt
-            _say_interrupted(args, request_id)
+            _say_interrupted(args.user, request_id, _wait_again(args, request_id))
             raise
         except TimeoutError as error:
             _say(f"kiln: {error}; it may still finish. To keep waiting: {_wait_again(args, request_id)}")
-            console.print(f"trace: {trace_link}")
+            console.print(f"trace: {await _original_trace(client, settings, args, request_id, trace_link)}")
             return EXIT_TIMEOUT
         except nats.errors.Error as error:
             console.print(
@@ -233,7 +233,7 @@ async def _one_request(client: KilnClient, args: argparse.Namespace, settings: S
             )
             return EXIT_FAILED
     code = _say_outcome(outcome)
-    console.print(f"trace: {trace_link}")
+    console.print(f"trace: {await _original_trace(client, settings, args, request_id, trace_link)}")
     if code or not args.output:
         return code
     return await _save(client, outcome, args.output, native=args.native)
@@ -248,13 +248,30 @@ def _request_trace(settings: Settings) -> Iterator[str]:
         yield settings.trace_link(trace_id) or trace_id
 
 
-def _say_interrupted(args: argparse.Namespace, request_id: str) -> None:
+async def _original_trace(
+    client: KilnClient, settings: Settings, args: argparse.Namespace, request_id: str, own_link: str
+) -> str:
+    """Where to see the request's trace. A re-run with --request-id waits in a trace of its
+    own, without the render: link the one the request was first submitted in. (A new
+    request's first submission is this command's own, so no look-up is needed.)"""
+    if not args.request_id:
+        return own_link
+    try:
+        trace_id = await client.trace_id(args.user, request_id)
+    except (TimeoutError, nats.errors.Error):  # a credential from before decisions were readable, say
+        trace_id = None
+    if trace_id is None:
+        return own_link
+    return settings.trace_link(trace_id) or trace_id
+
+
+def _say_interrupted(user_id: str, request_id: str, wait_again: str) -> None:
     """Ctrl-C stops the waiting, not the request: say so, and how to cancel it or wait on."""
-    cancel = [*_program(), "cancel", request_id, "--user", args.user]
+    cancel = [*_program(), "cancel", request_id, "--user", user_id]
     _say(
         f"interrupted: request {request_id} goes on, and is charged unless you cancel it.\n"
         f"  to cancel it:    {shlex.join(cancel)}\n"
-        f"  to keep waiting: {_wait_again(args, request_id)}"
+        f"  to keep waiting: {wait_again}"
     )
 
 
@@ -454,17 +471,23 @@ async def _chat_turn(
     client: KilnClient, args: argparse.Namespace, settings: Settings, conversation: str, text: str, style: str | None
 ) -> bool:
     """Draw one turn; whether an image came of it."""
-    outcome, trace_link = await _draw(
-        client,
-        settings,
-        text,
-        user_id=args.user,
-        conversation_id=conversation,
-        style=style,
-        width=args.size,
-        height=args.size,
-        steps=args.steps,
-    )
+    request_id = uuid.uuid4().hex  # chosen here, so that Ctrl-C can name it
+    try:
+        outcome, trace_link = await _draw(
+            client,
+            settings,
+            text,
+            user_id=args.user,
+            request_id=request_id,
+            conversation_id=conversation,
+            style=style,
+            width=args.size,
+            height=args.size,
+            steps=args.steps,
+        )
+    except asyncio.CancelledError:  # Ctrl-C ends the chat, not the request in flight
+        _say_interrupted(args.user, request_id, _wait_for_turn(args, conversation, text, request_id))
+        raise
     delivered = _say_outcome(outcome) == 0
     console.print(f"trace: {trace_link}")
     if not delivered:
@@ -473,6 +496,17 @@ async def _chat_turn(
         args.save.mkdir(parents=True, exist_ok=True)
         await _save(client, outcome, args.save / f"{outcome.request_id}.png", native=args.native)
     return True
+
+
+def _wait_for_turn(args: argparse.Namespace, conversation: str, text: str, request_id: str) -> str:
+    """The `generate` that waits for a chat turn's request (the same prompt, should it
+    have to be submitted again: it is idempotent)."""
+    command = [*_program(), "generate", text, "--user", args.user, "--conversation", conversation]
+    if args.size != DEFAULT_SIZE:
+        command += ["--size", str(args.size)]
+    if args.steps != DEFAULT_STEPS:
+        command += ["--steps", str(args.steps)]
+    return shlex.join([*command, "--request-id", request_id])
 
 
 async def _ask(prompt: str) -> str:

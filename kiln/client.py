@@ -42,7 +42,7 @@ from shared.events import (
 )
 from shared.records import Outcome, read_outcome
 from shared.subjects import Channel
-from shared.telemetry import mark_failed, user_ref
+from shared.telemetry import mark_failed, trace_id_in, user_ref
 
 ProgressCallback = Callable[[RenderProgress], None]
 
@@ -57,9 +57,10 @@ class ServiceUnavailable(Exception):
 
 
 # What a client does on the bus: send prompts and cancels, hear progress and outcomes, read
-# outcomes, store masks, ask the services (a conversation's turns come from context). The
-# playground (delivery) acts for its signed-in users through the same SDK. With auth on, a
-# user's own credential narrows all of it to that user's subjects (`infra.nats_auth`).
+# outcomes and quota's decisions (the trace a request runs in), store masks, ask the services
+# (a conversation's turns come from context). The playground (delivery) acts for its
+# signed-in users through the same SDK. With auth on, a user's own credential narrows all of
+# it to that user's subjects (`infra.nats_auth`).
 CLIENT_CHANNELS = (
     subjects.PROMPT_SUBMITTED,
     subjects.RENDER_CANCEL,
@@ -69,7 +70,7 @@ CLIENT_CHANNELS = (
     subjects.CONTEXT_TURNS,
 )
 CLIENT_HEARS = (subjects.RENDER_PROGRESS, subjects.OUTCOME, subjects.FLEET_TELEMETRY)
-CLIENT_READS = (subjects.OUTCOMES,)
+CLIENT_READS = (subjects.OUTCOMES, subjects.QUOTA)
 CLIENT_ACCESS = Access(
     publish=frozenset(c.pattern for c in CLIENT_CHANNELS),
     subscribe=frozenset(c.pattern for c in CLIENT_HEARS),
@@ -324,6 +325,20 @@ class KilnClient:
     async def recorded_outcome(self, user_id: str, request_id: str) -> Outcome | None:
         """The request's outcome if JetStream holds one."""
         return await read_outcome(self.bus, user_id, request_id)
+
+    async def trace_id(self, user_id: str, request_id: str) -> str | None:
+        """The trace the request runs in, the one with its render: that of quota's decision
+        (context and render continue it; kept a week), else of its outcome (kept a year).
+        None before either is recorded. A client waiting on a request it did not submit
+        (`--request-id`) is in a trace of its own; this is the one to look at."""
+        for stream, subject in (
+            (subjects.QUOTA, subjects.quota_decided(user_id, request_id)),
+            (subjects.OUTCOMES, subjects.outcome(user_id, request_id)),
+        ):
+            stored = await self.bus.last_message(stream, subject)
+            if stored is not None and (trace_id := trace_id_in(stored.headers)):
+                return trace_id
+        return None
 
     async def download(self, delivered: ImageDelivered) -> bytes:
         async with httpx.AsyncClient() as http:

@@ -31,6 +31,11 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
 from opentelemetry.trace import Status, StatusCode
 
+# Buckets for the time histograms, in seconds: from a tiny model's batch up to 10 minutes (a
+# 512×512, 50-step job renders for about 8 on a CPU). A value past the last bucket counts
+# only in +Inf, where no quantile can be read from it.
+SECONDS_UP_TO_10_MIN = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600]
+
 _provider: TracerProvider | None = None
 _meter_provider: MeterProvider | None = None
 
@@ -122,6 +127,12 @@ def user_ref(user_id: str) -> str:
 
 def trace_id_of(span: trace.Span) -> str:
     return format(span.get_span_context().trace_id, "032x")
+
+
+def trace_id_in(headers: dict[str, str] | None) -> str | None:
+    """The trace a message was published in, from its `traceparent`; None without one."""
+    context = trace.get_current_span(context_from_headers(headers)).get_span_context()
+    return format(context.trace_id, "032x") if context.is_valid else None
 
 
 def inject_headers(headers: dict[str, str], context: Context | None = None) -> dict[str, str]:

@@ -9,4 +9,5 @@ storage     image_records.py                 each image's owner and prompt (KV `
 events out  ImageDelivered / RequestFailed   (kiln.outcome.<user>.<request>)
 http        http.py                          images, share pages, the playground's API, /healthz
             playground/                      the playground: one page of plain HTML, CSS and JS
+metrics     metrics.py                       outcomes, end-to-end latency, HTTP requests by route
 """

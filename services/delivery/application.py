@@ -9,21 +9,20 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import msgspec
+import nats.errors
 import uvicorn
-from opentelemetry import metrics, trace
+from opentelemetry import trace
 
+from services.delivery import metrics
 from services.delivery.http import Site, create_app
 from services.delivery.image_records import ImageRecord, ImageRecords
 from services.delivery.links import Links, Signer, load_secret
 from services.delivery.outcome import outcome
 from shared import subjects
 from shared.bus import Bus
-from shared.events import RenderCompleted, RenderFailed
+from shared.events import QuotaGranted, RenderCompleted, RenderFailed
 from shared.settings import Settings
-
-outcomes = metrics.get_meter("kiln.delivery").create_counter(
-    "kiln_delivery_outcomes", description="Render results turned into outcomes: delivered or failed"
-)
 
 
 class Delivery:
@@ -65,13 +64,26 @@ class Delivery:
                 )
         subject, result = outcome(event, self.site.links, time.time())
         if await self.bus.publish(subject, result, first_on_subject=True):
-            outcomes.add(1, {"outcome": "delivered" if isinstance(event, RenderCompleted) else "failed"})
+            metrics.count_outcome(result, await self._grant(event))
+
+    async def _grant(self, event: RenderCompleted | RenderFailed) -> QuotaGranted | None:
+        """The request's grant, which holds its submission: for the latency metric only, so
+        a failed look-up costs the one observation, not the outcome's handling."""
+        try:
+            stored = await self.bus.last_message(
+                subjects.QUOTA, subjects.quota_decided(event.user_id, event.request_id)
+            )
+            decision = stored.event() if stored is not None else None
+        except (TimeoutError, nats.errors.Error, msgspec.DecodeError):
+            return None
+        return decision if isinstance(decision, QuotaGranted) else None
 
     async def serve_http(self, stop: asyncio.Event) -> None:
         """The HTTP side, until `stop`."""
         settings = self.site.settings
+        app = create_app(self.site)
         config = uvicorn.Config(
-            create_app(self.site),
+            metrics.HttpMetrics(app, app.routes),
             host=settings.http_host,
             port=settings.http_port,
             log_level="warning",

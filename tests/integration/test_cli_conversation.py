@@ -48,11 +48,12 @@ async def _run(platform: Platform, command: list[str], stdin: str = "") -> subpr
     )
 
 
-async def _start(platform: Platform, command: list[str]) -> asyncio.subprocess.Process:
+async def _start(platform: Platform, command: list[str], stdin: int | None = None) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         *command,
         cwd=PROJECT_ROOT,
         env=_env(platform),
+        stdin=stdin,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -125,8 +126,11 @@ async def test_timeout_and_ctrl_c_say_how_to_go_on_and_cancel_stops_the_request(
         # 1. A timeout: the command to keep waiting, and the trace, as a delivered request has.
         timed_out = await _kiln(platform, "generate", "a red circle", "--user", user, "--timeout", "4")
         assert timed_out.returncode == 4, timed_out.stderr
-        assert re.search(r"^trace: \S*[0-9a-f]{32}", timed_out.stderr, re.MULTILINE), timed_out.stderr
+        first_trace = _trace_id(timed_out.stderr)
         wait_for_first = _printed_command(timed_out.stderr, "To keep waiting")
+        # Waiting again, and timing out again, links the request's own trace, not the re-run's.
+        again = await _run(platform, wait_for_first)
+        assert again.returncode == 4 and _trace_id(again.stderr) == first_trace, again.stderr
 
         # 2. Ctrl-C while the request waits: its id, that it goes on and is charged, and the
         #    exact commands to cancel it or to keep waiting.
@@ -156,6 +160,7 @@ async def test_timeout_and_ctrl_c_say_how_to_go_on_and_cancel_stops_the_request(
     assert second.returncode == 3 and "failed at render: cancelled" in second.stderr, second.stderr
     first = await _run(platform, wait_for_first)
     assert first.returncode == 0 and "drawn as: a red circle" in first.stderr, first.stderr
+    assert _trace_id(first.stderr) == first_trace, "the re-run links a trace without the render"
 
     # 5. A request that has ended is past cancelling, and the CLI says how it ended.
     first_id = wait_for_first[wait_for_first.index("--request-id") + 1]
@@ -167,6 +172,48 @@ async def test_timeout_and_ctrl_c_say_how_to_go_on_and_cancel_stops_the_request(
     # The cancelled request was refunded: one image used, the delivered one.
     quota = await _kiln(platform, "quota", "--user", user)
     assert "1 of 3 images used today" in quota.stdout, quota.stdout
+
+
+async def test_ctrl_c_in_chat_names_the_request_in_flight_and_how_to_cancel_or_keep_waiting(
+    platform: Platform, client: KilnClient, user: str
+):
+    with replaced(platform, "render"):  # no render worker: the turn waits in the queue
+        chat = await _start(platform, [*KILN, "chat", "--user", user], stdin=asyncio.subprocess.PIPE)
+        chat.stdin.write(b"a red circle\n")
+        await chat.stdin.drain()
+        await _wait_until_queued(client, user, jobs=1)
+        chat.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(chat.communicate(), 30)
+        interrupted = err.decode()
+        assert chat.returncode == 130, interrupted
+        conversation = re.search(r"^conversation (c-\w+)\.", interrupted, re.MULTILINE)[1]
+        request_id = re.search(r"interrupted: request (\w+) goes on, and is charged unless you cancel it", interrupted)
+        assert request_id, interrupted
+        cancel = _printed_command(interrupted, "to cancel it")
+        keep_waiting = _printed_command(interrupted, "to keep waiting")
+        assert cancel == [*KILN, "cancel", request_id[1], "--user", user]
+        assert keep_waiting == [
+            *KILN, "generate", "a red circle", "--user", user, "--conversation", conversation,
+            "--request-id", request_id[1],
+        ]  # fmt: skip
+
+        # The printed commands do what they say: the cancel, sent while the turn waits…
+        cancelling = await _start(platform, [*cancel, "--timeout", "90"])
+        await _wait_until_cancel_recorded(client, user, request_id[1])
+    _, err = await asyncio.wait_for(cancelling.communicate(), 120)
+    assert cancelling.returncode == 0 and f"cancelled request {request_id[1]}" in err.decode(), err.decode()
+    # … and the wait picks the same request up: cancelled, not drawn, not charged.
+    waited = await _run(platform, keep_waiting)
+    assert waited.returncode == 3 and "failed at render: cancelled" in waited.stderr, waited.stderr
+    quota = await _kiln(platform, "quota", "--user", user)
+    assert "0 of 3 images used today" in quota.stdout, quota.stdout
+
+
+def _trace_id(output: str) -> str:
+    """The trace id in the `trace:` line the CLI printed (a tracing UI's link, or the id)."""
+    found = re.search(r"^trace: \S*?([0-9a-f]{32})$", output, re.MULTILINE)
+    assert found, f"no trace in: {output}"
+    return found[1]
 
 
 async def _wait_until_queued(client: KilnClient, user: str, jobs: int, timeout_s: float = 60) -> None:

@@ -149,8 +149,13 @@ def _value(text: str, series: str) -> float:
 
 async def test_each_service_serves_its_metrics_with_live_values(platform: Platform, client: KilnClient, user: str):
     for _ in range(3):
-        assert isinstance(await client.generate("a red circle", user_id=user), ImageDelivered)
+        delivered = await client.generate("a red circle", user_id=user)
+        assert isinstance(delivered, ImageDelivered)
     await client.generate("a red circle", user_id=user)  # the fourth: denied
+    await client.download(delivered)  # by its signed link
+    async with httpx.AsyncClient(base_url=platform.http_url, timeout=10) as http:
+        assert (await http.get(f"/images/{user}/{delivered.request_id}.png")).status_code == 403  # no session
+        assert (await http.get(f"/no/such/page/{user}")).status_code == 404
     await asyncio.sleep(1.5)  # a heartbeat or two
 
     quota = await _metrics(platform.metrics_ports["quota"])
@@ -174,6 +179,20 @@ async def test_each_service_serves_its_metrics_with_live_values(platform: Platfo
 
     delivery = await _metrics(platform.metrics_ports["delivery"])
     assert _value(delivery, 'kiln_delivery_outcomes_total{outcome="delivered"}') >= 3
+    # End to end, from the prompt's submission, in buckets up to 10 minutes.
+    latency = 'kiln_request_latency_seconds_{}{{outcome="delivered",plan="free",tier="free"{}}}'
+    assert _value(delivery, latency.format("count", "")) >= 3
+    assert _value(delivery, latency.format("sum", "")) > 0
+    assert _value(delivery, latency.format("bucket", ',le="600"')) >= 3
+    # HTTP requests by route template and status: no path, so no user or request id.
+    image = 'route="/images/{user_id}/{request_id}.png",method="GET"'
+    assert _value(delivery, f'kiln_http_requests_total{{{image},status="200"}}') >= 1
+    assert _value(delivery, f'kiln_http_requests_total{{{image},status="403"}}') >= 1
+    assert _value(delivery, 'kiln_http_requests_total{route="/healthz",method="GET",status="200"}') >= 1
+    assert _value(delivery, 'kiln_http_requests_total{route="unmatched",method="GET",status="404"}') >= 1
+    assert _value(delivery, f'kiln_http_request_duration_seconds_count{{{image},status="200"}}') >= 1
+    assert _value(delivery, f'kiln_http_request_duration_seconds_bucket{{{image},status="200",le="600"}}') >= 1
+    assert user not in delivery and delivered.request_id not in delivery
 
 
 async def test_render_metrics_show_jobs_in_flight_their_queue_wait_and_renders_up_to_ten_minutes(

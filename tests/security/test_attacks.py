@@ -114,11 +114,12 @@ async def test_without_a_credential_nobody_gets_in(platform: Platform):
 
 async def test_a_user_credential_does_what_a_user_should(platform: Platform, mallory: Intruder):
     """The positive control: the SDK with the user's own credential submits, hears its
-    progress and outcome, reads its stored outcome and its quota."""
+    progress and outcome, reads its stored outcome, its decision's trace and its quota."""
     async with await KilnClient.connect(platform.nats_url, mallory.credentials, mallory.name) as own:
         delivered = await own.generate("a red circle", user_id=mallory.name)
         assert isinstance(delivered, ImageDelivered)
         assert await own.recorded_outcome(mallory.name, delivered.request_id) == delivered
+        assert await own.trace_id(mallory.name, delivered.request_id)
         assert (await own.quota(mallory.name)).used == 1
         assert await own.styles()
     assert mallory.violations == []
@@ -151,13 +152,15 @@ async def test_a_user_cannot_act_for_another(mallory: Intruder, user: str, victi
 
 
 async def test_a_user_cannot_read_what_is_not_its_own(mallory: Intruder, user: str, victim_image: ImageDelivered):
-    """(d) another's outcomes, progress, conversations and images; any other inbox."""
+    """(d) another's outcomes, decisions, progress, conversations and images; any other inbox."""
     await mallory.subscribe(subjects.OUTCOME.subject(user, "*"))
     await mallory.subscribe(subjects.RENDER_PROGRESS.subject(user, "*"))
     await mallory.subscribe("_INBOX.>")
     await mallory.subscribe(">")
     outcome = subjects.outcome(user, victim_image.request_id)
     await mallory.request(f"$JS.API.DIRECT.GET.{subjects.OUTCOMES.name}.{outcome}")
+    decision = subjects.quota_decided(user, victim_image.request_id)
+    await mallory.request(f"$JS.API.DIRECT.GET.{subjects.QUOTA.name}.{decision}")
     await mallory.request(f"$JS.API.STREAM.MSG.GET.{subjects.OUTCOMES.name}")
     await mallory.request(f"$JS.API.CONSUMER.CREATE.{subjects.CONVERSATIONS.name}")
     await mallory.request(f"$JS.API.STREAM.INFO.OBJ_{subjects.IMAGES.name}")
