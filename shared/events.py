@@ -84,7 +84,7 @@ class PromptSubmitted(Event, kw_only=True):
     submitted_at: datetime = msgspec.field(default_factory=utcnow)
 
 
-DenialReason = Literal["daily_limit", "rate_limit", "capacity", "invalid"]
+DenialReason = Literal["daily_limit", "rate_limit", "capacity", "invalid", "too_costly"]
 # Fleet pressure, from the render workers' heartbeats; quota sheds load by it.
 Pressure = Literal["normal", "elevated", "critical"]
 
@@ -100,6 +100,10 @@ class QuotaGranted(Event, kw_only=True):
     pressure: Pressure = "normal"  # the fleet pressure the decision saw
     over_soft_cap: bool = False  # served, but past the plan's soft cap: flagged for monitoring
     tokens_left: float | None = None  # the rate bucket after this grant (None: no bucket)
+    # Seconds of a worker's time the image should take (priced from the workers' measured
+    # speed; None: not measured yet) and what the plan allows an image (None: no budget).
+    estimate_s: float | None = None
+    budget_s: float | None = None
     submission: PromptSubmitted
     decided_at: datetime = msgspec.field(default_factory=utcnow)
 
@@ -152,6 +156,7 @@ class RenderRequested(Planned, kw_only=True):
     mask_key: str | None = None
     strength: float = 0.8
     composition: Composition | None = None
+    budget_s: float | None = None  # the plan's seconds per image: a render far past it is stopped
     requested_at: datetime = msgspec.field(default_factory=utcnow)
 
 
@@ -259,6 +264,10 @@ class WorkerHeartbeat(msgspec.Struct, kw_only=True):
     # The batch in the pipeline now ("<user>/<request>" each) and since when: for operators.
     rendering: list[str] = msgspec.field(default_factory=list)
     rendering_since: datetime | None = None
+    # Measured seconds per image-step by size ("32x32"), for pricing (shared.cost), and
+    # how long the batch in hand should still take.
+    step_seconds: dict[str, float] = msgspec.field(default_factory=dict)
+    rendering_left_s: float = 0.0
     at: datetime = msgspec.field(default_factory=utcnow)
 
 

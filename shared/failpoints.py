@@ -1,13 +1,15 @@
 """Failpoints: named places where a test can make a service fail on purpose, to prove that
 nothing is lost when it fails exactly there. Off unless KILN_FAILPOINT names one (the
 service runner arms it from the settings): `name` makes the process die there,
-`name:raise` makes that step raise."""
+`name:raise` makes that step raise, `name:slow` makes it take a second longer."""
 
 from __future__ import annotations
 
 import os
+import time
 
 EXIT_CODE = 86
+SLOW_S = 1.0
 
 _armed: str | None = None
 
@@ -27,3 +29,5 @@ def failpoint(name: str) -> None:
         os._exit(EXIT_CODE)  # no cleanup, no flush: like a power cut to this process
     if _armed == f"{name}:raise":
         raise InjectedFault(f"failpoint {name}")
+    if _armed == f"{name}:slow":
+        time.sleep(SLOW_S)

@@ -38,7 +38,7 @@ from services.quota.plans import DEFAULT_PLAN, Config
 from services.quota.pressure import FleetMonitor
 from services.quota.relay import POLL_S as RELAY_POLL_S
 from services.quota.relay import publish_decision, relay_once
-from shared import subjects
+from shared import model_card, subjects
 from shared.bus import Bus, Message
 from shared.consuming import Received
 from shared.events import (
@@ -52,6 +52,7 @@ from shared.events import (
     as_utc,
 )
 from shared.failpoints import failpoint
+from shared.model_card import ModelCard
 from shared.service import CannotStart, sleep_unless_stopped
 from shared.settings import Settings
 
@@ -63,11 +64,14 @@ DECIDER = f"{socket.gethostname()}-{os.getpid()}"  # which quota process decided
 
 
 class QuotaService:
-    def __init__(self, pool: asyncpg.Pool, bus: Bus, config: Config, fleet: FleetMonitor) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, bus: Bus, config: Config, fleet: FleetMonitor, card: ModelCard = ModelCard()
+    ) -> None:
         self.pool = pool
         self.bus = bus
         self.config = config
         self.fleet = fleet
+        self.card = card  # the model's native sizes
         self._tasks: set[asyncio.Task] = set()
 
     @classmethod
@@ -78,12 +82,16 @@ class QuotaService:
             config = plans.load(settings.plans_file)
         except plans.ConfigError as error:
             raise CannotStart(f"cannot read the plans: {error}") from error
+        try:
+            card = model_card.load(settings.model_path)
+        except model_card.CardError as error:
+            raise CannotStart(f"cannot read the model card: {error}") from error
         await asyncio.to_thread(upgrade, settings.database_address)
         pool = await quota_log.connect(settings.database_address)
         try:
             fleet = FleetMonitor(config.pressure)
             metrics.watch_pressure(fleet)
-            yield cls(pool, bus, config, fleet)
+            yield cls(pool, bus, config, fleet, card)
         finally:
             await pool.close()
 
@@ -191,6 +199,7 @@ class QuotaService:
         """Decide the requests not decided before, in order; each decision is applied to
         its user's state at once, so the next request of that user sees it."""
         pressure, why = self.fleet.level()
+        pricing = policy.Pricing(sizes=self.card.sizes, step_seconds=self.fleet.step_seconds())
         entries = []
         for delivery in batch:
             submission: PromptSubmitted = delivery.event
@@ -201,7 +210,7 @@ class QuotaService:
             plan_name = user.plan if user.plan in self.config.plans else DEFAULT_PLAN
             plan = self.config.plan(plan_name)
             state_before = msgspec.to_builtins(state)
-            decision = policy.decide(submission, plan_name, plan, state, pressure, self.config.shedding, now)
+            decision = policy.decide(submission, plan_name, plan, state, pressure, self.config.shedding, now, pricing)
             policy.apply(state, decision)
             decisions[_key(submission)] = decision
             if isinstance(decision, QuotaGranted) and decision.over_soft_cap:
@@ -227,6 +236,7 @@ class QuotaService:
                             "plan": msgspec.to_builtins(plan),
                             "shedding": msgspec.to_builtins(self.config.shedding),
                             "state_before": state_before,
+                            "pricing": msgspec.to_builtins(pricing),
                         },
                     },
                 )

@@ -105,7 +105,7 @@ async def replay(conn: asyncpg.Connection, user_id: str | None = None, since: da
         event = from_payload(row["payload"])
         state = states.setdefault(event.user_id, policy.UserState())
         if isinstance(event, QuotaGranted | QuotaDenied) and (since is None or event.decided_at >= since):
-            if row["metadata"].get("policy_version") != policy.POLICY_VERSION:
+            if row["metadata"].get("policy_version") not in policy.REPLAYABLE_VERSIONS:
                 report.skipped += 1
             else:
                 report.checked += 1
@@ -133,6 +133,7 @@ def _replay_decision(recorded: QuotaGranted | QuotaDenied, meta: dict[str, Any],
         meta["pressure"],
         msgspec.convert(inputs["shedding"], Shedding),
         recorded.decided_at,
+        msgspec.convert(inputs.get("pricing", {}), policy.Pricing),
     )
     want, got = msgspec.to_builtins(recorded), msgspec.to_builtins(again)
     if want != got:

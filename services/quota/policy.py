@@ -14,13 +14,26 @@ import msgspec
 
 from services.quota.log_events import LogEvent, QuotaAdjusted, QuotaRefunded
 from services.quota.plans import Plan, Shedding
+from shared import cost
 from shared.events import MAX_SIDE, MAX_STEPS, MIN_SIDE, Pressure, PromptSubmitted, QuotaDenied, QuotaGranted
+from shared.model_card import ModelCard
 
-POLICY_VERSION = "2"
+POLICY_VERSION = "3"  # 3: sizes and cost (`Pricing`)
+# Versions whose decisions replay re-runs: version 2 had no pricing, which `Pricing()` is.
+REPLAYABLE_VERSIONS = ("2", "3")
 MAX_PROMPT_CHARS = 1000
 SIZE_RANGE = (MIN_SIDE, MAX_SIDE)
 STEPS_RANGE = (1, MAX_STEPS)
 MAX_SEED = 2**63 - 1  # what every torch generator accepts
+
+
+class Pricing(msgspec.Struct, frozen=True):
+    """What quota knows of the model and the fleet when it decides (recorded with the
+    decision): the model's native sides (None: any) and the workers' measured seconds per
+    image-step by size (empty: none measured yet, so no request is priced)."""
+
+    sizes: list[int] | None = None
+    step_seconds: dict[str, float] = {}
 
 
 class Usage(msgspec.Struct):
@@ -110,6 +123,7 @@ def decide(
     pressure: Pressure,
     shedding: Shedding,
     now: datetime,
+    pricing: Pricing = Pricing(),
 ) -> QuotaGranted | QuotaDenied:
     ids = dict(
         request_id=submission.request_id,
@@ -128,9 +142,18 @@ def decide(
             decided_at=now,
         )
 
-    problem = invalid_reason(submission)
+    problem = invalid_reason(submission) or ModelCard(sizes=pricing.sizes).size_problem(
+        submission.width, submission.height
+    )
     if problem is not None:
         return deny("invalid", problem, None)
+
+    # What the image costs is known before anyone is charged: one over the plan's budget
+    # is refused with what would fit, not left to hold a worker for minutes.
+    estimate = cost.estimate_s(pricing.step_seconds, submission.width, submission.height, submission.steps)
+    budget = plan.budget_s or None
+    if budget is not None and estimate is not None and estimate > budget:
+        return deny("too_costly", _too_costly(submission, plan_name, budget, estimate, pricing), None)
 
     if pressure == "critical" and plan.tier == "free":
         retry = now + timedelta(seconds=shedding.critical_retry_after_s)
@@ -170,8 +193,21 @@ def decide(
         pressure=pressure,
         over_soft_cap=plan.soft_cap > 0 and used > plan.soft_cap,
         tokens_left=tokens - 1,
+        estimate_s=None if estimate is None else round(estimate, 3),
+        budget_s=budget,
         submission=submission,
         decided_at=now,
+    )
+
+
+def _too_costly(submission: PromptSubmitted, plan_name: str, budget: float, estimate: float, pricing: Pricing) -> str:
+    """'32×32×50 needs about 40 s here; the free plan allows 20 s an image — try --steps 25'"""
+    width, height, steps = submission.width, submission.height, submission.steps
+    sides = ModelCard(sizes=pricing.sizes).offered_sides()
+    hint = cost.what_fits(pricing.step_seconds, width, height, steps, budget, sides)
+    return (
+        f"{width}×{height}×{steps} needs about {cost.duration(estimate)} here; the {plan_name} plan allows "
+        f"{cost.duration(budget)} an image" + (f" — try {hint}" if hint else "")
     )
 
 

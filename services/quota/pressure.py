@@ -13,6 +13,7 @@ import time
 import msgspec
 
 from services.quota.plans import PRESSURE_LEVELS, PressureRules
+from shared import cost
 from shared.events import Pressure, WorkerHeartbeat, decode_json
 
 log = logging.getLogger("kiln.quota.pressure")
@@ -79,6 +80,12 @@ class FleetMonitor:
             log.warning("fleet pressure %s -> %s (%s)", self._last_level, level, why)
             self._last_level = level
         return level, why
+
+    def step_seconds(self) -> dict[str, float]:
+        """The live workers' measured seconds per image-step by size (for pricing)."""
+        with self._lock:
+            live = self._live(time.monotonic())
+        return cost.fleet_table(beat.step_seconds for beat in live)
 
     def _live(self, now: float) -> list[WorkerHeartbeat]:
         cutoff = now - self.rules.stale_after_s

@@ -17,9 +17,10 @@ from services.render.positions import QueueReporter
 from services.render.queue import JobQueue
 from services.render.thermal import Gpu, ThermalGuard, injected_temperature
 from services.render.worker import MAX_DELIVERIES, Attempts, RenderWorker
-from shared import subjects
+from shared import model_card, subjects
 from shared.bus import Bus, Message
 from shared.consuming import GIVE_UP_MARGIN
+from shared.service import CannotStart
 from shared.settings import Settings
 
 
@@ -62,6 +63,12 @@ class Render:
             max_side=settings.render_max_side,
             max_steps=settings.render_max_steps,
         )
+        # Priced from its first heartbeat on: a warm-up render at the model's sizes.
+        try:
+            sides = model_card.load(settings.model_path).offered_sides()
+        except model_card.CardError as error:
+            raise CannotStart(f"cannot read the model card: {error}") from error
+        await asyncio.to_thread(renderer.warm_up, sides, worker.clock)
         yield cls(bus, worker, QueueReporter(bus, queue, worker_id), gpu)
 
     # -- heard on plain NATS

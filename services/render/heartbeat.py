@@ -56,6 +56,8 @@ async def send_heartbeats(
                 images_per_s=now.images_per_s,
                 rendering=list(now.rendering),
                 rendering_since=now.rendering_since,
+                step_seconds=now.step_seconds,
+                rendering_left_s=round(now.rendering_left_s, 1),
             )
             LastHeartbeat.beat = beat  # what /metrics shows
             await bus.publish_plain(subjects.fleet_telemetry(now.worker_id), beat)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from shared.cost import StepClock
 from shared.events import RenderRequested
 
 # Weights come from local folders only; never reach for a hub.
@@ -31,6 +32,16 @@ class Cancelled(Exception):
 
     def __init__(self, step: int, total: int) -> None:
         super().__init__(f"cancelled at step {step} of {total}")
+
+
+class OverBudget(Exception):
+    """The batch ran far past what its plans allow an image: stop it (the requests fail as
+    `too_costly` and are refunded)."""
+
+    def __init__(self, step: int, total: int, seconds: float, budget_s: float) -> None:
+        super().__init__(
+            f"stopped at step {step} of {total} after {seconds:.1f} s an image; the plan allows {budget_s:g} s"
+        )
 
 
 def quiet_model_libraries() -> None:
@@ -81,6 +92,28 @@ class Renderer:
         for pipe in self.pipelines.values():
             pipe.set_progress_bar_config(disable=True)
         self.model = model_path.name
+
+    def warm_up(self, sides: Sequence[int], clock: StepClock, slow_step_s: float = 1.0) -> None:
+        """Render a 2-step image at each side, smallest first, and time it: the first call
+        pays torch's start-up, and pricing starts from measured figures, not none. Stops
+        after a side whose step takes `slow_step_s` (larger ones are extrapolated)."""
+        for side in sorted(sides):
+            job = RenderRequested(
+                request_id="warm-up",
+                user_id="kiln",
+                conversation_id="warm-up",
+                prompt="warm up",
+                width=side,
+                height=side,
+                steps=2,
+                seed=0,
+                plan="",
+            )
+            self.render_batch([job], lambda step, total: None)
+            _, render_ms = self.render_batch([job], lambda step, total: None)
+            clock.record(side, side, 1, job.steps, render_ms / 1000)
+            if render_ms / 1000 / job.steps >= slow_step_s:
+                break
 
     def render_batch(
         self,

@@ -4,8 +4,13 @@ One worker of the fleet reports: the one with the smallest id among the workers 
 in the last few seconds, so the fleet needs no coordinator and a dead reporter is replaced
 within seconds. Once a second it reads the jobs no worker has taken yet, puts them in the
 order the fair queue will take them, and publishes `RenderProgress(state="queued")` with
-the job's place and an estimate (place ÷ the fleet's images/s) on each job's progress
-subject. Progress is plain NATS: a missed report costs nothing.
+the job's place and an estimate of its wait on each job's progress subject. Progress is
+plain NATS: a missed report costs nothing.
+
+The estimate prices each job ahead by the workers' measured seconds per image-step for its
+size (shared.cost), adds what the batches in hand still need, and shares it over the live
+workers. (It ignores batching: where a batch costs less than its images one by one, as on
+a GPU, it errs long.)
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import nats.errors
 import nats.js.errors
 
 from services.render.queue import JobQueue, Waiting, fair_order
-from shared import subjects
+from shared import cost, subjects
 from shared.bus import Bus
 from shared.events import RenderProgress, RenderRequested, WorkerHeartbeat, decode_json
 from shared.service import sleep_unless_stopped
@@ -68,7 +73,10 @@ class QueueReporter:
 
     async def report(self) -> None:
         waiting = await self.queue.waiting()
-        rate = sum(beat.images_per_s for beat in self._fresh())
+        fleet = self._fresh()
+        table = cost.fleet_table(beat.step_seconds for beat in fleet)
+        workers = max(1, len(fleet))
+        ahead_s = sum(beat.rendering_left_s for beat in fleet)  # the batches in hand
         order = fair_order(waiting, self.queue.last_served, MAX_REPORTED)
         deepest = {w.consumer: (w, index) for w, index in order}  # later entries win: the last index
         jobs = await self._jobs(list(deepest.values()))
@@ -84,9 +92,10 @@ class QueueReporter:
                 total_steps=job.steps,
                 state="queued",
                 queue_position=place,
-                eta_s=round(place / rate, 1) if rate > 0 else None,
+                eta_s=round(ahead_s / workers, 1) if table else None,
             )
             await self.bus.publish_plain(subjects.render_progress(job.user_id, job.request_id), queued)
+            ahead_s += cost.estimate_s(table, job.width, job.height, job.steps) or 0.0
 
     async def _jobs(self, wanted: list[tuple[Waiting, int]]) -> dict[str, list[RenderRequested]]:
         """Each user's first waiting jobs, up to the index wanted, in stream order (plain

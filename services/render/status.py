@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 
@@ -21,6 +21,8 @@ class WorkerStatus:
     images_per_s: float
     rendering: tuple[str, ...] = ()  # the batch in the pipeline now: "<user>/<request>" each
     rendering_since: datetime | None = None
+    step_seconds: dict[str, float] = field(default_factory=dict)  # measured, by size: shared.cost
+    rendering_left_s: float = 0.0
 
 
 class Throughput:

@@ -35,11 +35,11 @@ from opentelemetry import trace
 from PIL import Image
 
 from services.render import metrics
-from services.render.pipeline import Cancelled, Renderer, batch_key
+from services.render.pipeline import Cancelled, OverBudget, Renderer, batch_key
 from services.render.queue import JobQueue
 from services.render.status import Throughput, WorkerStatus
 from services.render.thermal import ThermalGuard
-from shared import consuming, subjects
+from shared import consuming, cost, subjects
 from shared.bus import Bus
 from shared.consuming import Received
 from shared.events import (
@@ -65,6 +65,10 @@ MAX_DELIVERIES = 13
 PROGRESS_INTERVAL_S = 0.1  # at most ten progress events a second per job
 IDLE_POLL_S = 1.0  # look for redelivered jobs this often even when nothing new is published
 MAX_INPUT_PIXELS = 4096 * 4096  # a source image or mask larger than this is refused
+# A batch is stopped once its time per image passes its plans' budget by this much: quota
+# priced it within the budget, so only a worker far slower than measured gets here.
+OVER_BUDGET_FACTOR = 2.0
+OVER_BUDGET_SLACK_S = 2.0
 
 
 class BadInput(Exception):
@@ -118,7 +122,9 @@ class RenderWorker:
         # Tell JetStream well before `ack_wait` that the jobs in hand are being worked on.
         self.in_progress_s = min(10.0, queue.ack_wait_s / 3)
         self.throughput = Throughput()
+        self.clock = cost.StepClock()  # seconds per image-step by size: quota prices requests by it
         self._rendering: tuple[list[str], datetime | None] = ([], None)  # "<user>/<request>" now, since
+        self._rendering_jobs: list[RenderRequested] = []
         self.held: list[Received] = []  # claimed, not yet in a batch
         self.cancelled: set[str] = set()  # "<user>.<request>" seen on the cancel subject
         self._new_work = asyncio.Event()
@@ -137,7 +143,18 @@ class RenderWorker:
             images_per_s=self.throughput.per_second(),
             rendering=tuple(self._rendering[0]),
             rendering_since=self._rendering[1],
+            step_seconds=dict(self.clock.table),
+            rendering_left_s=self._rendering_left_s(),
         )
+
+    def _rendering_left_s(self) -> float:
+        """How long the batch in the pipeline should still take, by the measured figures."""
+        jobs, since = self._rendering_jobs, self._rendering[1]
+        if not jobs or since is None:
+            return 0.0
+        first = jobs[0]
+        total = cost.estimate_s(self.clock.table, first.width, first.height, first.steps) or 0.0
+        return max(0.0, total * len(jobs) - (utcnow() - since).total_seconds())
 
     def job_published(self) -> None:
         """A job was published somewhere in the queue: look for work now."""
@@ -316,6 +333,10 @@ class RenderWorker:
             for item in todo:
                 await self._fail(item, "cancelled", str(stopped))
             return
+        except OverBudget as stopped:
+            for item in todo:
+                await self._fail(item, "too_costly", str(stopped))
+            return
         except ValueError as error:  # the pipeline rejected a job: find which, fail only it
             if len(todo) > 1:
                 for index, item in enumerate(todo):
@@ -334,6 +355,8 @@ class RenderWorker:
             return
         metrics.batch_sizes.record(len(todo))
         metrics.render_seconds.record(render_ms / 1000)
+        first: RenderRequested = todo[0].event
+        self.clock.record(first.width, first.height, len(todo), first.steps, render_ms / 1000)
         # Store and report while the next batch renders: the images are in hand, and the
         # bus's disk writes need no CPU. One batch finishes at a time.
         self._storing.update(id(item) for item in todo)
@@ -395,6 +418,10 @@ class RenderWorker:
         loop = asyncio.get_running_loop()
         jobs: list[RenderRequested] = [item.event for item in todo]
         last_sent = 0.0
+        budgets = [job.budget_s for job in jobs]
+        # The batch may run until its most generous plan's budget (per image) is far passed.
+        budget_s = None if None in budgets else max(budgets)  # type: ignore[type-var]
+        render_started = time.monotonic()
         for item in todo:
             context = batch_span.get_span_context()
             item.span.set_attributes(
@@ -409,9 +436,13 @@ class RenderWorker:
             # Runs on the render thread: hand the publishing to the event loop.
             nonlocal last_sent
             batch_span.add_event("step", {"kiln.step": step})  # the step timings
+            failpoint("render.step")  # tests: a worker slower than measured (`render.step:slow`)
             if all(self._cancel_key(job) in self.cancelled for job in jobs):
                 raise Cancelled(step, total)
             now = time.monotonic()
+            per_image_s = (now - render_started) / len(jobs)
+            if budget_s is not None and per_image_s > budget_s * OVER_BUDGET_FACTOR + OVER_BUDGET_SLACK_S:
+                raise OverBudget(step, total, per_image_s, budget_s)
             if step < total and now - last_sent < PROGRESS_INTERVAL_S:
                 return
             last_sent = now
@@ -431,11 +462,12 @@ class RenderWorker:
         rendering = asyncio.ensure_future(asyncio.to_thread(self.renderer.render_batch, jobs, on_step, sources, masks))
         metrics.InFlight.jobs += len(todo)
         self._rendering = ([f"{job.user_id}/{job.request_id}" for job in jobs], utcnow())  # for the heartbeat
+        self._rendering_jobs = jobs
         try:
             return await self._while_rendering(rendering, todo)
         finally:
             metrics.InFlight.jobs -= len(todo)
-            self._rendering = ([], None)
+            self._rendering, self._rendering_jobs = ([], None), []
 
     async def _while_rendering(self, rendering: asyncio.Future, todo: list[Received]) -> tuple[list[bytes], float]:
         """Wait for the pipeline call, telling JetStream now and then that its jobs, and

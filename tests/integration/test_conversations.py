@@ -87,8 +87,6 @@ async def test_an_edit_in_words_while_the_last_image_is_still_drawing_is_refused
         user_id=user,
         conversation_id=conversation,
         prompt="a red circle",
-        width=64,
-        height=64,
         steps=50,
     )
     await client.submit(first)  # not waited for: it is still drawing when the edit comes

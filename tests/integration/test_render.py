@@ -275,7 +275,8 @@ async def test_a_hot_gpu_pauses_intake_until_it_cools_and_takes_half_batches_whi
 async def _heartbeat_from(heartbeats, pid: int, after: datetime) -> WorkerHeartbeat:
     """The first heartbeat sent `after` by the worker with this pid (ids end in it)."""
     while True:
-        beat = msgspec.json.decode((await heartbeats.next_msg(timeout=10)).data, type=WorkerHeartbeat)
+        # (A worker just started loads its model and warms up first: allow for a busy host.)
+        beat = msgspec.json.decode((await heartbeats.next_msg(timeout=60)).data, type=WorkerHeartbeat)
         if beat.worker_id.endswith(f"-{pid}") and beat.at > after:
             return beat
 

@@ -123,3 +123,36 @@ def test_a_refund_gives_the_image_back_and_an_admin_grant_raises_the_day_s_limit
 
 def test_a_new_day_starts_with_the_full_allowance():
     assert isinstance(_decide(_state_after(3), now=NOW + timedelta(days=1)), QuotaGranted)
+
+
+# -- sizes and cost ---------------------------------------------------------------------
+
+PRICED = policy.Pricing(sizes=[32], step_seconds={"32x32": 0.015, "512x512": 13.0})
+BUDGETED = Plan(tier="free", daily_limit=3, burst=3, per_hour=60, budget_s=0.3)
+
+
+def test_a_size_the_model_does_not_draw_is_invalid_before_anything_else():
+    decision = policy.decide(
+        _prompt(width=64, height=64), "free", FREE, policy.UserState(), "normal", SHEDDING, NOW, PRICED
+    )
+    assert isinstance(decision, QuotaDenied) and decision.reason == "invalid"
+    assert decision.detail == "the model draws 32×32 only, not 64×64"
+
+
+def test_a_request_over_the_plans_budget_is_refused_with_what_fits():
+    decision = policy.decide(_prompt(steps=50), "free", BUDGETED, policy.UserState(), "normal", SHEDDING, NOW, PRICED)
+    assert isinstance(decision, QuotaDenied) and decision.reason == "too_costly" and decision.retry_at is None
+    assert decision.detail == "32×32×50 needs about 0.75 s here; the free plan allows 0.3 s an image — try --steps 20"
+
+
+def test_a_grant_records_its_estimate_and_budget():
+    decision = policy.decide(_prompt(steps=10), "free", BUDGETED, policy.UserState(), "normal", SHEDDING, NOW, PRICED)
+    assert isinstance(decision, QuotaGranted)
+    assert (decision.estimate_s, decision.budget_s) == (0.15, 0.3)
+
+
+def test_without_measured_figures_or_a_budget_nothing_is_refused_for_cost():
+    unpriced = policy.Pricing(sizes=[32])
+    for plan, pricing in ((BUDGETED, unpriced), (FREE, PRICED)):
+        decision = policy.decide(_prompt(steps=50), "free", plan, policy.UserState(), "normal", SHEDDING, NOW, pricing)
+        assert isinstance(decision, QuotaGranted)
