@@ -53,6 +53,7 @@ bench: $(STAMP) $(PHOENIX)
 	$(PYTHON) -m bench.conversation_reads
 	$(PYTHON) -m bench.tracing_cost
 	$(PYTHON) -m bench.auth_cost
+	$(PYTHON) -m bench.queue_wait
 	$(MAKE) model-check
 
 # Does the shipped model draw what it is asked? 60 held-out prompts, judged from the pixels.

@@ -422,7 +422,7 @@ async def _quota(client: KilnClient, args: argparse.Namespace, settings: Setting
 
 
 CHAT_HELP = (
-    'Type a prompt to draw it; then say what to change ("make it blue", "add a border") to edit '
+    'Type a prompt to draw it; then say what to change ("make it blue", "on a green background") to edit '
     "the last image. /style NAME picks a style (/style none drops it), /styles lists them, "
     "/new starts a new conversation, /quota shows what is left, quit (or exit, /quit, Ctrl-D) ends."
 )

@@ -2,9 +2,10 @@
 
 For each grant: check the deployment's limits and blocklist; read the conversation; if this
 request's turn is recorded already (a redelivery), use it; else resolve the edit and the
-style, compose, and append the turn, expecting the conversation to end where it was read
-(another context process may have appended meanwhile: then read and compose again). Then
-publish the render job. A refusal ends the request as RequestFailed(stage="context").
+style, compose (refusing what the model cannot draw: its card's vocabulary), and append the
+turn, expecting the conversation to end where it was read (another context process may have
+appended meanwhile: then read and compose again). Then publish the render job. A refusal
+ends the request as RequestFailed(stage="context").
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from services.context.compose import (
     style_in_force,
     wants_latest_image,
 )
-from shared import subjects
+from shared import model_card, subjects
 from shared.bus import Bus
 from shared.events import (
     LAST_IMAGE,
@@ -49,9 +50,12 @@ LATEST_IMAGE_LOOKBACK = 20  # turns searched, newest first, for "the last one"
 
 
 class Context:
-    def __init__(self, bus: Bus, config: context_config.Config) -> None:
+    def __init__(
+        self, bus: Bus, config: context_config.Config, vocabulary: model_card.Vocabulary | None = None
+    ) -> None:
         self.bus = bus
         self.config = config
+        self.vocabulary = vocabulary  # what the model draws; None: anything
 
     @classmethod
     @asynccontextmanager
@@ -60,7 +64,11 @@ class Context:
             config = context_config.load(settings.context_config)
         except context_config.ConfigError as error:
             raise CannotStart(f"cannot read its config: {error}") from error
-        yield cls(bus, config)
+        try:
+            card = model_card.load(settings.model_path)
+        except model_card.CardError as error:
+            raise CannotStart(f"cannot read the model card: {error}") from error
+        yield cls(bus, config, card.vocabulary)
 
     async def handle_decision(self, event: QuotaGranted | QuotaDenied) -> None:
         if isinstance(event, QuotaDenied):
@@ -147,7 +155,7 @@ class Context:
             source = await self.image(grant.user_id, submission.edit_of)
             if source is None:
                 raise Refusal("no_such_image", f"you have no image from request {submission.edit_of}")
-        return compose(grant, style, self.config, source)
+        return compose(grant, style, self.config, source, self.vocabulary)
 
     async def latest_image(self, grant: QuotaGranted, turns: list[TurnComposed]) -> tuple[str, Composition] | None:
         """The newest image of the conversation. If the newest turn is still being drawn,

@@ -9,7 +9,10 @@ A turn is either a new picture or an edit of an earlier one:
   - the edit's subject is the earlier subject with the instruction applied ("a red circle"
     + "make it blue" → "a blue circle"), so the prompt keeps describing the whole picture;
     an edit worded as a whole description ("a green circle") replaces the subject;
-  - the conversation's style (the latest one picked) adds its fragment and parameters.
+  - the conversation's style (the latest one picked) adds its fragment and parameters;
+  - a model that declares its vocabulary (its card) is given only what it can draw: a new
+    picture must name one of its subjects, an edit may use only words it knows. The style's
+    fragment is context's own and is not checked.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from shared.events import (
     RenderRequested,
     TurnComposed,
 )
+from shared.model_card import Vocabulary, words_of
 from shared.subjects import image_key
 
 DEFAULT_GUIDANCE = 3.0
@@ -35,20 +39,36 @@ NO_STYLE = "none"
 
 # Words a chat message may open with before saying what it wants.
 _OPENING = r"^(?:please\s+|now\s+|and\s+|but\s+|ok(?:ay)?,?\s+)*"
-# How people start an edit in a chat: "make it blue", "now add a border", "turn it green".
+# Colour words, to read an edit: any model's. What a model can draw is in its card.
+COLOURS = frozenset(
+    "red orange yellow green blue purple pink brown black white grey gray cyan magenta violet "
+    "gold silver teal navy beige".split()
+)
+POSITIONS = ("left", "right", "top", "bottom", "center")  # also "centre", "middle"
+_COLOUR = "|".join(sorted(COLOURS))
+_POSITION_WORD = r"(left|right|top|bottom|cent(?:er|re)|middle)"
+# Parts of a picture an edit can set, each replacing the subject's own: the object's colour
+# ("blue", "in blue"), the background ("on a green background", "on green"), the position
+# ("the left", "at the top").
+_COLOUR_CHANGE = re.compile(rf"(?:in\s+)?({_COLOUR})", re.IGNORECASE)
+_BACKGROUND = re.compile(rf"\bon\s+(?:an?\s+|the\s+)?({_COLOUR})(?:\s+background)?\b", re.IGNORECASE)
+_POSITION = re.compile(rf"\b(?:(?:at|to|in)\s+)?(?:the\s+)?{_POSITION_WORD}\b", re.IGNORECASE)
+# Words around a subject that do not change it: "a square", "the digit 7".
+_ARTICLES = frozenset({"a", "an", "the", "digit", "number", "shape"})
+# How people start an edit in a chat: "make it blue", "now add a border", "turn it green",
+# or just the part to change: "on a green background", "to the left", "in blue".
 _EDIT_START = re.compile(
-    _OPENING + r"(?:make|turn|change|add|remove|replace|put|give|recolou?r|paint|edit|redo|same)\b", re.IGNORECASE
+    _OPENING + r"(?:(?:make|turn|change|add|remove|replace|put|give|recolou?r|paint|edit|redo|same|move)\b"
+    rf"|on\s+(?:an?\s+|the\s+)?\w+\s+background\b|(?:at|to)\s+the\s+{_POSITION_WORD}\b|in\s+(?:{_COLOUR})\b)",
+    re.IGNORECASE,
 )
 _MENTIONS_LAST = re.compile(r"\b(?:the last one|the last image|that one|this one|the same one)\b", re.IGNORECASE)
 # Words that only say "edit it": dropped from the instruction before it joins the subject.
 _EDIT_PREFIX = re.compile(
-    _OPENING + r"(?:(?:make|turn|change|paint|recolou?r)\s+(?:it|them|this|that|the last one|the image|the picture)"
+    _OPENING
+    + r"(?:(?:make|turn|change|paint|recolou?r|move|put)\s+(?:it|them|this|that|the last one|the image|the picture)"
     r"(?:\s+(?:to|into))?\s+)?",
     re.IGNORECASE,
-)
-COLOURS = frozenset(
-    "red orange yellow green blue purple pink brown black white grey gray cyan magenta violet "
-    "gold silver teal navy beige".split()
 )
 
 
@@ -82,23 +102,83 @@ def wants_latest_image(submission: PromptSubmitted, in_conversation: bool) -> bo
     return submission.edit_of is None and in_conversation and looks_like_edit(submission.prompt)
 
 
-def apply_edit(subject: str, instruction: str) -> str:
-    """The subject with the instruction applied. A new colour replaces the subject's
-    colour ("a red circle" + "make it blue" → "a blue circle"); otherwise the instruction,
-    without its "make it", is added ("a red circle" + "add a border" → "a red circle, with
-    a border")."""
+def edit_change(instruction: str) -> str:
+    """What an edit asks to change, without the words that only say "edit it":
+    "now make it blue, please" → "blue"."""
     change = _MENTIONS_LAST.sub("", _EDIT_PREFIX.sub("", instruction.strip()))
-    change = re.sub(r"[\s,]*\bplease\b", "", change, flags=re.IGNORECASE).strip(" ,.!")
+    return re.sub(r"[\s,]*\bplease\b", "", change, flags=re.IGNORECASE).strip(" ,.!")
+
+
+def apply_edit(subject: str, instruction: str, vocabulary: Vocabulary | None = None) -> str:
+    """The subject with the instruction applied. A colour, a background or a position
+    replaces the subject's own, or joins it ("a red circle" + "make it blue" → "a blue
+    circle"); a model's subject alone swaps the subject's ("make it a square"); a change
+    naming a subject and more is a whole description. Anything else, without its "make it",
+    is added ("a red circle" + "add a border" → "a red circle, with a border")."""
+    change = edit_change(instruction)
     if not change:
         return subject
-    words = subject.split()
-    if change.lower() in COLOURS:
-        for i, word in enumerate(words):
-            if word.lower() in COLOURS:
-                return " ".join(words[:i] + [change.lower()] + words[i + 1 :])
+    if found := _COLOUR_CHANGE.fullmatch(change):
+        return _recolour(subject, found[1].lower())
+    if found := _BACKGROUND.fullmatch(change):
+        return _replace(subject, _BACKGROUND, found[1].lower(), f"on a {found[1].lower()} background")
+    if found := _POSITION.fullmatch(change):
+        return _replace(subject, _POSITION, found[1].lower(), f"at the {found[1].lower()}")
+    if vocabulary is not None and (named := vocabulary.subjects_in(change)):
+        earlier = vocabulary.subjects_in(subject)
+        if not earlier or [word for word in words_of(change) if word not in _ARTICLES] != named[:1]:
+            return change
+        return re.sub(rf"\b{re.escape(earlier[0])}\b", named[0], subject, count=1, flags=re.IGNORECASE)
     change = re.sub(r"^add\s+", "with ", change, flags=re.IGNORECASE)
     change = re.sub(r"^remove\s+", "without ", change, flags=re.IGNORECASE)
     return f"{subject}, {change}"
+
+
+def _recolour(subject: str, colour: str) -> str:
+    """The subject's object in `colour`: its first colour outside the background changes."""
+    background = _BACKGROUND.search(subject)
+    for found in re.finditer(rf"\b(?:{_COLOUR})\b", subject, re.IGNORECASE):
+        if background is None or not background.start() <= found.start() < background.end():
+            return subject[: found.start()] + colour + subject[found.end() :]
+    return f"{subject}, {colour}"
+
+
+def _replace(subject: str, part: re.Pattern[str], word: str, added: str) -> str:
+    """The subject with `part`'s word set to `word`; `added` joins it when it has none."""
+    if (found := part.search(subject)) is None:
+        return f"{subject} {added}"
+    return subject[: found.start(1)] + word + subject[found.end(1) :]
+
+
+def check_drawable(composition: Composition, vocabulary: Vocabulary | None) -> None:
+    """Refuse what the model would draw as something else: an edit in words it does not
+    know, a picture naming none of its subjects. Only the user's words are checked (the
+    style's fragment is context's own). A model without a vocabulary draws anything."""
+    if vocabulary is None:
+        return
+    if composition.edit_of is not None and looks_like_edit(composition.text):
+        if unknown := vocabulary.unknown_in(edit_change(composition.text)):
+            said = f'the model cannot "{composition.text}": it does not know {_quoted(unknown)}'
+            raise Refusal("cannot_edit", f"{said}; {_what_it_draws(vocabulary)}")
+    if not vocabulary.subjects_in(composition.subject):
+        said = f'"{composition.subject}" names nothing the model draws'
+        if unknown := vocabulary.unknown_in(composition.subject):
+            said = f"the model does not know {_quoted(unknown)}"
+        raise Refusal("not_drawable", f"{said}; {_what_it_draws(vocabulary)}")
+
+
+def _quoted(words: list[str]) -> str:
+    return ", ".join(f'"{word}"' for word in words)
+
+
+def _what_it_draws(vocabulary: Vocabulary) -> str:
+    """'it draws circle, square, 0-9 in red, blue, on a background of those colours, at left/right'"""
+    text = f"it draws {vocabulary.describe()}"
+    if colours := [word for word in vocabulary.words if word in COLOURS]:
+        text += f" in {', '.join(colours)}, on a background of those colours"
+    if positions := [word for word in POSITIONS if word in vocabulary.words]:
+        text += f", at {'/'.join(positions)}"
+    return text
 
 
 # -- styles -----------------------------------------------------------------------------
@@ -147,18 +227,23 @@ def _check_words(text: str, config: Config) -> None:
 
 
 def compose(
-    grant: QuotaGranted, style: str, config: Config, source: tuple[str, Composition] | None = None
+    grant: QuotaGranted,
+    style: str,
+    config: Config,
+    source: tuple[str, Composition] | None = None,
+    vocabulary: Vocabulary | None = None,
 ) -> tuple[Composition, str]:
     """The turn's composition and the prompt to draw. `source` is the edited image's
-    request id and composition."""
+    request id and composition; `vocabulary` what the model draws (None: anything)."""
     text = grant.submission.prompt.strip()
     if source is None:
         composition = Composition(text=text, subject=text, style=style)
     else:
         # "make it blue" changes the earlier subject; a whole description replaces it.
         source_id, earlier = source
-        subject = apply_edit(earlier.subject, text) if looks_like_edit(text) else text
+        subject = apply_edit(earlier.subject, text, vocabulary) if looks_like_edit(text) else text
         composition = Composition(text=text, subject=subject, style=style, edit_of=source_id)
+    check_drawable(composition, vocabulary)
     prompt = composition.subject
     if style:
         prompt = f"{prompt}, {config.styles[style].fragment}"
@@ -189,6 +274,7 @@ def render_request(grant: QuotaGranted, composition: Composition, prompt: str, c
         seed=submission.seed if submission.seed is not None else seed_for(grant.request_id),
         tier=grant.tier,
         plan=grant.plan,
+        budget_s=grant.budget_s,
         composition=composition,
         **_edit(grant, composition),
     )

@@ -2,7 +2,8 @@
 
     GET  /                                  the playground (static files in playground/)
     POST /api/login, /api/logout            sign in by name: a signed session cookie
-    GET  /api/me                            who is signed in, today's quota, the styles
+    GET  /api/me                            who is signed in, today's quota, the styles, the
+                                            sizes offered (the model's native ones)
     POST /api/generate                      publish a prompt; NDJSON lines: accepted,
                                             progress…, then delivered / denied / failed
     GET  /api/conversations/<conversation>  its turns, each with its outcome
@@ -41,6 +42,7 @@ from starlette.staticfiles import StaticFiles
 from kiln.client import KilnClient, ServiceUnavailable
 from services.delivery.image_records import ImageRecords
 from services.delivery.links import LinkError, Links, expiry, image_subject
+from shared import model_card
 from shared.bus import Bus
 from shared.events import (
     DEFAULT_SIZE,
@@ -145,7 +147,8 @@ def create_app(site: Site) -> Starlette:
 
     @signed_in
     async def me(request: Request, user_id: str) -> Response:
-        return JSONResponse({"user": user_id, "quota": await _quota(site, user_id), "styles": await _styles(site)})
+        quota, styles = await _quota(site, user_id), await _styles(site)
+        return JSONResponse({"user": user_id, "quota": quota, "styles": styles, "sizes": _sizes(site)})
 
     # -- generating ------------------------------------------------------------------------
 
@@ -383,6 +386,15 @@ async def _quota(site: Site, user_id: str) -> dict | None:
         log.warning("quota status for %s: %s", user_id, error)
         return None  # the page says "quota unknown"; the rest works
     return {**msgspec.to_builtins(status), "left": status.left}
+
+
+def _sizes(site: Site) -> list[int]:
+    """The sides the size menu offers: the model's native ones (its card), as quota accepts."""
+    try:
+        return model_card.load(site.settings.model_path).offered_sides()
+    except model_card.CardError as error:
+        log.warning("sizes: %s", error)
+        return [DEFAULT_SIZE]  # the page still works; quota names the sizes if this is wrong
 
 
 async def _styles(site: Site) -> dict[str, str]:

@@ -13,13 +13,13 @@ from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from shared.events import WorkerHeartbeat
+from shared.telemetry import SECONDS_UP_TO_10_MIN
 
 meter = metrics.get_meter("kiln.render")
 
 # Seconds, from a tiny model's batch up to 10 minutes (a 512×512, 50-step job renders for
 # about 8 on a CPU): a wait or a render past the last bucket counts only in +Inf, where no
 # quantile can be read from it.
-SECONDS_UP_TO_10_MIN = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600]
 
 batch_sizes = meter.create_histogram(
     "kiln_render_batch_size",

@@ -124,6 +124,7 @@ async def test_the_playground_api_needs_a_sign_in_and_refuses_bad_input(platform
     async with _signed_in(platform, user) as http:
         me = (await http.get("/api/me")).json()
         assert me["user"] == user and me["quota"]["left"] == 3 and "watercolor" in me["styles"]
+        assert me["sizes"] == [32]  # the bundled model's card: its only native size
         for body in ({}, {"prompt": 3}, {"prompt": "x", "conversation_id": "a.b"}, {"prompt": "x", "size": "big"}):
             response = await http.post("/api/generate", json=body)
             assert response.status_code == 400 and response.json()["error"], body

@@ -59,10 +59,13 @@ def test_generate_watch_progress_edit_download_and_share(
     context = browser.new_context(accept_downloads=True, locale="en-US", timezone_id=BROWSER_ZONE)
     page = context.new_page()
     page.set_default_timeout(90_000)
+    expect.set_options(timeout=90_000)  # expect() has its own 5 s default: too short for 50 steps on a busy CPU
     page.goto(base)
     page.fill("#user", user)
     page.click("#sign-in")
     expect(page.locator("#quota")).to_have_text("3 of 3 images left today (free)")
+    # Only the model's native size is offered (its card), not 64, which it draws as blobs.
+    expect(page.locator("#size option")).to_have_text(["32×32"])
     working = page.locator("#working")
     expect(working).to_be_hidden()  # nothing in flight, no bar
 

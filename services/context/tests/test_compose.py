@@ -12,7 +12,9 @@ from services.context.compose import (
     wants_latest_image,
 )
 from services.context.config import Config, Limits, Style
+from shared import model_card
 from shared.events import Composition, PromptSubmitted, QuotaGranted, TurnComposed
+from shared.settings import DEFAULT_MODEL
 
 CONFIG = Config(
     limits=Limits(max_prompt_chars=60, max_composed_chars=80),
@@ -22,6 +24,7 @@ CONFIG = Config(
         "pixel-art": Style(title="Pixel art", fragment="pixel art", negative="blurry", guidance=4.5),
     },
 )
+SHAPES = model_card.load(DEFAULT_MODEL).vocabulary  # the bundled model's words
 
 
 def _submission(**fields) -> PromptSubmitted:
@@ -51,8 +54,8 @@ def _turn(request_id: str, subject: str, style: str = "") -> TurnComposed:
     )
 
 
-def _job(grant: QuotaGranted, style: str = "", source=None):
-    composition, prompt = compose(grant, style, CONFIG, source)
+def _job(grant: QuotaGranted, style: str = "", source=None, vocabulary=None):
+    composition, prompt = compose(grant, style, CONFIG, source, vocabulary)
     return render_request(grant, composition, prompt, CONFIG)
 
 
@@ -119,6 +122,11 @@ def test_an_unknown_style_is_refused_naming_the_styles():
         ("a red circle", False),
         ("the digit 3 in blue", False),
         ("makeup on a face", False),
+        ("on a green background", True),
+        ("move it to the left", True),
+        ("at the top", True),
+        ("in blue", True),
+        ("a circle in blue at the top", False),
     ],
 )
 def test_chat_messages_that_ask_to_change_the_picture(text, edit):
@@ -142,10 +150,21 @@ def test_an_edit_of_the_latest_image_is_named_or_worded_and_needs_a_conversation
         ("add a border", "a red circle on a white background, with a border"),
         ("remove the shadow", "a red circle on a white background, without the shadow"),
         ("make it bigger", "a red circle on a white background, bigger"),
+        ("on a green background", "a red circle on a green background"),
+        ("put it on black", "a red circle on a black background"),
+        ("move it to the left", "a red circle on a white background at the left"),
+        ("in yellow", "a yellow circle on a white background"),
     ],
 )
 def test_an_edit_applies_the_instruction_to_the_earlier_subject(instruction, subject):
     assert apply_edit("a red circle on a white background", instruction) == subject
+
+
+def test_an_edit_replaces_the_part_it_names_not_another():
+    assert apply_edit("a red circle at the top", "move it to the left") == "a red circle at the left"
+    assert apply_edit("a red circle on blue", "on a green background") == "a red circle on green"
+    # The object's colour, not the background's, even when the object has none.
+    assert apply_edit("a circle on a white background", "make it blue") == "a circle on a white background, blue"
 
 
 def test_an_edit_starts_from_the_source_image_and_records_it():
@@ -168,6 +187,91 @@ def test_an_edit_with_a_mask_inpaints():
     source = ("r0", Composition(text="a red circle", subject="a red circle"))
     job = _job(_grant(prompt="make it blue", edit_of="r0", mask_key="alice/masks/m1.png"), source=source)
     assert (job.mode, job.mask_key) == ("inpaint", "alice/masks/m1.png")
+
+
+# -- what the model draws -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prompt, unknown",
+    [("a cat riding a bicycle", '"cat", "riding", "bicycle"'), ("the word HI", '"word", "hi"')],
+)
+def test_a_picture_naming_nothing_the_model_draws_is_refused_naming_the_words(prompt, unknown):
+    with pytest.raises(Refusal) as refusal:
+        _job(_grant(prompt=prompt), vocabulary=SHAPES)
+    assert refusal.value.reason == "not_drawable"
+    assert refusal.value.detail.startswith(f"the model does not know {unknown}; it draws circle, square, triangle, 0-9")
+    assert "in red, orange" in refusal.value.detail and "at left/right/top/bottom/center" in refusal.value.detail
+
+
+def test_a_picture_of_known_words_but_no_subject_is_refused():
+    with pytest.raises(Refusal) as refusal:
+        _job(_grant(prompt="a red picture"), vocabulary=SHAPES)
+    assert refusal.value.reason == "not_drawable" and '"a red picture" names nothing' in refusal.value.detail
+
+
+@pytest.mark.parametrize(
+    "prompt", ["a red circle on a blue background at the top", "the digit 7 in green on white", "draw me a square"]
+)
+def test_a_picture_naming_a_subject_is_drawn(prompt):
+    assert _job(_grant(prompt=prompt), vocabulary=SHAPES).prompt == prompt
+
+
+def test_only_the_users_words_are_checked_not_the_styles():
+    job = _job(_grant(), style="watercolor", vocabulary=SHAPES)  # "watercolor painting": not the model's
+    assert job.prompt == "a red circle, watercolor painting"
+    source = ("r0", Composition(text="a red circle", subject="a red circle", style="watercolor"))
+    assert (
+        _job(_grant(prompt="make it blue"), "watercolor", source, SHAPES).prompt == "a blue circle, watercolor painting"
+    )
+
+
+def test_a_model_without_a_vocabulary_draws_anything():
+    assert _job(_grant(prompt="a cat riding a bicycle")).prompt == "a cat riding a bicycle"
+    source = ("r0", Composition(text="a red circle", subject="a red circle"))
+    assert _job(_grant(prompt="add a border"), source=source).prompt == "a red circle, with a border"
+
+
+@pytest.mark.parametrize(
+    "instruction, subject",
+    [
+        ("make it blue", "a blue circle on a white background"),
+        ("on a green background", "a red circle on a green background"),
+        ("move it to the left", "a red circle on a white background at the left"),
+        ("make it a square", "a red square on a white background"),
+        ("turn it into a 7", "a red 7 on a white background"),
+        ("make it a blue triangle", "a blue triangle"),  # a whole description
+    ],
+)
+def test_an_edit_the_model_can_draw_is_applied(instruction, subject):
+    source = ("r0", Composition(text="x", subject="a red circle on a white background"))
+    assert _job(_grant(prompt=instruction), source=source, vocabulary=SHAPES).prompt == subject
+
+
+@pytest.mark.parametrize(
+    "instruction, unknown",
+    [
+        ("add a border", '"add", "border"'),
+        ("now make it bigger, please", '"bigger"'),
+        ("make it pink", '"pink"'),  # a colour to compose, not to this model
+    ],
+)
+def test_an_edit_the_model_cannot_draw_is_refused_naming_the_words(instruction, unknown):
+    source = ("r0", Composition(text="x", subject="a red circle"))
+    with pytest.raises(Refusal) as refusal:
+        _job(_grant(prompt=instruction), source=source, vocabulary=SHAPES)
+    assert refusal.value.reason == "cannot_edit"
+    assert refusal.value.detail.startswith(f'the model cannot "{instruction}": it does not know {unknown}; it draws')
+
+
+def test_an_edit_worded_as_a_whole_description_needs_a_subject():
+    source = ("r0", Composition(text="a red circle", subject="a red circle"))
+    assert _job(_grant(prompt="a green circle", edit_of="r0"), source=source, vocabulary=SHAPES).prompt == (
+        "a green circle"
+    )
+    with pytest.raises(Refusal) as refusal:
+        _job(_grant(prompt="a green cat", edit_of="r0"), source=source, vocabulary=SHAPES)
+    assert refusal.value.reason == "not_drawable" and '"cat"' in refusal.value.detail
 
 
 # -- limits and the blocklist --------------------------------------------------------------

@@ -29,6 +29,10 @@ async function start() {
   for (const [name, title] of Object.entries(me.styles)) {
     $("#style").append(new Option(title, name));
   }
+  // Only the sizes the model draws (its card): another would be refused, or drawn as blobs.
+  for (const side of me.sizes) {
+    $("#size").append(new Option(`${side}×${side}`, side));
+  }
   const key = `kiln-conversation-${me.user}`;
   state.conversation = localStorage.getItem(key) || newConversationId();
   localStorage.setItem(key, state.conversation);
