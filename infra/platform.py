@@ -50,8 +50,11 @@ from shared.settings import (
     EMBEDDED_NATS_PORT,
     EMBEDDED_POSTGRES_PORT,
     PROJECT_ROOT,
+    QUOTA_ROLE,
     Settings,
     TracingInfo,
+    as_role,
+    hide_password,
 )
 
 SERVICES = ("quota", "context", "render", "delivery")
@@ -263,6 +266,15 @@ class Platform:
             authority.write_credentials(self.credentials(name), name, service_permissions(name, access))
         authority.write_credentials(self.credentials(ADMIN), ADMIN, ADMIN_PERMISSIONS)
 
+    def _database_env(self, service: str) -> dict[str, str]:
+        """The database as each service may use it: quota as `kiln_quota` (read and append
+        the log), the others not at all. The owner's URL (migrations) stays here."""
+        assert self.database_url
+        if service != "quota":
+            return {"KILN_DATABASE_URL": "", "KILN_QUOTA_DATABASE_URL": "", "KILN_AUDIT_DATABASE_URL": ""}
+        quota_url = Settings.from_env().quota_database_url or as_role(self.database_url, QUOTA_ROLE)
+        return {"KILN_DATABASE_URL": quota_url, "KILN_QUOTA_DATABASE_URL": quota_url}
+
     def _credentials_env(self, service: str) -> dict[str, str]:
         credentials = self.credentials(service)
         return {"KILN_NATS_CREDS": str(credentials)} if credentials else {}
@@ -302,6 +314,7 @@ class Platform:
                 cwd=PROJECT_ROOT,
                 env=self.service_env()
                 | self._credentials_env(name)
+                | self._database_env(name)
                 | {"KILN_METRICS_PORT": metrics_port}
                 | (env or {}),
                 stdout=log,
@@ -408,7 +421,7 @@ class Platform:
         return (
             f"  NATS      {self.nats_url}{origin(self._nats)}\n"
             f"  auth      {self._auth()}\n"
-            f"  Postgres  {self.database_url}{origin(self._postgres)}\n"
+            f"  Postgres  {hide_password(self.database_url or '')}{origin(self._postgres)}\n"
             f"  HTTP      {self.http_url}  (the playground, images, share pages, /healthz)\n"
             f"  traces    {self._tracing()}\n"
             f"  metrics   {metrics}\n"

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from shared.events import MAX_SIDE, MAX_STEPS
 
@@ -104,6 +105,28 @@ def _database_url(value: str) -> str:
     raise ValueError(f"must start with {', '.join(POSTGRES_SCHEMES)}")
 
 
+# The database roles the quota migrations create (services/quota/migrations/versions/0003).
+QUOTA_ROLE = "kiln_quota"
+AUDITOR_ROLE = "kiln_auditor"
+
+
+def as_role(database_url: str, role: str) -> str:
+    """The same server and database as `database_url`, as `role`, with no password (the
+    owner's is not the role's: give the role's own in its KILN_*_DATABASE_URL)."""
+    parts = urlsplit(_database_url(database_url))
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{role}@{host}"))
+
+
+def hide_password(database_url: str) -> str:
+    """A database URL fit to print or log: its password, if any, replaced by ***."""
+    parts = urlsplit(database_url)
+    user, at, host = parts.netloc.rpartition("@")
+    if not at or ":" not in user:
+        return database_url
+    return urlunsplit(parts._replace(netloc=f"{user.split(':', 1)[0]}:***@{host}"))
+
+
 def _link_secret(value: str) -> str:
     if len(value) < MIN_LINK_SECRET_CHARS:
         raise ValueError(f"must be at least {MIN_LINK_SECRET_CHARS} characters")
@@ -136,6 +159,20 @@ class Settings:
         "PostgreSQL ≥ 15 to use: `postgresql://`, `postgres://` or `postgresql+asyncpg://`; unset: the embedded server",
         _database_url,
         shown="embedded",
+    )
+    quota_database_url: str | None = setting(
+        "KILN_QUOTA_DATABASE_URL",
+        None,
+        "how the quota service connects: as `kiln_quota`, which may only read and append the log",
+        _database_url,
+        shown="KILN_DATABASE_URL as `kiln_quota`",
+    )
+    audit_database_url: str | None = setting(
+        "KILN_AUDIT_DATABASE_URL",
+        None,
+        "how `kiln audit` connects: as `kiln_auditor`, which may only read",
+        _database_url,
+        shown="KILN_DATABASE_URL as `kiln_auditor`",
     )
     nats_port: int = setting("KILN_NATS_PORT", EMBEDDED_NATS_PORT, "the embedded NATS's port", _port)
     nats_auth: bool = setting(
@@ -327,6 +364,16 @@ class Settings:
     def database_address(self) -> str:
         """The PostgreSQL to connect to: the configured one, else the embedded server."""
         return self.database_url or f"postgresql://postgres@127.0.0.1:{self.postgres_port}/kiln"
+
+    @property
+    def quota_database_address(self) -> str:
+        """Where the quota service connects, as a role that may only read and append the log."""
+        return self.quota_database_url or as_role(self.database_address, QUOTA_ROLE)
+
+    @property
+    def audit_database_address(self) -> str:
+        """Where `kiln audit` reads the log, as a role that may only read."""
+        return self.audit_database_url or as_role(self.database_address, AUDITOR_ROLE)
 
     @property
     def base_url(self) -> str:
