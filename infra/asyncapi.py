@@ -94,7 +94,11 @@ WIRE: dict[str, Wire] = {
 }
 
 # Channels that carry no event: the message they carry instead.
-MARKERS = {subjects.RENDER_CANCEL.template: "CancelRequested", subjects.DEAD_LETTER.template: "DeadLetter"}
+MARKERS = {
+    subjects.RENDER_CANCEL.template: "CancelRequested",
+    subjects.DEAD_LETTER.template: "DeadLetter",
+    subjects.AUDIT_CHECKPOINT.template: "AuditCheckpoint",
+}
 EMPTY_REQUEST = "EmptyRequest"
 
 _ID_RULE = f"Matches `{ID_PATTERN.pattern}` (a subject token: no dots, spaces or wildcards)."
@@ -319,6 +323,8 @@ def _stream_facts(stream: Stream) -> dict[str, Any]:
 
 
 def _duration(seconds: float) -> str:
+    if seconds == 0:
+        return "good (no age limit)"
     day = 24 * 3600
     if seconds >= day and seconds % day == 0:
         return f"{int(seconds // day)} days" if seconds != day else "1 day"
@@ -584,6 +590,11 @@ def _messages() -> dict[str, Any]:
         "summary": "A message a service could not handle, its bytes unchanged: usually an event (`AnyEvent`), "
         "possibly one that does not decode.",
         "headers": {"$ref": SCHEMAS + "DeadLetterHeaders"},
+    }
+    messages["AuditCheckpoint"] = {
+        "name": "AuditCheckpoint",
+        "summary": "quota's log head, signed: JSON `{position, hash, at, key, signature}`; `signature` is "
+        "ed25519 (hex) by `key` over the sorted-key JSON of `{position, hash, at}`.",
     }
     return dict(sorted(messages.items()))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from infra.nats_auth import (
     credentials_file,
     declarations,
     service_permissions,
+    write_private,
 )
 from infra.tracing_ui import Phoenix
 from services.quota.migrate import upgrade
@@ -56,6 +58,7 @@ from shared.settings import (
     as_role,
     hide_password,
 )
+from shared.telemetry import USER_REF_KEY_FILE
 
 SERVICES = ("quota", "context", "render", "delivery")
 # The durable consumer each service pulls from: it has pull requests waiting once the
@@ -158,6 +161,7 @@ class Platform:
                 self._phoenix.start()
             except ServerError as error:
                 self._no_tracing_ui(error)
+        self._make_user_ref_key()
         if self.nats_auth:
             self._write_credentials()
         else:
@@ -265,6 +269,13 @@ class Platform:
         for name, access in declarations().items():
             authority.write_credentials(self.credentials(name), name, service_permissions(name, access))
         authority.write_credentials(self.credentials(ADMIN), ADMIN, ADMIN_PERMISSIONS)
+
+    def _make_user_ref_key(self) -> None:
+        """The key user ids are hashed with in traces (shared.telemetry.user_ref): made once,
+        so a user's refs stay the same across restarts."""
+        path = self.data_dir / USER_REF_KEY_FILE
+        if not path.exists():
+            write_private(path, secrets.token_bytes(32))
 
     def _database_env(self, service: str) -> dict[str, str]:
         """The database as each service may use it: quota as `kiln_quota` (read and append

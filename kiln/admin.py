@@ -13,17 +13,31 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 import asyncpg
+import nats.errors
+from opentelemetry import trace
 from rich.console import Console
 from rich.table import Table
 
-from infra.nats_auth import Authority, declarations, permission_table, user_credentials_file, user_permissions
-from services.quota import accounts, audit, plans, policy
+from infra.nats_auth import (
+    Authority,
+    credentials_file,
+    declarations,
+    permission_table,
+    service_permissions,
+    user_credentials_file,
+    user_permissions,
+)
+from services.quota import accounts, audit, checkpoints, plans, policy
 from services.quota import log as quota_log
 from services.quota.migrate import upgrade
+from shared import subjects
+from shared.access import Access
+from shared.bus import Bus
 from shared.events import ID_PATTERN, as_utc
 from shared.settings import Settings, SettingsError
 
 EXIT_FOUND_PROBLEMS, EXIT_BAD_REQUEST = 1, 64
+AUDITOR = "auditor"  # `kiln audit`'s NATS identity: reads the checkpoint stream, nothing else
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -66,15 +80,24 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     replay = aud.add_parser("replay", help="re-run the recorded policy over the log; exit 1 on any mismatch")
     replay.add_argument("--user")
     replay.add_argument("--since", type=_timestamp, help="ISO time, e.g. 2026-11-26T00:00Z")
-    replay.set_defaults(run=_database_command(_audit_replay))
-    aud.add_parser("verify", help="check the hash chain; exit 1 naming the first broken event").set_defaults(
-        run=_database_command(_audit_verify)
+    replay.set_defaults(run=_database_command(_audit_replay, read_only=True))
+    verify = aud.add_parser(
+        "verify", help="check the hash chain and quota's signed checkpoints; exit 1 naming the first problem"
     )
+    verify.add_argument(
+        "--checkpoints", type=Path, help="an exported checkpoints file (default: read the checkpoint stream)"
+    )
+    verify.add_argument(
+        "--public-key", type=Path, help="quota's checkpoint public key, hex (default: <data>/audit/checkpoint.pub)"
+    )
+    verify.add_argument("--no-checkpoints", action="store_true", help="check the chain alone")
+    verify.set_defaults(run=_database_command(_audit_verify, read_only=True))
     export = aud.add_parser("export", help="write the events as JSON lines")
     export.add_argument("--user")
     export.add_argument("--since", type=_timestamp)
     export.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
-    export.set_defaults(run=_database_command(_audit_export))
+    export.add_argument("--checkpoints", type=Path, help="also write the signed checkpoints to this file")
+    export.set_defaults(run=_database_command(_audit_export, read_only=True))
     aud.add_parser("rebuild", help="drop the usage projections and rebuild them from the log").set_defaults(
         run=_database_command(_audit_rebuild)
     )
@@ -127,10 +150,12 @@ def _day(text: str) -> str:
 Command = Callable[[argparse.Namespace, asyncpg.Pool, Settings], Awaitable[int]]
 
 
-def _database_command(command: Command) -> Callable[[argparse.Namespace], int]:
+def _database_command(command: Command, *, read_only: bool = False) -> Callable[[argparse.Namespace], int]:
+    """`read_only`: an audit, run as the auditor's role (it may only read), not the owner."""
+
     def run(args: argparse.Namespace) -> int:
         try:
-            return asyncio.run(_with_database(command, args))
+            return asyncio.run(_with_database(command, args, read_only))
         except (accounts.AccountError, plans.ConfigError, SettingsError) as error:
             err.print(f"kiln: {error}")
             return EXIT_BAD_REQUEST
@@ -141,10 +166,13 @@ def _database_command(command: Command) -> Callable[[argparse.Namespace], int]:
     return run
 
 
-async def _with_database(command: Command, args: argparse.Namespace) -> int:
+async def _with_database(command: Command, args: argparse.Namespace, read_only: bool) -> int:
     settings = Settings.from_env()
-    url = settings.database_address
-    await asyncio.to_thread(upgrade, url)
+    if read_only:
+        url = settings.audit_database_address
+    else:
+        url = settings.database_address
+        await asyncio.to_thread(upgrade, url)
     pool = await quota_log.connect(url, size=2)
     try:
         return await command(args, pool, settings)
@@ -241,15 +269,58 @@ async def _audit_replay(args: argparse.Namespace, pool: asyncpg.Pool, settings: 
 
 
 async def _audit_verify(args: argparse.Namespace, pool: asyncpg.Pool, settings: Settings) -> int:
+    signed, key = None, None
+    if not args.no_checkpoints:
+        try:
+            key = checkpoints.public_key_from(args.public_key or settings.data_dir / checkpoints.PUBLIC_KEY_FILE)
+            signed = (
+                checkpoints.read_file(args.checkpoints) if args.checkpoints else await _stream_checkpoints(settings)
+            )
+        except (OSError, ValueError, nats.errors.Error) as error:
+            err.print(f"kiln: cannot read quota's checkpoints ({error}); --no-checkpoints checks the chain alone")
+            return EXIT_BAD_REQUEST
     async with pool.acquire() as conn:
-        report = await audit.verify(conn)
+        report = await audit.verify(conn, signed, key)
     if report.broken:
         out.print(f"BROKEN: {report.broken[0]}")
         if len(report.broken) > 1:
             out.print(f"({len(report.broken) - 1} more problems after it)")
         return EXIT_FOUND_PROBLEMS
     out.print(f"chain intact: {report.events} events, head {report.head}")
+    if report.checkpoints is not None:
+        newest = report.checkpoints.newest
+        out.print(
+            f"{report.checkpoints.checked} signed checkpoints match"
+            + (f", the newest at position {newest.position} ({newest.when})" if newest else " (none yet)")
+        )
     return 0
+
+
+async def _stream_checkpoints(settings: Settings) -> list[checkpoints.Checkpoint]:
+    """Every checkpoint the KILN_AUDIT_CHECKPOINTS stream keeps, read as an auditor that may
+    read that stream and nothing else."""
+    stream, subject = subjects.AUDIT_CHECKPOINTS, subjects.AUDIT_CHECKPOINT.subject()
+    access = Access(streams=frozenset({stream.name}))
+    credentials = settings.nats_creds
+    if credentials is None and settings.nats_auth and Authority.exists(settings.data_dir):
+        credentials = Authority.open(settings.data_dir).write_credentials(
+            credentials_file(settings.data_dir, AUDITOR), AUDITOR, service_permissions(AUDITOR, access), 600
+        )
+    bus = await Bus.connect(
+        settings.nats_address,
+        AUDITOR,
+        trace.get_tracer("kiln.audit"),
+        access,
+        credentials,
+        connect_timeout=2,
+        max_reconnect_attempts=1,
+    )
+    try:
+        last = await bus.last_message(stream, subject)
+        stored = await bus.read_subject(stream, subject, last.seq) if last else []
+    finally:
+        await bus.close()
+    return [checkpoints.decode(message.data) for message in stored]
 
 
 async def _audit_export(args: argparse.Namespace, pool: asyncpg.Pool, settings: Settings) -> int:
@@ -260,6 +331,15 @@ async def _audit_export(args: argparse.Namespace, pool: asyncpg.Pool, settings: 
             with args.output.open("w") as file:
                 count = await audit.export(conn, file, args.user, args.since)
     err.print(f"exported {count} events")
+    if args.checkpoints is not None:
+        try:
+            signed = await _stream_checkpoints(settings)
+        except (OSError, nats.errors.Error) as error:
+            err.print(f"kiln: cannot read quota's checkpoints from NATS: {error}")
+            return EXIT_BAD_REQUEST
+        with args.checkpoints.open("wb") as file:
+            written = audit.export_checkpoints(signed, file)
+        err.print(f"exported {written} checkpoints to {args.checkpoints}")
     return 0
 
 

@@ -165,6 +165,7 @@ async def _connected(body: Command, args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     credentials, identity = credentials_for(settings, getattr(args, "user", None))
     telemetry.setup("kiln-cli", settings.otlp_endpoint)
+    telemetry.use_user_ref_key(settings.data_dir)  # where the CLI runs beside the platform
     try:
         try:
             client = await KilnClient.connect(settings.nats_address, credentials, identity)

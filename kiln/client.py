@@ -42,7 +42,7 @@ from shared.events import (
 )
 from shared.records import Outcome, read_outcome
 from shared.subjects import Channel
-from shared.telemetry import mark_failed, trace_id_in, user_ref
+from shared.telemetry import mark_failed, trace_id_in, user_attributes
 
 ProgressCallback = Callable[[RenderProgress], None]
 
@@ -165,7 +165,7 @@ class KilnClient:
         with tracer.start_as_current_span(
             "kiln generate",
             kind=trace.SpanKind.CLIENT,
-            attributes={"kiln.request_id": submission.request_id, "kiln.user": user_ref(user_id)},
+            attributes={"kiln.request_id": submission.request_id, **user_attributes(user_id)},
         ) as span:
             outcome = await self._follow(
                 user_id, submission.request_id, submission, on_progress, timeout_s, resubmit_after_s

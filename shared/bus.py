@@ -53,7 +53,7 @@ from shared import consuming, subjects
 from shared.access import Access, credential_options
 from shared.events import AnyEvent, Event, decode_message, encode
 from shared.subjects import Bucket, Stream
-from shared.telemetry import context_from_headers, inject_headers, user_ref
+from shared.telemetry import context_from_headers, inject_headers, user_attributes
 
 log = logging.getLogger("kiln.bus")
 
@@ -472,7 +472,7 @@ class Bus:
                 "messaging.destination.name": msg.metadata.stream,
                 "messaging.operation.type": "process",
                 "kiln.request_id": event.request_id,
-                "kiln.user": user_ref(event.user_id),
+                **user_attributes(event.user_id),
                 "kiln.delivery_attempt": msg.metadata.num_delivered,
             },
         )

@@ -29,7 +29,7 @@ from shared.bus import Bus, Message
 from shared.events import Event
 from shared.settings import Settings, SettingsError
 from shared.subjects import Bucket, Channel, Stream
-from shared.telemetry import configure_logging, serve_metrics, setup, shutdown
+from shared.telemetry import configure_logging, serve_metrics, setup, shutdown, use_user_ref_key
 
 # How a service builds its application from its settings and bus, and closes it after.
 Opener = Callable[[Settings, Bus], AbstractAsyncContextManager[Any]]
@@ -130,6 +130,7 @@ def run(service: Service) -> None:
 
 async def _main(service: Service, settings: Settings) -> None:
     tracer = setup(service.name, settings.otlp_endpoint)
+    use_user_ref_key(settings.data_dir)
     serve_metrics(service.name, settings.metrics_port, settings.metrics_host)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -149,6 +149,11 @@ DEAD_LETTER = Channel(
     "A message a service could not handle, kept as it came with the reason in the "
     "`Kiln-Dead-Letter-Reason` header and its subject in `Kiln-Original-Subject`.",
 )
+AUDIT_CHECKPOINT = Channel(
+    "kiln.audit.checkpoint",
+    "quota's signed checkpoint of its log's head (position, hash, time; ed25519, see "
+    "`services/quota/checkpoints.py`): `kiln audit verify` checks the database against these.",
+)
 
 ALL_CHANNELS = [
     PROMPT_SUBMITTED,
@@ -165,6 +170,7 @@ ALL_CHANNELS = [
     CONTEXT_STYLES,
     CONTEXT_TURNS,
     DEAD_LETTER,
+    AUDIT_CHECKPOINT,
 ]
 
 # The subject functions the code calls: `subjects.outcome(user, request)`.
@@ -220,8 +226,22 @@ OUTCOMES = Stream("KILN_OUTCOMES", OUTCOME, max_age_s=YEAR_S, one_per_subject=Tr
 # A short-lived consumer per conversation read (context composing a turn).
 CONVERSATIONS = Stream("KILN_CONVERSATIONS", CONVERSATION, max_age_s=YEAR_S, max_consumers=100_000)
 DEAD_LETTERS = Stream("KILN_DEAD_LETTERS", DEAD_LETTER, max_age_s=30 * 24 * 3600)
+# Kept for good (max_age 0): a checkpoint is the evidence the quota database is checked
+# against, so it lives where the quota database role cannot reach, and quota may only
+# publish to it.
+AUDIT_CHECKPOINTS = Stream("KILN_AUDIT_CHECKPOINTS", AUDIT_CHECKPOINT, max_age_s=0)
 
-ALL_STREAMS = [PROMPTS, QUOTA, RENDER_JOBS, RENDER_CANCELS, RENDER_EVENTS, OUTCOMES, CONVERSATIONS, DEAD_LETTERS]
+ALL_STREAMS = [
+    PROMPTS,
+    QUOTA,
+    RENDER_JOBS,
+    RENDER_CANCELS,
+    RENDER_EVENTS,
+    OUTCOMES,
+    CONVERSATIONS,
+    DEAD_LETTERS,
+    AUDIT_CHECKPOINTS,
+]
 TIERS = ("paid", "free")  # render lanes, in the order workers pull them
 
 
@@ -254,7 +274,19 @@ RENDER_ATTEMPTS = Bucket(
     "Renders started per request (`<user>.<request>`), shared by the fleet.",
     ttl_s=7 * 24 * 3600,
 )
-ALL_BUCKETS = [IMAGES, IMAGE_RECORDS, RENDER_ATTEMPTS]
+ACCOUNTS = Bucket(
+    "kiln-accounts",
+    "keys",
+    "delivery's playground accounts (`<user>`): the argon2id hash of the password, and when it was made.",
+)
+SESSIONS = Bucket(
+    "kiln-sessions",
+    "keys",
+    "delivery's playground sessions (the SHA-256 of the session cookie): the user and the CSRF token. "
+    "Sign-out deletes one; the rest expire with the cookie.",
+    ttl_s=7 * 24 * 3600,
+)
+ALL_BUCKETS = [IMAGES, IMAGE_RECORDS, RENDER_ATTEMPTS, ACCOUNTS, SESSIONS]
 IMAGE_BUCKET = IMAGES.name  # (the name, where an API wants a string)
 
 

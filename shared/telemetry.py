@@ -5,7 +5,7 @@ the message headers, and each service continues it. Spans export over OTLP/HTTP 
 `KILN_OTLP_ENDPOINT` is set; otherwise they are created unsampled: ids still propagate (the
 log and the messages name the request's trace), nothing is recorded. Each span carries
 `service.name` as an attribute too (Phoenix keeps span attributes, not the resource), and
-users appear only hashed (`user_ref`).
+users appear only as a keyed hash (`user_ref`).
 
 Every span says what kind it is (OpenTelemetry's SpanKind): the client's root span CLIENT,
 a JetStream publish PRODUCER, a service handling a message CONSUMER, delivery's HTTP
@@ -20,7 +20,9 @@ the `otel_scope_*` labels the exporter would put on every series.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
+from pathlib import Path
 
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.context import Context
@@ -119,10 +121,33 @@ def mark_failed(span: trace.Span, description: str) -> None:
     span.set_status(Status(StatusCode.ERROR, description))
 
 
+USER_REF_KEY_FILE = Path("keys") / "user-ref.key"  # in the data folder; the launcher makes it
+_user_ref_key: bytes | None = None
+
+
+def use_user_ref_key(data_dir: Path) -> None:
+    """Hash user ids with the deployment's key from now on (the services call this at start)."""
+    global _user_ref_key
+    try:
+        _user_ref_key = (data_dir / USER_REF_KEY_FILE).read_bytes()
+    except FileNotFoundError:
+        _user_ref_key = None
+
+
 def user_ref(user_id: str) -> str:
-    """How a user appears in traces: a hash that groups one user's requests without naming
-    them (look a user's up with `user_ref` on their id)."""
-    return hashlib.sha256(f"kiln-user:{user_id}".encode()).hexdigest()[:16]
+    """How a user appears in traces: an HMAC of their id with the deployment's key, which
+    groups one user's requests without naming them, and which nobody without the key can
+    test a guessed id against (a plain hash could be). '' where the key is not at hand (a
+    client away from the data folder): such a span names no user at all."""
+    if _user_ref_key is None:
+        return ""
+    return hmac.new(_user_ref_key, user_id.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+def user_attributes(user_id: str) -> dict[str, str]:
+    """The span attribute naming a user, where the key is at hand."""
+    ref = user_ref(user_id)
+    return {"kiln.user": ref} if ref else {}
 
 
 def trace_id_of(span: trace.Span) -> str:

@@ -15,7 +15,7 @@ SERVICE = Service(
     publishes=(subjects.OUTCOME, *CLIENT_CHANNELS),
     hears=CLIENT_HEARS,
     reads=CLIENT_READS,
-    buckets=(subjects.IMAGES, subjects.IMAGE_RECORDS),
+    buckets=(subjects.IMAGES, subjects.IMAGE_RECORDS, subjects.ACCOUNTS, subjects.SESSIONS),
     tasks=(Delivery.serve_http,),
 )
 

@@ -15,6 +15,7 @@ import uvicorn
 from opentelemetry import trace
 
 from services.delivery import metrics
+from services.delivery.accounts import Accounts, Sessions
 from services.delivery.http import Site, create_app
 from services.delivery.image_records import ImageRecord, ImageRecords
 from services.delivery.links import Links, Signer, load_secret
@@ -40,7 +41,10 @@ class Delivery:
             settings.share_ttl_s,
         )
         records = ImageRecords(await bus.key_value(subjects.IMAGE_RECORDS))
-        yield cls(bus, Site(bus, await bus.object_store(subjects.IMAGES), records, links, settings))
+        accounts = Accounts(await bus.key_value(subjects.ACCOUNTS))
+        sessions = Sessions(await bus.key_value(subjects.SESSIONS))
+        store = await bus.object_store(subjects.IMAGES)
+        yield cls(bus, Site(bus, store, records, links, settings, accounts, sessions))
 
     async def handle_render_event(self, event: RenderCompleted | RenderFailed) -> None:
         if isinstance(event, RenderCompleted):

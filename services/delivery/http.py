@@ -1,31 +1,35 @@
 """delivery's HTTP side (Starlette): images, share pages, the playground and its API.
 
     GET  /                                  the playground (static files in playground/)
-    POST /api/login, /api/logout            sign in by name: a signed session cookie
-    GET  /api/me                            who is signed in, today's quota, the styles, the
-                                            sizes offered (the model's native ones)
+    POST /api/signup, /api/login            make an account / sign in, with a password: a
+                                            session cookie, and the session's CSRF token
+    POST /api/logout                        end the session (the server forgets it)
+    GET  /api/me                            who is signed in, the CSRF token, today's quota,
+                                            the styles, the sizes offered (the model's native ones)
     POST /api/generate                      publish a prompt; NDJSON lines: accepted,
                                             progress…, then delivered / denied / failed
     GET  /api/conversations/<conversation>  its turns, each with its outcome
     POST /api/images/<request>/share        a signed share link (body: {"ttl_s": …})
     GET  /images/<user>/<request>.png       the PNG: for its owner's session, or a signed link
-    GET  /share/<user>/<request>            the share page: image and prompt, no sign-in
+    GET  /share/<share id>                  the share page: image and prompt, no sign-in
+    GET  /share/<share id>/image.png        its image
     GET  /healthz
 
-Sign-in takes any user name: identity belongs to whatever the deployment puts in front
-(an identity proxy that sets the user). What Kiln enforces is the rule after it: a session
-sees only its own images, and a link opens only the image it was signed for.
+A session sees only its own images, and a link opens only the image it was signed for. Every
+POST must come from the site's own origin (hardening.Hardened) and, once signed in, carry the
+session's CSRF token in X-CSRF-Token; sign-in failures are limited per account and per address.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import html
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
@@ -34,15 +38,18 @@ from nats.js.errors import ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 from opentelemetry import trace
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from kiln.client import KilnClient, ServiceUnavailable
+from services.delivery.accounts import AccountError, Accounts, Session, Sessions, SignInLimit
+from services.delivery.hardening import Hardened, TooLarge
 from services.delivery.image_records import ImageRecords
-from services.delivery.links import LinkError, Links, expiry, image_subject
-from shared import model_card
+from services.delivery.links import LinkError, Links, expiry, image_subject, share_subject
+from shared import model_card, subjects
 from shared.bus import Bus
 from shared.events import (
     DEFAULT_SIZE,
@@ -57,11 +64,21 @@ from shared.events import (
 )
 from shared.records import Outcome
 from shared.settings import Settings
-from shared.telemetry import trace_id_of, user_ref
+from shared.telemetry import trace_id_of, user_attributes
 
 PLAYGROUND = Path(__file__).with_name("playground")
+# The __Host- prefix binds the cookie to this host and path / (no subdomain can set or read
+# it), but browsers take it only with Secure, which plain http cannot have: on http (a local
+# playground) the cookie goes by the plain name.
+SECURE_SESSION_COOKIE = "__Host-kiln_session"
 SESSION_COOKIE = "kiln_session"
-SESSION_TTL_S = 7 * 24 * 3600
+SESSION_TTL_S = int(subjects.SESSIONS.ttl_s or 0)  # the cookie lives as long as the server keeps the session
+CSRF_HEADER = "X-CSRF-Token"
+# Failed sign-ins allowed per 15 minutes: few per account (guessing one password), more per
+# address (people behind one NAT mistype too; spraying many accounts still meets the limit).
+SIGN_IN_WINDOW_S = 15 * 60
+SIGN_IN_FAILURES_PER_ACCOUNT = 5
+SIGN_IN_FAILURES_PER_ADDRESS = 30
 MAX_SHARE_TTL_S = 30 * 24 * 3600
 GENERATE_TIMEOUT_S = 300
 
@@ -83,6 +100,11 @@ class ShareBody(msgspec.Struct, forbid_unknown_fields=True):
     ttl_s: int | None = None
 
 
+class SignInBody(msgspec.Struct, forbid_unknown_fields=True):
+    user: str
+    password: str
+
+
 @dataclass
 class Site:
     bus: Bus
@@ -90,13 +112,29 @@ class Site:
     records: ImageRecords
     links: Links
     settings: Settings
+    accounts: Accounts
+    sessions: Sessions
+    account_failures: SignInLimit = field(
+        default_factory=lambda: SignInLimit(SIGN_IN_FAILURES_PER_ACCOUNT, SIGN_IN_WINDOW_S)
+    )
+    address_failures: SignInLimit = field(
+        default_factory=lambda: SignInLimit(SIGN_IN_FAILURES_PER_ADDRESS, SIGN_IN_WINDOW_S)
+    )
 
     @property
     def client(self) -> KilnClient:
         return KilnClient(self.bus)  # the SDK on the service's own connection
 
-    def user(self, request: Request) -> str | None:
-        return self.links.signer.session_user(request.cookies.get(SESSION_COOKIE), time.time())
+    @property
+    def secure(self) -> bool:
+        return self.settings.base_url.startswith("https://")
+
+    @property
+    def session_cookie(self) -> str:
+        return SECURE_SESSION_COOKIE if self.secure else SESSION_COOKIE
+
+    async def session(self, request: Request) -> Session | None:
+        return await self.sessions.get(request.cookies.get(self.session_cookie))
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -110,45 +148,92 @@ async def _body(request: Request, kind: type[msgspec.Struct]):
 
 def create_app(site: Site) -> Starlette:
     def signed_in(handler: Callable[[Request, str], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-        """The endpoint for `handler`, which gets the signed-in user; 401 without a session."""
+        """The endpoint for `handler`, which gets the signed-in user; 401 without a session,
+        403 on a state-changing request without the session's CSRF token."""
 
         async def endpoint(request: Request) -> Response:
-            if (user_id := site.user(request)) is None:
+            if (session := await site.session(request)) is None:
                 return _error(401, "sign in first")
-            return await handler(request, user_id)
+            if request.method not in ("GET", "HEAD") and not hmac.compare_digest(
+                request.headers.get(CSRF_HEADER, "").encode(), session.csrf.encode()
+            ):
+                return _error(403, f"missing or wrong {CSRF_HEADER}: reload the page and try again")
+            return await handler(request, session.user_id)
 
         return endpoint
 
-    # -- sign-in ---------------------------------------------------------------------------
+    # -- accounts and sessions -------------------------------------------------------------
 
-    async def login(request: Request) -> Response:
-        try:
-            user_id = str((await _body(request, dict)).get("user", "")).strip()
-        except msgspec.DecodeError:
-            return _error(400, 'send JSON: {"user": "alice"}')
-        if not ID_PATTERN.match(user_id):
-            return _error(400, "a user name is 1-64 letters, digits, _ or -")
-        response = JSONResponse({"user": user_id})
-        token = site.links.signer.session(user_id, int(time.time()) + SESSION_TTL_S)
+    async def signed_in_as(user_id: str, status: int = 200) -> Response:
+        cookie, session = await site.sessions.open(user_id)
+        response = JSONResponse({"user": user_id, "csrf": session.csrf}, status_code=status)
         response.set_cookie(
-            SESSION_COOKIE,
-            token,
+            site.session_cookie,
+            cookie,
             max_age=SESSION_TTL_S,
+            path="/",
             httponly=True,
-            samesite="strict",
-            secure=site.settings.base_url.startswith("https://"),
+            samesite="lax",  # the cookie comes along when a link from elsewhere opens the playground
+            secure=site.secure,
         )
         return response
 
+    async def signup(request: Request) -> Response:
+        try:
+            body = await _body(request, SignInBody)
+        except msgspec.DecodeError:
+            return _error(400, 'send JSON: {"user": "alice", "password": "…"}')
+        try:
+            await site.accounts.sign_up(body.user.strip(), body.password)
+        except AccountError as error:
+            return _error(error.status, str(error))
+        return await signed_in_as(body.user.strip(), status=201)
+
+    async def login(request: Request) -> Response:
+        try:
+            body = await _body(request, SignInBody)
+        except msgspec.DecodeError:
+            return _error(400, 'send JSON: {"user": "alice", "password": "…"}')
+        # 1. Refuse while the account or the address is past its failures: before the
+        #    password is checked, so a guess past the limit learns nothing.
+        user_id, now = body.user.strip(), time.time()
+        account, address = f"user:{user_id}", f"address:{request.client.host if request.client else '?'}"
+        waits = [site.account_failures.retry_after(account, now), site.address_failures.retry_after(address, now)]
+        if wait := max((w for w in waits if w is not None), default=None):
+            response = _error(429, f"too many failed sign-ins; try again in {wait} s")
+            response.headers["Retry-After"] = str(wait)
+            return response
+        # 2. Check the password (unknown names cost the same time, and get the same answer).
+        if not await site.accounts.verify(user_id, body.password):
+            site.account_failures.failed(account, now)
+            site.address_failures.failed(address, now)
+            return _error(401, "wrong user name or password")
+        site.account_failures.forget(account)
+        return await signed_in_as(user_id)
+
     async def logout(request: Request) -> Response:
+        cookie = request.cookies.get(site.session_cookie)
+        if (session := await site.sessions.get(cookie)) is not None:
+            if not hmac.compare_digest(request.headers.get(CSRF_HEADER, "").encode(), session.csrf.encode()):
+                return _error(403, f"missing or wrong {CSRF_HEADER}: reload the page and try again")
+            await site.sessions.close(cookie or "")
         response = JSONResponse({"user": None})
-        response.delete_cookie(SESSION_COOKIE)
+        response.delete_cookie(site.session_cookie, path="/", secure=site.secure, httponly=True, samesite="lax")
         return response
 
-    @signed_in
-    async def me(request: Request, user_id: str) -> Response:
-        quota, styles = await _quota(site, user_id), await _styles(site)
-        return JSONResponse({"user": user_id, "quota": quota, "styles": styles, "sizes": _sizes(site)})
+    async def me(request: Request) -> Response:
+        if (session := await site.session(request)) is None:
+            return _error(401, "sign in first")
+        quota, styles = await _quota(site, session.user_id), await _styles(site)
+        return JSONResponse(
+            {
+                "user": session.user_id,
+                "csrf": session.csrf,
+                "quota": quota,
+                "styles": styles,
+                "sizes": _sizes(site),
+            }
+        )
 
     # -- generating ------------------------------------------------------------------------
 
@@ -207,10 +292,8 @@ def create_app(site: Site) -> Starlette:
             return _error(400, f"ttl_s must be between 1 and {MAX_SHARE_TTL_S} seconds")
         if not ID_PATTERN.match(request_id) or await site.records.get(user_id, request_id) is None:
             return _error(404, f"you have no image from request {request_id}")
-        now = time.time()
-        return JSONResponse(
-            {"url": site.links.share(user_id, request_id, now, ttl_s), "expires_at": expiry(now, ttl_s)}
-        )
+        share_id, now = await site.records.share(user_id, request_id), time.time()
+        return JSONResponse({"url": site.links.share(share_id, now, ttl_s), "expires_at": expiry(now, ttl_s)})
 
     # -- images and share pages ------------------------------------------------------------
 
@@ -228,32 +311,40 @@ def create_app(site: Site) -> Starlette:
                 )
             except LinkError as error:
                 return _error(error.status, str(error))
-        elif (viewer := site.user(request)) is None:
+        elif (viewer := await site.session(request)) is None:
             return _error(403, "sign in, or use the image's signed link")
-        elif viewer != user_id:
+        elif viewer.user_id != user_id:
             return _error(403, "this image is not yours; its owner can share it with you")
+        return await _png(site, user_id, request_id, download="download" in query)
+
+    def shared_check(request: Request) -> str:
+        """The share id of a share link, if its signature holds; LinkError if not."""
+        share_id, query = request.path_params["share_id"], request.query_params
+        if not ID_PATTERN.match(share_id):
+            raise LinkError("the link is incomplete or altered")
+        site.links.signer.check("share", share_subject(share_id), query.get("exp"), query.get("sig"), time.time())
+        return share_id
+
+    async def share_image(request: Request) -> Response:
         try:
-            result = await site.store.get(f"{user_id}/{request_id}.png")
-        except ObjectNotFoundError:
-            return _error(404, f"no image for request {request_id}")
-        headers = {"Cache-Control": "private, max-age=3600"}
-        if "download" in query:
-            headers["Content-Disposition"] = f'attachment; filename="kiln-{request_id}.png"'
-        return Response(result.data, media_type="image/png", headers=headers)
+            shared = await site.records.shared(shared_check(request))
+        except LinkError as error:
+            return _error(error.status, str(error))
+        if shared is None:
+            return _error(404, "the image this link names is gone")
+        return await _png(site, shared.user_id, shared.request_id, download=False)
 
     async def share_page(request: Request) -> Response:
-        user_id, request_id = request.path_params["user_id"], request.path_params["request_id"]
-        query = request.query_params
         try:
-            site.links.signer.check(
-                "share", image_subject(user_id, request_id), query.get("exp"), query.get("sig"), time.time()
-            )
+            share_id = shared_check(request)
         except LinkError as error:
             return _page(error.status, "This link does not open", str(error))
-        record = await site.records.get(user_id, request_id)
+        shared = await site.records.shared(share_id)
+        record = await site.records.get(shared.user_id, shared.request_id) if shared else None
         if record is None:
             return _page(404, "No such image", "The image this link names is gone.")
-        image_url = f"/images/{user_id}/{request_id}.png?p=share&exp={query['exp']}&sig={query['sig']}"
+        query = request.query_params
+        image_url = f"/share/{share_id}/image.png?exp={query['exp']}&sig={query['sig']}"
         style = (
             f" · style: {html.escape(record.composition.style)}"
             if record.composition and record.composition.style
@@ -276,10 +367,14 @@ def create_app(site: Site) -> Starlette:
         ok = site.bus.is_connected
         return JSONResponse({"nats": "connected" if ok else "disconnected"}, status_code=200 if ok else 503)
 
+    async def too_large(request: Request, error: Exception) -> Response:
+        return _error(413, str(error.detail) if isinstance(error, TooLarge) else "the request body is too large")
+
     return Starlette(
         routes=[
             Route("/", playground),
             Mount("/static", StaticFiles(directory=PLAYGROUND), name="static"),
+            Route("/api/signup", signup, methods=["POST"]),
             Route("/api/login", login, methods=["POST"]),
             Route("/api/logout", logout, methods=["POST"]),
             Route("/api/me", me),
@@ -287,10 +382,24 @@ def create_app(site: Site) -> Starlette:
             Route("/api/conversations/{conversation_id}", conversation),
             Route("/api/images/{request_id}/share", share, methods=["POST"]),
             Route("/images/{user_id}/{request_id}.png", image),
-            Route("/share/{user_id}/{request_id}", share_page),
+            Route("/share/{share_id}", share_page),
+            Route("/share/{share_id}/image.png", share_image),
             Route("/healthz", healthz),
-        ]
+        ],
+        middleware=[Middleware(Hardened, public_url=site.settings.base_url)],
+        exception_handlers={TooLarge: too_large},
     )
+
+
+async def _png(site: Site, user_id: str, request_id: str, *, download: bool) -> Response:
+    try:
+        result = await site.store.get(f"{user_id}/{request_id}.png")
+    except ObjectNotFoundError:
+        return _error(404, f"no image for request {request_id}")
+    headers = {"Cache-Control": "private, max-age=3600"}
+    if download:
+        headers["Content-Disposition"] = f'attachment; filename="kiln-{request_id}.png"'
+    return Response(result.data, media_type="image/png", headers=headers)
 
 
 async def _follow(site: Site, submission: PromptSubmitted, lines: asyncio.Queue[dict | None]) -> None:
@@ -305,7 +414,7 @@ async def _follow(site: Site, submission: PromptSubmitted, lines: asyncio.Queue[
 
 async def _outcome_of(site: Site, submission: PromptSubmitted, lines: asyncio.Queue[dict | None]) -> dict:
     # The playground's span is the root of the request's trace, as the CLI's is.
-    attributes = {"kiln.request_id": submission.request_id, "kiln.user": user_ref(submission.user_id)}
+    attributes = {"kiln.request_id": submission.request_id, **user_attributes(submission.user_id)}
     with tracer.start_as_current_span("playground generate", kind=trace.SpanKind.SERVER, attributes=attributes) as span:
         trace_id = trace_id_of(span)
         lines.put_nowait(

@@ -1,8 +1,12 @@
-"""Signed, expiring links and sign-in cookies. Pure: no I/O but the clock the caller passes.
+"""Signed, expiring links. Pure: no I/O but the clock the caller passes.
 
-A link names what it opens (`purpose`: a download or a share page), whose image, and until
+A link names what it opens (`purpose`: a download or a share page), which image, and until
 when; an HMAC-SHA256 over exactly that, with the server's secret, is its signature. Change
 any part and the signature no longer matches (403); past its time it is gone (410).
+
+A download link names the image by owner and request (it goes to the owner). A share link
+names it by an opaque share id (image_records maps it to the image), so whoever is given the
+link does not learn the owner's user id from it. Download links live at most a day.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlencode
 
-Purpose = Literal["download", "share", "session"]
+Purpose = Literal["download", "share"]
 SECRET_BYTES = 32
+MAX_DOWNLOAD_TTL_S = 24 * 3600  # a download link goes to its owner, for now: a day at most
 EXPIRY = re.compile(r"[0-9]{1,12}")  # seconds since 1970; ASCII digits only
 
 
@@ -87,22 +92,6 @@ class Signer:
     def query(self, purpose: Purpose, subject: str, expires: int) -> str:
         return urlencode({"exp": expires, "sig": self.signature(purpose, subject, expires)})
 
-    # -- sign-in --------------------------------------------------------------------------
-
-    def session(self, user_id: str, expires: int) -> str:
-        return f"{user_id}.{expires}.{self.signature('session', user_id, expires)}"
-
-    def session_user(self, token: str | None, now: float) -> str | None:
-        """The user a session cookie names, if this server made it and it has not expired."""
-        if not token or token.count(".") != 2:
-            return None
-        user_id, expires, signature = token.split(".")
-        try:
-            self.check("session", user_id, expires, signature, now)
-        except LinkError:
-            return None
-        return user_id
-
 
 def image_subject(user_id: str, request_id: str) -> str:
     return f"{user_id}/{request_id}"
@@ -114,7 +103,9 @@ class Links:
     def __init__(self, signer: Signer, public_url: str, download_ttl_s: int, share_ttl_s: int) -> None:
         self.signer = signer
         self.public_url = public_url
-        self.download_ttl_s = download_ttl_s
+        # KILN_LINK_TTL_S may be set longer (it has no upper bound of its own); a download
+        # link still lives a day at most.
+        self.download_ttl_s = min(download_ttl_s, MAX_DOWNLOAD_TTL_S)
         self.share_ttl_s = share_ttl_s
 
     def download(self, user_id: str, request_id: str, now: float) -> str:
@@ -122,7 +113,11 @@ class Links:
         query = self.signer.query("download", image_subject(user_id, request_id), expires)
         return f"{self.public_url}/images/{user_id}/{request_id}.png?{query}"
 
-    def share(self, user_id: str, request_id: str, now: float, ttl_s: int | None = None) -> str:
+    def share(self, share_id: str, now: float, ttl_s: int | None = None) -> str:
+        """The share page's link for the share id `share_id` (see ImageRecords.share)."""
         expires = expiry(now, ttl_s if ttl_s is not None else self.share_ttl_s)
-        query = self.signer.query("share", image_subject(user_id, request_id), expires)
-        return f"{self.public_url}/share/{user_id}/{request_id}?{query}"
+        return f"{self.public_url}/share/{share_id}?{self.signer.query('share', share_subject(share_id), expires)}"
+
+
+def share_subject(share_id: str) -> str:
+    return f"share/{share_id}"

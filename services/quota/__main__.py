@@ -16,9 +16,9 @@ SERVICE = Service(
         Answer(subjects.QUOTA_PRESSURE, Quota.answer_pressure),
     ),
     listens=(Listen(subjects.FLEET_TELEMETRY, Quota.hear_heartbeat),),
-    publishes=(subjects.QUOTA_DECIDED, subjects.OUTCOME),
+    publishes=(subjects.QUOTA_DECIDED, subjects.OUTCOME, subjects.AUDIT_CHECKPOINT),
     reads=(subjects.OUTCOMES,),
-    tasks=(Quota.relay,),
+    tasks=(Quota.relay, Quota.checkpoint),
 )
 
 if __name__ == "__main__":

@@ -30,10 +30,10 @@ import asyncpg
 import msgspec
 from opentelemetry import trace
 
+from services.quota import checkpoints, metrics, plans, policy
 from services.quota import log as quota_log
-from services.quota import metrics, plans, policy
 from services.quota.log_events import Decision, QuotaRefunded
-from services.quota.migrate import upgrade
+from services.quota.migrate import schema_problem
 from services.quota.plans import DEFAULT_PLAN, Config
 from services.quota.pressure import FleetMonitor
 from services.quota.relay import POLL_S as RELAY_POLL_S
@@ -65,13 +65,20 @@ DECIDER = f"{socket.gethostname()}-{os.getpid()}"  # which quota process decided
 
 class QuotaService:
     def __init__(
-        self, pool: asyncpg.Pool, bus: Bus, config: Config, fleet: FleetMonitor, card: ModelCard = ModelCard()
+        self,
+        pool: asyncpg.Pool,
+        bus: Bus,
+        config: Config,
+        fleet: FleetMonitor,
+        card: ModelCard = ModelCard(),
+        checkpoint_key: checkpoints.SigningKey | None = None,
     ) -> None:
         self.pool = pool
         self.bus = bus
         self.config = config
         self.fleet = fleet
         self.card = card  # the model's native sizes
+        self.checkpoint_key = checkpoint_key  # signs the log's head (None: no checkpoints)
         self._tasks: set[asyncio.Task] = set()
 
     @classmethod
@@ -86,12 +93,19 @@ class QuotaService:
             card = model_card.load(settings.model_path)
         except model_card.CardError as error:
             raise CannotStart(f"cannot read the model card: {error}") from error
-        await asyncio.to_thread(upgrade, settings.database_address)
-        pool = await quota_log.connect(settings.database_address)
+        try:
+            pool = await quota_log.connect(settings.quota_database_address)
+        except asyncpg.InvalidAuthorizationSpecificationError as error:  # no such role: not migrated
+            raise CannotStart(f"cannot connect to the quota log as its role: {error}") from error
+        async with pool.acquire() as conn:
+            problem = await schema_problem(conn)
+        if problem is not None:
+            await pool.close()
+            raise CannotStart(problem)
         try:
             fleet = FleetMonitor(config.pressure)
             metrics.watch_pressure(fleet)
-            yield cls(pool, bus, config, fleet, card)
+            yield cls(pool, bus, config, fleet, card, checkpoints.signing_key(settings.data_dir))
         finally:
             await pool.close()
 
@@ -302,6 +316,19 @@ class QuotaService:
             except Exception as error:  # noqa: BLE001 — the database or bus is down: try again later
                 logger.warning("relay round failed, will retry: %r", error)
             await sleep_unless_stopped(stop, RELAY_POLL_S)
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    async def checkpoint(self, stop: asyncio.Event) -> None:
+        """Sign the log's head and publish it outside Postgres (`checkpoints.py`)."""
+        if self.checkpoint_key is not None:
+            await checkpoints.run(self.pool, self.checkpoint_key, self._publish_checkpoint, stop)
+
+    async def _publish_checkpoint(self, checkpoint: checkpoints.Checkpoint) -> None:
+        # One message per position, however many quota processes sign it.
+        await self.bus.publish(
+            subjects.AUDIT_CHECKPOINT.subject(), checkpoint, msg_id=f"checkpoint-{checkpoint.position}"
+        )
 
     async def status(self, user_id: str) -> QuotaStatus:
         now = datetime.now(UTC)

@@ -1,10 +1,15 @@
 """Audit tools over the quota log, for `kiln audit …`.
 
 verify   walk the hash chain in position order; name the first event whose content or
-         predecessor does not match (edited, removed, inserted or reordered rows).
+         predecessor does not match (edited, removed, inserted or reordered rows); then
+         check the table against quota's signed checkpoints (`checkpoints.py`), which finds
+         what the chain alone cannot: the newest rows removed, or history rewritten with
+         every later hash recomputed.
 replay   rebuild every user's state from the log alone and re-run the recorded policy on
-         each decision's recorded inputs; list each decision it does not reproduce.
-export   the events as JSON lines.
+         each decision's recorded inputs; list each decision it does not reproduce. Refunds
+         and admin adjustments are folded in and checked too (`_check_refund`,
+         `_check_adjustment`).
+export   the events as JSON lines (and, to a file of their own, the checkpoints).
 rebuild  drop the usage and bucket projections and rebuild them from the log.
 """
 
@@ -12,15 +17,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from typing import IO, Any
 
 import asyncpg
 import msgspec
+import nacl.signing
 
-from services.quota import chain, policy
+from services.quota import chain, checkpoints, policy
 from services.quota import log as quota_log
-from services.quota.log_events import from_payload
+from services.quota.log_events import QuotaAdjusted, QuotaRefunded, from_payload
 from services.quota.plans import Plan, Shedding
 from shared.events import PromptSubmitted, QuotaDenied, QuotaGranted
 
@@ -31,27 +37,42 @@ from shared.events import PromptSubmitted, QuotaDenied, QuotaGranted
 class ChainReport:
     events: int = 0
     head: str = chain.GENESIS
+    last_position: int | None = None
     broken: list[str] = field(default_factory=list)  # first one first
+    checkpoints: checkpoints.CheckpointReport | None = None  # None: none were given
 
 
-async def verify(conn: asyncpg.Connection) -> ChainReport:
+async def verify(
+    conn: asyncpg.Connection,
+    signed: list[checkpoints.Checkpoint] | None = None,
+    key: nacl.signing.VerifyKey | None = None,
+) -> ChainReport:
+    """Walk the chain; with `signed` checkpoints and quota's public `key`, check the table
+    against them too (their problems come after the chain's)."""
+    wanted = {checkpoint.position for checkpoint in signed or ()}
+    hashes: dict[int, str] = {}  # of the checkpointed positions only: memory stays flat
     async with conn.transaction(isolation="repeatable_read", readonly=True):  # one snapshot
         head = await conn.fetchval("SELECT hash FROM quota_chain_head")
-        report = await _walk_chain(conn)
+        report = await _walk_chain(conn, wanted, hashes)
     if report.head != head:
         report.broken.append(
             f"the log ends with hash {report.head[:12]}… but the chain head names {head[:12]}…:"
             " the newest events were removed"
         )
+    if signed is not None and key is not None:
+        report.checkpoints = checkpoints.check(signed, key, hashes, report.last_position)
+        report.broken += report.checkpoints.broken
     return report
 
 
-async def _walk_chain(conn: asyncpg.Connection) -> ChainReport:
+async def _walk_chain(conn: asyncpg.Connection, wanted: set[int], hashes: dict[int, str]) -> ChainReport:
     report = ChainReport()
     previous_hash, previous_position = chain.GENESIS, None
     versions: dict[str, int] = {}
     async for row in quota_log.read_events(conn):
         report.events += 1
+        if row["position"] in wanted:
+            hashes[row["position"]] = row["hash"]
         where = f"event at position {row['position']} ({row['event_type']} {row['stream_id']} v{row['version']})"
         if row["prev_hash"] != previous_hash:
             after = f"position {previous_position}" if previous_position else "the start of the log"
@@ -66,7 +87,7 @@ async def _walk_chain(conn: asyncpg.Connection) -> ChainReport:
             report.broken.append(f"{where}: expected version {expected_version} of its stream")
         versions[row["stream_id"]] = row["version"]
         previous_hash, previous_position = row["hash"], row["position"]
-    report.head = previous_hash
+    report.head, report.last_position = previous_hash, previous_position
     return report
 
 
@@ -90,6 +111,8 @@ def _recomputed_hash(row: asyncpg.Record) -> str:
 class ReplayReport:
     events: int = 0
     checked: int = 0  # decisions re-run
+    refunds: int = 0  # refunds checked
+    adjustments: int = 0  # admin adjustments checked
     skipped: int = 0  # decisions of a policy version this code cannot re-run
     mismatches: list[str] = field(default_factory=list)
 
@@ -100,10 +123,25 @@ async def replay(conn: asyncpg.Connection, user_id: str | None = None, since: da
     is still rebuilt from the whole history)."""
     report = ReplayReport()
     states: dict[str, policy.UserState] = {}
+    granted: dict[tuple[str, str], str] = {}  # (user, request) → the day of its grant
+    refunded: set[tuple[str, str]] = set()
     async for row in quota_log.read_events(conn, user_id):
         report.events += 1
         event = from_payload(row["payload"])
         state = states.setdefault(event.user_id, policy.UserState())
+        key = (event.user_id, event.request_id)
+        problem = None
+        if isinstance(event, QuotaGranted):
+            granted[key] = event.day
+        elif isinstance(event, QuotaRefunded):
+            report.refunds += 1
+            problem = _check_refund(event, granted.get(key), key in refunded)
+            refunded.add(key)
+        elif isinstance(event, QuotaAdjusted):
+            report.adjustments += 1
+            problem = _check_adjustment(event)
+        if problem:
+            report.mismatches.append(f"position {row['position']} ({event.user_id}/{event.request_id}): {problem}")
         if isinstance(event, QuotaGranted | QuotaDenied) and (since is None or event.decided_at >= since):
             if row["metadata"].get("policy_version") not in policy.REPLAYABLE_VERSIONS:
                 report.skipped += 1
@@ -142,6 +180,34 @@ def _replay_decision(recorded: QuotaGranted | QuotaDenied, meta: dict[str, Any],
     return None
 
 
+def _check_refund(refund: QuotaRefunded, grant_day: str | None, again: bool) -> str | None:
+    """A refund gives back one granted image: it must follow a grant of the same request,
+    on that grant's day, once."""
+    if grant_day is None:
+        return "a refund, but no grant of this request comes before it"
+    if again:
+        return "a second refund of the same request"
+    if refund.day != grant_day:
+        return f"a refund on {refund.day}, but the request was granted on {grant_day}"
+    return None
+
+
+def _check_adjustment(adjusted: QuotaAdjusted) -> str | None:
+    """An admin adjustment (`kiln accounts grant`): a UTC day, a non-zero number of images,
+    someone who made it, and its own `adjust-…` id."""
+    try:
+        date.fromisoformat(adjusted.day)
+    except ValueError:
+        return f"an adjustment on {adjusted.day!r}, which is not a YYYY-MM-DD day"
+    if adjusted.images == 0:
+        return "an adjustment of 0 images"
+    if not adjusted.by:
+        return "an adjustment that names nobody in `by`"
+    if not adjusted.request_id.startswith("adjust-"):
+        return f"an adjustment whose id {adjusted.request_id!r} is not an `adjust-…` id"
+    return None
+
+
 def _state_text(state: policy.UserState, day: str) -> str:
     usage = state.on(day)
     return f"used {usage.used} (+{usage.extra}) with bucket {state.bucket.tokens}"
@@ -162,6 +228,13 @@ async def export(
         out.write(json.dumps(record, ensure_ascii=False) + "\n")
         count += 1
     return count
+
+
+def export_checkpoints(signed: list[checkpoints.Checkpoint], out: IO[bytes]) -> int:
+    """The checkpoints as JSON lines, oldest first: what `kiln audit verify --checkpoints` reads."""
+    for checkpoint in sorted(signed, key=lambda c: c.position):
+        out.write(checkpoints.encode(checkpoint) + b"\n")
+    return len(signed)
 
 
 # -- rebuild ----------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Download and share links, share pages and who may fetch which image, on the real stack."""
+"""Download and share links, share pages and who may fetch which image, on the real stack;
+sign-in with a password, its limits, and the HTTP side's body limit and headers."""
 
 from __future__ import annotations
 
@@ -18,11 +19,25 @@ pytestmark = pytest.mark.integration
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+PASSWORD = "correct horse battery"
+
+
+def _browser_like(platform: Platform, **options) -> httpx.AsyncClient:
+    """A client that sends the Origin a browser on the playground's page would: delivery
+    refuses a POST from any other origin."""
+    return httpx.AsyncClient(base_url=platform.http_url, timeout=30, headers={"Origin": platform.http_url}, **options)
+
+
 @contextlib.asynccontextmanager
 async def _signed_in(platform: Platform, user: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=platform.http_url, timeout=30) as http:
-        response = await http.post("/api/login", json={"user": user})
-        assert response.status_code == 200, response.text
+    """Signed up as `user` (signed in, if the account exists), with the session's CSRF token
+    on every request, as the playground's page sends it."""
+    async with _browser_like(platform) as http:
+        response = await http.post("/api/signup", json={"user": user, "password": PASSWORD})
+        if response.status_code == 409:
+            response = await http.post("/api/login", json={"user": user, "password": PASSWORD})
+        assert response.status_code in (200, 201), response.text
+        http.headers["X-CSRF-Token"] = response.json()["csrf"]
         yield http
 
 
@@ -89,7 +104,7 @@ async def test_an_expired_share_link_is_gone_and_a_tampered_one_forbidden(
     async with _signed_in(platform, user) as owner, httpx.AsyncClient(timeout=30) as anyone:
         share = (await owner.post(f"/api/images/{delivered.request_id}/share", json={"ttl_s": 2})).json()
         assert (await anyone.get(share["url"])).status_code == 200
-        other_image = share["url"].replace(delivered.request_id, "r-not-this-one")
+        other_image = share["url"].replace("/share/", "/share/x")  # another share id
         assert (await anyone.get(other_image)).status_code == 403
         await asyncio.sleep(3.1)  # the link works for 2 s at least, 3 at most
         expired = await anyone.get(share["url"])
@@ -114,9 +129,11 @@ async def test_links_and_image_records_survive_a_restart_of_delivery(platform: P
 
 
 async def test_the_playground_api_needs_a_sign_in_and_refuses_bad_input(platform: Platform, user: str):
-    async with httpx.AsyncClient(base_url=platform.http_url, timeout=30) as nobody:
+    async with _browser_like(platform) as nobody:
         assert (await nobody.post("/api/generate", json={"prompt": "a red circle"})).status_code == 401
-        assert (await nobody.post("/api/login", json={"user": "not a name!"})).status_code == 400
+        assert (await nobody.post("/api/signup", json={"user": "not a name!", "password": PASSWORD})).status_code == 400
+        assert (await nobody.post("/api/signup", json={"user": user, "password": "short"})).status_code == 400
+        assert (await nobody.post("/api/login", json={"user": user})).status_code == 400
         assert (await nobody.post("/api/login", content=b"{")).status_code == 400
         forged = httpx.AsyncClient(base_url=platform.http_url, cookies={"kiln_session": f"{user}.9999999999.forged"})
         async with forged:
@@ -144,3 +161,59 @@ async def test_the_playground_api_streams_progress_then_the_image(platform: Plat
     steps = [line["step"] for line in lines if line["event"] == "progress" and line["state"] == "rendering"]
     assert steps == sorted(steps) and steps[-1] == 30
     assert lines[-1]["quota"]["left"] == 2
+
+
+async def test_a_share_url_names_neither_the_owner_nor_the_request(platform: Platform, client: KilnClient, user: str):
+    delivered = await _image(client, user)
+    async with _signed_in(platform, user) as owner, httpx.AsyncClient(timeout=30) as anyone:
+        share = (await owner.post(f"/api/images/{delivered.request_id}/share", json={})).json()
+        assert user not in share["url"] and delivered.request_id not in share["url"], share["url"]
+        page = await anyone.get(share["url"])
+        assert page.status_code == 200 and user not in page.text
+    # A download link goes to its owner, and lives a day at most.
+    expires = int(parse_qs(urlsplit(delivered.url).query)["exp"][0])
+    assert expires <= delivered.delivered_at.timestamp() + 24 * 3600 + 60
+
+
+async def test_a_wrong_password_is_401_and_repeated_failures_429_with_retry_after(platform: Platform, user: str):
+    async with _signed_in(platform, user):
+        pass  # the account exists
+    async with _browser_like(platform) as http:
+        wrong = {"user": user, "password": "not the password"}
+        for _ in range(5):
+            refused = await http.post("/api/login", json=wrong)
+            assert refused.status_code == 401 and "wrong user name or password" in refused.json()["error"]
+        unknown = await http.post("/api/login", json={"user": f"{user}-nobody", "password": PASSWORD})
+        assert unknown.status_code == 401  # the same answer as a wrong password: names stay private
+        limited = await http.post("/api/login", json={"user": user, "password": PASSWORD})  # even the right one
+        assert limited.status_code == 429, limited.text
+        assert 0 < int(limited.headers["Retry-After"]) <= 15 * 60
+
+
+async def test_every_endpoint_limits_its_body_even_chunked(platform: Platform, user: str):
+    too_big = b"x" * (64 * 1024 + 1)
+
+    async def chunks():
+        for start in range(0, len(too_big), 8192):
+            yield too_big[start : start + 8192]
+
+    async with _signed_in(platform, user) as http:
+        for path in ("/api/login", "/api/signup", "/api/generate", "/api/logout"):
+            response = await http.post(path, content=too_big, headers={"Content-Type": "application/json"})
+            assert response.status_code == 413, (path, response.text)
+        chunked = await http.post("/api/generate", content=chunks())  # no Content-Length
+        assert chunked.status_code == 413 and "64 KiB" in chunked.json()["error"]
+        assert (await http.get("/api/me")).status_code == 200  # the session is still fine
+
+
+async def test_every_response_carries_the_security_headers(platform: Platform, user: str):
+    async with _signed_in(platform, user) as http:
+        for path in ("/", "/static/app.js", "/api/me", "/images/nobody/r1.png", "/share/x", "/healthz"):
+            headers = (await http.get(path)).headers
+            policy = headers["content-security-policy"]
+            assert "default-src 'self'" in policy and "frame-ancestors 'none'" in policy, path
+            assert headers["x-content-type-options"] == "nosniff", path
+            assert headers["referrer-policy"] == "same-origin", path
+        # A POST from another site is refused, even with the session's cookie and token.
+        cross = await http.post("/api/generate", json={"prompt": "x"}, headers={"Origin": "https://evil.example"})
+        assert cross.status_code == 403 and "cross-site" in cross.json()["error"]

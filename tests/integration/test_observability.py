@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import re
@@ -18,7 +19,7 @@ from kiln.client import KilnClient
 from shared import subjects
 from shared.events import ImageDelivered, RenderRequested, decode, encode
 from shared.settings import PROJECT_ROOT
-from shared.telemetry import user_ref
+from shared.telemetry import use_user_ref_key, user_ref
 
 pytestmark = pytest.mark.integration
 
@@ -124,7 +125,11 @@ async def test_one_generate_is_one_trace_across_the_client_and_four_services_in_
     assert named["quota PromptSubmitted"]["attributes"]["kiln.decision"] == "granted"
     # Users appear hashed, never by name.
     assert user not in json.dumps(spans)
+    # A keyed hash (the deployment's key, in the data folder): nobody without the key can
+    # test a guessed id against it.
+    use_user_ref_key(platform.data_dir)
     assert named["kiln generate"]["attributes"]["kiln.user"] == user_ref(user)
+    assert user_ref(user) != hashlib.sha256(f"kiln-user:{user}".encode()).hexdigest()[:16]
 
 
 async def _metrics(port: int) -> str:

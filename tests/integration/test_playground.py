@@ -2,8 +2,9 @@
 
 Generates an image and watches the progress bar move (shown only while drawing), edits it
 in words, downloads it, and opens its share link in a second browser context that is not
-signed in; then a denial, said once, in words, in the browser's time zone. A screenshot of
-the playground is kept in test-artifacts/.
+signed in; then a denial, said once, in words, in the browser's time zone. Accounts: sign-up,
+a wrong password, sign-out (the old cookie is then refused) and sign-in again; a cross-site
+POST refused. A screenshot of the playground is kept in test-artifacts/.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
@@ -25,6 +27,7 @@ CHROMIUM = str(Settings.from_env().chromium)
 ARTIFACTS = PROJECT_ROOT / "test-artifacts"
 PNG = b"\x89PNG\r\n\x1a\n"
 BROWSER_ZONE = "America/New_York"  # not the test machine's: the page must use the browser's own
+PASSWORD = "correct horse battery"
 
 # Records every value the progress bar takes, and whether the bar was on screen then, from
 # the page's side.
@@ -47,6 +50,12 @@ def browser() -> Iterator[Browser]:
         browser.close()
 
 
+def _sign_up(page: Page, user: str) -> None:
+    page.fill("#user", user)
+    page.fill("#password", PASSWORD)
+    page.click("#sign-up")
+
+
 def _draw(page: Page, prompt: str) -> None:
     page.fill("#prompt", prompt)
     page.click("#send")
@@ -61,8 +70,7 @@ def test_generate_watch_progress_edit_download_and_share(
     page.set_default_timeout(90_000)
     expect.set_options(timeout=90_000)  # expect() has its own 5 s default: too short for 50 steps on a busy CPU
     page.goto(base)
-    page.fill("#user", user)
-    page.click("#sign-in")
+    _sign_up(page, user)
     expect(page.locator("#quota")).to_have_text("3 of 3 images left today (free)")
     # Only the model's native size is offered (its card), not 64, which it draws as blobs.
     expect(page.locator("#size option")).to_have_text(["32×32"])
@@ -108,13 +116,13 @@ def test_generate_watch_progress_edit_download_and_share(
     # Share it, and open the link signed out.
     second.locator("button.share").click()
     share_url = second.locator(".share-url").inner_text()
-    assert share_url.startswith(f"{base}/share/{user}/")
+    assert share_url.startswith(f"{base}/share/") and user not in share_url  # an opaque id, not the owner
     stranger = browser.new_context()
     shared = stranger.new_page()
     shared.goto(share_url)
     expect(shared.locator("#shared-prompt")).to_contain_text("a blue circle on a white background")
     assert shared.locator("#shared-image").evaluate("img => img.complete && img.naturalWidth") == 32
-    # Signed out, the playground asks for a name; the stranger sees nothing else of the user's.
+    # Signed out, the playground asks for a name and password; the stranger sees nothing else of the user's.
     shared.goto(base)
     expect(shared.locator("#sign-in-form")).to_be_visible()
     stranger.close()
@@ -141,6 +149,52 @@ def test_generate_watch_progress_edit_download_and_share(
     assert page_text.count("3 images per UTC day") == 1, page_text
     assert "daily_limit" not in page_text
     context.close()
+
+
+def test_sign_up_sign_out_sign_in_and_a_cross_site_post_refused(browser: Browser, platform: Platform, user: str):
+    base = platform.http_url
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    page.goto(base)
+    _sign_up(page, user)
+    expect(page.locator("#who")).to_have_text(user)
+    (old_session,) = [cookie for cookie in context.cookies() if cookie["name"] == "kiln_session"]
+    assert old_session["httpOnly"] and old_session["sameSite"] == "Lax"
+
+    # A POST from another site's page, with the session's cookie riding along if it can, is
+    # refused; so is one that carries the cookie but not the page's CSRF token.
+    page.route("http://evil.test/", lambda route: route.fulfill(content_type="text/html", body=_CROSS_SITE_FORM % base))
+    with page.expect_response(f"{base}/api/generate") as answer:
+        page.goto("http://evil.test/")
+    assert answer.value.status == 403, answer.value.text()
+    no_token = context.request.post(f"{base}/api/generate", data={"prompt": "x"}, headers={"Origin": base})
+    assert no_token.status == 403 and "X-CSRF-Token" in no_token.json()["error"]
+
+    # Sign out: the server forgets the session, so the old cookie, sent again, is refused.
+    page.goto(base)
+    page.click("#sign-out")
+    expect(page.locator("#sign-in-form")).to_be_visible()
+    replayed = httpx.get(f"{base}/api/me", cookies={"kiln_session": old_session["value"]})
+    assert replayed.status_code == 401
+
+    # Sign-up again under the same name is refused; a wrong password is refused; the right one signs in.
+    _sign_up(page, user)
+    expect(page.locator("#sign-in-error")).to_contain_text("taken")
+    page.fill("#password", "not the password")
+    page.click("#sign-in")
+    expect(page.locator("#sign-in-error")).to_have_text("wrong user name or password")
+    page.fill("#password", PASSWORD)
+    page.click("#sign-in")
+    expect(page.locator("#who")).to_have_text(user)
+    context.close()
+
+
+# Another site's page that posts to the playground's API as soon as it loads (a form, so the
+# browser sends it cross-site without asking the server first).
+_CROSS_SITE_FORM = """<!doctype html><form method=post action="%s/api/generate" enctype="text/plain">
+<input name='{"prompt": "spend their quota", "x": "' value='"}'></form>
+<script>document.forms[0].submit()</script>"""
 
 
 def _next_utc_midnight_in(zone: str) -> str:

@@ -23,7 +23,7 @@ import pytest
 
 from infra.platform import Platform
 from kiln.client import KilnClient
-from services.quota import audit, plans, policy
+from services.quota import audit, chain, checkpoints, plans, policy
 from services.quota import log as quota_log
 from services.quota.application import QuotaService
 from services.quota.log_events import QuotaRefunded
@@ -330,7 +330,7 @@ TAMPERING = {
 @pytest.mark.parametrize("tampering", TAMPERING)
 async def test_verify_names_the_first_edited_deleted_or_reordered_event(scratch_database: str, tampering: str):
     await _write_log(scratch_database)
-    intact = _kiln("audit", "verify", database_url=scratch_database)
+    intact = _kiln("audit", "verify", "--no-checkpoints", database_url=scratch_database)
     assert intact.returncode == 0 and "chain intact: 13 events" in intact.stdout
 
     conn = await asyncpg.connect(scratch_database)
@@ -341,7 +341,7 @@ async def test_verify_names_the_first_edited_deleted_or_reordered_event(scratch_
     finally:
         await conn.close()
 
-    broken = _kiln("audit", "verify", database_url=scratch_database)
+    broken = _kiln("audit", "verify", "--no-checkpoints", database_url=scratch_database)
     assert broken.returncode == 1
     first = broken.stdout.splitlines()[0]
     if tampering == "newest removed":  # the chain left is whole: only the head can tell
@@ -385,7 +385,7 @@ async def test_replay_lists_a_decision_the_policy_would_not_make(scratch_databas
     assert "NOT REPRODUCED position" in replayed.stdout and "user0/r9" in replayed.stdout
     assert "1 not reproduced" in replayed.stdout and "reason" in replayed.stdout
     # The chain is intact: the forgery was appended like any event. Replay is what catches it.
-    assert _kiln("audit", "verify", database_url=scratch_database).returncode == 0
+    assert _kiln("audit", "verify", "--no-checkpoints", database_url=scratch_database).returncode == 0
 
 
 async def test_usage_projection_is_rebuilt_from_the_log(scratch_database: str, tmp_path: Path):
@@ -407,3 +407,115 @@ async def test_usage_projection_is_rebuilt_from_the_log(scratch_database: str, t
     assert _kiln("audit", "export", "-o", str(exported), database_url=scratch_database).returncode == 0
     lines = [json.loads(line) for line in exported.read_text().splitlines()]
     assert len(lines) == 13 and lines[0]["position"] == 1 and lines[-1]["event_type"] == "QuotaRefunded"
+
+
+# -- checkpoints outside the database, and numbers JSONB keeps its own way ---------------
+
+
+async def _rewrite(url: str, sql: str, from_position: int | None = None) -> None:
+    """Tamper as a superuser who also covers their tracks: after `sql`, every hash from
+    `from_position` on is recomputed and the chain head set to the last, so the chain
+    alone holds."""
+    conn = await quota_log.connect(url, size=1)
+    try:
+        async with conn.acquire() as c, c.transaction():
+            await c.execute("ALTER TABLE quota_events DISABLE TRIGGER quota_events_append_only")
+            await c.execute(sql)
+            previous = await c.fetchval(
+                "SELECT hash FROM quota_events WHERE position < $1 ORDER BY position DESC LIMIT 1",
+                from_position or 0,
+            )
+            for row in await c.fetch(
+                "SELECT * FROM quota_events WHERE position >= $1 ORDER BY position", from_position or 10**9
+            ):
+                fields = {k: row[k] for k in ("stream_id", "version", "event_type", "request_id", "payload")}
+                fields |= {"metadata": row["metadata"], "recorded_at": row["recorded_at"], "prev_hash": previous}
+                previous = chain.event_hash(**fields)
+                await c.execute(
+                    "UPDATE quota_events SET prev_hash = $1, hash = $2 WHERE position = $3",
+                    fields["prev_hash"],
+                    previous,
+                    row["position"],
+                )
+            last = await c.fetchval("SELECT hash FROM quota_events ORDER BY position DESC LIMIT 1")
+            await c.execute("UPDATE quota_chain_head SET hash = $1", last)
+            await c.execute("ALTER TABLE quota_events ENABLE TRIGGER quota_events_append_only")
+    finally:
+        await conn.close()
+
+
+async def _checkpoint_file(url: str, folder: Path, positions: tuple[int, ...]) -> list[str]:
+    """Sign the log's hashes at `positions` as quota does, and export them with the public key."""
+    key = checkpoints.signing_key(folder)
+    conn = await asyncpg.connect(url)
+    try:
+        hashes = dict(await conn.fetch("SELECT position, hash FROM quota_events WHERE position = ANY($1)", positions))
+    finally:
+        await conn.close()
+    signed = [checkpoints.sign(key, position, hashes[position], datetime.now(UTC)) for position in positions]
+    with (folder / "checkpoints.jsonl").open("wb") as file:
+        audit.export_checkpoints(signed, file)
+    return [
+        "--checkpoints",
+        str(folder / "checkpoints.jsonl"),
+        "--public-key",
+        str(folder / checkpoints.PUBLIC_KEY_FILE),
+    ]
+
+
+COVERED_TAMPERING = {
+    # The newest two events go, and the chain head is set back to the event before them.
+    "newest removed": ("DELETE FROM quota_events WHERE position >= 12", None),
+    # user0's r1 grant loses its `used` count; every later hash is recomputed.
+    "middle rewritten": ("UPDATE quota_events SET payload = jsonb_set(payload, '{used}', '9') WHERE position = 6", 6),
+}
+
+
+@pytest.mark.parametrize("tampering", COVERED_TAMPERING)
+async def test_verify_finds_covered_tracks_against_the_signed_checkpoints(
+    scratch_database: str, tmp_path: Path, tampering: str
+):
+    await _write_log(scratch_database)
+    options = await _checkpoint_file(scratch_database, tmp_path, (5, 10, 13))
+    intact = _kiln("audit", "verify", *options, database_url=scratch_database)
+    assert intact.returncode == 0, intact.stdout + intact.stderr
+    assert "3 signed checkpoints match, the newest at position 13" in intact.stdout
+
+    await _rewrite(scratch_database, *COVERED_TAMPERING[tampering])
+    alone = _kiln("audit", "verify", "--no-checkpoints", database_url=scratch_database)
+    assert alone.returncode == 0, alone.stdout  # the chain alone cannot tell
+
+    broken = _kiln("audit", "verify", *options, database_url=scratch_database)
+    assert broken.returncode == 1
+    first = broken.stdout.splitlines()[0]
+    if tampering == "newest removed":
+        assert first.startswith("BROKEN: the log ends at position 11 but the checkpoint signed at"), first
+        assert "covers position 13: the newest events were removed" in first
+    else:
+        assert first.startswith("BROKEN: position 10: its hash"), first
+        assert "history was rewritten after position 5, up to position 10" in first
+
+
+EDGE_NUMBERS = {"negative zero": -0.0, "huge": 1e308, "huge, not round": 1.2345678901234568e17, "tiny": 5e-324}
+
+
+async def test_numbers_jsonb_keeps_its_own_way_never_raise_a_false_alarm(scratch_database: str):
+    pool = await quota_log.connect(scratch_database)
+    config = plans.load(TEST_PLANS)
+    quota = QuotaService(pool, None, config, FleetMonitor(config.pressure))
+    try:
+        batch = [
+            Received(msgspec.structs.replace(_prompt("edgy", f"r{n}"), strength=number, seed=2**63 - 1), None)
+            for n, number in enumerate(EDGE_NUMBERS.values())
+        ]
+        await quota.decide(batch)  # denied (strength out of range), with the numbers in the log
+        # NaN cannot come off the bus (JSON has none), and the log refuses it by name.
+        with pytest.raises(chain.NotLoggable, match="strength` is nan"):
+            await quota.decide([Received(msgspec.structs.replace(_prompt("edgy", "nan"), strength=float("nan")), None)])
+        async with pool.acquire() as conn:
+            stored = [row["metadata"]["inputs"]["submission"]["strength"] for row in await _logged(conn, "edgy")]
+            report = await audit.verify(conn)
+    finally:
+        await pool.close()
+    assert stored == [0.0, 10**308, 123456789012345680, 5e-324]  # what JSONB gives back
+    assert report.broken == [] and report.events == 4

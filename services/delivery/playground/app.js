@@ -3,12 +3,13 @@
 "use strict";
 
 const $ = (selector) => document.querySelector(selector);
-const state = { conversation: null, editOf: null, busy: false };
+const state = { conversation: null, editOf: null, busy: false, csrf: null };
 
+// A POST carries the session's CSRF token (from /api/me); the server refuses one without it.
 async function api(path, body) {
-  const options = body === undefined ? {} : {
-    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
-  };
+  const headers = { "Content-Type": "application/json" };
+  if (state.csrf) headers["X-CSRF-Token"] = state.csrf;
+  const options = body === undefined ? {} : { method: "POST", headers, body: JSON.stringify(body) };
   return fetch(path, options);
 }
 
@@ -21,6 +22,7 @@ async function start() {
     return;
   }
   const me = await response.json();
+  state.csrf = me.csrf;
   $("#sign-in-form").hidden = true;
   $("#account").hidden = false;
   $("#playground").hidden = false;
@@ -43,10 +45,16 @@ function newConversationId() {
   return "c-" + crypto.randomUUID().replaceAll("-", "").slice(0, 16);
 }
 
+// The form signs in; its "Sign up" button makes the account first (and signs in too).
 $("#sign-in-form").addEventListener("submit", async (event) => {
   event.preventDefault();
-  const response = await api("/api/login", { user: $("#user").value.trim() });
-  if (!response.ok) return notice((await response.json()).error);
+  const path = event.submitter && event.submitter.id === "sign-up" ? "/api/signup" : "/api/login";
+  const response = await api(path, { user: $("#user").value.trim(), password: $("#password").value });
+  if (!response.ok) {
+    $("#sign-in-error").textContent = (await response.json()).error;
+    $("#sign-in-error").hidden = false;
+    return;
+  }
   location.reload();
 });
 
@@ -126,7 +134,13 @@ const DENIALS = {
   rate_limit: "That is more images at once than your plan allows",
   capacity: "Kiln is too busy to draw for your plan just now",
   invalid: "Kiln cannot take this request",
+  too_costly: "That image would take longer to draw than your plan allows",
 };
+
+// A suggestion written for the CLI ("try --size 32 --steps 20"), in the playground's words.
+function inWords(detail) {
+  return detail.replace(/--size (\d+)/, "size $1×$1").replace(/--steps (\d+)/, "$1 steps");
+}
 
 // The reader's own clock, and which clock it is: "Thu, Nov 26, 7:00 PM EST".
 const LOCAL_TIME = new Intl.DateTimeFormat(undefined, {
@@ -136,7 +150,7 @@ const LOCAL_TIME = new Intl.DateTimeFormat(undefined, {
 function explain(outcome) {
   if (outcome.event === "denied") {
     const retry = outcome.retry_at ? ` Try again after ${LOCAL_TIME.format(new Date(outcome.retry_at))}.` : "";
-    return `${DENIALS[outcome.reason] || "Not drawn"}: ${sentence(outcome.detail)}${retry}`;
+    return `${DENIALS[outcome.reason] || "Not drawn"}: ${sentence(inWords(outcome.detail))}${retry}`;
   }
   if (outcome.event === "failed") return `Not drawn: ${sentence(outcome.detail)}`;
   return sentence(outcome.detail);
