@@ -189,14 +189,17 @@ class RenderWorker:
     # -- intake -----------------------------------------------------------------------------
 
     async def _next_batch(self, limit: int, stop: asyncio.Event) -> list[Received]:
-        """Up to `limit` compatible jobs: as soon as that many are here, or once the oldest
-        has waited `max_wait_s` for company."""
+        """Up to `limit` compatible jobs: as soon as that many are here, once nothing more
+        is queued or arriving (an idle fleet does not wait for company that will not come),
+        or once the oldest has waited `max_wait_s` for company."""
         first_at: float | None = None
         while not stop.is_set():
             self._new_work.clear()
             room = limit - len(self.held)  # never hold more than one batch's worth
+            more_queued = False
             if room > 0:
                 claimed = await self.queue.claim(room)
+                more_queued = len(claimed) >= room  # it took all it could: more may wait
                 self.held += await consuming.checked(
                     self.bus, claimed, subjects.RENDER_JOBS, (RenderRequested,), MAX_DELIVERIES
                 )
@@ -209,7 +212,8 @@ class RenderWorker:
             key = batch_key(self.held[0].event)
             group = [item for item in self.held if batch_key(item.event) == key][:limit]
             waited = time.monotonic() - first_at
-            if len(group) >= limit or waited >= self.max_wait_s:
+            arriving = self._new_work.is_set()  # a job was published since this round began
+            if len(group) >= limit or waited >= self.max_wait_s or not (more_queued or arriving):
                 self.held = [item for item in self.held if item not in group]
                 return group
             await _wait_any(stop, self._new_work, self.max_wait_s - waited)

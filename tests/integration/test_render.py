@@ -124,6 +124,21 @@ async def test_waiting_compatible_jobs_render_as_one_batch(platform: Platform, c
         await _exactly_one_image(client, job)
 
 
+async def test_an_idle_worker_starts_a_lone_job_at_once_instead_of_waiting_for_company(
+    platform: Platform, client: KilnClient
+):
+    heartbeats = await client.nc.subscribe(subjects.fleet_telemetry("*"))
+    with replaced(platform, "render"):
+        with _worker(platform, "render-idle", KILN_RENDER_MAX_WAIT_MS="3000"):
+            await _heartbeat_from(heartbeats, platform.services["render-idle"].pid, after=utcnow())  # up
+            job = await _queue_job(client, _user("idle"))
+            outcome = await _render_outcome(client, job)
+    await heartbeats.unsubscribe()
+    # Nothing else queued or arriving: its batch starts now, not after the 3 s fill window.
+    assert isinstance(outcome, RenderCompleted) and outcome.queued_ms is not None
+    assert outcome.queued_ms < 1000, outcome.queued_ms
+
+
 async def test_paid_jobs_go_first_and_free_users_take_turns(platform: Platform, client: KilnClient):
     heavy, light, paying = _user("heavy"), _user("light"), _user("paying")
     with replaced(platform, "render"):
