@@ -262,10 +262,7 @@ class Authority:
 
     def credentials(self, name: str, allowed: Permissions, ttl_s: float | None = None) -> str:
         """A `.creds` file's text for a new user key with these permissions."""
-        user = nkeys.from_seed(nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER))
-        claims = {"type": "user", "version": 2, "subs": UNLIMITED, "data": UNLIMITED, "payload": UNLIMITED}
-        jwt = _jwt(self.account, user, name, claims | allowed.claims(), ttl_s)
-        return CREDS_TEMPLATE.format(jwt=jwt, seed=user.seed.decode())
+        return mint_credentials(self.account, name, allowed, ttl_s)
 
     def write_credentials(self, path: Path, name: str, allowed: Permissions, ttl_s: float | None = None) -> Path:
         return write_private(path, self.credentials(name, allowed, ttl_s).encode())
@@ -277,6 +274,22 @@ _LIMITS = {
     # JetStream on for the account: unlimited memory and disk, streams and consumers.
     "mem_storage": UNLIMITED, "disk_storage": UNLIMITED, "streams": UNLIMITED, "consumer": UNLIMITED,
 }  # fmt: skip
+
+
+def mint_credentials(account: nkeys.KeyPair, name: str, allowed: Permissions, ttl_s: float | None = None) -> str:
+    """A `.creds` file's text for a new user key with these permissions, signed by the
+    account key alone (the operator's is not needed to make a user)."""
+    user = nkeys.from_seed(nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER))
+    claims = {"type": "user", "version": 2, "subs": UNLIMITED, "data": UNLIMITED, "payload": UNLIMITED}
+    jwt = _jwt(account, user, name, claims | allowed.claims(), ttl_s)
+    return CREDS_TEMPLATE.format(jwt=jwt, seed=user.seed.decode())
+
+
+def account_key(data_dir: Path) -> nkeys.KeyPair | None:
+    """The `KILN` account's key as kept in `<data>/nats/auth` (None if Kiln never made one):
+    for a process that mints users' credentials and should not open the operator's key."""
+    path = data_dir / "nats" / "auth" / "account.nk"
+    return nkeys.from_seed(path.read_bytes().strip()) if path.exists() else None
 
 
 def _key(path: Path, prefix: int) -> nkeys.KeyPair:

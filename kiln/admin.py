@@ -285,6 +285,10 @@ async def _audit_verify(args: argparse.Namespace, pool: asyncpg.Pool, settings: 
         out.print(f"BROKEN: {report.broken[0]}")
         if len(report.broken) > 1:
             out.print(f"({len(report.broken) - 1} more problems after it)")
+        source = str(args.checkpoints) if args.checkpoints else f"the {subjects.AUDIT_CHECKPOINTS.name} stream"
+        note = checkpoints.new_log_note(report.checkpoints, source) if report.checkpoints else None
+        if note:
+            out.print(note)
         return EXIT_FOUND_PROBLEMS
     out.print(f"chain intact: {report.events} events, head {report.head}")
     if report.checkpoints is not None:

@@ -20,8 +20,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import getpass
 import io
 import math
+import os
 import shlex
 import signal
 import sys
@@ -43,6 +45,7 @@ from kiln import admin, status
 from kiln.client import KilnClient, ServiceUnavailable
 from kiln.credentials import for_command as credentials_for
 from kiln.credentials import login as credentials_login
+from kiln.credentials import login_over_http as credentials_login_over_http
 from shared import telemetry
 from shared.events import (
     DEFAULT_SIZE,
@@ -58,6 +61,9 @@ from shared.settings import Settings, SettingsError
 from shared.telemetry import trace_id_of
 
 EXIT_DENIED, EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, EXIT_INTERRUPTED = 2, 3, 4, 64, 130
+# `kiln login --http`'s password, for scripts. Read where it is used, not a Settings field:
+# a secret for one command, which no service or other command should carry.
+PASSWORD_VARIABLE = "KILN_PASSWORD"
 VIEWABLE_PX = 256  # a saved image's longer side, at least, unless --native: 32 px is a thumbnail
 CHAT_ENDS = {"quit", "exit", "/quit", "/exit"}  # typed alone, these end a chat instead of drawing
 
@@ -80,8 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     up = commands.add_parser("up", help="start the platform (embedded servers unless KILN_*_URL are set)")
     up.set_defaults(run=_up)
 
-    login = commands.add_parser("login", help="use a credential from `kiln accounts add-user` from now on")
-    login.add_argument("credentials", type=Path, help="the .creds file")
+    login = commands.add_parser(
+        "login",
+        help="act as one user from now on: a .creds file, or sign in to the playground with --http",
+        description="kiln login FILE keeps a credential (from `kiln accounts add-user` or the playground's "
+        "CLI access); kiln login --http URL --user NAME signs in to the playground (the password is asked for, "
+        f"or read from {PASSWORD_VARIABLE}) and fetches one.",
+    )
+    login.add_argument("credentials", type=Path, nargs="?", help="the .creds file")
+    login.add_argument("--http", metavar="URL", help="the playground's address, e.g. http://127.0.0.1:8480")
+    login.add_argument("--user", help="the playground account to sign in as (with --http)")
     login.set_defaults(run=_login)
 
     generate = commands.add_parser("generate", help="generate an image from a prompt")
@@ -537,8 +551,15 @@ async def _ask(prompt: str) -> str:
 
 
 def _login(args: argparse.Namespace) -> int:
+    if (args.credentials is None) == (args.http is None) or (args.http is not None) != (args.user is not None):
+        console.print("kiln login: give a .creds file, or --http URL --user NAME (not both)")
+        return EXIT_USAGE
     try:
-        holder = credentials_login(args.credentials)
+        if args.http is None:
+            holder = credentials_login(args.credentials)
+        else:
+            password = os.environ.get(PASSWORD_VARIABLE) or getpass.getpass(f"{args.user}'s password: ")
+            holder = credentials_login_over_http(args.http, args.user, password)
     except ValueError as error:
         console.print(f"kiln: {error}")
         return EXIT_USAGE

@@ -5,6 +5,10 @@ With auth on (the default), a command connects as one identity:
   and only that user, whatever `--user` says;
 - else, on the operator's machine (Kiln's keys in the data folder), the command mints a
   short-lived credential for the user it acts for, or an operator's for `kiln status`.
+
+`kiln login FILE` keeps a credential (from `kiln accounts add-user`, or the playground's
+"CLI access") where every later command finds it; `kiln login --http URL --user NAME`
+signs in to the playground with the password and fetches one the same way the page does.
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
 
 from infra.nats_auth import Authority, credentials_file, service_permissions, user_permissions, write_private
 from kiln.client import CLIENT_ACCESS
@@ -61,11 +68,58 @@ def login(credentials: Path) -> str:
     return holder
 
 
+def login_over_http(
+    url: str, user: str, password: str, timeout_s: float = 30, client: httpx.Client | None = None
+) -> str:
+    """Sign in to the playground at `url`, fetch the user's own credential from it (as the
+    page's "CLI access" does), keep it as `login` would, sign out; return whose it is.
+    ValueError, said in one line, when the server refuses or cannot be reached. `client`:
+    one to send with instead (the tests' in-process app)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"--http wants the playground's address, like http://127.0.0.1:8480; got {url!r}")
+    # Origin as a browser sends it: the playground refuses a POST from any other site.
+    origin = {"Origin": f"{parts.scheme}://{parts.netloc}"}
+    base = url.rstrip("/")
+    with client or httpx.Client(timeout=timeout_s) as http:
+        try:
+            signed_in = http.post(f"{base}/api/login", json={"user": user, "password": password}, headers=origin)
+            headers = origin | {"X-CSRF-Token": _answer(signed_in, "sign-in", "csrf")}
+            answer = http.post(f"{base}/api/credentials", json={}, headers=headers)
+            text = _answer(answer, "the credential", "credentials")
+            http.post(f"{base}/api/logout", json={}, headers=headers)  # the session was for this alone
+        except httpx.HTTPError as error:
+            raise ValueError(f"cannot reach the playground at {url} ({error})") from None
+    holder = _holder_in(text, f"the credential from {url}")
+    write_private(login_file(), text.encode())
+    return holder
+
+
+def _answer(response: httpx.Response, what: str, field: str) -> str:
+    """`field` of a playground's JSON answer; ValueError naming what was refused, and why."""
+    try:
+        answer = response.json()
+        if response.is_success:
+            return str(answer[field])
+        said = answer["error"]
+    except (ValueError, KeyError, TypeError):
+        said = f"not the playground's answer: {response.text[:200]!r}"
+    raise ValueError(f"{what} was refused ({response.status_code} from {response.url}): {said}")
+
+
 def holder_of(credentials: Path) -> str:
     """The name a credential was made for (its JWT's `name`)."""
     try:
-        token = credentials.read_text().split("-----BEGIN NATS USER JWT-----")[1].split("------END")[0].strip()
+        text = credentials.read_text()
+    except OSError as error:
+        raise ValueError(f"{credentials} is not a NATS credential ({error})") from None
+    return _holder_in(text, str(credentials))
+
+
+def _holder_in(text: str, where: str) -> str:
+    try:
+        token = text.split("-----BEGIN NATS USER JWT-----")[1].split("------END")[0].strip()
         claims = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
         return str(claims["name"])
-    except (OSError, IndexError, KeyError, ValueError) as error:
-        raise ValueError(f"{credentials} is not a NATS credential ({error})") from None
+    except (IndexError, KeyError, ValueError) as error:
+        raise ValueError(f"{where} is not a NATS credential ({error})") from None

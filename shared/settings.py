@@ -256,6 +256,18 @@ class Settings:
     quota_batch: int = setting(
         "KILN_QUOTA_BATCH", 256, "prompts decided in one transaction, at most", _integer(1, 10_000)
     )
+    checkpoint_every: int = setting(
+        "KILN_CHECKPOINT_EVERY",
+        1000,
+        "quota signs a checkpoint of its log's head every this many events",
+        _integer(1, 10**9),
+    )
+    checkpoint_after_s: float = setting(
+        "KILN_CHECKPOINT_AFTER_S",
+        10.0,
+        "… and otherwise at most this long after an event, in seconds (it looks once a second)",
+        _number(1),
+    )
     # -- context
     context_config: Path = setting(
         "KILN_CONTEXT_CONFIG",

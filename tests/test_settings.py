@@ -38,6 +38,8 @@ def test_the_database_url_forms_people_paste_are_accepted(pasted: str):
         ({"KILN_TRACING_UI": "maybe"}, "KILN_TRACING_UI"),
         ({"KILN_LINK_SECRET": "short"}, "KILN_LINK_SECRET"),
         ({"KILN_GPU_RESUME_C": "90"}, "KILN_GPU_RESUME_C"),  # above the pause threshold
+        ({"KILN_CHECKPOINT_EVERY": "0"}, "KILN_CHECKPOINT_EVERY"),
+        ({"KILN_CHECKPOINT_AFTER_S": "0.5"}, "KILN_CHECKPOINT_AFTER_S"),  # quota looks once a second
     ],
 )
 def test_a_value_kiln_cannot_use_is_refused_naming_its_variable(env: dict[str, str], named: str):

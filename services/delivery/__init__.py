@@ -7,7 +7,8 @@ decide      outcome.py                       pure: render event → outcome even
 storage     image_records.py                 each image's owner and prompt (KV `kiln-image-meta`);
                                              the PNGs are in the JetStream Object Store (`kiln-images`)
 events out  ImageDelivered / RequestFailed   (kiln.outcome.<user>.<request>)
-http        http.py                          images, share pages, the playground's API, /healthz
+http        http.py                          images, share pages, the playground's API (accounts,
+                                             a user's CLI credential), /healthz
             playground/                      the playground: one page of plain HTML, CSS and JS
 metrics     metrics.py                       outcomes, end-to-end latency, HTTP requests by route
 """

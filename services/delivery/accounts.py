@@ -15,7 +15,7 @@ import functools
 import hashlib
 import math
 import secrets
-from collections import defaultdict, deque
+from collections import deque
 from datetime import datetime
 
 import argon2
@@ -134,19 +134,33 @@ def _session_key(cookie: str) -> str:
     return hashlib.sha256(cookie.encode()).hexdigest()
 
 
-class SignInLimit:
-    """At most `failures` failed sign-ins per `window_s` for one key (an account, an
-    address); past it, the seconds until the oldest failure counts no more.
+class AttemptLimit:
+    """At most `attempts` counted attempts per `window_s` for one key (an account, an
+    address); past it, the seconds until the oldest of them counts no more. Sign-in counts
+    its failures here, sign-up every attempt (each costs an argon2 hash).
 
-    In memory: each delivery replica counts its own failures, so N replicas allow N times
-    the limit. A bucket would share the count but cost a write per failure on the path an
+    Bounded in memory whoever drives it: a key keeps only its last `attempts` times, a key
+    whose newest attempt is past the window is dropped, and at most `max_keys` keys are
+    kept (past that the one idle longest is forgotten: a botnet spraying that many keys
+    inside a window can reset one, no single address can). The keys are kept in the order
+    of their newest attempt, so both drops take the oldest first, in O(1) each.
+
+    Written here rather than taken from a library (`limits`): that is a dependency with
+    storage backends for a few lines of counting in memory.
+
+    In memory: each delivery replica counts its own attempts, so N replicas allow N times
+    the limit. A bucket would share the count but cost a write per attempt on the path an
     attacker drives; at a few replicas the bound still holds within a small factor.
     """
 
-    def __init__(self, failures: int, window_s: float) -> None:
-        self.failures = failures
+    def __init__(self, attempts: int, window_s: float, max_keys: int = 100_000) -> None:
+        self.attempts = attempts
         self.window_s = window_s
-        self._seen: defaultdict[str, deque[float]] = defaultdict(deque)
+        self.max_keys = max_keys
+        self._seen: dict[str, deque[float]] = {}  # oldest newest-attempt first
+
+    def __len__(self) -> int:
+        return len(self._seen)
 
     def retry_after(self, key: str, now: float) -> int | None:
         """Seconds to wait before trying `key` again, or None if it may try now."""
@@ -158,12 +172,22 @@ class SignInLimit:
         if not seen:
             del self._seen[key]
             return None
-        if len(seen) < self.failures:
+        if len(seen) < self.attempts:
             return None
         return max(1, math.ceil(seen[0] + self.window_s - now))
 
-    def failed(self, key: str, now: float) -> None:
-        self._seen[key].append(now)
+    def count(self, key: str, now: float) -> None:
+        seen = self._seen.pop(key, None) or deque(maxlen=self.attempts)
+        seen.append(now)
+        self._forget_old(now)
+        self._seen[key] = seen  # (re)inserted last: the newest attempt of all
 
     def forget(self, key: str) -> None:
         self._seen.pop(key, None)
+
+    def _forget_old(self, now: float) -> None:
+        while self._seen:
+            oldest = next(iter(self._seen))
+            if self._seen[oldest][-1] > now - self.window_s and len(self._seen) < self.max_keys:
+                return
+            del self._seen[oldest]

@@ -14,9 +14,10 @@ import nats.errors
 import uvicorn
 from opentelemetry import trace
 
+from infra.nats_auth import account_key, mint_credentials, user_permissions
 from services.delivery import metrics
 from services.delivery.accounts import Accounts, Sessions
-from services.delivery.http import Site, create_app
+from services.delivery.http import MintCredentials, Site, create_app
 from services.delivery.image_records import ImageRecord, ImageRecords
 from services.delivery.links import Links, Signer, load_secret
 from services.delivery.outcome import outcome
@@ -44,7 +45,8 @@ class Delivery:
         accounts = Accounts(await bus.key_value(subjects.ACCOUNTS))
         sessions = Sessions(await bus.key_value(subjects.SESSIONS))
         store = await bus.object_store(subjects.IMAGES)
-        yield cls(bus, Site(bus, store, records, links, settings, accounts, sessions))
+        site = Site(bus, store, records, links, settings, accounts, sessions, _credential_minter(settings))
+        yield cls(bus, site)
 
     async def handle_render_event(self, event: RenderCompleted | RenderFailed) -> None:
         if isinstance(event, RenderCompleted):
@@ -98,6 +100,16 @@ class Delivery:
         await stop.wait()
         http.should_exit = True
         await serving
+
+
+def _credential_minter(settings: Settings) -> MintCredentials | None:
+    """Signed-in users' own NATS credentials, made with the `KILN` account's key, which only
+    delivery among the services opens (the operator's it never does); None with auth off,
+    or where Kiln's keys are not in this data folder."""
+    key = account_key(settings.data_dir) if settings.nats_auth else None
+    if key is None:
+        return None
+    return lambda user_id, ttl_s: mint_credentials(key, user_id, user_permissions(user_id), ttl_s)
 
 
 class _HttpServer(uvicorn.Server):

@@ -4,6 +4,8 @@
     POST /api/signup, /api/login            make an account / sign in, with a password: a
                                             session cookie, and the session's CSRF token
     POST /api/logout                        end the session (the server forgets it)
+    POST /api/credentials                   a NATS credential for the signed-in user, for the
+                                            CLI (`kiln login`): that user's subjects only, 1 h
     GET  /api/me                            who is signed in, the CSRF token, today's quota,
                                             the styles, the sizes offered (the model's native ones)
     POST /api/generate                      publish a prompt; NDJSON lines: accepted,
@@ -17,7 +19,8 @@
 
 A session sees only its own images, and a link opens only the image it was signed for. Every
 POST must come from the site's own origin (hardening.Hardened) and, once signed in, carry the
-session's CSRF token in X-CSRF-Token; sign-in failures are limited per account and per address.
+session's CSRF token in X-CSRF-Token; sign-in failures are limited per account and per address,
+sign-ups per address.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from kiln.client import KilnClient, ServiceUnavailable
-from services.delivery.accounts import AccountError, Accounts, Session, Sessions, SignInLimit
+from services.delivery.accounts import AccountError, Accounts, AttemptLimit, Session, Sessions
 from services.delivery.hardening import Hardened, TooLarge
 from services.delivery.image_records import ImageRecords
 from services.delivery.links import LinkError, Links, expiry, image_subject, share_subject
@@ -79,6 +82,14 @@ CSRF_HEADER = "X-CSRF-Token"
 SIGN_IN_WINDOW_S = 15 * 60
 SIGN_IN_FAILURES_PER_ACCOUNT = 5
 SIGN_IN_FAILURES_PER_ADDRESS = 30
+# Sign-ups per address an hour: each costs an argon2 hash (64 MiB, tens of ms of a core),
+# so an address may not make the server hash without end; a classroom behind one NAT fits.
+SIGN_UP_WINDOW_S = 3600
+SIGN_UPS_PER_ADDRESS = 60
+# A CLI credential from the playground lives an hour: long enough for a session at the
+# terminal, short enough that a lost file soon opens nothing (it cannot be revoked sooner
+# without pushing a new account JWT, see infra.nats_auth).
+CLI_CREDENTIAL_TTL_S = 3600
 MAX_SHARE_TTL_S = 30 * 24 * 3600
 GENERATE_TIMEOUT_S = 300
 
@@ -105,6 +116,10 @@ class SignInBody(msgspec.Struct, forbid_unknown_fields=True):
     password: str
 
 
+# Mints a NATS credential: (user id, seconds valid) → the .creds text.
+MintCredentials = Callable[[str, float], str]
+
+
 @dataclass
 class Site:
     bus: Bus
@@ -114,12 +129,15 @@ class Site:
     settings: Settings
     accounts: Accounts
     sessions: Sessions
-    account_failures: SignInLimit = field(
-        default_factory=lambda: SignInLimit(SIGN_IN_FAILURES_PER_ACCOUNT, SIGN_IN_WINDOW_S)
+    # None where this delivery holds no account key (NATS without authentication).
+    mint_credentials: MintCredentials | None = None
+    account_failures: AttemptLimit = field(
+        default_factory=lambda: AttemptLimit(SIGN_IN_FAILURES_PER_ACCOUNT, SIGN_IN_WINDOW_S)
     )
-    address_failures: SignInLimit = field(
-        default_factory=lambda: SignInLimit(SIGN_IN_FAILURES_PER_ADDRESS, SIGN_IN_WINDOW_S)
+    address_failures: AttemptLimit = field(
+        default_factory=lambda: AttemptLimit(SIGN_IN_FAILURES_PER_ADDRESS, SIGN_IN_WINDOW_S)
     )
+    address_sign_ups: AttemptLimit = field(default_factory=lambda: AttemptLimit(SIGN_UPS_PER_ADDRESS, SIGN_UP_WINDOW_S))
 
     @property
     def client(self) -> KilnClient:
@@ -139,6 +157,16 @@ class Site:
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+def _too_many(wait: int, what: str) -> JSONResponse:
+    response = _error(429, f"too many {what}; try again in {wait} s")
+    response.headers["Retry-After"] = str(wait)
+    return response
+
+
+def _address(request: Request) -> str:
+    return f"address:{request.client.host if request.client else '?'}"
 
 
 async def _body(request: Request, kind: type[msgspec.Struct]):
@@ -183,6 +211,11 @@ def create_app(site: Site) -> Starlette:
             body = await _body(request, SignInBody)
         except msgspec.DecodeError:
             return _error(400, 'send JSON: {"user": "alice", "password": "…"}')
+        # Every attempt counts, made or not: each one costs a hash.
+        address, now = _address(request), time.time()
+        if wait := site.address_sign_ups.retry_after(address, now):
+            return _too_many(wait, "sign-ups from your address")
+        site.address_sign_ups.count(address, now)
         try:
             await site.accounts.sign_up(body.user.strip(), body.password)
         except AccountError as error:
@@ -197,16 +230,14 @@ def create_app(site: Site) -> Starlette:
         # 1. Refuse while the account or the address is past its failures: before the
         #    password is checked, so a guess past the limit learns nothing.
         user_id, now = body.user.strip(), time.time()
-        account, address = f"user:{user_id}", f"address:{request.client.host if request.client else '?'}"
+        account, address = f"user:{user_id}", _address(request)
         waits = [site.account_failures.retry_after(account, now), site.address_failures.retry_after(address, now)]
         if wait := max((w for w in waits if w is not None), default=None):
-            response = _error(429, f"too many failed sign-ins; try again in {wait} s")
-            response.headers["Retry-After"] = str(wait)
-            return response
+            return _too_many(wait, "failed sign-ins")
         # 2. Check the password (unknown names cost the same time, and get the same answer).
         if not await site.accounts.verify(user_id, body.password):
-            site.account_failures.failed(account, now)
-            site.address_failures.failed(address, now)
+            site.account_failures.count(account, now)
+            site.address_failures.count(address, now)
             return _error(401, "wrong user name or password")
         site.account_failures.forget(account)
         return await signed_in_as(user_id)
@@ -233,6 +264,25 @@ def create_app(site: Site) -> Starlette:
                 "styles": styles,
                 "sizes": _sizes(site),
             }
+        )
+
+    @signed_in
+    async def credentials(request: Request, user_id: str) -> Response:
+        """The signed-in user's own NATS credential, for `kiln login`: the permissions
+        `kiln accounts add-user` gives (infra.nats_auth.user_permissions), for an hour."""
+        if site.mint_credentials is None:
+            return _error(
+                404, "this Kiln's NATS has no authentication (KILN_NATS_AUTH=off): the CLI needs no credential"
+            )
+        now = time.time()
+        return JSONResponse(
+            {
+                "user": user_id,
+                "credentials": site.mint_credentials(user_id, CLI_CREDENTIAL_TTL_S),
+                "expires_at": expiry(now, CLI_CREDENTIAL_TTL_S),
+                "command": "kiln login kiln.creds",
+            },
+            headers={"Cache-Control": "no-store"},  # a secret: no cache keeps a copy
         )
 
     # -- generating ------------------------------------------------------------------------
@@ -378,6 +428,7 @@ def create_app(site: Site) -> Starlette:
             Route("/api/login", login, methods=["POST"]),
             Route("/api/logout", logout, methods=["POST"]),
             Route("/api/me", me),
+            Route("/api/credentials", credentials, methods=["POST"]),
             Route("/api/generate", generate, methods=["POST"]),
             Route("/api/conversations/{conversation_id}", conversation),
             Route("/api/images/{request_id}/share", share, methods=["POST"]),

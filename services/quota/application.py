@@ -72,6 +72,7 @@ class QuotaService:
         fleet: FleetMonitor,
         card: ModelCard = ModelCard(),
         checkpoint_key: checkpoints.SigningKey | None = None,
+        checkpoint_schedule: checkpoints.Schedule | None = None,
     ) -> None:
         self.pool = pool
         self.bus = bus
@@ -79,6 +80,7 @@ class QuotaService:
         self.fleet = fleet
         self.card = card  # the model's native sizes
         self.checkpoint_key = checkpoint_key  # signs the log's head (None: no checkpoints)
+        self.checkpoint_schedule = checkpoint_schedule or checkpoints.Schedule()
         self._tasks: set[asyncio.Task] = set()
 
     @classmethod
@@ -105,7 +107,9 @@ class QuotaService:
         try:
             fleet = FleetMonitor(config.pressure)
             metrics.watch_pressure(fleet)
-            yield cls(pool, bus, config, fleet, card, checkpoints.signing_key(settings.data_dir))
+            key = checkpoints.signing_key(settings.data_dir)
+            schedule = checkpoints.Schedule(every=settings.checkpoint_every, after_s=settings.checkpoint_after_s)
+            yield cls(pool, bus, config, fleet, card, key, schedule)
         finally:
             await pool.close()
 
@@ -322,7 +326,9 @@ class QuotaService:
     async def checkpoint(self, stop: asyncio.Event) -> None:
         """Sign the log's head and publish it outside Postgres (`checkpoints.py`)."""
         if self.checkpoint_key is not None:
-            await checkpoints.run(self.pool, self.checkpoint_key, self._publish_checkpoint, stop)
+            await checkpoints.run(
+                self.pool, self.checkpoint_key, self._publish_checkpoint, stop, self.checkpoint_schedule
+            )
 
     async def _publish_checkpoint(self, checkpoint: checkpoints.Checkpoint) -> None:
         # One message per position, however many quota processes sign it.

@@ -11,8 +11,8 @@ verify` then checks the table against every checkpoint it can read:
   - a checkpointed position whose hash differs: an event at or before it was rewritten
     (after the last checkpoint that still matches).
 
-When: every `CHECKPOINT_EVERY` events, and otherwise at most `CHECKPOINT_AFTER_S` after an
-event (the task looks once a second). Several quota processes may sign the same head: the
+When: every KILN_CHECKPOINT_EVERY events, and otherwise at most KILN_CHECKPOINT_AFTER_S
+after an event (the task looks once a second). Several quota processes may sign the same head: the
 message id is the position, so JetStream keeps one.
 
 The key: PyNaCl's ed25519 (libsodium) rather than nkeys, whose seeds are NATS identities:
@@ -36,12 +36,12 @@ import nacl.signing
 
 from infra.nats_auth import write_private
 from services.quota import chain
+from shared import subjects
 from shared.service import sleep_unless_stopped
+from shared.settings import Settings
 
 logger = logging.getLogger("kiln.quota.checkpoints")
 
-CHECKPOINT_EVERY = 1000  # events
-CHECKPOINT_AFTER_S = 10.0  # at most this long after an event
 POLL_S = 1.0
 KEY_FILE = "audit/checkpoint.key"  # under the data folder, 0600
 PUBLIC_KEY_FILE = "audit/checkpoint.pub"  # what `kiln audit verify` checks signatures with
@@ -118,6 +118,8 @@ def encode(checkpoint: Checkpoint) -> bytes:
 @dataclass
 class CheckpointReport:
     checked: int = 0  # checkpoints signed by the key and compared
+    matched: int = 0  # of those, the ones the table still agrees with
+    unsigned: int = 0  # not signed by the key
     newest: Checkpoint | None = None  # the newest of them
     broken: list[str] = field(default_factory=list)
 
@@ -134,6 +136,7 @@ def check(
     matching: Checkpoint | None = None  # the newest one that still matches
     for checkpoint in sorted(checkpoints, key=lambda c: c.position):
         if not signed_by(checkpoint, key):
+            report.unsigned += 1
             report.broken.append(
                 f"checkpoint at position {checkpoint.position} ({checkpoint.when}) is not signed by quota's"
                 " checkpoint key: forged, or signed with another key"
@@ -162,7 +165,25 @@ def check(
             )
         else:
             matching = checkpoint
+            report.matched += 1
     return report
+
+
+def new_log_note(report: CheckpointReport, source: str) -> str | None:
+    """When no checkpoint matches the log at all, what that may mean and what to do: the
+    database was reset while `source` (the stream, or a file) kept the old log's
+    checkpoints. Kiln cannot tell that from a rewrite of the whole history, so it still
+    reports it as broken; the operator, who knows whether they reset it, can."""
+    if not report.broken or report.matched:
+        return None
+    return (
+        f"None of the {report.checked + report.unsigned} checkpoints in {source} matches this log. Either its whole history was"
+        " rewritten, or this is a new log: the database was reset (or the data folder, with quota's key,"
+        " replaced) while the old log's checkpoints were kept. If you reset it on purpose, start a new"
+        " epoch: keep the old checkpoints (`kiln audit export --checkpoints old-epoch.jsonl`), purge the"
+        f" stream as admin (`nats stream purge {subjects.AUDIT_CHECKPOINTS.name} --creds <data>/nats/creds/admin.creds`) and"
+        " restart quota, which then signs the new log."
+    )
 
 
 def read_file(path: Path) -> list[Checkpoint]:
@@ -185,8 +206,8 @@ class Schedule:
     """When the head is due a checkpoint: `every` events after the last one, or `after_s`
     after the first event it does not cover."""
 
-    every: int = CHECKPOINT_EVERY
-    after_s: float = CHECKPOINT_AFTER_S
+    every: int = Settings.checkpoint_every  # the settings' defaults (KILN_CHECKPOINT_*)
+    after_s: float = Settings.checkpoint_after_s
     signed: int = 0  # the position of the last checkpoint made
     uncovered_since: float | None = None  # monotonic time the head first moved past it
 
@@ -218,9 +239,10 @@ async def checkpoint_once(
     return checkpoint
 
 
-async def run(pool: asyncpg.Pool, key: nacl.signing.SigningKey, publish: Publish, stop: asyncio.Event) -> None:
-    """Sign and publish checkpoints until `stop`."""
-    schedule = Schedule()
+async def run(
+    pool: asyncpg.Pool, key: nacl.signing.SigningKey, publish: Publish, stop: asyncio.Event, schedule: Schedule
+) -> None:
+    """Sign and publish checkpoints on `schedule` until `stop`."""
     while not stop.is_set():
         try:
             await checkpoint_once(pool, key, schedule, publish)

@@ -63,6 +63,26 @@ $("#sign-out").addEventListener("click", async () => {
   location.reload();
 });
 
+// CLI access: a NATS credential for this user, saved as kiln.creds for `kiln login`.
+$("#get-credentials").addEventListener("click", async () => {
+  const response = await api("/api/credentials", {});
+  const answer = await response.json();
+  if (!response.ok) {
+    $("#credentials-error").textContent = answer.error;
+    $("#credentials-error").hidden = false;
+    return;
+  }
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(new Blob([answer.credentials], { type: "application/octet-stream" }));
+  link.download = "kiln.creds";
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(link.href), 10_000);  // once the download has it
+  $("#credentials-expiry").textContent = new Date(answer.expires_at * 1000).toLocaleTimeString();
+  $("#login-command").textContent = answer.command;
+  $("#credentials-error").hidden = true;
+  $("#credentials-done").hidden = false;
+});
+
 $("#new-conversation").addEventListener("click", () => {
   state.conversation = newConversationId();
   localStorage.setItem(`kiln-conversation-${$("#who").textContent}`, state.conversation);

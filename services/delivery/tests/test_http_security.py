@@ -10,7 +10,7 @@ import nats.js.errors
 import pytest
 from starlette.testclient import TestClient
 
-from services.delivery.accounts import Accounts, Sessions, SignInLimit
+from services.delivery.accounts import Accounts, AttemptLimit, Sessions
 from services.delivery.hardening import MAX_BODY
 from services.delivery.http import SESSION_COOKIE, Site, create_app
 from services.delivery.image_records import ImageRecord, ImageRecords
@@ -131,10 +131,10 @@ def test_sign_in_failures_are_limited_per_account_with_retry_after(http: TestCli
 
 
 def test_the_limit_counts_per_address_and_forgets_after_its_window():
-    limit = SignInLimit(failures=2, window_s=60)
+    limit = AttemptLimit(attempts=2, window_s=60)
     assert limit.retry_after("address:1.2.3.4", 0) is None
-    limit.failed("address:1.2.3.4", 0)
-    limit.failed("address:1.2.3.4", 10)
+    limit.count("address:1.2.3.4", 0)
+    limit.count("address:1.2.3.4", 10)
     assert limit.retry_after("address:1.2.3.4", 20) == 40
     assert limit.retry_after("address:5.6.7.8", 20) is None
     assert limit.retry_after("address:1.2.3.4", 61) is None  # the first failure aged out
