@@ -107,10 +107,10 @@ def service_permissions(name: str, access: Access) -> Permissions:
 
 
 def user_permissions(user_id: str) -> Permissions:
-    """A user's own subjects only: submit and cancel its requests, ask its quota and the
-    public lists, hear its progress and outcomes, read its stored outcomes and quota's
-    decisions (the trace a request runs in) by the subject-appended direct get, which
-    names the subject, so a permission can scope it."""
+    """A user's own subjects only: submit and cancel its requests, ask its quota, its
+    images' links and the public lists, hear its progress and outcomes, read its stored
+    outcomes and quota's decisions (the trace a request runs in) by the subject-appended
+    direct get, which names the subject, so a permission can scope it."""
     return Permissions(
         publish=(
             subjects.prompt_submitted(user_id),
@@ -119,6 +119,7 @@ def user_permissions(user_id: str) -> Permissions:
             subjects.QUOTA_PRESSURE.pattern,
             subjects.CONTEXT_STYLES.pattern,
             subjects.CONTEXT_TURNS.subject(user_id, "*"),
+            subjects.DELIVERY_LINK.subject(user_id, "*"),
             f"$JS.API.DIRECT.GET.{subjects.OUTCOMES.name}.{subjects.OUTCOME.subject(user_id, '*')}",
             f"$JS.API.DIRECT.GET.{subjects.QUOTA.name}.{subjects.QUOTA_DECIDED.subject(user_id, '*')}",
         ),

@@ -247,7 +247,7 @@ async def _one_request(client: KilnClient, args: argparse.Namespace, settings: S
                 f"Retry with --request-id {request_id}"
             )
             return EXIT_FAILED
-    code = _say_outcome(outcome)
+    code = await _say_outcome(client, outcome)
     console.print(f"trace: {await _original_trace(client, settings, args, request_id, trace_link)}")
     if code or not args.output:
         return code
@@ -336,8 +336,9 @@ async def _draw_with_progress(client: KilnClient, prompt: str, **fields) -> Outc
         return await client.generate(prompt, on_progress=on_progress, **fields)
 
 
-def _say_outcome(outcome: Outcome) -> int:
-    """One line on what became of the request; the exit code it means."""
+async def _say_outcome(client: KilnClient, outcome: Outcome) -> int:
+    """One line on what became of the request (with a link signed now for an image); the
+    exit code it means."""
     if isinstance(outcome, QuotaDenied):
         retry = f" (try again after {outcome.retry_at:%Y-%m-%d %H:%M} UTC)" if outcome.retry_at else ""
         _say(f"denied: {outcome.reason}: {outcome.detail}{retry}")
@@ -346,7 +347,13 @@ def _say_outcome(outcome: Outcome) -> int:
         _say(f"failed at {outcome.stage}: {outcome.reason}: {outcome.detail}")
         return EXIT_FAILED
     _say(f"image {outcome.request_id} drawn as: {outcome.prompt}")
-    console.print(f"link: {outcome.url}")
+    try:
+        link = await client.link(outcome.user_id, outcome.request_id)
+    except ServiceUnavailable as error:
+        # The image is drawn and kept: only its link is missing, and can be asked for again.
+        console.print(f"link: none for now ({error})")
+    else:
+        console.print(f"link: {link.url}")
     return 0
 
 
@@ -356,8 +363,8 @@ async def _save(client: KilnClient, outcome: ImageDelivered, path: Path, native:
         if not native:
             png = viewable(png)
         path.write_bytes(png)
-    except (httpx.HTTPError, OSError) as error:
-        console.print(f"kiln: the image is ready at {outcome.url} but was not saved to {path}: {error}")
+    except (httpx.HTTPError, OSError, ServiceUnavailable) as error:
+        console.print(f"kiln: the image {outcome.image_key} is ready but was not saved to {path}: {error}")
         return EXIT_FAILED
     width, height = Image.open(io.BytesIO(png)).size
     console.print(f"wrote {path} ({width}×{height}, {len(png)} bytes)")
@@ -414,7 +421,7 @@ def _check_ids(*named: tuple[str, str]) -> None:
 def _ending(outcome: Outcome) -> str:
     """How a request ended, in a few words."""
     if isinstance(outcome, ImageDelivered):
-        return f"delivered: {outcome.url}"
+        return f"delivered: {outcome.image_key}"
     if isinstance(outcome, QuotaDenied):
         return f"denied ({outcome.reason}): {outcome.detail}"
     return f"failed at {outcome.stage} ({outcome.reason}): {outcome.detail}"
@@ -503,7 +510,7 @@ async def _chat_turn(
     except asyncio.CancelledError:  # Ctrl-C ends the chat, not the request in flight
         _say_interrupted(args.user, request_id, _wait_for_turn(args, conversation, text, request_id))
         raise
-    delivered = _say_outcome(outcome) == 0
+    delivered = await _say_outcome(client, outcome) == 0
     console.print(f"trace: {trace_link}")
     if not delivered:
         return False

@@ -3,7 +3,7 @@
     async with await KilnClient.connect("nats://127.0.0.1:14222") as kiln:
         outcome = await kiln.generate("a red circle", user_id="alice")
         if isinstance(outcome, ImageDelivered):
-            png = await kiln.download(outcome)
+            png = await kiln.download(outcome)  # or a link to it: kiln.link(user, request)
 
 `generate` subscribes to everything said about its request before publishing, then also
 looks up outcomes already recorded (for a request re-published after a lost reply). If no
@@ -33,6 +33,7 @@ from shared.events import (
     DEFAULT_STEPS,
     TERMINAL,
     ImageDelivered,
+    ImageLink,
     PromptSubmitted,
     QuotaStatus,
     RenderProgress,
@@ -53,12 +54,13 @@ ANNOUNCED_LOOKUPS, ANNOUNCED_LOOKUP_PAUSE_S = 20, 0.05
 
 
 class ServiceUnavailable(Exception):
-    """A service did not answer a question (quota's status, context's styles)."""
+    """A service did not answer a question (quota's status, context's styles, delivery's
+    link)."""
 
 
 # What a client does on the bus: send prompts and cancels, hear progress and outcomes, read
 # outcomes and quota's decisions (the trace a request runs in), store masks, ask the services
-# (a conversation's turns come from context). The playground (delivery) acts for its
+# (a conversation's turns come from context, an image's download link from delivery). The playground (delivery) acts for its
 # signed-in users through the same SDK. With auth on, a user's own credential narrows all of
 # it to that user's subjects (`infra.nats_auth`).
 CLIENT_CHANNELS = (
@@ -68,6 +70,7 @@ CLIENT_CHANNELS = (
     subjects.QUOTA_PRESSURE,
     subjects.CONTEXT_STYLES,
     subjects.CONTEXT_TURNS,
+    subjects.DELIVERY_LINK,
 )
 CLIENT_HEARS = (subjects.RENDER_PROGRESS, subjects.OUTCOME, subjects.FLEET_TELEMETRY)
 CLIENT_READS = (subjects.OUTCOMES, subjects.QUOTA)
@@ -340,8 +343,17 @@ class KilnClient:
                 return trace_id
         return None
 
+    async def link(self, user_id: str, request_id: str, timeout_s: float = 5) -> ImageLink:
+        """A download link for the request's image, signed by delivery now; it works until
+        its `expires_at` (a day at most), and then another can be asked for. Outcomes hold
+        no link (they are kept a year). Raises ServiceUnavailable if delivery does not
+        answer, or has no image for the request."""
+        return await self._ask(subjects.DELIVERY_LINK, (user_id, request_id), timeout_s)
+
     async def download(self, delivered: ImageDelivered) -> bytes:
+        """The delivered image's PNG, through a link signed for it now."""
+        link = await self.link(delivered.user_id, delivered.request_id)
         async with httpx.AsyncClient() as http:
-            response = await http.get(delivered.url, timeout=30)
+            response = await http.get(link.url, timeout=30)
             response.raise_for_status()
             return response.content

@@ -194,10 +194,13 @@ class RenderFailed(Planned, kw_only=True):
 
 
 class ImageDelivered(Planned, kw_only=True):
-    """`url` is a signed download link that expires (delivery's `KILN_LINK_TTL_S`)."""
+    """The image is in the image bucket under `image_key`. An outcome is kept a year, so it
+    holds no link: a link is signed when someone reads (`kiln.delivery.link.<user>.<request>`,
+    `KilnClient.link`). `url` is empty; outcomes stored before that held a signed link there,
+    long expired, and still decode."""
 
     image_key: str
-    url: str
+    url: str = ""
     render_ms: float
     prompt: str = ""  # what was drawn
     composition: Composition | None = None
@@ -240,6 +243,16 @@ class QuotaStatus(msgspec.Struct, kw_only=True):
     @property
     def left(self) -> int:
         return max(self.limit - self.used, 0)
+
+
+class ImageLink(msgspec.Struct, kw_only=True):
+    """delivery's answer to `kiln.delivery.link.<user>.<request>` (NATS request/reply): a
+    download link for the request's image, signed now, that works until `expires_at`."""
+
+    user_id: str
+    request_id: str
+    url: str
+    expires_at: datetime
 
 
 class WorkerHeartbeat(msgspec.Struct, kw_only=True):

@@ -17,6 +17,7 @@ from nats.js.api import RetentionPolicy
 
 from shared.events import (
     TERMINAL,
+    ImageLink,
     PromptSubmitted,
     QuotaDenied,
     QuotaGranted,
@@ -144,6 +145,13 @@ CONTEXT_TURNS = Channel(
     kept=False,
     reply=list[TurnComposed],
 )
+DELIVERY_LINK = Channel(
+    "kiln.delivery.link.{user}.{request}",
+    "Request/reply: delivery answers with a download link for the request's image, signed "
+    "now (outcomes are kept a year, so they hold the image's key, never a link).",
+    kept=False,
+    reply=ImageLink,
+)
 DEAD_LETTER = Channel(
     "kiln.deadletter.{service}",
     "A message a service could not handle, kept as it came with the reason in the "
@@ -169,6 +177,7 @@ ALL_CHANNELS = [
     QUOTA_PRESSURE,
     CONTEXT_STYLES,
     CONTEXT_TURNS,
+    DELIVERY_LINK,
     DEAD_LETTER,
     AUDIT_CHECKPOINT,
 ]
@@ -184,6 +193,7 @@ outcome = OUTCOME.subject
 conversation = CONVERSATION.subject
 fleet_telemetry = FLEET_TELEMETRY.subject
 quota_status = QUOTA_STATUS.subject
+delivery_link = DELIVERY_LINK.subject
 dead_letter = DEAD_LETTER.subject
 
 

@@ -1,5 +1,6 @@
-"""The delivery application: a render result in, the request's outcome out; and the HTTP
-side (images, share pages, the playground) served beside it."""
+"""The delivery application: a render result in, the request's outcome out; a download link
+signed for whoever asks for their image; and the HTTP side (images, share pages, the
+playground) served beside it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 
 import msgspec
 import nats.errors
@@ -19,11 +21,12 @@ from services.delivery import metrics
 from services.delivery.accounts import Accounts, Sessions
 from services.delivery.http import MintCredentials, Site, create_app
 from services.delivery.image_records import ImageRecord, ImageRecords
-from services.delivery.links import Links, Signer, load_secret
+from services.delivery.links import Links, Signer, expiry, load_secret
 from services.delivery.outcome import outcome
 from shared import subjects
 from shared.bus import Bus
-from shared.events import QuotaGranted, RenderCompleted, RenderFailed
+from shared.events import ID_PATTERN, ImageDelivered, ImageLink, QuotaGranted, RenderCompleted, RenderFailed
+from shared.records import read_outcome
 from shared.settings import Settings
 
 
@@ -68,9 +71,31 @@ class Delivery:
                         created_at=event.completed_at,
                     )
                 )
-        subject, result = outcome(event, self.site.links, time.time())
+        subject, result = outcome(event)
         if await self.bus.publish(subject, result, first_on_subject=True):
             metrics.count_outcome(result, await self._grant(event))
+
+    async def answer_link(self, subject: str) -> ImageLink | dict[str, str]:
+        """The answer to `kiln.delivery.link.<user>.<request>`: a download link for the
+        request's image, signed now, or `{"error": …}` saying why not. The subject names the
+        user, and a user's credential may ask only on its own subjects, so whoever asks is
+        the image's owner (or a service acting for them, the playground)."""
+        user_id = subjects.DELIVERY_LINK.value(subject, "user")
+        request_id = subjects.DELIVERY_LINK.value(subject, "request")
+        for name, value in (("user", user_id), ("request", request_id)):
+            if not ID_PATTERN.match(value):
+                return {"error": f"not a {name} id: {value!r}"}
+        # Only a delivered image gets a link: one for a request that drew nothing opens nothing.
+        delivered = await read_outcome(self.bus, user_id, request_id)
+        if not isinstance(delivered, ImageDelivered):
+            return {"error": f"request {request_id} of {user_id} has no delivered image"}
+        links, now = self.site.links, time.time()
+        return ImageLink(
+            user_id=user_id,
+            request_id=request_id,
+            url=links.download(user_id, request_id, now),
+            expires_at=datetime.fromtimestamp(expiry(now, links.download_ttl_s), UTC),
+        )
 
     async def _grant(self, event: RenderCompleted | RenderFailed) -> QuotaGranted | None:
         """The request's grant, which holds its submission: for the latency metric only, so

@@ -525,6 +525,7 @@ async def _ndjson(lines: asyncio.Queue[dict | None], task: asyncio.Task):
 
 def _outcome_line(site: Site, outcome: Outcome) -> dict:
     if isinstance(outcome, ImageDelivered):
+        # The link is signed as the outcome is served: the stored outcome holds none.
         return {
             "event": "delivered",
             "url": site.links.download(outcome.user_id, outcome.request_id, time.time()),

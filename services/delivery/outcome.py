@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from services.delivery.links import Links
 from shared import subjects
 from shared.events import ImageDelivered, RenderCompleted, RenderFailed, RequestFailed
 
 
-def outcome(
-    event: RenderCompleted | RenderFailed, links: Links, now: float
-) -> tuple[str, ImageDelivered | RequestFailed]:
+def outcome(event: RenderCompleted | RenderFailed) -> tuple[str, ImageDelivered | RequestFailed]:
     """The outcome event for a render event, and the subject it goes to. A delivered image
-    carries a signed download link that expires."""
+    carries its key in the image bucket, not a link: the outcome is kept a year, a link is
+    signed when someone asks for one (`Delivery.answer_link`)."""
     ids = dict(
         request_id=event.request_id, user_id=event.user_id, conversation_id=event.conversation_id, plan=event.plan
     )
@@ -19,7 +17,6 @@ def outcome(
         delivered = ImageDelivered(
             **ids,
             image_key=event.image_key,
-            url=links.download(event.user_id, event.request_id, now),
             render_ms=event.render_ms,
             prompt=event.prompt,
             composition=event.composition,

@@ -93,6 +93,7 @@ async def test_kiln_login_over_http_then_generate_as_that_user_only(platform: Pl
     assert oct((tmp_path / ".config" / "kiln" / "credentials.creds").stat().st_mode & 0o777) == "0o600"
     code, said = await kiln("generate", "a red circle", "--user", name, "-o", str(tmp_path / "out.png"))
     assert code == 0, said
+    assert f"link: {platform.http_url}/images/{name}/" in said, said  # signed for it now, by delivery
     code, said = await kiln("generate", "a red circle", "--user", "someone-else")
     assert code == 64 and f"is {name}'s, not someone-else's" in said, said
     env["KILN_PASSWORD"] = "wrong password"

@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
+import msgspec
 import pytest
 
+from infra.nats_auth import Authority, user_permissions
 from infra.platform import Platform
-from kiln.client import KilnClient
+from kiln.client import KilnClient, ServiceUnavailable
+from shared import subjects
 from shared.events import ImageDelivered
 
 pytestmark = pytest.mark.integration
@@ -58,15 +64,16 @@ async def test_the_signed_download_link_opens_and_any_change_to_it_is_refused(
     platform: Platform, client: KilnClient, user: str
 ):
     delivered = await _image(client, user)
+    url = (await client.link(user, delivered.request_id)).url
     async with httpx.AsyncClient(timeout=30) as anyone:
-        response = await anyone.get(delivered.url)
+        response = await anyone.get(url)
         assert response.status_code == 200 and response.content.startswith(PNG)
-        signature = parse_qs(urlsplit(delivered.url).query)["sig"][0]
+        signature = parse_qs(urlsplit(url).query)["sig"][0]
         tampered = [
-            _with(delivered.url, sig=("A" if signature[0] != "A" else "B") + signature[1:]),
-            _with(delivered.url, exp=str(int(parse_qs(urlsplit(delivered.url).query)["exp"][0]) + 3600)),
-            delivered.url.replace(f"/{delivered.request_id}.png", "/someone-elses.png"),
-            _with(delivered.url, p="share"),  # a download link is not a share link
+            _with(url, sig=("A" if signature[0] != "A" else "B") + signature[1:]),
+            _with(url, exp=str(int(parse_qs(urlsplit(url).query)["exp"][0]) + 3600)),
+            url.replace(f"/{delivered.request_id}.png", "/someone-elses.png"),
+            _with(url, p="share"),  # a download link is not a share link
         ]
         for url in tampered:
             response = await anyone.get(url)
@@ -117,6 +124,7 @@ async def test_an_expired_share_link_is_gone_and_a_tampered_one_forbidden(
 
 async def test_links_and_image_records_survive_a_restart_of_delivery(platform: Platform, client: KilnClient, user: str):
     delivered = await _image(client, user, "a blue square at the top")
+    url = (await client.link(user, delivered.request_id)).url
     async with _signed_in(platform, user) as owner:
         share = (await owner.post(f"/api/images/{delivered.request_id}/share", json={})).json()
     platform.stop_service("delivery")
@@ -125,7 +133,7 @@ async def test_links_and_image_records_survive_a_restart_of_delivery(platform: P
     async with httpx.AsyncClient(timeout=30) as anyone:
         page = await anyone.get(share["url"])  # signed before the restart, checked after it
         assert page.status_code == 200 and "a blue square at the top" in page.text
-        assert (await anyone.get(delivered.url)).content.startswith(PNG)
+        assert (await anyone.get(url)).content.startswith(PNG)
 
 
 async def test_the_playground_api_needs_a_sign_in_and_refuses_bad_input(platform: Platform, user: str):
@@ -171,8 +179,43 @@ async def test_a_share_url_names_neither_the_owner_nor_the_request(platform: Pla
         page = await anyone.get(share["url"])
         assert page.status_code == 200 and user not in page.text
     # A download link goes to its owner, and lives a day at most.
-    expires = int(parse_qs(urlsplit(delivered.url).query)["exp"][0])
-    assert expires <= delivered.delivered_at.timestamp() + 24 * 3600 + 60
+    link = await client.link(user, delivered.request_id)
+    expires = int(parse_qs(urlsplit(link.url).query)["exp"][0])
+    assert expires == link.expires_at.timestamp() <= time.time() + 24 * 3600 + 1
+
+
+async def test_an_outcome_holds_no_link_and_a_user_gets_one_for_their_own_images_only(
+    platform: Platform, client: KilnClient, user: str, tmp_path: Path
+):
+    """An outcome is kept a year: it holds the image's key, and a link is signed on demand."""
+    delivered = await _image(client, user)
+    # 1. What KILN_OUTCOMES keeps: the key, no signed link.
+    stored = await client.bus.last_message(subjects.OUTCOMES, subjects.outcome(user, delivered.request_id))
+    assert stored is not None
+    kept = msgspec.json.decode(stored.data)
+    assert kept["type"] == "ImageDelivered" and kept["image_key"] == f"{user}/{delivered.request_id}.png"
+    assert kept.get("url", "") == "" and b"sig=" not in stored.data and b"/images/" not in stored.data
+    # 2. Delivery signs one only for a delivered image.
+    with pytest.raises(ServiceUnavailable, match="no delivered image"):
+        await client.link(user, "never-asked")
+    if not platform.nats_auth:
+        return  # no credentials to scope: the rest is about a user's own
+    # 3. The owner's own credential gets a fresh link that opens the image.
+    authority = Authority.open(platform.data_dir)
+    owner_creds = authority.write_credentials(tmp_path / "owner.creds", user, user_permissions(user))
+    async with await KilnClient.connect(platform.nats_url, owner_creds, user) as own:
+        link = await own.link(user, delivered.request_id)
+        assert f"/images/{user}/{delivered.request_id}.png?" in link.url
+        assert (await own.download(delivered)).startswith(PNG)  # through a link of its own
+    async with httpx.AsyncClient(timeout=30) as anyone:
+        response = await anyone.get(link.url)
+        assert response.status_code == 200 and response.content.startswith(PNG)
+    # 4. Another user's credential may not even ask for it: the server refuses the request.
+    other = f"eve{uuid.uuid4().hex[:8]}"
+    other_creds = authority.write_credentials(tmp_path / "other.creds", other, user_permissions(other))
+    async with await KilnClient.connect(platform.nats_url, other_creds, other) as eve:
+        with pytest.raises(ServiceUnavailable):
+            await eve.link(user, delivered.request_id, timeout_s=1)
 
 
 async def test_a_wrong_password_is_401_and_repeated_failures_429_with_retry_after(platform: Platform, user: str):

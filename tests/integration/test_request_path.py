@@ -207,7 +207,8 @@ async def test_two_users_may_use_the_same_request_id(client: KilnClient, db: asy
 
     assert isinstance(denied, QuotaDenied) and denied.user_id == alice
     assert isinstance(delivered, ImageDelivered) and delivered.user_id == bob
-    assert f"/{bob}/" in delivered.url
+    assert delivered.image_key == f"{bob}/{request_id}.png"
+    assert f"/{bob}/" in (await client.link(bob, request_id)).url
     assert len(await client.download(delivered)) > 0
     assert [row["event_type"] for row in await _decisions(db, bob)] == ["QuotaGranted"]
 

@@ -122,6 +122,7 @@ async def test_a_user_credential_does_what_a_user_should(platform: Platform, mal
         assert await own.trace_id(mallory.name, delivered.request_id)
         assert (await own.quota(mallory.name)).used == 1
         assert await own.styles()
+        assert (await own.link(mallory.name, delivered.request_id)).url
     assert mallory.violations == []
 
 
@@ -152,7 +153,8 @@ async def test_a_user_cannot_act_for_another(mallory: Intruder, user: str, victi
 
 
 async def test_a_user_cannot_read_what_is_not_its_own(mallory: Intruder, user: str, victim_image: ImageDelivered):
-    """(d) another's outcomes, decisions, progress, conversations and images; any other inbox."""
+    """(d) another's outcomes, decisions, progress, conversations and images (a link to one
+    too); any other inbox."""
     await mallory.subscribe(subjects.OUTCOME.subject(user, "*"))
     await mallory.subscribe(subjects.RENDER_PROGRESS.subject(user, "*"))
     await mallory.subscribe("_INBOX.>")
@@ -166,6 +168,7 @@ async def test_a_user_cannot_read_what_is_not_its_own(mallory: Intruder, user: s
     await mallory.request(f"$JS.API.STREAM.INFO.OBJ_{subjects.IMAGES.name}")
     await mallory.request(subjects.CONTEXT_TURNS.subject(user, "c1"))
     await mallory.request(subjects.quota_status(user))
+    await mallory.request(subjects.delivery_link(user, victim_image.request_id))
 
 
 async def test_a_user_cannot_change_streams_consumers_or_images(
