@@ -137,6 +137,13 @@ def _optional_text(value: str) -> str | None:
     return value or None
 
 
+def _issuer(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("https", "http") or not parts.netloc or parts.query or parts.fragment:
+        raise ValueError("must be an issuer's https:// URL (its /.well-known/openid-configuration is read)")
+    return value
+
+
 def setting(variable: str, default: Any, doc: str, parse: Callable[[str], Any] = _text, shown: str = "") -> Any:
     """A field of `Settings`, read from `variable`. `shown`: the default as the README says
     it, where the value itself would mislead (a path on this machine, a derived default)."""
@@ -219,6 +226,23 @@ class Settings:
     link_ttl_s: int = setting("KILN_LINK_TTL_S", 24 * 3600, "how long a download link works, in seconds", _integer(1))
     share_ttl_s: int = setting(
         "KILN_SHARE_TTL_S", 7 * 24 * 3600, "how long a share link works, in seconds", _integer(1)
+    )
+    oidc_issuer: str | None = setting(
+        "KILN_OIDC_ISSUER",
+        None,
+        "an OpenID Connect issuer the playground also signs in with (unset: passwords only)",
+        _issuer,
+        shown="none",
+    )
+    oidc_client_id: str | None = setting(
+        "KILN_OIDC_CLIENT_ID", None, "the playground's client id at that issuer", _optional_text, shown="none"
+    )
+    oidc_client_secret: str | None = setting(
+        "KILN_OIDC_CLIENT_SECRET",
+        None,
+        "its client secret, if the issuer gave one (unset: a public client, PKCE only)",
+        _optional_text,
+        shown="none",
     )
     # -- tracing and metrics
     otlp_endpoint: str | None = setting(
@@ -359,6 +383,8 @@ class Settings:
             raise SettingsError(
                 f"KILN_GPU_RESUME_C ({settings.gpu_resume_c:g}) must be below KILN_GPU_PAUSE_C ({settings.gpu_pause_c:g})"
             )
+        if settings.oidc_issuer and not settings.oidc_client_id:
+            raise SettingsError("KILN_OIDC_ISSUER is set, so KILN_OIDC_CLIENT_ID must be too")
         if "KILN_OTLP_ENDPOINT" not in env:
             # Unset: as the running platform says; set (even empty, which is "off"): as set.
             saved = TracingInfo.load(settings.data_dir)

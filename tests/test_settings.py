@@ -37,6 +37,8 @@ def test_the_database_url_forms_people_paste_are_accepted(pasted: str):
         ({"KILN_GPU_HOT_C": "nan"}, "KILN_GPU_HOT_C"),
         ({"KILN_TRACING_UI": "maybe"}, "KILN_TRACING_UI"),
         ({"KILN_LINK_SECRET": "short"}, "KILN_LINK_SECRET"),
+        ({"KILN_OIDC_ISSUER": "issuer.example"}, "KILN_OIDC_ISSUER"),
+        ({"KILN_OIDC_ISSUER": "https://issuer.example"}, "KILN_OIDC_CLIENT_ID"),  # an issuer needs a client id
         ({"KILN_GPU_RESUME_C": "90"}, "KILN_GPU_RESUME_C"),  # above the pause threshold
         ({"KILN_CHECKPOINT_EVERY": "0"}, "KILN_CHECKPOINT_EVERY"),
         ({"KILN_CHECKPOINT_AFTER_S": "0.5"}, "KILN_CHECKPOINT_AFTER_S"),  # quota looks once a second

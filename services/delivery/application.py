@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
+import httpx
 import msgspec
 import nats.errors
 import uvicorn
@@ -22,6 +23,7 @@ from services.delivery.accounts import Accounts, Sessions
 from services.delivery.http import MintCredentials, Site, create_app
 from services.delivery.image_records import ImageRecord, ImageRecords
 from services.delivery.links import Links, Signer, expiry, load_secret
+from services.delivery.oidc import OpenIDProvider
 from services.delivery.outcome import outcome
 from shared import subjects
 from shared.bus import Bus
@@ -49,7 +51,17 @@ class Delivery:
         sessions = Sessions(await bus.key_value(subjects.SESSIONS))
         store = await bus.object_store(subjects.IMAGES)
         site = Site(bus, store, records, links, settings, accounts, sessions, _credential_minter(settings))
-        yield cls(bus, site)
+        async with httpx.AsyncClient(timeout=10) as http:
+            if settings.oidc_issuer and settings.oidc_client_id:
+                site.oidc = OpenIDProvider(
+                    settings.oidc_issuer,
+                    settings.oidc_client_id,
+                    settings.oidc_client_secret,
+                    f"{settings.base_url}/api/oidc/callback",
+                    sessions.kv,  # pending sign-ins, beside the sessions they become
+                    http,
+                )
+            yield cls(bus, site)
 
     async def handle_render_event(self, event: RenderCompleted | RenderFailed) -> None:
         if isinstance(event, RenderCompleted):

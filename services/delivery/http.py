@@ -6,6 +6,8 @@
     POST /api/logout                        end the session (the server forgets it)
     POST /api/credentials                   a NATS credential for the signed-in user, for the
                                             CLI (`kiln login`): that user's subjects only, 1 h
+    GET  /api/oidc/start, /api/oidc/callback  sign in at the OpenID Connect issuer, if settings
+                                            name one (services.delivery.oidc); same session
     GET  /api/me                            who is signed in, the CSRF token, today's quota,
                                             the styles, the sizes offered (the model's native ones)
     POST /api/generate                      publish a prompt; NDJSON lines: accepted,
@@ -43,7 +45,7 @@ from opentelemetry import trace
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -52,6 +54,7 @@ from services.delivery.accounts import AccountError, Accounts, AttemptLimit, Ses
 from services.delivery.hardening import Hardened, TooLarge
 from services.delivery.image_records import ImageRecords
 from services.delivery.links import LinkError, Links, expiry, image_subject, share_subject
+from services.delivery.oidc import PENDING_TTL_S, OpenIDProvider, SignInError
 from shared import model_card, subjects
 from shared.bus import Bus
 from shared.events import (
@@ -77,6 +80,9 @@ SECURE_SESSION_COOKIE = "__Host-kiln_session"
 SESSION_COOKIE = "kiln_session"
 SESSION_TTL_S = int(subjects.SESSIONS.ttl_s or 0)  # the cookie lives as long as the server keeps the session
 CSRF_HEADER = "X-CSRF-Token"
+# Holds an OpenID Connect sign-in's state from start to callback; only the callback path sees it.
+OIDC_STATE_COOKIE = "kiln_oidc_state"
+OIDC_PATH = "/api/oidc"
 # Failed sign-ins allowed per 15 minutes: few per account (guessing one password), more per
 # address (people behind one NAT mistype too; spraying many accounts still meets the limit).
 SIGN_IN_WINDOW_S = 15 * 60
@@ -131,6 +137,8 @@ class Site:
     sessions: Sessions
     # None where this delivery holds no account key (NATS without authentication).
     mint_credentials: MintCredentials | None = None
+    # None unless settings name an OpenID Connect issuer.
+    oidc: OpenIDProvider | None = None
     account_failures: AttemptLimit = field(
         default_factory=lambda: AttemptLimit(SIGN_IN_FAILURES_PER_ACCOUNT, SIGN_IN_WINDOW_S)
     )
@@ -192,9 +200,11 @@ def create_app(site: Site) -> Starlette:
 
     # -- accounts and sessions -------------------------------------------------------------
 
-    async def signed_in_as(user_id: str, status: int = 200) -> Response:
+    async def signed_in_as(user_id: str, status: int = 200, response: Response | None = None) -> Response:
+        """`response` (by default the user and the CSRF token) with a new session's cookie."""
         cookie, session = await site.sessions.open(user_id)
-        response = JSONResponse({"user": user_id, "csrf": session.csrf}, status_code=status)
+        if response is None:
+            response = JSONResponse({"user": user_id, "csrf": session.csrf}, status_code=status)
         response.set_cookie(
             site.session_cookie,
             cookie,
@@ -252,8 +262,52 @@ def create_app(site: Site) -> Starlette:
         response.delete_cookie(site.session_cookie, path="/", secure=site.secure, httponly=True, samesite="lax")
         return response
 
+    async def oidc_start(request: Request) -> Response:
+        if site.oidc is None:
+            return _error(404, "this Kiln signs in with passwords only (no KILN_OIDC_ISSUER)")
+        try:
+            state, url = await site.oidc.start()
+        except SignInError as error:
+            return _page(502, "Sign-in is unavailable", str(error))
+        response = RedirectResponse(url, status_code=303)
+        # Lax: the issuer's redirect back is a top-level GET, which brings it along.
+        response.set_cookie(
+            OIDC_STATE_COOKIE,
+            state,
+            max_age=PENDING_TTL_S,
+            path=OIDC_PATH,
+            httponly=True,
+            samesite="lax",
+            secure=site.secure,
+        )
+        return response
+
+    async def oidc_callback(request: Request) -> Response:
+        if site.oidc is None:
+            return _error(404, "this Kiln signs in with passwords only (no KILN_OIDC_ISSUER)")
+        query = request.query_params
+        try:
+            if "error" in query:  # the user declined, or the issuer refused
+                raise SignInError(f"the issuer said {query['error']}: {query.get('error_description', '')}")
+            user_id = await site.oidc.finish(
+                query.get("state"), request.cookies.get(OIDC_STATE_COOKIE), query.get("code")
+            )
+        except SignInError as error:
+            log.info("OpenID Connect sign-in refused: %s", error)
+            refused = _page(error.status, "Sign-in failed", str(error))
+            refused.delete_cookie(OIDC_STATE_COOKIE, path=OIDC_PATH, secure=site.secure, httponly=True, samesite="lax")
+            return refused
+        response = RedirectResponse("/", status_code=303)
+        response.delete_cookie(OIDC_STATE_COOKIE, path=OIDC_PATH, secure=site.secure, httponly=True, samesite="lax")
+        return await signed_in_as(user_id, response=response)
+
     async def me(request: Request) -> Response:
         if (session := await site.session(request)) is None:
+            if site.oidc is not None:  # the page offers it beside the password form
+                return JSONResponse(
+                    {"error": "sign in first", "oidc": {"start": f"{OIDC_PATH}/start", "host": site.oidc.host}},
+                    status_code=401,
+                )
             return _error(401, "sign in first")
         quota, styles = await _quota(site, session.user_id), await _styles(site)
         return JSONResponse(
@@ -427,6 +481,8 @@ def create_app(site: Site) -> Starlette:
             Route("/api/signup", signup, methods=["POST"]),
             Route("/api/login", login, methods=["POST"]),
             Route("/api/logout", logout, methods=["POST"]),
+            Route(f"{OIDC_PATH}/start", oidc_start),
+            Route(f"{OIDC_PATH}/callback", oidc_callback),
             Route("/api/me", me),
             Route("/api/credentials", credentials, methods=["POST"]),
             Route("/api/generate", generate, methods=["POST"]),

@@ -19,6 +19,14 @@ async function start() {
   const response = await fetch("/api/me");
   if (response.status === 401) {
     $("#sign-in-form").hidden = false;
+    // An OpenID Connect issuer, where settings name one: a link, as the sign-in is a
+    // top-level navigation to the issuer and back.
+    const { oidc } = await response.json();
+    if (oidc) {
+      $("#oidc-start").href = oidc.start;
+      $("#oidc-host").textContent = oidc.host;
+      $("#oidc").hidden = false;
+    }
     return;
   }
   const me = await response.json();
