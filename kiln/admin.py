@@ -68,6 +68,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     usage = acc.add_parser("usage", help="everyone who used images on a UTC day, with their plan and limit")
     usage.add_argument("--date", type=_day, help="the UTC day, YYYY-MM-DD (default: today)")
     usage.set_defaults(run=_database_command(_accounts_usage))
+    watch = acc.add_parser("watch", help="who went past their plan's soft cap on a UTC day, and by which requests")
+    watch.add_argument("--date", type=_day, help="the UTC day, YYYY-MM-DD (default: today)")
+    watch.set_defaults(run=_database_command(_accounts_watch, read_only=True))
     grant = acc.add_parser("grant", help="allow a user more images today (logged as QuotaAdjusted)")
     grant.add_argument("user")
     grant.add_argument("images", type=int)
@@ -222,6 +225,29 @@ async def _accounts_usage(args: argparse.Namespace, pool: asyncpg.Pool, settings
     out.print(table)
     used = sum(row["granted"] - row["refunded"] for row in rows)
     out.print(f"{len(rows)} users, {used} images used on {day} (UTC)")
+    return 0
+
+
+async def _accounts_watch(args: argparse.Namespace, pool: asyncpg.Pool, settings: Settings) -> int:
+    config = plans.load(settings.plans_file)
+    day = args.date or policy.utc_day(datetime.now(UTC))
+    async with pool.acquire() as conn:
+        rows = await accounts.over_soft_cap(conn, day)
+    if not rows:
+        out.print(f"nobody went past a soft cap on {day} (UTC)")
+        return 0
+    table = Table("user", "plan", "used", "soft cap", "grants past it", "since", "requests past it")
+    for row in rows:
+        plan = config.plans.get(row["plan"])
+        cap = str(plan.soft_cap) if plan else "? (plan not in the plans file)"
+        shown = ", ".join(row["requests"][:3]) + (
+            f" (+{len(row['requests']) - 3} more)" if len(row["requests"]) > 3 else ""
+        )
+        table.add_row(
+            row["user_id"], row["plan"], str(row["used"]), cap, str(row["flagged"]), f"{row['since']:%H:%M:%S}", shown
+        )
+    out.print(table)
+    out.print(f"{len(rows)} users past their soft cap on {day} (UTC)")
     return 0
 
 

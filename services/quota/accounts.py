@@ -74,6 +74,26 @@ async def usage_on(conn: asyncpg.Connection, day: str) -> list[asyncpg.Record]:
     )
 
 
+async def over_soft_cap(conn: asyncpg.Connection, day: str) -> list[asyncpg.Record]:
+    """Everyone granted images past their plan's soft cap on a UTC day, from the log: the
+    grants flagged `over_soft_cap` (the decisions that put them there), their plan, the
+    highest count reached, and since when. Most flagged first. (A scan of the day's
+    grants: an operator's command, not a hot path.)"""
+    return await conn.fetch(
+        """
+        SELECT substr(stream_id, 6) AS user_id, payload->>'plan' AS plan, count(*) AS flagged,
+               max((payload->>'used')::int) AS used, min(recorded_at) AS since,
+               array_agg(request_id ORDER BY position) AS requests
+        FROM quota_events
+        WHERE event_type = 'QuotaGranted' AND payload->>'day' = $1
+              AND (payload->>'over_soft_cap')::boolean
+        GROUP BY 1, 2
+        ORDER BY 3 DESC, 1
+        """,
+        day,
+    )
+
+
 async def grant(
     pool: asyncpg.Pool, config: Config, user_id: str, images: int, by: str, note: str = ""
 ) -> QuotaAdjusted:

@@ -11,17 +11,26 @@ from opentelemetry.metrics import CallbackOptions, Observation
 
 from services.quota.plans import PRESSURE_LEVELS
 from services.quota.pressure import FleetMonitor
-from shared.events import ImageDelivered, QuotaDenied, RequestFailed
+from shared.events import ImageDelivered, QuotaDenied, QuotaGranted, RequestFailed
 
 meter = metrics.get_meter("kiln.quota")
 
 requests = meter.create_counter("kiln_requests", description="Requests ended, by outcome and plan")
 denials = meter.create_counter("kiln_quota_denials", description="Prompts denied, by reason and plan")
+# Paid plans are looser but watched: grants past a plan's soft cap, by plan
+# (`kiln accounts watch` lists who, with the decisions).
+over_soft_cap = meter.create_counter(
+    "kiln_quota_over_soft_cap", description="Grants past the plan's soft cap (served, but watched), by plan"
+)
 
 
 def count_outcome(outcome: QuotaDenied | ImageDelivered | RequestFailed) -> None:
     kind = {QuotaDenied: "denied", ImageDelivered: "delivered", RequestFailed: "failed"}[type(outcome)]
     requests.add(1, {"outcome": kind, "plan": outcome.plan or "unknown"})
+
+
+def count_over_soft_cap(grant: QuotaGranted) -> None:
+    over_soft_cap.add(1, {"plan": grant.plan})
 
 
 def count_denial(denial: QuotaDenied) -> None:

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
+import httpx
 import msgspec
 import nats.js.errors
 import pytest
@@ -193,6 +195,13 @@ async def test_plans_burst_limits_soft_caps_and_shedding_by_fleet_pressure(
         if row["event_type"] == "QuotaGranted"
     ]
     assert flags == [False, True]
+    # Watched: the operator sees who went past, with the request that did, and a metric counts it.
+    watched = _kiln("accounts", "watch", database_url=platform.database_url)
+    assert watched.returncode == 0, watched.stderr
+    row = next(line for line in watched.stdout.splitlines() if plus in line)
+    assert second.request_id in row and " 2 " in f" {row} ", row  # used 2, soft cap 1
+    metrics = httpx.get(f"http://127.0.0.1:{platform.metrics_ports['quota']}/metrics", timeout=10).text
+    assert re.search(r'^kiln_quota_over_soft_cap_total\{plan="plus"\} [1-9]', metrics, re.MULTILINE), metrics
 
     async with _fleet_pressure(client, queue_depth=1500):  # elevated
         # free: one image, then one per hour while elevated; paid users are not touched.
