@@ -123,8 +123,7 @@ class RenderWorker:
         self.in_progress_s = min(10.0, queue.ack_wait_s / 3)
         self.throughput = Throughput()
         self.clock = cost.StepClock()  # seconds per image-step by size: quota prices requests by it
-        self._rendering: tuple[list[str], datetime | None] = ([], None)  # "<user>/<request>" now, since
-        self._rendering_jobs: list[RenderRequested] = []
+        self._rendering: tuple[list[RenderRequested], datetime | None] = ([], None)  # the batch now, since
         self.held: list[Received] = []  # claimed, not yet in a batch
         self.cancelled: set[str] = set()  # "<user>.<request>" seen on the cancel subject
         self._new_work = asyncio.Event()
@@ -141,7 +140,7 @@ class RenderWorker:
             batch_limit=self.guard.batch_limit(),
             temperature_c=self.guard.temperature(),
             images_per_s=self.throughput.per_second(),
-            rendering=tuple(self._rendering[0]),
+            rendering=tuple(f"{job.user_id}/{job.request_id}" for job in self._rendering[0]),
             rendering_since=self._rendering[1],
             step_seconds=dict(self.clock.table),
             rendering_left_s=self._rendering_left_s(),
@@ -149,7 +148,7 @@ class RenderWorker:
 
     def _rendering_left_s(self) -> float:
         """How long the batch in the pipeline should still take, by the measured figures."""
-        jobs, since = self._rendering_jobs, self._rendering[1]
+        jobs, since = self._rendering
         if not jobs or since is None:
             return 0.0
         first = jobs[0]
@@ -465,13 +464,12 @@ class RenderWorker:
 
         rendering = asyncio.ensure_future(asyncio.to_thread(self.renderer.render_batch, jobs, on_step, sources, masks))
         metrics.InFlight.jobs += len(todo)
-        self._rendering = ([f"{job.user_id}/{job.request_id}" for job in jobs], utcnow())  # for the heartbeat
-        self._rendering_jobs = jobs
+        self._rendering = (jobs, utcnow())  # for the heartbeat
         try:
             return await self._while_rendering(rendering, todo)
         finally:
             metrics.InFlight.jobs -= len(todo)
-            self._rendering, self._rendering_jobs = ([], None), []
+            self._rendering = ([], None)
 
     async def _while_rendering(self, rendering: asyncio.Future, todo: list[Received]) -> tuple[list[bytes], float]:
         """Wait for the pipeline call, telling JetStream now and then that its jobs, and
