@@ -312,11 +312,32 @@ class Bus:
 
         return await self._nc.subscribe(subject, queue=queue, cb=respond)
 
-    async def request(self, subject: str, timeout_s: float) -> bytes:
+    async def request(self, subject: str, timeout_s: float, data: bytes = b"") -> bytes:
         """Ask `subject` and return the answer. Raises nats.errors.NoRespondersError or
         TimeoutError."""
         self.access.check_publish(subject)
-        return (await self._nc.request(subject, b"", timeout=timeout_s)).data
+        return (await self._nc.request(subject, data, timeout=timeout_s)).data
+
+    async def serve(self, subject: str, handler: Callable[[bytes], Awaitable[bytes]], *, queue: str) -> Subscription:
+        """Answer requests on `subject` with `handler(request body)`, raw bytes both ways.
+        Each request is answered in a task of its own: one that waits (a long poll) does
+        not hold up the next."""
+        self.access.check_subscribe(subject)
+        answering: set[asyncio.Task] = set()
+
+        async def answer(msg: Msg) -> None:
+            try:
+                await msg.respond(await handler(msg.data))
+            except nats.errors.Error as error:
+                log.warning("answering %s: %r", subject, error)
+
+        async def respond(msg: Msg) -> None:
+            if msg.reply:
+                task = asyncio.ensure_future(answer(msg))
+                answering.add(task)
+                task.add_done_callback(answering.discard)
+
+        return await self._nc.subscribe(subject, queue=queue, cb=respond)
 
     # -- reading streams ------------------------------------------------------------------
 
@@ -440,6 +461,28 @@ class Bus:
         finally:
             await sub.unsubscribe()
         return messages
+
+    async def inbox(self, on_message: Callable[[Msg], Awaitable[None]]) -> tuple[str, Subscription]:
+        """A subscription to a new inbox of this connection (for standing pulls)."""
+        inbox = self._nc.new_inbox()
+        return inbox, await self._nc.subscribe(inbox, cb=on_message)
+
+    async def pull_request(self, stream: Stream, consumer: str, batch: int, expires_s: float, inbox: str) -> None:
+        """Ask a durable consumer for up to `batch` messages, delivered to `inbox` as they
+        come within `expires_s`; the request ends with a status message (408 when it
+        expires) unless all `batch` came."""
+        self.access.check_stream(stream.name)
+        request = json.dumps({"batch": batch, "expires": int(expires_s * 1e9)}).encode()
+        await self._nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream.name}.{consumer}", request, reply=inbox)
+
+    def delivered(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> Msg:
+        """A message JetStream delivered to another connection, to ack on this one: acks
+        go to its reply subject, which names the stream, consumer and delivery."""
+        return Msg(_client=self._nc, subject=subject, reply=reply, data=data, headers=headers)
+
+    async def consumer_info(self, stream: Stream, name: str) -> ConsumerInfo:
+        self.access.check_stream(stream.name)
+        return await self._js.consumer_info(stream.name, name)
 
     # -- tracing --------------------------------------------------------------------------
 

@@ -281,7 +281,34 @@ class WorkerHeartbeat(msgspec.Struct, kw_only=True):
     # how long the batch in hand should still take.
     step_seconds: dict[str, float] = msgspec.field(default_factory=dict)
     rendering_left_s: float = 0.0
+    # The worker that hands out the queue's jobs says so (the fleet keeps one dispatcher
+    # while it lives); a worker that is stopping says so in its last heartbeat.
+    dispatching: bool = False
+    leaving: bool = False
     at: datetime = msgspec.field(default_factory=utcnow)
+
+
+class RenderClaim(msgspec.Struct, kw_only=True):
+    """A render worker asks the dispatcher for jobs (request/reply on `kiln.render.claim`)."""
+
+    worker_id: str
+    slots: int  # jobs it can take now
+    batch_key: list | None = None  # only jobs that can join the batch it holds (pipeline.batch_key)
+    wait_ms: int = 0  # with nothing to give, wait this long for a job before answering
+
+
+class ClaimedJob(msgspec.Struct):
+    """A job as JetStream delivered it to the dispatcher: the worker acks it on `reply`."""
+
+    subject: str
+    reply: str
+    data: bytes
+    headers: dict[str, str] | None = None
+
+
+class RenderClaimed(msgspec.Struct, kw_only=True):
+    jobs: list[ClaimedJob]
+    more: bool = False  # more jobs of that batch's kind are held: the batch may fill
 
 
 # Events that end a request: a client waits for exactly one of these.

@@ -78,6 +78,16 @@ def _number(low: float) -> Callable[[str], float]:
     return parse
 
 
+def _shares(value: str) -> tuple[tuple[str, int], ...]:
+    shares: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        plan, _, count = item.partition("=")
+        if not plan.strip() or not count.strip().isdigit() or not 1 <= int(count) <= 1000:
+            raise ValueError(f"{item!r} is not plan=n with n in 1..1000")
+        shares[plan.strip()] = int(count)
+    return tuple(shares.items())
+
+
 def _port(value: str) -> int:
     return _integer(1, 65535)(value)
 
@@ -314,6 +324,19 @@ class Settings:
     )
     render_ack_wait_s: float = setting(
         "KILN_RENDER_ACK_WAIT_S", 30.0, "a silent worker's jobs go to another after this, in seconds", _number(1)
+    )
+    render_queue_window: int = setting(
+        "KILN_RENDER_QUEUE_WINDOW",
+        4096,
+        "jobs per tier the dispatcher holds and orders fairly; users beyond wait in arrival order",
+        _integer(16, 1_000_000),
+    )
+    render_shares: tuple[tuple[str, int], ...] = setting(
+        "KILN_RENDER_SHARES",
+        (("pro", 4), ("plus", 2)),
+        "jobs a user of each plan takes per turn in the fair queue (`plan=n,…`; other plans 1)",
+        _shares,
+        shown="`pro=4,plus=2`",
     )
     render_max_side: int = setting(
         "KILN_RENDER_MAX_SIDE",

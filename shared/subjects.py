@@ -22,6 +22,8 @@ from shared.events import (
     QuotaDenied,
     QuotaGranted,
     QuotaStatus,
+    RenderClaim,
+    RenderClaimed,
     RenderCompleted,
     RenderFailed,
     RenderProgress,
@@ -121,6 +123,14 @@ FLEET_TELEMETRY = Channel(
     events=(WorkerHeartbeat,),
     kept=False,
 )
+RENDER_CLAIM = Channel(
+    "kiln.render.claim",
+    "Request/reply among render workers: a worker asks the fleet's dispatcher (one worker "
+    "of the fleet, services/render/dispatch.py) for up to N jobs, in fair order.",
+    events=(RenderClaim,),
+    kept=False,
+    reply=RenderClaimed,
+)
 QUOTA_STATUS = Channel(
     "kiln.quota.status.{user}",
     "Request/reply: quota answers with the user's usage today.",
@@ -173,6 +183,7 @@ ALL_CHANNELS = [
     OUTCOME,
     CONVERSATION,
     FLEET_TELEMETRY,
+    RENDER_CLAIM,
     QUOTA_STATUS,
     QUOTA_PRESSURE,
     CONTEXT_STYLES,
@@ -212,10 +223,18 @@ class Stream:
     # One message per subject, ever (while the stream keeps it), enforced by the server
     # whoever publishes: a second decision, result or outcome for a request is refused.
     one_per_subject: bool = False
+    # Only these values of one token are kept (("tier", ("paid", "free"))): a publish on
+    # any other subject of the channel is not stored at all.
+    only: tuple[str, tuple[str, ...]] | None = None
 
     @property
     def subjects(self) -> list[str]:
-        return [self.channel.pattern]
+        if self.only is None:
+            return [self.channel.pattern]
+        token, values = self.only
+        wildcards = ["*"] * len(self.channel.tokens)
+        position = self.channel.tokens.index(token)
+        return [self.channel.subject(*wildcards[:position], value, *wildcards[position + 1 :]) for value in values]
 
     @property
     def user_token(self) -> int | None:
@@ -226,9 +245,12 @@ class Stream:
 YEAR_S = 365 * 24 * 3600
 PROMPTS = Stream("KILN_PROMPTS", PROMPT_SUBMITTED)
 QUOTA = Stream("KILN_QUOTA", QUOTA_DECIDED, one_per_subject=True)
-# A work queue: a job leaves the stream once a worker acks it.
-# One consumer per user with jobs waiting (the fair queue).
-RENDER_JOBS = Stream("KILN_RENDER_JOBS", RENDER_JOB, retention=RetentionPolicy.WORK_QUEUE, max_consumers=1_000_000)
+TIERS = ("paid", "free")  # render lanes, in the order workers pull them
+# A work queue: a job leaves the stream once a worker acks it. One consumer per tier, which
+# the fleet's dispatcher pulls (services/render/dispatch.py); a job of no known tier is not kept.
+RENDER_JOBS = Stream(
+    "KILN_RENDER_JOBS", RENDER_JOB, retention=RetentionPolicy.WORK_QUEUE, max_consumers=32, only=("tier", TIERS)
+)
 RENDER_CANCELS = Stream("KILN_RENDER_CANCELS", RENDER_CANCEL, max_age_s=24 * 3600)
 RENDER_EVENTS = Stream("KILN_RENDER_EVENTS", RENDER_EVENT, one_per_subject=True)
 # Kept a year: an edit by id finds its source image's prompt in the source's outcome.
@@ -252,7 +274,6 @@ ALL_STREAMS = [
     DEAD_LETTERS,
     AUDIT_CHECKPOINTS,
 ]
-TIERS = ("paid", "free")  # render lanes, in the order workers pull them
 
 
 def stream_of(channel: Channel) -> Stream | None:
@@ -312,9 +333,9 @@ DURABLE_CONTEXT = "context"
 DURABLE_DELIVERY = "delivery"
 
 
-def render_consumer(tier: str, user_id: str) -> str:
-    """The render queue's durable consumer for one user's jobs in one tier."""
-    return f"render-{tier}-{user_id}"
+def render_dispatch_consumer(tier: str) -> str:
+    """The render queue's durable consumer of one tier's jobs (the dispatcher pulls it)."""
+    return f"render-dispatch-{tier}"
 
 
-RENDER_CONSUMER_PREFIX = "render-"
+LEGACY_RENDER_CONSUMER_PREFIX = "render-"  # before 2026-12: one consumer per (tier, user)

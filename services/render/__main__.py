@@ -16,14 +16,20 @@ SERVICE = Service(
     name="render",
     open=Render.open,
     listens=(
-        Listen(subjects.RENDER_JOB, Render.hear_job),
         Listen(subjects.RENDER_CANCEL, Render.hear_cancel),
         Listen(subjects.FLEET_TELEMETRY, Render.hear_heartbeat),
     ),
-    publishes=(subjects.RENDER_PROGRESS, subjects.RENDER_EVENT, subjects.FLEET_TELEMETRY, subjects.OUTCOME),
+    publishes=(
+        subjects.RENDER_PROGRESS,
+        subjects.RENDER_EVENT,
+        subjects.FLEET_TELEMETRY,
+        subjects.OUTCOME,
+        subjects.RENDER_CLAIM,
+    ),
+    hears=(subjects.RENDER_CLAIM,),  # while this worker is the fleet's dispatcher
     reads=(subjects.RENDER_JOBS, subjects.RENDER_CANCELS),
     buckets=(subjects.IMAGES, subjects.RENDER_ATTEMPTS),
-    tasks=(Render.work, Render.send_heartbeats, Render.report_positions),
+    tasks=(Render.work, Render.send_heartbeats, Render.dispatch),
 )
 
 if __name__ == "__main__":

@@ -1,20 +1,23 @@
-"""The render application: a worker with its queue, thermal guard and heartbeat.
+"""The render application: a worker with its queue, thermal guard and heartbeat, and the
+dispatcher's role when the fleet gives it that (dispatch.py).
 
-Jobs are not handed to it by a durable consumer of `shared.service`: the fair queue
-(queue.py) pulls from a consumer per user, so the worker claims its own work (`work`).
-What it hears on plain NATS only wakes it up (a job was published), marks a job cancelled,
-or tells the queue reporter who else is in the fleet.
+Jobs are not handed to it by a durable consumer of `shared.service`: the fleet's dispatcher
+pulls them and hands them out fairly, and the worker claims its own work from it (`work`).
+What it hears on plain NATS marks a job cancelled, or tells it who else is in the fleet.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from services.render.dispatch import Dispatcher
+from services.render.fleet import Fleet
 from services.render.heartbeat import send_heartbeats
-from services.render.positions import QueueReporter
 from services.render.queue import JobQueue
+from services.render.status import WorkerStatus
 from services.render.thermal import Gpu, ThermalGuard, injected_temperature
 from services.render.worker import MAX_DELIVERIES, Attempts, RenderWorker
 from shared import model_card, subjects
@@ -25,10 +28,11 @@ from shared.settings import Settings
 
 
 class Render:
-    def __init__(self, bus: Bus, worker: RenderWorker, reporter: QueueReporter, gpu: Gpu) -> None:
+    def __init__(self, bus: Bus, worker: RenderWorker, fleet: Fleet, dispatcher: Dispatcher, gpu: Gpu) -> None:
         self.bus = bus
         self.worker = worker
-        self.reporter = reporter
+        self.fleet = fleet
+        self.dispatcher = dispatcher
         self.gpu = gpu
 
     @classmethod
@@ -50,7 +54,7 @@ class Render:
             pause_c=settings.gpu_pause_c,
             resume_c=settings.gpu_resume_c,
         )
-        queue = JobQueue(bus, ack_wait_s=settings.render_ack_wait_s, max_deliver=MAX_DELIVERIES + GIVE_UP_MARGIN)
+        queue = JobQueue(bus, worker_id, ack_wait_s=settings.render_ack_wait_s)
         worker = RenderWorker(
             bus,
             await bus.object_store(subjects.IMAGES),
@@ -69,26 +73,36 @@ class Render:
         except model_card.CardError as error:
             raise CannotStart(f"cannot read the model card: {error}") from error
         await asyncio.to_thread(renderer.warm_up, sides, worker.clock)
-        yield cls(bus, worker, QueueReporter(bus, queue, worker_id), gpu)
+        fleet = Fleet(worker_id)
+        dispatcher = Dispatcher(
+            bus,
+            fleet,
+            ack_wait_s=settings.render_ack_wait_s,
+            max_deliver=MAX_DELIVERIES + GIVE_UP_MARGIN,
+            max_attempts=MAX_DELIVERIES,
+            window=settings.render_queue_window,
+            shares=dict(settings.render_shares),
+        )
+        yield cls(bus, worker, fleet, dispatcher, gpu)
 
     # -- heard on plain NATS
-    async def hear_job(self, message: Message) -> None:
-        self.worker.job_published()
-
     async def hear_cancel(self, message: Message) -> None:
         user_id = subjects.RENDER_CANCEL.value(message.subject, "user")
         request_id = subjects.RENDER_CANCEL.value(message.subject, "request")
         self.worker.cancel_requested(user_id, request_id)
 
     async def hear_heartbeat(self, message: Message) -> None:
-        self.reporter.hear(message.data)
+        self.fleet.hear(message.data)
 
     # -- loops
     async def work(self, stop: asyncio.Event) -> None:
         await self.worker.run(stop)
 
     async def send_heartbeats(self, stop: asyncio.Event) -> None:
-        await send_heartbeats(self.bus, self.worker.status, self.worker.queue.depth, self.gpu, stop)
+        await send_heartbeats(self.bus, self._status, self.worker.queue.depth, self.gpu, stop)
 
-    async def report_positions(self, stop: asyncio.Event) -> None:
-        await self.reporter.run(stop)
+    async def dispatch(self, stop: asyncio.Event) -> None:
+        await self.dispatcher.run(stop)
+
+    def _status(self) -> WorkerStatus:
+        return dataclasses.replace(self.worker.status(), dispatching=self.dispatcher.dispatching)

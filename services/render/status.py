@@ -23,6 +23,7 @@ class WorkerStatus:
     rendering_since: datetime | None = None
     step_seconds: dict[str, float] = field(default_factory=dict)  # measured, by size: shared.cost
     rendering_left_s: float = 0.0
+    dispatching: bool = False  # it hands out the fleet's jobs (dispatch.py)
 
 
 class Throughput:

@@ -39,7 +39,7 @@ from services.render.pipeline import Cancelled, OverBudget, Renderer, batch_key
 from services.render.queue import JobQueue
 from services.render.status import Throughput, WorkerStatus
 from services.render.thermal import ThermalGuard
-from shared import consuming, cost, subjects
+from shared import consuming, cost, failpoints, subjects
 from shared.bus import Bus
 from shared.consuming import Received
 from shared.events import (
@@ -63,7 +63,9 @@ RENDER_ATTEMPTS = 3  # renders started per job before it fails for good (crashed
 # Deliveries per job, hand-backs (drain, heat) included, before the bus gives up on it.
 MAX_DELIVERIES = 13
 PROGRESS_INTERVAL_S = 0.1  # at most ten progress events a second per job
-IDLE_POLL_S = 1.0  # look for redelivered jobs this often even when nothing new is published
+IDLE_POLL_S = 1.0  # with nothing in hand, wait this long at the dispatcher for a job
+FILL_RETRY_S = 0.005  # a batch filling asks the dispatcher again this soon
+NO_DISPATCHER_RETRY_S = 0.1
 MAX_INPUT_PIXELS = 4096 * 4096  # a source image or mask larger than this is refused
 # A batch is stopped once its time per image passes its plans' budget by this much: quota
 # priced it within the budget, so only a worker far slower than measured gets here.
@@ -126,7 +128,6 @@ class RenderWorker:
         self._rendering: tuple[list[RenderRequested], datetime | None] = ([], None)  # the batch now, since
         self.held: list[Received] = []  # claimed, not yet in a batch
         self.cancelled: set[str] = set()  # "<user>.<request>" seen on the cancel subject
-        self._new_work = asyncio.Event()
         self._queued_ms: dict[str, float] = {}  # request → from its request to its batch's start
         self._finishing: asyncio.Future | None = None  # the last batch's stores and reports
         self._storing: set[int] = set()  # the jobs (by id()) whose image is being stored
@@ -154,10 +155,6 @@ class RenderWorker:
         first = jobs[0]
         total = cost.estimate_s(self.clock.table, first.width, first.height, first.steps) or 0.0
         return max(0.0, total * len(jobs) - (utcnow() - since).total_seconds())
-
-    def job_published(self) -> None:
-        """A job was published somewhere in the queue: look for work now."""
-        self._new_work.set()
 
     def cancel_requested(self, user_id: str, request_id: str) -> None:
         self.cancelled.add(f"{user_id}.{request_id}")
@@ -188,35 +185,41 @@ class RenderWorker:
     # -- intake -----------------------------------------------------------------------------
 
     async def _next_batch(self, limit: int, stop: asyncio.Event) -> list[Received]:
-        """Up to `limit` compatible jobs: as soon as that many are here, once nothing more
-        is queued or arriving (an idle fleet does not wait for company that will not come),
-        or once the oldest has waited `max_wait_s` for company."""
+        """Up to `limit` compatible jobs: as soon as that many are here, once the dispatcher
+        holds no more of their kind (an idle fleet does not wait for company that will not
+        come), or once the oldest has waited `max_wait_s` for company."""
         first_at: float | None = None
         while not stop.is_set():
-            self._new_work.clear()
             room = limit - len(self.held)  # never hold more than one batch's worth
             more_queued = False
-            if room > 0:
-                claimed = await self.queue.claim(room)
-                more_queued = len(claimed) >= room  # it took all it could: more may wait
-                self.held += await consuming.checked(
-                    self.bus, claimed, subjects.RENDER_JOBS, (RenderRequested,), MAX_DELIVERIES
-                )
+            if room > 0 and self.held:
+                await self._take(await self.queue.claim(room, batch_key(self.held[0].event)))
+                more_queued = self.queue.more  # more of its kind wait: the batch may fill
             if not self.held:
                 first_at = None
                 await self.finish_previous()  # nothing to render meanwhile
-                await _wait_any(stop, self._new_work, IDLE_POLL_S)
-                continue
+                asked = time.monotonic()
+                await self._take(await self.queue.claim(limit, wait_s=IDLE_POLL_S))  # waits for a job
+                more_queued = self.queue.more
+                if not self.held:
+                    if time.monotonic() - asked < IDLE_POLL_S / 2:  # no dispatcher (yet): one starts within seconds
+                        await sleep_unless_stopped(stop, NO_DISPATCHER_RETRY_S)
+                    continue
             first_at = first_at or time.monotonic()
             key = batch_key(self.held[0].event)
             group = [item for item in self.held if batch_key(item.event) == key][:limit]
             waited = time.monotonic() - first_at
-            arriving = self._new_work.is_set()  # a job was published since this round began
-            if len(group) >= limit or waited >= self.max_wait_s or not (more_queued or arriving):
+            if len(group) >= limit or waited >= self.max_wait_s or not more_queued:
                 self.held = [item for item in self.held if item not in group]
                 return group
-            await _wait_any(stop, self._new_work, self.max_wait_s - waited)
+            await asyncio.sleep(FILL_RETRY_S)  # another worker took them first; ask again
         return []
+
+    async def _take(self, claimed: list) -> None:
+        """Hold the claimed jobs that are jobs (junk goes to the dead letters)."""
+        self.held += await consuming.checked(
+            self.bus, claimed, subjects.RENDER_JOBS, (RenderRequested,), MAX_DELIVERIES
+        )
 
     async def _hand_back(self) -> None:
         """Draining or too hot: jobs claimed but not started go back to the queue at once."""
@@ -347,9 +350,15 @@ class RenderWorker:
             else:
                 await self._fail(todo[0], "invalid", str(error))
             return
-        # Anything else (out of memory, a driver error, a bug): retried with back-off, and
-        # after its last attempt the request ends as failed.
         except Exception as error:  # noqa: BLE001
+            if _out_of_memory(error) and len(todo) > 1:  # smaller batches may fit: halves, down to one job
+                log.warning("a batch of %d ran out of memory (%s); rendering it in halves", len(todo), error)
+                half = len(todo) // 2
+                for part in (slice(0, half), slice(half, None)):
+                    await self._render_and_store(todo[part], sources[part], masks[part], attempts)
+                return
+            # Anything else (a driver error, a bug, one job out of memory): retried with
+            # back-off, and after its last attempt the request ends as failed.
             for item in todo:
                 record_failure(item.span, error)
                 await consuming.retry_or_give_up(
@@ -462,6 +471,8 @@ class RenderWorker:
                 # In the job's own trace, not the batch's (this thread runs in the batch span).
                 asyncio.run_coroutine_threadsafe(self.bus.publish_plain(subject, progress, span=item.span), loop)
 
+        if failpoints.armed("render.batch:oom") and len(jobs) > 2:  # tests: a device that fits 2 at once
+            raise MemoryError(f"failpoint: out of memory for a batch of {len(jobs)}")
         rendering = asyncio.ensure_future(asyncio.to_thread(self.renderer.render_batch, jobs, on_step, sources, masks))
         metrics.InFlight.jobs += len(todo)
         self._rendering = (jobs, utcnow())  # for the heartbeat
@@ -563,6 +574,12 @@ class RenderWorker:
         await item.msg.ack()
 
 
+def _out_of_memory(error: Exception) -> bool:
+    """A device (or host) out of memory: torch.OutOfMemoryError, or the RuntimeError an
+    older torch or another backend raises."""
+    return isinstance(error, MemoryError) or "out of memory" in str(error).lower()
+
+
 def _ns(moment: datetime) -> int:
     """A timestamp as OpenTelemetry takes it: nanoseconds since the epoch."""
     return int(as_utc(moment).timestamp() * 1e9)
@@ -572,12 +589,3 @@ def _end(span: trace.Span) -> None:
     """End a job's span once, whichever path finishes the job first."""
     if span.is_recording():
         span.end()
-
-
-async def _wait_any(stop: asyncio.Event, event: asyncio.Event, seconds: float) -> None:
-    waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(event.wait())}
-    try:
-        await asyncio.wait(waiters, timeout=max(0.0, seconds), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()

@@ -159,6 +159,28 @@ async def test_paid_jobs_go_first_and_free_users_take_turns(platform: Platform, 
     assert served.count(heavy) == 6
 
 
+async def test_a_batch_out_of_memory_is_rendered_in_halves_before_any_job_fails(platform: Platform, client: KilnClient):
+    with replaced(platform, "render"):
+        jobs = [
+            await _queue_job(client, _user("oom"), prompt=f"a {c} square") for c in ("red", "green", "blue", "pink")
+        ]
+        # A device that fits two jobs at once: the batch of four runs out of memory.
+        with _worker(
+            platform,
+            "render-small-device",
+            KILN_RENDER_MAX_BATCH="4",
+            KILN_RENDER_MAX_WAIT_MS="1500",
+            KILN_FAILPOINT="render.batch:oom",
+        ):
+            outcomes = [await _render_outcome(client, job) for job in jobs]
+
+    assert all(isinstance(o, RenderCompleted) for o in outcomes), outcomes
+    assert [o.batch_size for o in outcomes] == [2, 2, 2, 2]
+    assert "a batch of 4 ran out of memory" in (platform.log_dir / "render-small-device.log").read_text()
+    for job in jobs:
+        await _exactly_one_image(client, job)
+
+
 # -- nothing lost ------------------------------------------------------------------------
 
 
@@ -181,9 +203,8 @@ async def test_a_worker_that_dies_mid_batch_has_its_jobs_rendered_by_another(pla
 
 
 async def test_sigterm_finishes_the_batch_in_hand_and_hands_back_the_rest(platform: Platform, client: KilnClient):
-    # Users named so that the worker, taking users in turn (never served: by name), claims
-    # a slow 90-step job and a 20-step job that cannot share its batch: it renders the
-    # first and holds the second when SIGTERM comes.
+    # A lone worker, so also the fleet's dispatcher: it renders a slow 90-step job and holds
+    # a 20-step one that cannot share its batch when SIGTERM comes.
     prefix = uuid.uuid4().hex[:6]
     with replaced(platform, "render"):
         first = await _queue_job(client, f"a{prefix}", steps=90)

@@ -1,0 +1,277 @@
+"""The render queue at crowd scale, on the bus alone: `make bench-scale`.
+
+Starts an embedded nats-server (no auth), Kiln's dispatcher (services/render/dispatch.py)
+and simulated render workers: each claims up to 16 jobs through `JobQueue.claim` as a real
+worker does, holds them BATCH_S (the render), and acks each. No model, no database.
+
+fair_queue  100,000 users with one job each in one spike (10 % on paid plans), behind 50
+            heavy free users with 60 jobs each published first, user after user (the worst
+            case for a first-in-first-out queue); 8 workers. Reports consumers on the jobs
+            stream, the first claim after the first publish, the total time, JetStream API
+            requests per job, nats-server's peak RSS, paid and free p95 wait, and Jain's
+            fairness index over the heavy users' jobs served until the first of them is done
+            (1.0: they took turns; a FIFO queue gives about 1/50).
+workers     throughput with 1, 2, 4 and 8 workers over a standing backlog, and its ratio to
+            N × one worker's.
+
+    python -m bench.scale [--users 100000] [--heavy 50] [--workers 8]
+
+Writes bench/results/scale.json (other keys in it, from other benchmarks, are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import statistics
+import tempfile
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import nats
+import nats.errors
+from opentelemetry import trace
+
+from infra.embedded import EmbeddedNats, free_port
+from infra.nats_auth import ADMIN_ACCESS
+from services.render.dispatch import Dispatcher
+from services.render.fleet import Fleet
+from services.render.queue import JobQueue
+from shared import subjects
+from shared.bus import Bus
+from shared.events import RenderRequested, decode, encode, utcnow
+
+RESULTS = Path(__file__).parent / "results"
+BATCH = 16
+BATCH_S = 0.020  # a simulated render
+HEAVY_JOBS = 60  # the pro plan's burst
+
+
+def _job(user: str, tier: str) -> RenderRequested:
+    return RenderRequested(
+        request_id=uuid.uuid4().hex[:16],
+        user_id=user,
+        plan="pro" if tier == "paid" else "free",
+        tier=tier,
+        prompt="a red circle",
+        width=32,
+        height=32,
+        steps=10,
+        seed=1,
+    )
+
+
+def _jain(values: list[float]) -> float:
+    return sum(values) ** 2 / (len(values) * sum(v * v for v in values)) if values and any(values) else 0.0
+
+
+def _p95(values: list[float]) -> float:
+    return statistics.quantiles(values, n=20)[18] if len(values) >= 20 else max(values, default=0.0)
+
+
+class Served:
+    """What the simulated workers did: per job, who, which tier, when claimed."""
+
+    def __init__(self, rows: list[tuple[float, str, str]]) -> None:
+        self.jobs = rows  # (claimed at, user, tier), time.time() clock
+        self.first_claim = min((at for at, _, _ in rows), default=0.0)
+        self.last_ack = max((at for at, _, _ in rows), default=0.0) + BATCH_S
+
+
+def _simulated_worker(url: str, name: str, jobs: int, results: multiprocessing.Queue) -> None:
+    """A render worker without a model, in a process of its own as real workers are: claim
+    through the dispatcher, hold the batch BATCH_S, ack each job. Ends after `jobs` jobs
+    served by the whole fleet (it counts what it hears on a done subject)."""
+
+    async def work() -> list[tuple[float, str, str]]:
+        bus = await Bus.connect(url, "render", trace.get_tracer("bench"), ADMIN_ACCESS, None)
+        queue, rows = JobQueue(bus, name, ack_wait_s=30), []
+        done = await bus._nc.subscribe("bench.done")
+        while True:
+            messages = await queue.claim(BATCH, wait_s=0.2)
+            if not messages:
+                try:
+                    await done.next_msg(timeout=0.01)
+                    break
+                except nats.errors.TimeoutError:
+                    continue
+            claimed = time.time()
+            await asyncio.sleep(BATCH_S)
+            for msg in messages:
+                job = decode(msg.data, (msg.headers or {}).get("Content-Type"))
+                rows.append((claimed, job.user_id, job.tier))
+                await msg.ack()
+            await bus._nc.publish("bench.served", str(len(messages)).encode())
+        await bus.close()
+        return rows
+
+    results.put(asyncio.run(work()))
+
+
+def _publish(url: str, jobs: list[tuple[str, bytes]], started: multiprocessing.Queue) -> None:
+    """The spike, from a process of its own: every job as fast as the server takes them."""
+
+    async def publish() -> None:
+        nc = await nats.connect(url)
+        js = nc.jetstream(publish_async_max_pending=4000)
+        started.put(time.time())
+        for subject, data in jobs:
+            await js.publish_async(subject, data)
+        await js.publish_async_completed()
+        await nc.close()
+
+    asyncio.run(publish())
+
+
+async def _run(url: str, jobs: list[tuple[str, RenderRequested]], workers: int) -> tuple[Served, float, int]:
+    """Publish `jobs` from one process while `workers` worker processes drain them through a
+    dispatcher in this one; return what was served, when publishing began, and the
+    JetStream API requests the whole run took (consumers created included)."""
+    bus = await Bus.connect(url, "render", trace.get_tracer("bench"), ADMIN_ACCESS, None)
+    await bus.declare()
+    api_before = (await bus._js.account_info()).api.total
+    fleet = Fleet("bench-dispatcher")
+    fleet.nobody_answered = True
+    dispatcher = Dispatcher(bus, fleet, ack_wait_s=30, max_deliver=20, max_attempts=13, window=4096, shares={"pro": 4})
+    stop = asyncio.Event()
+    dispatching = asyncio.ensure_future(dispatcher.run(stop))
+    while not dispatcher.dispatching:
+        await asyncio.sleep(0.05)
+    served_count = 0
+
+    async def count(msg) -> None:
+        nonlocal served_count
+        served_count += int(msg.data)
+
+    counter = await bus._nc.subscribe("bench.served", cb=count)
+    context = multiprocessing.get_context("spawn")
+    results, started = context.Queue(), context.Queue()
+    processes = [
+        context.Process(target=_simulated_worker, args=(url, f"w{n}", len(jobs), results)) for n in range(workers)
+    ]
+    for process in processes:
+        process.start()
+    await asyncio.sleep(3)  # the workers' imports
+    publisher = context.Process(target=_publish, args=(url, [(s, encode(j)) for s, j in jobs], started))
+    publisher.start()
+    while served_count < len(jobs):
+        await asyncio.sleep(0.05)
+    await bus._nc.publish("bench.done", b"")
+    await bus._nc.flush()
+    rows = [row for _ in processes for row in await asyncio.to_thread(results.get)]
+    for process in [*processes, publisher]:
+        process.join()
+    await counter.unsubscribe()
+    api_calls = (await bus._js.account_info()).api.total - api_before - 1
+    stop.set()
+    await dispatching
+    await bus.close()
+    return Served(rows), started.get(), api_calls
+
+
+def _consumers(url: str) -> int:
+    async def count() -> int:
+        nc = await nats.connect(url)
+        try:
+            return (await nc.jetstream().stream_info(subjects.RENDER_JOBS.name)).state.consumer_count
+        finally:
+            await nc.close()
+
+    return asyncio.run(count())
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def fair_queue(url: str, server_pid: int, users: int, heavy: int, workers: int) -> dict:
+    heavy_users = [f"heavy{n:03}" for n in range(heavy)]
+    jobs = [(subjects.render_job("free", u), _job(u, "free")) for u in heavy_users for _ in range(HEAVY_JOBS)]
+    for n in range(users):
+        tier = "paid" if n % 10 == 0 else "free"
+        user = f"u{n:06}"
+        jobs.append((subjects.render_job(tier, user), _job(user, tier)))
+    served, started, api_calls = asyncio.run(_run(url, jobs, workers))
+
+    waits: dict[str, list[float]] = {"paid": [], "free": []}
+    for claimed_at, _, tier in served.jobs:
+        waits[tier].append((claimed_at - started) * 1000)  # all published in the spike's first moments
+    taken: Counter[str] = Counter()
+    for _, user, _ in sorted(served.jobs):
+        if user.startswith("heavy"):
+            taken[user] += 1
+            if taken[user] == HEAVY_JOBS:
+                break
+    return {
+        "users": users + heavy,
+        "jobs": len(jobs),
+        "workers": workers,
+        "consumers": _consumers(url),
+        "first_claim_ms": round((served.first_claim - started) * 1000, 1),
+        "total_s": round(served.last_ack - started, 2),
+        "jobs_per_s": round(len(jobs) / (served.last_ack - started), 1),
+        "jetstream_api_calls": api_calls,
+        "api_calls_per_job": round(api_calls / len(jobs), 4),
+        "nats_rss_mb": round(_peak_rss_mb(server_pid), 1),
+        "fairness": round(_jain([float(taken[u]) for u in heavy_users]), 4),
+        "paid_p95_wait_ms": round(_p95(waits["paid"]), 1),
+        "free_p95_wait_ms": round(_p95(waits["free"]), 1),
+    }
+
+
+def throughput(url: str, counts: list[int], jobs_per_worker: int) -> dict:
+    runs = {}
+    for workers in counts:
+        jobs = [
+            (subjects.render_job("free", f"t{n % 500}"), _job(f"t{n % 500}", "free"))
+            for n in range(workers * jobs_per_worker)
+        ]
+        served, started, _ = asyncio.run(_run(url, jobs, workers))
+        runs[workers] = len(jobs) / (served.last_ack - started)
+    one = runs[counts[0]]
+    return {
+        "batch": BATCH,
+        "batch_s": BATCH_S,
+        "runs": [
+            {"workers": n, "jobs_per_s": round(rate, 1), "ratio_to_n_times_one": round(rate / (n * one), 3)}
+            for n, rate in runs.items()
+        ],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.scale")
+    parser.add_argument("--users", type=int, default=100_000)
+    parser.add_argument("--heavy", type=int, default=50)
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--jobs-per-worker", type=int, default=1500)
+    arguments = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-scale-") as root:
+        server = EmbeddedNats(Path(root), free_port())
+        url = server.start()
+        try:
+            assert server.process is not None
+            results = {
+                "fair_queue": fair_queue(url, server.process.pid, arguments.users, arguments.heavy, arguments.workers),
+                "workers": throughput(url, [1, 2, 4, 8], arguments.jobs_per_worker),
+            }
+        finally:
+            server.stop()
+    results["at"] = utcnow().isoformat()
+    print(json.dumps(results, indent=2))
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / "scale.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps(previous | results, indent=2) + "\n")
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()
