@@ -35,6 +35,7 @@ import nkeys
 
 from shared import subjects
 from shared.access import Access, inbox_prefix
+from shared.settings import SERVICES
 from shared.subjects import Bucket
 
 ACCOUNT = "KILN"
@@ -53,7 +54,7 @@ NKEYs are sensitive and should be treated as secrets.
 *************************************************************
 """
 UNLIMITED = -1
-SERVICE_MODULES = ("quota", "context", "render", "delivery")
+SERVICE_MODULES = SERVICES
 # The launcher's own identity: it declares the streams and buckets and waits for the
 # services; the tests and benchmarks use it to play any part. Never a service's.
 ADMIN = "admin"

@@ -53,6 +53,7 @@ from shared.settings import (
     EMBEDDED_POSTGRES_PORT,
     PROJECT_ROOT,
     QUOTA_ROLE,
+    SERVICES,
     Settings,
     TracingInfo,
     as_role,
@@ -60,7 +61,6 @@ from shared.settings import (
 )
 from shared.telemetry import USER_REF_KEY_FILE
 
-SERVICES = ("quota", "context", "render", "delivery")
 # The durable consumer each service pulls from: it has pull requests waiting once the
 # service is up and serving. Render takes its jobs through the fair queue instead: it is
 # ready once it sends heartbeats.
@@ -93,6 +93,8 @@ class Platform:
     # lives outside the data folder, in /var/lib/kiln/data: see infra/embedded.py).
     throwaway: bool = False
     services: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
+    # instance → (service, its extra env): how to start it again (a rolling restart)
+    started_as: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict, init=False)
     _nats: EmbeddedNats | None = field(default=None, init=False, repr=False)
     _postgres: EmbeddedPostgres | None = field(default=None, init=False, repr=False)
     _phoenix: Phoenix | None = field(default=None, init=False, repr=False)
@@ -335,11 +337,56 @@ class Platform:
             )
         pid_file.write_text(str(process.pid))
         self.services[instance] = process
+        self.started_as[instance] = (name, env or {})
         return process
 
     def start_services(self) -> None:
         for name in SERVICES:
             self.start_service(name)
+        for n in range(2, Settings.from_env().render_workers + 1):
+            self.start_service("render", instance=f"render-{n}")
+
+    def instances(self, name: str) -> list[str]:
+        """The running processes of service `name` (its usual one and any extra)."""
+        return [
+            instance
+            for instance, (service, _) in self.started_as.items()
+            if service == name and instance in self.services
+        ]
+
+    async def roll(self, name: str, grace_s: float = 120, ready_s: float = 120) -> list[tuple[str, int | None]]:
+        """Replace the processes of `name` one at a time, as a rolling update does: SIGTERM
+        (the process finishes what it holds and exits), start it again, wait until it is
+        ready, then the next. Returns each process's exit code."""
+        exits = []
+        for instance in self.instances(name):
+            service, env = self.started_as[instance]
+            code = await asyncio.to_thread(self.stop_service, instance, signal.SIGTERM, grace_s)
+            exits.append((instance, code))
+            process = self.start_service(service, instance=instance, env=env)
+            await self._wait_started(service, instance, process.pid, ready_s)
+        return exits
+
+    async def _wait_started(self, service: str, instance: str, pid: int, timeout_s: float) -> None:
+        """Until the new process serves: a render worker's heartbeat; another service's
+        consumer with pull requests waiting from it (after it is up a moment)."""
+        nc = await nats.connect(self.nats_url, **self.nats_options(ADMIN))
+        heartbeats = await nc.subscribe(subjects.FLEET_TELEMETRY.pattern)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while time.monotonic() < deadline:
+                self._check_alive(instance)
+                if service == "render":
+                    if await self._render_beating(heartbeats, pid):
+                        return
+                else:
+                    stream, durable = CONSUMERS[service]
+                    if (await nc.jetstream().consumer_info(stream, durable)).num_waiting:
+                        return
+                await asyncio.sleep(0.2)
+            raise TimeoutError(f"{instance} not ready after {timeout_s:.0f}s; see {self.log_dir / (instance + '.log')}")
+        finally:
+            await nc.close()
 
     def _stop_orphaned_service(self, name: str, pid: int) -> bool:
         """A service of ours is `python -m services.<name>` run with our data folder."""
@@ -379,7 +426,7 @@ class Platform:
                 for name in list(waiting):
                     self._check_alive(name)
                     if name == "render":
-                        if await self._render_beating(heartbeats):
+                        if await self._render_beating(heartbeats, self.services["render"].pid):
                             waiting.discard(name)
                         continue
                     stream, durable = CONSUMERS[name]
@@ -395,10 +442,10 @@ class Platform:
         finally:
             await nc.close()
 
-    async def _render_beating(self, heartbeats) -> bool:
-        """A heartbeat from the render process this platform started (worker ids end in
-        the pid), not from another worker on a shared NATS."""
-        pid = self.services["render"].pid
+    @staticmethod
+    async def _render_beating(heartbeats, pid: int) -> bool:
+        """A heartbeat from the render process `pid` (worker ids end in the pid), not from
+        another worker on a shared NATS."""
         while True:
             try:
                 msg = await heartbeats.next_msg(timeout=0.01)

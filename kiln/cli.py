@@ -7,6 +7,7 @@
     kiln chat --user alice                    draw, then edit in words, in the terminal
     kiln quota --user alice                   images used and left today
     kiln status                               a live view of the render fleet
+    kiln fleet restart render                 replace a service's processes one at a time (`kiln up`'s)
     kiln accounts add|set-plan|list|grant    users, plans and admin grants
     kiln audit replay|verify|export|rebuild  check the quota log
 
@@ -41,7 +42,7 @@ from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from kiln import admin, status
+from kiln import admin, fleet_control, status
 from kiln.client import KilnClient, ServiceUnavailable
 from kiln.credentials import for_command as credentials_for
 from kiln.credentials import login as credentials_login
@@ -57,7 +58,7 @@ from shared.events import (
     RequestFailed,
 )
 from shared.records import Outcome
-from shared.settings import Settings, SettingsError
+from shared.settings import SERVICES, Settings, SettingsError
 from shared.telemetry import trace_id_of
 
 EXIT_DENIED, EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, EXIT_INTERRUPTED = 2, 3, 4, 64, 130
@@ -131,6 +132,15 @@ def main(argv: list[str] | None = None) -> int:
     status = commands.add_parser("status", help="a live view of the render fleet (Ctrl-C ends it)")
     status.add_argument("--once", action="store_true", help="listen for 2.5 s, print one view and exit")
     status.set_defaults(run=_command(_status))
+
+    fleet = commands.add_parser("fleet", help="the processes `kiln up` runs on this host")
+    fleet_commands = fleet.add_subparsers(dest="fleet_command", required=True)
+    restart = fleet_commands.add_parser(
+        "restart", help="replace a service's processes one at a time: drain, exit, the new one ready, the next"
+    )
+    restart.add_argument("service", choices=SERVICES)
+    restart.add_argument("--timeout", type=float, default=600, help="seconds to wait for the whole restart")
+    restart.set_defaults(run=_fleet_restart)
 
     quota = commands.add_parser("quota", help="images used and left today")
     quota.add_argument("--user", required=True)
@@ -589,6 +599,7 @@ def _up(args: argparse.Namespace) -> int:
     try:
         console.print("starting Kiln …")
         asyncio.run(platform.start())
+        fleet_control.Requests(platform.data_dir).announce()
         console.print(
             "Kiln is up.\n"
             f"{platform.describe()}\n"
@@ -609,18 +620,37 @@ def _up(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         console.print("stopping Kiln …")
         platform.stop()
+        fleet_control.Requests(platform.data_dir).retire()
     return 0
 
 
 def _supervise(platform) -> None:
-    """Restart a service that exits on its own; runs until Ctrl-C."""
+    """Restart a service that exits on its own, and roll a service's processes when
+    `kiln fleet restart` asks; runs until Ctrl-C."""
+    rolls = fleet_control.Requests(platform.data_dir)
+    signal.signal(signal.SIGHUP, lambda *_: rolls.asked.set())
+    rolls.listen()
     while True:
         for name, process in list(platform.services.items()):
             if process.poll() is not None:
                 log = platform.log_dir / f"{name}.log"
                 console.print(f"{name} exited with {process.returncode}; restarting it (log: {log})")
-                platform.start_service(name)
+                service, env = platform.started_as.get(name, (name, {}))
+                platform.start_service(service, instance=name, env=env)
+        if rolls.asked.is_set():
+            rolls.asked.clear()
+            rolls.serve(lambda service: asyncio.run(platform.roll(service)), console.print)
         time.sleep(1)
+
+
+def _fleet_restart(args: argparse.Namespace) -> int:
+    try:
+        result = fleet_control.ask(Settings.from_env().data_dir, args.service, args.timeout)
+    except fleet_control.ControlError as error:
+        console.print(f"kiln fleet restart: {error}")
+        return 1
+    console.print(result)
+    return 0 if result.startswith("restarted") else 1
 
 
 if __name__ == "__main__":

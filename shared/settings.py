@@ -31,6 +31,7 @@ EMBEDDED_POSTGRES_PORT = 15432
 DEFAULT_HTTP_PORT = 8480
 DEFAULT_TRACING_PORT = 6006  # Phoenix, the tracing UI
 # Each service's Prometheus endpoint under `make run`.
+SERVICES = ("quota", "context", "render", "delivery")  # Kiln's services, in start order
 DEFAULT_METRICS_PORTS = {"quota": 9461, "context": 9462, "render": 9463, "delivery": 9464}
 # Kiln's own model, trained by services/render/kiln_model/train.py and shipped in the repo.
 DEFAULT_MODEL = PROJECT_ROOT / "services" / "render" / "models" / "kiln-shapes"
@@ -324,6 +325,9 @@ class Settings:
     )
     render_ack_wait_s: float = setting(
         "KILN_RENDER_ACK_WAIT_S", 30.0, "a silent worker's jobs go to another after this, in seconds", _number(1)
+    )
+    render_workers: int = setting(
+        "KILN_RENDER_WORKERS", 1, "render worker processes `kiln up` runs on this host", _integer(1, 64)
     )
     render_queue_window: int = setting(
         "KILN_RENDER_QUEUE_WINDOW",
