@@ -8,7 +8,7 @@ PHOENIX := .phoenix/.installed
 CHROMIUM ?= /usr/bin/chromium
 export KILN_CHROMIUM := $(CHROMIUM)
 
-.PHONY: run test lint asyncapi bench model model-check clean
+.PHONY: run test lint asyncapi bench bench-scale model model-check clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -55,6 +55,11 @@ bench: $(STAMP) $(PHOENIX)
 	$(PYTHON) -m bench.auth_cost
 	$(PYTHON) -m bench.queue_wait
 	$(MAKE) model-check
+
+# The render queue at crowd scale, on the bus alone (embedded nats-server, simulated
+# workers): 100,000 users in one spike, and throughput with 1-8 workers. About 4 minutes.
+bench-scale: $(STAMP)
+	$(PYTHON) -m bench.scale
 
 # Does the shipped model draw what it is asked? 60 held-out prompts, judged from the pixels.
 model-check: $(STAMP)
