@@ -261,7 +261,7 @@ class Platform:
         on, no service may change them."""
         bus = await self.bus()
         try:
-            await bus.declare()
+            await bus.declare(Settings.from_env().stream_replicas)
         finally:
             await bus.close()
 

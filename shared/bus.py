@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ from nats.js.api import (
     DiscardPolicy,
     Header,
     KeyValueConfig,
+    ObjectStoreConfig,
+    PubAck,
     StorageType,
     StreamConfig,
 )
@@ -66,6 +69,7 @@ TRUNCATED_HEADER = "Kiln-Dead-Letter-Truncated"  # the original size, when the p
 HEADER_OVERHEAD = 64  # NATS/1.0 line, line ends and the subject's room, with a margin
 PULL_TIMEOUT_S = 5.0  # a no-wait pull is answered at once; this only guards a lost reply
 READ_BATCH = 1000
+PUBLISH_RETRY_S = 20.0  # a cluster elects a stream leader within seconds (issue: at least 15 s)
 READ_TIMEOUT_S = 5
 # A subject's history read once: nothing to acknowledge, kept in memory, removed by the
 # server if the reader dies.
@@ -105,6 +109,7 @@ class Bus:
         self.service = service
         self.tracer = tracer
         self.access = access
+        self.replicas = 1  # of the streams and buckets this bus creates (`declare`)
 
     @classmethod
     async def connect(
@@ -141,9 +146,10 @@ class Bus:
 
     # -- streams and buckets --------------------------------------------------------------
 
-    async def declare(self) -> None:
+    async def declare(self, replicas: int = 1) -> None:
         """Create Kiln's streams, or bring their config up to date; and the buckets this
-        connection may use."""
+        connection may use. `replicas`: copies of each on a cluster (KILN_STREAM_REPLICAS)."""
+        self.replicas = replicas
         await self._declare_streams()
         for bucket in subjects.ALL_BUCKETS:
             if bucket.name in self.access.buckets:
@@ -158,6 +164,7 @@ class Bus:
                 storage=StorageType.FILE,
                 max_age=stream.max_age_s,
                 duplicate_window=stream.duplicate_window_s,
+                num_replicas=self.replicas,
             )
             if stream.max_consumers is not None:
                 config.max_consumers = stream.max_consumers
@@ -191,7 +198,9 @@ class Bus:
         try:
             return await self._js.object_store(bucket.name)
         except nats.js.errors.BucketNotFoundError:
-            return await self._js.create_object_store(bucket.name)
+            return await self._js.create_object_store(  # (nats-py takes the name beside the config)
+                bucket.name, ObjectStoreConfig(storage=StorageType.FILE, replicas=self.replicas)
+            )
 
     async def key_value(self, bucket: Bucket) -> KeyValue:
         """The key-value bucket `bucket`, created if it does not exist yet."""
@@ -199,7 +208,7 @@ class Bus:
         try:
             return await self._js.key_value(bucket.name)
         except nats.js.errors.BucketNotFoundError:
-            config = KeyValueConfig(bucket=bucket.name, storage=StorageType.FILE)
+            config = KeyValueConfig(bucket=bucket.name, storage=StorageType.FILE, replicas=self.replicas)
             if bucket.ttl_s is not None:
                 config.ttl = bucket.ttl_s
             return await self._js.create_key_value(config)
@@ -234,7 +243,7 @@ class Bus:
             if after_seq is not None:
                 headers[Header.EXPECTED_LAST_SUBJECT_SEQUENCE] = str(after_seq)
             try:
-                ack = await self._js.publish(subject, encode(event), headers=headers)
+                ack = await self._publish_retrying(subject, encode(event), headers)
             except nats.js.errors.APIError as error:
                 if error.err_code in (WRONG_LAST_SEQUENCE, SUBJECT_TAKEN):
                     span.set_attribute("kiln.published", False)
@@ -246,7 +255,29 @@ class Bus:
     async def publish_marker(self, subject: str, msg_id: str) -> None:
         """Publish an empty message to JetStream (a cancel: its subject says it all)."""
         self.access.check_publish(subject)
-        await self._js.publish(subject, b"", headers={"Nats-Msg-Id": msg_id})
+        await self._publish_retrying(subject, b"", {"Nats-Msg-Id": msg_id})
+
+    async def _publish_retrying(self, subject: str, data: bytes, headers: dict[str, str]) -> PubAck:
+        """Publish, retrying for PUBLISH_RETRY_S while no stream answers: a stream whose
+        leader is being elected (a node of a cluster lost), a server restarting. nats-py
+        does not retry a publish that meets no responder. Always idempotent: a publish that
+        met no responder was stored nowhere; one whose ack was lost (a timeout) is retried
+        only with a Nats-Msg-Id, so that a copy stored after all is dropped as a duplicate."""
+        deadline = time.monotonic() + PUBLISH_RETRY_S
+        pause = 0.05
+        while True:
+            try:
+                return await self._js.publish(subject, data, headers=headers)
+            except nats.errors.NoRespondersError as error:
+                last: nats.errors.Error = error
+            except (nats.errors.TimeoutError, nats.errors.ConnectionReconnectingError) as error:
+                if "Nats-Msg-Id" not in headers:
+                    raise
+                last = error
+            if time.monotonic() + pause > deadline:
+                raise last
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
 
     async def publish_plain(self, subject: str, event: msgspec.Struct, span: trace.Span | None = None) -> None:
         """Fire-and-forget plain NATS publish, for events nobody must keep (progress,

@@ -142,7 +142,7 @@ async def _main(service: Service, settings: Settings) -> None:
         if settings.nats_creds is None:
             # With credentials, the launcher's admin declares the streams: a service may
             # not change them. Without, a service starting alone makes what it needs.
-            await bus.declare()
+            await bus.declare(settings.stream_replicas)
         async with service.open(settings, bus) as app:
             await _serve(service, settings, app, bus, stop)
     finally:

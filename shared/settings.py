@@ -171,6 +171,12 @@ class Settings:
         _nats_url,
         shown="embedded",
     )
+    stream_replicas: int = setting(
+        "KILN_STREAM_REPLICAS",
+        1,
+        "copies of each stream and bucket Kiln creates: 3 on a 3-node NATS cluster (every server with `sync_interval: always`)",
+        _integer(1, 5),
+    )
     database_url: str | None = setting(
         "KILN_DATABASE_URL",
         None,

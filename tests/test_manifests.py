@@ -39,9 +39,8 @@ OTHER_K8S = (DEPLOY / "jaeger-kubernetes.yaml",)
 SERVICES = ("quota", "context", "render", "delivery")
 REPLICATED = ("quota", "context", "delivery")  # two replicas each; render: one per GPU
 NATS_NODES = ("nats-1", "nats-2", "nats-3")
-# Variables the manifests set that are not (yet) Kiln settings: the setup step's, and
-# the stream replication another change adds.
-NOT_SETTINGS = {"KILN_STREAM_REPLICAS", "KILN_QUOTA_DB_PASSWORD", "KILN_NATS_AUTH_CONF"}
+# Variables the manifests set that are not Kiln settings: the deploy steps' own.
+NOT_SETTINGS = {"KILN_QUOTA_DB_PASSWORD", "KILN_NATS_AUTH_CONF"}
 # An environment variable whose value is a credential: never a literal in a manifest.
 SECRET_NAME = re.compile(r"DATABASE_URL|SECRET|PASSWORD|TOKEN")
 PASSWORD_IN_URL = re.compile(r"://[^/:@\s]+:([^@]+)@")
