@@ -104,6 +104,10 @@ class QuotaGranted(Event, kw_only=True):
     # speed; None: not measured yet) and what the plan allows an image (None: no budget).
     estimate_s: float | None = None
     budget_s: float | None = None
+    # Degraded under fleet pressure (free plans, before any is denied): the steps to render
+    # instead of the submission's, and why. None: as asked.
+    steps: int | None = None
+    degraded: str | None = None
     submission: PromptSubmitted
     decided_at: datetime = msgspec.field(default_factory=utcnow)
 

@@ -269,7 +269,7 @@ def render_request(grant: QuotaGranted, composition: Composition, prompt: str, c
         negative_prompt=preset.negative if preset else "",
         width=submission.width,
         height=submission.height,
-        steps=submission.steps,
+        steps=grant.steps or submission.steps,  # fewer when quota degraded it under pressure
         guidance=guidance,
         seed=submission.seed if submission.seed is not None else seed_for(grant.request_id),
         tier=grant.tier,

@@ -128,8 +128,11 @@ class QuotaService:
         for decision in new:
             if isinstance(decision, QuotaDenied):
                 metrics.count_denial(decision)
-            elif decision.over_soft_cap:
+                continue
+            if decision.over_soft_cap:
                 metrics.count_over_soft_cap(decision)
+            if decision.degraded:
+                metrics.count_degraded(decision)
         failpoint("quota.after_commit")  # tests: die with decisions committed, not published
         # 3. Publish what the log holds; once per request, however often we get here.
         await asyncio.gather(*(self._publish(d, decisions[_key(d.event)]) for d in live))

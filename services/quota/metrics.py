@@ -24,6 +24,15 @@ over_soft_cap = meter.create_counter(
 )
 
 
+degraded = meter.create_counter(
+    "kiln_quota_degraded", description="Grants degraded under fleet pressure (fewer steps than asked), by plan"
+)
+
+
+def count_degraded(grant: QuotaGranted) -> None:
+    degraded.add(1, {"plan": grant.plan})
+
+
 def count_outcome(outcome: QuotaDenied | ImageDelivered | RequestFailed) -> None:
     kind = {QuotaDenied: "denied", ImageDelivered: "delivered", RequestFailed: "failed"}[type(outcome)]
     requests.add(1, {"outcome": kind, "plan": outcome.plan or "unknown"})

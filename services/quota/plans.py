@@ -61,6 +61,7 @@ class PressureRules(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 class Shedding(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     elevated_burst: int = 1
     elevated_per_hour: float = 6.0
+    elevated_max_steps: int = 0  # free images render with at most this many steps while elevated; 0: as asked
     critical_retry_after_s: float = 300.0
 
 

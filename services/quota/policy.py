@@ -18,9 +18,10 @@ from shared import cost
 from shared.events import MAX_SIDE, MAX_STEPS, MIN_SIDE, Pressure, PromptSubmitted, QuotaDenied, QuotaGranted
 from shared.model_card import ModelCard
 
-POLICY_VERSION = "3"  # 3: sizes and cost (`Pricing`)
-# Versions whose decisions replay re-runs: version 2 had no pricing, which `Pricing()` is.
-REPLAYABLE_VERSIONS = ("2", "3")
+POLICY_VERSION = "4"  # 3: sizes and cost (`Pricing`); 4: free images degraded under pressure
+# Versions whose decisions replay re-runs: version 2 had no pricing, which `Pricing()` is;
+# before 4 the recorded shedding rules have no `elevated_max_steps`, which is no degrading.
+REPLAYABLE_VERSIONS = ("2", "3", "4")
 MAX_PROMPT_CHARS = 1000
 SIZE_RANGE = (MIN_SIDE, MAX_SIDE)
 STEPS_RANGE = (1, MAX_STEPS)
@@ -108,6 +109,14 @@ def bucket_rule(plan: Plan, pressure: Pressure, shedding: Shedding) -> tuple[int
     return plan.burst, plan.per_hour
 
 
+def degraded_steps(asked: int, plan: Plan, pressure: Pressure, shedding: Shedding) -> tuple[int, str | None]:
+    """(steps to render, why they are fewer than asked, or None)."""
+    cap = shedding.elevated_max_steps
+    if plan.tier != "free" or pressure == "normal" or not cap or asked <= cap:
+        return asked, None
+    return cap, f"{asked} steps asked, {cap} rendered while the fleet is {pressure}"
+
+
 def tokens_now(bucket: Bucket, burst: int, per_hour: float, now: datetime) -> float:
     if bucket.tokens is None or bucket.at is None:
         return float(burst)
@@ -148,9 +157,12 @@ def decide(
     if problem is not None:
         return deny("invalid", problem, None)
 
+    # Under pressure a free image is first made cheaper (fewer steps), before any is denied.
+    steps, degraded = degraded_steps(submission.steps, plan, pressure, shedding)
+
     # What the image costs is known before anyone is charged: one over the plan's budget
     # is refused with what would fit, not left to hold a worker for minutes.
-    estimate = cost.estimate_s(pricing.step_seconds, submission.width, submission.height, submission.steps)
+    estimate = cost.estimate_s(pricing.step_seconds, submission.width, submission.height, steps)
     budget = plan.budget_s or None
     if budget is not None and estimate is not None and estimate > budget:
         return deny("too_costly", _too_costly(submission, plan_name, budget, estimate, pricing), None)
@@ -195,6 +207,8 @@ def decide(
         tokens_left=tokens - 1,
         estimate_s=None if estimate is None else round(estimate, 3),
         budget_s=budget,
+        steps=steps if degraded else None,
+        degraded=degraded,
         submission=submission,
         decided_at=now,
     )

@@ -204,8 +204,10 @@ async def test_plans_burst_limits_soft_caps_and_shedding_by_fleet_pressure(
     assert re.search(r'^kiln_quota_over_soft_cap_total\{plan="plus"\} [1-9]', metrics, re.MULTILINE), metrics
 
     async with _fleet_pressure(client, queue_depth=1500):  # elevated
-        # free: one image, then one per hour while elevated; paid users are not touched.
-        assert isinstance(await client.generate("a red square", user_id=free), ImageDelivered)
+        # free: one image, degraded (2 steps instead of 10, the test plans' cap), then one
+        # per hour while elevated; paid users are not touched.
+        degraded = await client.generate("a red square", user_id=free, steps=10)
+        assert isinstance(degraded, ImageDelivered)
         limited = await client.generate("a red square", user_id=free)
         assert isinstance(limited, QuotaDenied) and (limited.reason, limited.pressure) == ("rate_limit", "elevated")
         assert isinstance(await client.generate("a red square", user_id=pro), ImageDelivered)
@@ -216,6 +218,14 @@ async def test_plans_burst_limits_soft_caps_and_shedding_by_fleet_pressure(
         assert shed.retry_at is not None
         served = await client.generate("a red square", user_id=pro)
         assert isinstance(served, ImageDelivered)
+
+    grant = next(row for row in await _wait_for_decisions(db, free, 1) if row["request_id"] == degraded.request_id)
+    assert (grant["payload"]["steps"], grant["payload"]["submission"]["steps"]) == (2, 10)
+    assert grant["payload"]["degraded"] == "10 steps asked, 2 rendered while the fleet is elevated"
+    metrics = httpx.get(f"http://127.0.0.1:{platform.metrics_ports['quota']}/metrics", timeout=10).text
+    assert re.search(r'^kiln_quota_degraded_total\{plan="free"\} [1-9]', metrics, re.MULTILINE), metrics
+    shed = [line for line in metrics.splitlines() if line.startswith("kiln_quota_denials_total{")]
+    assert any('plan="free"' in line and 'reason="capacity"' in line for line in shed), shed
 
     pro_grants = [row for row in await _wait_for_decisions(db, pro, 2) if row["event_type"] == "QuotaGranted"]
     assert [(g["payload"]["tier"], g["metadata"]["pressure"]) for g in pro_grants] == [

@@ -100,6 +100,24 @@ def test_elevated_pressure_limits_free_users_harder_and_leaves_paid_ones_alone()
     assert isinstance(_decide(_state_after(1, PLUS), PLUS, pressure="elevated"), QuotaGranted)
 
 
+def test_elevated_pressure_degrades_free_images_before_any_is_denied_and_records_why():
+    shedding = Shedding(elevated_burst=1, elevated_per_hour=6, elevated_max_steps=12)
+
+    def decide(pressure, plan=FREE, steps=30):
+        name = "free" if plan is FREE else "plus"
+        return policy.decide(_prompt(steps=steps), name, plan, policy.UserState(), pressure, shedding, NOW)
+
+    degraded = decide("elevated")
+    assert isinstance(degraded, QuotaGranted) and degraded.steps == 12
+    assert degraded.degraded == "30 steps asked, 12 rendered while the fleet is elevated"
+    assert degraded.submission.steps == 30  # what was asked stays recorded
+    assert (decide("normal").steps, decide("normal").degraded) == (None, None)
+    assert decide("elevated", steps=8).steps is None  # already within the cap
+    assert decide("elevated", plan=PLUS).degraded is None  # paid plans are never degraded
+    assert decide("critical").reason == "capacity"  # past elevated: denied
+    assert _decide(pressure="elevated").degraded is None  # rules without a cap (before policy 4): as asked
+
+
 def test_critical_pressure_sheds_free_requests_and_serves_paid_ones_in_the_lower_lane():
     shed = _decide(pressure="critical")
     assert isinstance(shed, QuotaDenied)
