@@ -75,9 +75,17 @@ class Fleet:
             ("  ·  pressure: ", ""),
             (level, f"bold {colour}"),
             (f" ({self.pressure['why']})" if "why" in self.pressure else "", ""),
+            (_shed(self.pressure), ""),
             (f"  ·  {sum(b.images_per_s for b in beats):.2f} images/s", ""),
         )
         return Group(table, summary)
+
+
+def _shed(pressure: dict[str, str]) -> str:
+    """What quota shed lately: free requests denied under pressure, images degraded."""
+    if "shed_10m" not in pressure:
+        return ""
+    return f"  ·  last 10 min: {pressure['shed_10m']} shed, {pressure['degraded_10m']} degraded"
 
 
 def _rendering(beat: WorkerHeartbeat) -> str:

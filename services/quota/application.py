@@ -35,7 +35,7 @@ from services.quota import log as quota_log
 from services.quota.log_events import Decision, QuotaRefunded
 from services.quota.migrate import schema_problem
 from services.quota.plans import DEFAULT_PLAN, Config
-from services.quota.pressure import FleetMonitor
+from services.quota.pressure import FleetMonitor, Shed
 from services.quota.relay import POLL_S as RELAY_POLL_S
 from services.quota.relay import publish_decision, relay_once
 from shared import model_card, subjects
@@ -82,6 +82,7 @@ class QuotaService:
         self.checkpoint_key = checkpoint_key  # signs the log's head (None: no checkpoints)
         self.checkpoint_schedule = checkpoint_schedule or checkpoints.Schedule()
         self._tasks: set[asyncio.Task] = set()
+        self.shed = Shed()  # what this process shed lately, for `kiln status`
 
     @classmethod
     @asynccontextmanager
@@ -128,11 +129,14 @@ class QuotaService:
         for decision in new:
             if isinstance(decision, QuotaDenied):
                 metrics.count_denial(decision)
+                if decision.pressure != "normal" and decision.reason in ("capacity", "rate_limit"):
+                    self.shed.record("shed")
                 continue
             if decision.over_soft_cap:
                 metrics.count_over_soft_cap(decision)
             if decision.degraded:
                 metrics.count_degraded(decision)
+                self.shed.record("degraded")
         failpoint("quota.after_commit")  # tests: die with decisions committed, not published
         # 3. Publish what the log holds; once per request, however often we get here.
         await asyncio.gather(*(self._publish(d, decisions[_key(d.event)]) for d in live))
@@ -308,9 +312,11 @@ class QuotaService:
             return {"error": "quota's database is unavailable; try again shortly"}
 
     async def answer_pressure(self, subject: str) -> dict[str, str]:
-        """The answer to `kiln.quota.pressure`: the level quota sheds load by, and why."""
+        """The answer to `kiln.quota.pressure`: the level quota sheds load by, and why; and
+        what this process shed and degraded in the last 10 minutes."""
         level, why = self.fleet.level()
-        return {"level": level, "why": why}
+        counts = self.shed.counts()
+        return {"level": level, "why": why, "shed_10m": str(counts["shed"]), "degraded_10m": str(counts["degraded"])}
 
     async def hear_heartbeat(self, message: Message) -> None:
         self.fleet.hear(message.data, message.subject)

@@ -104,3 +104,28 @@ class FleetMonitor:
             else:
                 self._reached_since.pop(level, None)
         return held
+
+
+class Shed:
+    """What this quota process shed in the last WINDOW_S seconds: free requests denied for
+    capacity or for the tighter rate under pressure, and images degraded (for `kiln status`)."""
+
+    WINDOW_S = 600.0
+
+    def __init__(self, clock=time.monotonic) -> None:
+        self.clock = clock
+        self._events: dict[str, list[float]] = {"shed": [], "degraded": []}
+
+    def record(self, kind: str) -> None:
+        self._events[kind].append(self.clock())
+        self._forget()
+
+    def counts(self) -> dict[str, int]:
+        self._forget()
+        return {kind: len(times) for kind, times in self._events.items()}
+
+    def _forget(self) -> None:
+        cutoff = self.clock() - self.WINDOW_S
+        for kind, times in self._events.items():
+            if times and times[0] < cutoff:
+                self._events[kind] = [at for at in times if at >= cutoff]

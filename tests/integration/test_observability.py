@@ -245,6 +245,7 @@ async def test_kiln_status_shows_the_workers_queue_and_pressure(platform: Platfo
     pid = platform.services["render"].pid
     assert re.search(rf"\S+-{pid}\s+│\s+cpu\s+│\s+kiln-shapes", result.stdout), result.stdout
     assert "queue: paid 0, free 0" in result.stdout and "pressure: normal" in result.stdout
+    assert re.search(r"last 10 min: \d+ shed, \d+ degraded", result.stdout), result.stdout
 
 
 async def test_kiln_status_shows_what_each_worker_is_rendering_and_for_how_long(

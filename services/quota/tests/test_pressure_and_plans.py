@@ -7,7 +7,7 @@ import msgspec
 import pytest
 
 from services.quota import chain, plans
-from services.quota.pressure import FleetMonitor, level_of
+from services.quota.pressure import FleetMonitor, Shed, level_of
 from shared.events import WorkerHeartbeat
 from shared.settings import Settings
 
@@ -105,3 +105,15 @@ def test_the_hash_changes_with_any_field_and_with_the_predecessor():
         ("recorded_at", datetime(2026, 1, 1, 0, 0, 1, tzinfo=UTC)),
     ]:
         assert chain.event_hash(**(row | {key: other})) != base, key
+
+
+def test_what_was_shed_is_counted_over_the_last_ten_minutes_only():
+    now = [1000.0]
+    shed = Shed(clock=lambda: now[0])
+    shed.record("shed")
+    shed.record("degraded")
+    shed.record("degraded")
+    assert shed.counts() == {"shed": 1, "degraded": 2}
+    now[0] += Shed.WINDOW_S + 1
+    shed.record("shed")
+    assert shed.counts() == {"shed": 1, "degraded": 0}
