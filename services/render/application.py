@@ -13,13 +13,15 @@ import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from services.render.attempts import Attempts
 from services.render.dispatch import Dispatcher
 from services.render.fleet import Fleet
 from services.render.heartbeat import send_heartbeats
+from services.render.intake import MAX_DELIVERIES
 from services.render.queue import JobQueue
 from services.render.status import WorkerStatus
 from services.render.thermal import Gpu, ThermalGuard, injected_temperature
-from services.render.worker import MAX_DELIVERIES, Attempts, RenderWorker
+from services.render.worker import RenderWorker
 from shared import model_card, subjects
 from shared.bus import Bus, Message
 from shared.consuming import GIVE_UP_MARGIN
