@@ -291,16 +291,20 @@ def main() -> None:
     parser.add_argument("--heavy", type=int, default=50)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--jobs-per-worker", type=int, default=1500)
+    parser.add_argument("--only", choices=("fair_queue", "workers"), help="run one part (the other's figures are kept)")
     arguments = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="kiln-bench-scale-") as root:
         server = EmbeddedNats(Path(root), free_port())
         url = server.start()
         try:
             assert server.process is not None
-            results = {
-                "fair_queue": fair_queue(url, server.process.pid, arguments.users, arguments.heavy, arguments.workers),
-                "workers": throughput(url, [1, 2, 4, 8], arguments.jobs_per_worker),
-            }
+            results = {}
+            if arguments.only in (None, "fair_queue"):
+                results["fair_queue"] = fair_queue(
+                    url, server.process.pid, arguments.users, arguments.heavy, arguments.workers
+                )
+            if arguments.only in (None, "workers"):
+                results["workers"] = throughput(url, [1, 2, 4, 8], arguments.jobs_per_worker)
         finally:
             server.stop()
     results["at"] = utcnow().isoformat()
