@@ -8,7 +8,7 @@ PHOENIX := .phoenix/.installed
 CHROMIUM ?= /usr/bin/chromium
 export KILN_CHROMIUM := $(CHROMIUM)
 
-.PHONY: run test lint asyncapi bench bench-scale model model-check clean
+.PHONY: run test test-faults lint asyncapi bench bench-scale model model-check clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,6 +22,11 @@ run: $(STAMP) $(PHOENIX)
 
 test: $(STAMP) $(PHOENIX) $(CHROMIUM)
 	$(PYTHON) -m pytest -q
+
+# Faults under load on the real servers: each service killed, NATS and PostgreSQL restarted,
+# quota killed between commit and publish (tests/faults). Minutes; `make test` skips it.
+test-faults: $(STAMP) $(PHOENIX)
+	KILN_FAULTS=1 $(PYTHON) -m pytest -q -s tests/faults
 
 # ruff (pinned in pyproject.toml): the lint rules and the formatting; CI runs it before the tests.
 lint: $(STAMP)

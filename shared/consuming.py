@@ -59,6 +59,7 @@ BatchHandler = Callable[[list[Received]], Awaitable[None]]
 
 MAX_BACKOFF_S = 30.0
 FETCH_WAIT_S = 0.1  # a pull request waits this long for messages; short, as nats-py may sit out a whole wait
+BUS_RETRY_S = 1.0  # a pull the server could not serve (it is restarting) is tried again after this
 GIVE_UP_MARGIN = 5  # deliveries beyond max_attempts, to publish the failure itself
 
 
@@ -109,6 +110,12 @@ async def consume(
                 messages = await sub.fetch(batch, timeout=FETCH_WAIT_S)
             except TimeoutError:  # nats-py's TimeoutError subclasses it
                 continue  # nothing waiting is normal: poll again
+            except nats.errors.Error as error:  # (nats.js.errors too)
+                # The server restarting, or its JetStream not back yet (503): a bus outage
+                # pauses a service, it does not end it.
+                log.warning("cannot pull from %s now, trying again: %s", stream.name, error or type(error).__name__)
+                await asyncio.sleep(BUS_RETRY_S)
+                continue
             try:
                 items = await checked(bus, messages, stream, accepts, max_attempts)
                 groups = [items] if batched and items else [[item] for item in items]
