@@ -79,6 +79,7 @@ class Dispatcher:
         self.dispatching = False
         self._asked: dict[str, tuple[int, float]] = {}  # tier → (jobs the standing pull may still bring, until)
         self._arrived = asyncio.Event()  # replaced after each arrival: claims waiting for a job wake up
+        self._pull_ended = asyncio.Event()  # a standing pull has brought all it asked for, or expired
 
     async def run(self, stop: asyncio.Event) -> None:
         self.fleet.nobody_answered = not await self._someone_dispatches()
@@ -122,7 +123,8 @@ class Dispatcher:
                     order = [held.job for held in self.jobs.order(positions.MAX_REPORTED)]
                     await positions.report_places(self.bus, order, self.fleet.live())
                     reported = now
-                await _wait(self._arrived, 0.1)
+                self._pull_ended.clear()
+                await _wait(self._pull_ended, 0.1)
         finally:
             self.dispatching = False
             await claims.unsubscribe()
@@ -172,9 +174,12 @@ class Dispatcher:
         async def arrived(msg: Msg) -> None:
             if msg.headers and msg.headers.get("Status"):  # the pull ended (408 expired, 409, 404)
                 self._asked[tier] = (0, 0.0)
+                self._pull_ended.set()
                 return
             asked, until = self._asked.get(tier, (0, 0.0))
             self._asked[tier] = (asked - 1, until)
+            if asked - 1 <= 0:
+                self._pull_ended.set()
             if not self.dispatching:  # stepped down while the pull stood: straight back
                 await _give_back_msg(msg)
                 return
