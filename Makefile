@@ -62,9 +62,11 @@ bench: $(STAMP) $(PHOENIX)
 	$(MAKE) model-check
 
 # The render queue at crowd scale, on the bus alone (embedded nats-server, simulated
-# workers): 100,000 users in one spike, and throughput with 1-8 workers. About 4 minutes.
+# workers): 100,000 users in one spike, and throughput with 1-8 workers; then a rolling
+# restart of 3 real render workers under load. About 7 minutes.
 bench-scale: $(STAMP)
 	$(PYTHON) -m bench.scale
+	$(PYTHON) -m bench.rolling_update
 
 # Does the shipped model draw what it is asked? 60 held-out prompts, judged from the pixels.
 model-check: $(STAMP)
