@@ -368,21 +368,15 @@ class Platform:
         return exits
 
     async def _wait_started(self, service: str, instance: str, pid: int, timeout_s: float) -> None:
-        """Until the new process serves: a render worker's heartbeat; another service's
-        consumer with pull requests waiting from it (after it is up a moment)."""
+        """Until the new process serves (`_serving`)."""
         nc = await nats.connect(self.nats_url, **self.nats_options(ADMIN))
         heartbeats = await nc.subscribe(subjects.FLEET_TELEMETRY.pattern)
         deadline = time.monotonic() + timeout_s
         try:
             while time.monotonic() < deadline:
                 self._check_alive(instance)
-                if service == "render":
-                    if await self._render_beating(heartbeats, pid):
-                        return
-                else:
-                    stream, durable = CONSUMERS[service]
-                    if (await nc.jetstream().consumer_info(stream, durable)).num_waiting:
-                        return
+                if await self._serving(nc.jetstream(), heartbeats, service, pid):
+                    return
                 await asyncio.sleep(0.2)
             raise TimeoutError(f"{instance} not ready after {timeout_s:.0f}s; see {self.log_dir / (instance + '.log')}")
         finally:
@@ -425,22 +419,25 @@ class Platform:
             while waiting:
                 for name in list(waiting):
                     self._check_alive(name)
-                    if name == "render":
-                        if await self._render_beating(heartbeats, self.services["render"].pid):
-                            waiting.discard(name)
-                        continue
-                    stream, durable = CONSUMERS[name]
-                    try:
-                        info = await js.consumer_info(stream, durable)
-                    except nats.js.errors.NotFoundError:
-                        continue
-                    if info.num_waiting and (name != "delivery" or await self._http_ok()):
+                    if await self._serving(js, heartbeats, name, self.services[name].pid):
                         waiting.discard(name)
                 if waiting and time.monotonic() > deadline:
                     raise TimeoutError(f"not ready after {timeout_s:.0f}s: {sorted(waiting)}; logs in {self.log_dir}")
                 await asyncio.sleep(0.2)
         finally:
             await nc.close()
+
+    async def _serving(self, js: nats.js.JetStreamContext, heartbeats, service: str, pid: int) -> bool:
+        """Whether a service's process serves: a render worker sends heartbeats; another
+        service's consumer has pull requests waiting, and delivery answers HTTP."""
+        if service == "render":
+            return await self._render_beating(heartbeats, pid)
+        stream, durable = CONSUMERS[service]
+        try:
+            info = await js.consumer_info(stream, durable)
+        except nats.js.errors.NotFoundError:
+            return False
+        return bool(info.num_waiting) and (service != "delivery" or await self._http_ok())
 
     @staticmethod
     async def _render_beating(heartbeats, pid: int) -> bool:

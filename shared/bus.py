@@ -67,7 +67,6 @@ REASON_HEADER = "Kiln-Dead-Letter-Reason"
 ORIGINAL_SUBJECT_HEADER = "Kiln-Original-Subject"
 TRUNCATED_HEADER = "Kiln-Dead-Letter-Truncated"  # the original size, when the payload was cut
 HEADER_OVERHEAD = 64  # NATS/1.0 line, line ends and the subject's room, with a margin
-PULL_TIMEOUT_S = 5.0  # a no-wait pull is answered at once; this only guards a lost reply
 READ_BATCH = 1000
 PUBLISH_RETRY_S = 20.0  # a cluster elects a stream leader within seconds (issue: at least 15 s)
 READ_TIMEOUT_S = 5
@@ -412,20 +411,6 @@ class Bus:
                 await self._js.delete_consumer(stream.name, name)
         return found
 
-    async def next_stored(self, stream: Stream, subject: str, from_seq: int) -> Stored | None:
-        """The first message on `subject` at or after `from_seq`, without consuming it."""
-        self.access.check_stream(stream.name)
-        try:
-            raw = await self._js.get_msg(stream.name, seq=from_seq, subject=subject, next=True)
-        except nats.js.errors.NotFoundError:
-            return None
-        return Stored(raw.subject or subject, raw.data or b"", raw.headers, seq=raw.seq)
-
-    async def purge_subject(self, stream: Stream, subject: str) -> None:
-        """Remove every message the stream keeps on `subject`."""
-        self.access.check_stream(stream.name)
-        await self._js.purge_stream(stream.name, subject=subject)
-
     async def subject_counts(self, stream: Stream, subject_filter: str) -> dict[str, int]:
         """How many messages a stream holds on each subject matching the filter."""
         self.access.check_stream(stream.name)
@@ -470,28 +455,6 @@ class Bus:
         self.access.check_stream(stream.name)
         with contextlib.suppress(nats.js.errors.NotFoundError):
             await self._js.delete_consumer(stream.name, name)
-
-    async def pull_now(self, stream: Stream, consumer: str, count: int) -> list[Msg]:
-        """Up to `count` messages that are waiting on a durable consumer now; never waits
-        for new ones. (nats-py's fetch waits for its timeout when fewer are waiting.)"""
-        self.access.check_stream(stream.name)
-        inbox = self._nc.new_inbox()
-        sub = await self._nc.subscribe(inbox)
-        request = json.dumps({"batch": count, "no_wait": True}).encode()
-        messages: list[Msg] = []
-        try:
-            await self._nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream.name}.{consumer}", request, reply=inbox)
-            while len(messages) < count:
-                try:
-                    msg = await sub.next_msg(timeout=PULL_TIMEOUT_S)
-                except nats.errors.TimeoutError:
-                    break
-                if msg.headers and msg.headers.get("Status"):  # 404 no messages, 408 expired
-                    break
-                messages.append(msg)
-        finally:
-            await sub.unsubscribe()
-        return messages
 
     async def inbox(self, on_message: Callable[[Msg], Awaitable[None]]) -> tuple[str, Subscription]:
         """A subscription to a new inbox of this connection (for standing pulls)."""

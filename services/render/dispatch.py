@@ -87,7 +87,7 @@ class Dispatcher:
             if self.fleet.should_dispatch(self.dispatching):
                 try:
                     await self._dispatch(stop)
-                except (nats.errors.Error, nats.js.errors.Error) as error:
+                except nats.errors.Error as error:  # (nats.js.errors too)
                     log.warning("dispatching stopped by a bus error, starting again: %s", error)
             await sleep_unless_stopped(stop, CHECK_S)
 
@@ -140,10 +140,9 @@ class Dispatcher:
     async def _prepare_consumers(self) -> None:
         """One consumer per tier, with this dispatcher's ack_wait and window. The consumers
         per user of Kiln's first queue go first: a work queue's consumers may not overlap."""
+        ours = {subjects.render_dispatch_consumer(tier) for tier in subjects.TIERS}
         for consumer in await self.bus.consumers(subjects.RENDER_JOBS):
-            if consumer.name.startswith(subjects.LEGACY_RENDER_CONSUMER_PREFIX) and consumer.name not in {
-                subjects.render_dispatch_consumer(tier) for tier in subjects.TIERS
-            }:
+            if consumer.name.startswith(subjects.LEGACY_RENDER_CONSUMER_PREFIX) and consumer.name not in ours:
                 await self.bus.delete_consumer(subjects.RENDER_JOBS, consumer.name)
         for tier in subjects.TIERS:
             config = ConsumerConfig(
@@ -221,11 +220,12 @@ class Dispatcher:
             log.warning("a claim that is not one: %s", error)
             return msgspec.json.encode(RenderClaimed(jobs=[]))
         key = tuple(claim.batch_key) if claim.batch_key else None
+        slots = max(0, min(claim.slots, 1024))
         deadline = time.monotonic() + min(claim.wait_ms, 30_000) / 1000
-        taken = self.jobs.take(max(0, min(claim.slots, 1024)), key)
+        taken = self.jobs.take(slots, key)
         while not taken and self.dispatching and time.monotonic() < deadline:
             await _wait(self._arrived, deadline - time.monotonic())
-            taken = self.jobs.take(max(0, min(claim.slots, 1024)), key)
+            taken = self.jobs.take(slots, key)
         more = bool(taken) and self.jobs.holds(batch_key(taken[0].job))
         jobs = [ClaimedJob(h.msg.subject, h.msg.reply, h.msg.data, dict(h.msg.headers or {}) or None) for h in taken]
         return msgspec.json.encode(RenderClaimed(jobs=jobs, more=more))
