@@ -80,7 +80,11 @@ async def _fill(url: str, count: int) -> None:
             if chunk:
                 await conn.copy_records_to_table("quota_events", records=chunk, columns=COLUMNS)
                 last = chunk[-1][-1]
-            await conn.execute("UPDATE quota_chain_head SET hash = $1", last)
+            await conn.execute(  # one chain: partition 0
+                "UPDATE quota_chain_head SET hash = $1, position = (SELECT max(position) FROM quota_events)"
+                " WHERE partition = 0",
+                last,
+            )
     finally:
         await pool.close()
 
@@ -90,7 +94,10 @@ async def _verify(url: str, key: nacl.signing.SigningKey) -> tuple[float, int, l
     try:
         async with pool.acquire() as conn:
             hashes = await conn.fetch("SELECT position, hash FROM quota_events WHERE position % 1000 = 0")
-            signed = [checkpoints.sign(key, r["position"], r["hash"], datetime.now(UTC)) for r in hashes]
+            signed = [
+                checkpoints.sign(key, [checkpoints.Head(0, r["position"], r["hash"])], datetime.now(UTC))
+                for r in hashes
+            ]
             started = time.perf_counter()
             report = await audit.verify(conn, signed, key.verify_key)
             return time.perf_counter() - started, report.events, report.broken
@@ -117,7 +124,7 @@ async def _lag(url: str, key: nacl.signing.SigningKey, decisions: int = 20) -> l
     task = asyncio.create_task(checkpointer())
     try:
         for n in range(decisions):
-            async with quota_log.appending(pool) as log:
+            async with quota_log.appending(pool, 0) as log:
                 event = QuotaAdjusted(request_id=f"adjust-{n}", user_id="lag", day="2026-01-01", images=1, by="bench")
                 (position,) = await log.append([quota_log.Entry(event, {})])
             appended[position] = time.monotonic()

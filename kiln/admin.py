@@ -83,6 +83,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     replay = aud.add_parser("replay", help="re-run the recorded policy over the log; exit 1 on any mismatch")
     replay.add_argument("--user")
     replay.add_argument("--since", type=_timestamp, help="ISO time, e.g. 2026-11-26T00:00Z")
+    replay.add_argument("--partition", type=_partition, help="one partition of the log's users (0…N-1)")
     replay.set_defaults(run=_database_command(_audit_replay, read_only=True))
     verify = aud.add_parser(
         "verify", help="check the hash chain and quota's signed checkpoints; exit 1 naming the first problem"
@@ -94,6 +95,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "--public-key", type=Path, help="quota's checkpoint public key, hex (default: <data>/audit/checkpoint.pub)"
     )
     verify.add_argument("--no-checkpoints", action="store_true", help="check the chain alone")
+    verify.add_argument("--partition", type=_partition, help="check one partition's chain (0…N-1); default: all")
     verify.set_defaults(run=_database_command(_audit_verify, read_only=True))
     export = aud.add_parser("export", help="write the events as JSON lines")
     export.add_argument("--user")
@@ -133,6 +135,12 @@ def _accounts_nats_config(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     out.print(Authority.open(settings.data_dir).server_config(), markup=False, highlight=False, end="")
     return 0
+
+
+def _partition(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"not a partition number (0, 1, …): {text!r}")
+    return int(text)
 
 
 def _timestamp(text: str) -> datetime:
@@ -284,7 +292,7 @@ async def _accounts_grant(args: argparse.Namespace, pool: asyncpg.Pool, settings
 
 async def _audit_replay(args: argparse.Namespace, pool: asyncpg.Pool, settings: Settings) -> int:
     async with pool.acquire() as conn:
-        report = await audit.replay(conn, args.user, args.since)
+        report = await audit.replay(conn, args.user, args.since, args.partition)
     for mismatch in report.mismatches:
         out.print(f"NOT REPRODUCED {mismatch}")
     out.print(
@@ -306,7 +314,7 @@ async def _audit_verify(args: argparse.Namespace, pool: asyncpg.Pool, settings: 
             err.print(f"kiln: cannot read quota's checkpoints ({error}); --no-checkpoints checks the chain alone")
             return EXIT_BAD_REQUEST
     async with pool.acquire() as conn:
-        report = await audit.verify(conn, signed, key)
+        report = await audit.verify(conn, signed, key, args.partition)
     if report.broken:
         out.print(f"BROKEN: {report.broken[0]}")
         if len(report.broken) > 1:
@@ -316,7 +324,10 @@ async def _audit_verify(args: argparse.Namespace, pool: asyncpg.Pool, settings: 
         if note:
             out.print(note)
         return EXIT_FOUND_PROBLEMS
-    out.print(f"chain intact: {report.events} events, head {report.head}")
+    chains = "its chain" if report.partitions == 1 else f"{report.partitions} partitions' chains"
+    out.print(f"{chains} intact: {report.events} events")
+    for partition, head in sorted(report.heads.items()):
+        out.print(f"  partition {partition}: head {head} at position {report.last_positions[partition]}")
     if report.checkpoints is not None:
         newest = report.checkpoints.newest
         out.print(

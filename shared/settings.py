@@ -297,6 +297,12 @@ class Settings:
     quota_batch: int = setting(
         "KILN_QUOTA_BATCH", 256, "prompts decided in one transaction, at most", _integer(1, 10_000)
     )
+    quota_partitions: int = setting(
+        "KILN_QUOTA_PARTITIONS",
+        8,
+        "hash chains the quota log is split into, by user, each with its own lock; set when migrating, grows only",
+        _integer(1, 256),
+    )
     checkpoint_every: int = setting(
         "KILN_CHECKPOINT_EVERY",
         1000,

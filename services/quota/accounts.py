@@ -109,6 +109,7 @@ async def grant(
         by=by,
         note=note,
     )
-    async with quota_log.appending(pool) as log:
+    partition = quota_log.partition_of(user_id, await quota_log.partition_count(pool))
+    async with quota_log.appending(pool, partition) as log:
         await log.append([quota_log.Entry(adjusted, {"policy_version": policy.POLICY_VERSION})])
     return adjusted

@@ -2,7 +2,8 @@
 
 For each batch the bus hands over (whatever prompts were waiting, up to a few hundred):
   1. drop requests that have ended already (given up on during an outage): they stay ended;
-  2. under the log's append lock: find decisions already recorded (redeliveries, resends),
+  2. split the batch by the users' log partitions; for each, at once, under that
+     partition's append lock: find decisions already recorded (redeliveries, resends),
      load the other users' state, run the policy in order, append the new decisions;
   3. after the commit, publish each decision (a denial is also the request's outcome);
   4. mark them published, so the outbox relay need not send them.
@@ -59,6 +60,9 @@ from shared.settings import Settings
 logger = logging.getLogger("kiln.quota")
 
 MAX_CONFLICT_RETRIES = 10
+# Connections: a batch's partitions are appended at once, each on its own connection, up to
+# this many; more would only queue on 2-8 Postgres cores and crowd max_connections.
+POOL_SIZE = 10
 FRESH = timedelta(minutes=1)  # younger prompts on a first delivery cannot have ended
 DECIDER = f"{socket.gethostname()}-{os.getpid()}"  # which quota process decided
 
@@ -73,8 +77,10 @@ class QuotaService:
         card: ModelCard = ModelCard(),
         checkpoint_key: checkpoints.SigningKey | None = None,
         checkpoint_schedule: checkpoints.Schedule | None = None,
+        partitions: int = 1,
     ) -> None:
         self.pool = pool
+        self.partitions = partitions  # the log's, read at start (`quota_log.partition_count`)
         self.bus = bus
         self.config = config
         self.fleet = fleet
@@ -97,11 +103,12 @@ class QuotaService:
         except model_card.CardError as error:
             raise CannotStart(f"cannot read the model card: {error}") from error
         try:
-            pool = await quota_log.connect(settings.quota_database_address)
+            pool = await quota_log.connect(settings.quota_database_address, size=POOL_SIZE)
         except asyncpg.InvalidAuthorizationSpecificationError as error:  # no such role: not migrated
             raise CannotStart(f"cannot connect to the quota log as its role: {error}") from error
         async with pool.acquire() as conn:
             problem = await schema_problem(conn)
+            partitions = await quota_log.partition_count(conn) if problem is None else 0
         if problem is not None:
             await pool.close()
             raise CannotStart(problem)
@@ -110,7 +117,7 @@ class QuotaService:
             metrics.watch_pressure(fleet)
             key = checkpoints.signing_key(settings.data_dir)
             schedule = checkpoints.Schedule(every=settings.checkpoint_every, after_s=settings.checkpoint_after_s)
-            yield cls(pool, bus, config, fleet, card, key, schedule)
+            yield cls(pool, bus, config, fleet, card, key, schedule, partitions)
         finally:
             await pool.close()
 
@@ -202,17 +209,36 @@ class QuotaService:
 
     async def decide(self, batch: list[Received]) -> tuple[dict[tuple[str, str], Decision], list[int], list[Decision]]:
         """Each request's decision (recorded before, or made and appended now), the log
-        positions of the new ones, and the new ones."""
+        positions of the new ones, and the new ones. The batch's partitions are decided at
+        once, each in its own transaction."""
+        by_partition: dict[int, list[Received]] = {}
+        for delivery in batch:
+            partition = quota_log.partition_of(delivery.event.user_id, self.partitions)
+            by_partition.setdefault(partition, []).append(delivery)
+        parts = await asyncio.gather(*(self._decide_partition(p, part) for p, part in by_partition.items()))
+        decisions: dict[tuple[str, str], Decision] = {}
+        positions: list[int] = []
+        new: list[Decision] = []
+        for part_decisions, part_positions, part_new in parts:
+            decisions |= part_decisions
+            positions += part_positions
+            new += part_new
+        return decisions, sorted(positions), new
+
+    async def _decide_partition(
+        self, partition: int, batch: list[Received]
+    ) -> tuple[dict[tuple[str, str], Decision], list[int], list[Decision]]:
         for _ in range(MAX_CONFLICT_RETRIES):
             try:
-                async with quota_log.appending(self.pool) as log:
+                async with quota_log.appending(self.pool, partition) as log:
+                    metrics.observe_lock_wait(log.lock_wait_s)
                     now = datetime.now(UTC)
                     decisions = await quota_log.decisions_for(log.conn, {_key(d.event) for d in batch})
                     users = await log.users((d.event.user_id, policy.utc_day(now)) for d in batch)
                     entries = self._decide_new(batch, decisions, users, now)
                     positions = await log.append(entries, users)
                 return decisions, positions, [entry.event for entry in entries]
-            except quota_log.Conflict as error:  # cannot happen under the lock; the database guards anyway
+            except quota_log.Conflict as error:  # another process, while the partitions grew; the database guards
                 logger.warning("append conflict, deciding the batch again: %s", error)
         raise quota_log.Conflict(f"still conflicting after {MAX_CONFLICT_RETRIES} tries")
 
@@ -280,7 +306,7 @@ class QuotaService:
         metrics.count_outcome(outcome)
         if not isinstance(outcome, RequestFailed):
             return
-        async with quota_log.appending(self.pool) as log:
+        async with quota_log.appending(self.pool, quota_log.partition_of(outcome.user_id, self.partitions)) as log:
             granted = (await quota_log.decisions_for(log.conn, [_key(outcome)])).get(_key(outcome))
             if not isinstance(granted, QuotaGranted):
                 return  # never granted (denied, or failed before quota): nothing to give back

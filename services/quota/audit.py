@@ -1,14 +1,14 @@
 """Audit tools over the quota log, for `kiln audit …`.
 
-verify   walk the hash chain in position order; name the first event whose content or
-         predecessor does not match (edited, removed, inserted or reordered rows); then
-         check the table against quota's signed checkpoints (`checkpoints.py`), which finds
-         what the chain alone cannot: the newest rows removed, or history rewritten with
-         every later hash recomputed.
+verify   walk each partition's hash chain in position order; name the first event whose
+         content or predecessor does not match (edited, removed, inserted or reordered
+         rows); then check the table against quota's signed checkpoints (`checkpoints.py`),
+         which finds what the chains alone cannot: the newest rows removed, or history
+         rewritten with every later hash recomputed. One partition, or all.
 replay   rebuild every user's state from the log alone and re-run the recorded policy on
          each decision's recorded inputs; list each decision it does not reproduce. Refunds
          and admin adjustments are folded in and checked too (`_check_refund`,
-         `_check_adjustment`).
+         `_check_adjustment`). One user, one partition, or all.
 export   the events as JSON lines (and, to a file of their own, the checkpoints).
 rebuild  drop the usage and bucket projections and rebuild them from the log.
 """
@@ -36,8 +36,9 @@ from shared.events import PromptSubmitted, QuotaDenied, QuotaGranted
 @dataclass
 class ChainReport:
     events: int = 0
-    head: str = chain.GENESIS
-    last_position: int | None = None
+    heads: dict[int, str] = field(default_factory=dict)  # partition → the hash its chain ends with
+    last_positions: dict[int, int] = field(default_factory=dict)  # partition → its last event's position
+    partitions: int = 0  # checked
     broken: list[str] = field(default_factory=list)  # first one first
     checkpoints: checkpoints.CheckpointReport | None = None  # None: none were given
 
@@ -46,48 +47,65 @@ async def verify(
     conn: asyncpg.Connection,
     signed: list[checkpoints.Checkpoint] | None = None,
     key: nacl.signing.VerifyKey | None = None,
+    partition: int | None = None,
 ) -> ChainReport:
-    """Walk the chain; with `signed` checkpoints and quota's public `key`, check the table
-    against them too (their problems come after the chain's)."""
-    wanted = {checkpoint.position for checkpoint in signed or ()}
+    """Walk the chains (of one `partition`, if given); with `signed` checkpoints and
+    quota's public `key`, check the table against them too (their problems come after the
+    chains')."""
+    wanted = {head.position for checkpoint in signed or () for head in checkpoint.covered()}
     hashes: dict[int, str] = {}  # of the checkpointed positions only: memory stays flat
     async with conn.transaction(isolation="repeatable_read", readonly=True):  # one snapshot
-        head = await conn.fetchval("SELECT hash FROM quota_chain_head")
-        report = await _walk_chain(conn, wanted, hashes)
-    if report.head != head:
-        report.broken.append(
-            f"the log ends with hash {report.head[:12]}… but the chain head names {head[:12]}…:"
-            " the newest events were removed"
-        )
+        recorded = {row["partition"]: row["hash"] for row in await conn.fetch("SELECT * FROM quota_chain_head")}
+        report = await _walk_chains(conn, wanted, hashes, partition)
+    if partition is not None and partition not in recorded:
+        report.broken.append(f"the log has no partition {partition} (it has {len(recorded)})")
+    for part, head in sorted(recorded.items()):
+        walked = report.heads.get(part, chain.GENESIS)
+        if (partition is None or part == partition) and walked != head:
+            report.broken.append(
+                f"partition {part} ends with hash {walked[:12]}… but its chain head names {head[:12]}…:"
+                " the newest events were removed"
+            )
+    strays = set(report.heads) - set(recorded)
+    if strays:
+        report.broken.append(f"events in partitions the log does not have: {sorted(strays)}")
+    report.partitions = 1 if partition is not None else len(recorded)
     if signed is not None and key is not None:
-        report.checkpoints = checkpoints.check(signed, key, hashes, report.last_position)
+        report.checkpoints = checkpoints.check(signed, key, hashes, report.last_positions, partition)
         report.broken += report.checkpoints.broken
     return report
 
 
-async def _walk_chain(conn: asyncpg.Connection, wanted: set[int], hashes: dict[int, str]) -> ChainReport:
+async def _walk_chains(
+    conn: asyncpg.Connection, wanted: set[int], hashes: dict[int, str], partition: int | None
+) -> ChainReport:
+    """Every event in position order, each checked against the one before it in its
+    partition. Walking one partition sees only part of a stream whose user moved to it when
+    the partitions grew, so there a stream's versions need only rise, not follow on by one."""
     report = ChainReport()
-    previous_hash, previous_position = chain.GENESIS, None
+    previous_positions: dict[int, int] = {}
     versions: dict[str, int] = {}
-    async for row in quota_log.read_events(conn):
+    async for row in quota_log.read_events(conn, partition=partition):
         report.events += 1
+        part = row["partition"]
         if row["position"] in wanted:
             hashes[row["position"]] = row["hash"]
         where = f"event at position {row['position']} ({row['event_type']} {row['stream_id']} v{row['version']})"
-        if row["prev_hash"] != previous_hash:
-            after = f"position {previous_position}" if previous_position else "the start of the log"
+        if row["prev_hash"] != report.heads.get(part, chain.GENESIS):
+            before = previous_positions.get(part)
+            after = f"position {before}" if before else f"the start of partition {part}"
             report.broken.append(
                 f"{where}: its predecessor hash does not match the event before it ({after}):"
                 " an event was removed, inserted or reordered here"
             )
         if _recomputed_hash(row) != row["hash"]:
             report.broken.append(f"{where}: its content does not match its hash: the row was edited")
-        expected_version = versions.get(row["stream_id"], 0) + 1
-        if row["version"] != expected_version:
-            report.broken.append(f"{where}: expected version {expected_version} of its stream")
+        last_version = versions.get(row["stream_id"], 0)
+        if row["version"] != last_version + 1 and (partition is None or row["version"] <= last_version):
+            report.broken.append(f"{where}: expected version {last_version + 1} of its stream")
         versions[row["stream_id"]] = row["version"]
-        previous_hash, previous_position = row["hash"], row["position"]
-    report.head, report.last_position = previous_hash, previous_position
+        report.heads[part], previous_positions[part] = row["hash"], row["position"]
+    report.last_positions = previous_positions
     return report
 
 
@@ -117,15 +135,19 @@ class ReplayReport:
     mismatches: list[str] = field(default_factory=list)
 
 
-async def replay(conn: asyncpg.Connection, user_id: str | None = None, since: datetime | None = None) -> ReplayReport:
+async def replay(
+    conn: asyncpg.Connection, user_id: str | None = None, since: datetime | None = None, partition: int | None = None
+) -> ReplayReport:
     """Re-run the policy over the log. Users' states are independent, so `user_id` narrows
-    the replay to one stream; `since` checks only decisions from then on (the state before
-    is still rebuilt from the whole history)."""
+    the replay to one stream and `partition` to one partition's users (exact while the
+    partitions never grew; after, a user's first events may be in another: replay all);
+    `since` checks only decisions from then on (the state before is still rebuilt from the
+    whole history)."""
     report = ReplayReport()
     states: dict[str, policy.UserState] = {}
     granted: dict[tuple[str, str], str] = {}  # (user, request) → the day of its grant
     refunded: set[tuple[str, str]] = set()
-    async for row in quota_log.read_events(conn, user_id):
+    async for row in quota_log.read_events(conn, user_id, partition=partition):
         report.events += 1
         event = from_payload(row["payload"])
         state = states.setdefault(event.user_id, policy.UserState())
@@ -243,18 +265,18 @@ def export_checkpoints(signed: list[checkpoints.Checkpoint], out: IO[bytes]) -> 
 async def rebuild_projections(pool: asyncpg.Pool) -> int:
     """Drop the usage and bucket projections and fold the whole log into them again,
     holding the append lock so no decision is made meanwhile. Returns the users rebuilt."""
-    async with quota_log.appending(pool) as log:
+    async with quota_log.appending_everywhere(pool) as conn:
         states: dict[str, policy.UserState] = {}
-        async for row in quota_log.read_events(log.conn):  # in the appender's snapshot
+        async for row in quota_log.read_events(conn):  # in the appender's snapshot
             event = from_payload(row["payload"])
             policy.apply(states.setdefault(event.user_id, policy.UserState()), event)
-        await log.conn.execute("TRUNCATE quota_usage, quota_buckets")
+        await conn.execute("TRUNCATE quota_usage, quota_buckets")
         usage = [
             (user, day, u.granted, u.refunded, u.extra) for user, s in states.items() for day, u in s.usage.items()
         ]
-        await log.conn.copy_records_to_table(
+        await conn.copy_records_to_table(
             "quota_usage", records=usage, columns=["user_id", "day", "granted", "refunded", "extra"]
         )
         buckets = [(user, s.bucket.tokens, s.bucket.at) for user, s in states.items() if s.bucket.at is not None]
-        await log.conn.copy_records_to_table("quota_buckets", records=buckets, columns=["user_id", "tokens", "at"])
+        await conn.copy_records_to_table("quota_buckets", records=buckets, columns=["user_id", "tokens", "at"])
     return len(states)

@@ -1,15 +1,18 @@
 """Signed checkpoints of the quota log's head, kept outside Postgres.
 
-The hash chain (`chain.py`) shows an edit to one row, but whoever can write the table can
-delete the newest rows, or rewrite a row and recompute every later hash, and the chain
-still holds. So quota signs the head — (position, hash, time) — with an ed25519 key that
-lives in the data folder, not in the database, and publishes it to the
-KILN_AUDIT_CHECKPOINTS stream, which the quota database role cannot reach. `kiln audit
-verify` then checks the table against every checkpoint it can read:
-  - a checkpointed position no longer in the table, or past the table's end: the newest
-    events were removed;
+The hash chains (`chain.py`, one per partition of the log) show an edit to one row, but
+whoever can write the table can delete the newest rows, or rewrite a row and recompute
+every later hash, and the chain still holds. So quota signs the heads — each partition's
+(position, hash), and the time — with an ed25519 key that lives in the data folder, not in
+the database, and publishes them to the KILN_AUDIT_CHECKPOINTS stream, which the quota
+database role cannot reach. `kiln audit verify` then checks the table against every
+checkpoint it can read:
+  - a checkpointed position no longer in the table, or past the end of its partition:
+    the newest events were removed;
   - a checkpointed position whose hash differs: an event at or before it was rewritten
     (after the last checkpoint that still matches).
+A checkpoint from before the log had partitions names one head, (position, hash): it is
+read as partition 0's, which is what that log became.
 
 When: every KILN_CHECKPOINT_EVERY events, and otherwise at most KILN_CHECKPOINT_AFTER_S
 after an event (the task looks once a second). Several quota processes may sign the same head: the
@@ -51,18 +54,33 @@ SigningKey = nacl.signing.SigningKey
 Publish = Callable[["Checkpoint"], Awaitable[None]]
 
 
+class Head(msgspec.Struct, frozen=True):
+    """A partition's last event: every event of the partition up to `position` hashes to `hash`."""
+
+    partition: int
+    position: int
+    hash: str
+
+
 class Checkpoint(msgspec.Struct, kw_only=True):
-    """The log's head at one moment, signed: every event up to `position` hashes to `hash`."""
+    """The log's heads at one moment, signed. `position` and `hash`: the newest event's
+    (the message id is the position); `heads`: every partition's."""
 
     position: int
     hash: str
     at: datetime
+    heads: list[Head] = []
     key: str = ""  # the signer's public key, hex
     signature: str = ""  # ed25519 over `signed_bytes`, hex
 
     def signed_bytes(self) -> bytes:
-        document = {"position": self.position, "hash": self.hash, "at": chain.canonical_time(self.at)}
+        document: dict = {"position": self.position, "hash": self.hash, "at": chain.canonical_time(self.at)}
+        if self.heads:  # (a checkpoint of an unpartitioned log signed exactly the three)
+            document["heads"] = [msgspec.to_builtins(head) for head in self.heads]
         return msgspec.json.encode(document, order="sorted")
+
+    def covered(self) -> list[Head]:
+        return self.heads or [Head(0, self.position, self.hash)]
 
     @property
     def when(self) -> str:
@@ -90,8 +108,15 @@ def public_key_from(path: Path) -> nacl.signing.VerifyKey:
         raise ValueError(f"{path} does not hold an ed25519 public key in hex") from error
 
 
-def sign(key: nacl.signing.SigningKey, position: int, head: str, at: datetime) -> Checkpoint:
-    checkpoint = Checkpoint(position=position, hash=head, at=at.astimezone(UTC), key=key.verify_key.encode().hex())
+def sign(key: nacl.signing.SigningKey, heads: list[Head], at: datetime) -> Checkpoint:
+    newest = max(heads, key=lambda head: head.position)
+    checkpoint = Checkpoint(
+        position=newest.position,
+        hash=newest.hash,
+        at=at.astimezone(UTC),
+        heads=sorted(heads, key=lambda head: head.partition),
+        key=key.verify_key.encode().hex(),
+    )
     checkpoint.signature = key.sign(checkpoint.signed_bytes()).signature.hex()
     return checkpoint
 
@@ -128,10 +153,12 @@ def check(
     checkpoints: Iterable[Checkpoint],
     key: nacl.signing.VerifyKey,
     hashes: dict[int, str],
-    last_position: int | None,
+    last_positions: dict[int, int],
+    partition: int | None = None,
 ) -> CheckpointReport:
-    """Compare the table — `hashes`: position → hash of each checkpointed position found in it,
-    `last_position`: its last event's — with the checkpoints, oldest first."""
+    """Compare the table — `hashes`: position → hash of each checkpointed position found in
+    it, `last_positions`: partition → its last event's position — with the checkpoints,
+    oldest first. `partition`: compare that partition's heads only."""
     report = CheckpointReport()
     matching: Checkpoint | None = None  # the newest one that still matches
     for checkpoint in sorted(checkpoints, key=lambda c: c.position):
@@ -145,28 +172,37 @@ def check(
         report.checked += 1
         report.newest = checkpoint
         since = f"after position {matching.position}" if matching else "from the start of the log"
-        found = hashes.get(checkpoint.position)
-        if last_position is None or checkpoint.position > last_position:
-            ends = f"ends at position {last_position}" if last_position is not None else "is empty"
-            report.broken.append(
-                f"the log {ends} but the checkpoint signed at {checkpoint.when} covers position"
-                f" {checkpoint.position}: the newest events were removed"
-            )
-        elif found is None:
-            report.broken.append(
-                f"position {checkpoint.position}, checkpointed at {checkpoint.when}, is missing from the log:"
-                f" events were removed ({since})"
-            )
-        elif found != checkpoint.hash:
-            report.broken.append(
-                f"position {checkpoint.position}: its hash {found[:12]}… differs from the checkpoint signed at"
-                f" {checkpoint.when} ({checkpoint.hash[:12]}…): history was rewritten {since}, up to"
-                f" position {checkpoint.position}"
-            )
-        else:
+        heads = [head for head in checkpoint.covered() if partition is None or head.partition == partition]
+        problems = [_head_problem(head, checkpoint.when, hashes, last_positions, since) for head in heads]
+        problems = [problem for problem in problems if problem]
+        report.broken += problems
+        if not problems:
             matching = checkpoint
             report.matched += 1
     return report
+
+
+def _head_problem(
+    head: Head, when: str, hashes: dict[int, str], last_positions: dict[int, int], since: str
+) -> str | None:
+    last = last_positions.get(head.partition)
+    found = hashes.get(head.position)
+    where = f"partition {head.partition}"
+    if last is None or head.position > last:
+        ends = f"{where} ends at position {last}" if last is not None else f"{where} is empty"
+        if not last_positions:
+            ends = "the log is empty"
+        return f"{ends} but the checkpoint signed at {when} covers position {head.position}: the newest events were removed"
+    if found is None:
+        return (
+            f"position {head.position}, checkpointed at {when}, is missing from {where}: events were removed ({since})"
+        )
+    if found != head.hash:
+        return (
+            f"position {head.position}: its hash {found[:12]}… differs from the checkpoint signed at {when}"
+            f" ({head.hash[:12]}…): history was rewritten {since}, up to position {head.position}"
+        )
+    return None
 
 
 def new_log_note(report: CheckpointReport, source: str) -> str | None:
@@ -195,10 +231,12 @@ def read_file(path: Path) -> list[Checkpoint]:
 # -- making them ------------------------------------------------------------------------
 
 
-async def head(conn: asyncpg.Connection) -> tuple[int, str] | None:
-    """The log's last event: its position and hash (None: the log is empty)."""
-    row = await conn.fetchrow("SELECT position, hash FROM quota_events ORDER BY position DESC LIMIT 1")
-    return (row["position"], row["hash"]) if row else None
+async def heads(conn: asyncpg.Connection) -> list[Head]:
+    """Each partition's last event (none for a partition without events), in one snapshot."""
+    rows = await conn.fetch(
+        "SELECT partition, position, hash FROM quota_chain_head WHERE position IS NOT NULL ORDER BY partition"
+    )
+    return [Head(row["partition"], row["position"], row["hash"]) for row in rows]
 
 
 @dataclass
@@ -228,12 +266,13 @@ class Schedule:
 async def checkpoint_once(
     pool: asyncpg.Pool, key: nacl.signing.SigningKey, schedule: Schedule, publish: Publish, now: float | None = None
 ) -> Checkpoint | None:
-    """Look at the head; if it is due, sign it and `publish` it (an async callable)."""
+    """Look at the heads; if they are due, sign them and `publish` it (an async callable)."""
     async with pool.acquire() as conn:
-        found = await head(conn)
-    if found is None or not schedule.due(found[0], time.monotonic() if now is None else now):
+        found = await heads(conn)
+    newest = max((head.position for head in found), default=None)
+    if newest is None or not schedule.due(newest, time.monotonic() if now is None else now):
         return None
-    checkpoint = sign(key, *found, datetime.now(UTC))
+    checkpoint = sign(key, found, datetime.now(UTC))
     await publish(checkpoint)
     schedule.made(checkpoint.position)
     return checkpoint

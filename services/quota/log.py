@@ -1,24 +1,31 @@
-"""The quota event log in Postgres: append-only, one stream per user, hash-chained.
+"""The quota event log in Postgres: append-only, one stream per user, hash-chained in partitions.
 
 Tables (migrations in `migrations/`):
   quota_events   the log. `position` is global, `(stream_id, version)` unique per user, and
-                 a trigger refuses UPDATE, DELETE and TRUNCATE. Each row's `hash` covers
-                 its content and `prev_hash`, the hash of the row before it.
+                 a trigger refuses UPDATE, DELETE and TRUNCATE. Each row belongs to one
+                 partition; its `hash` covers its content and `prev_hash`, the hash of the
+                 row before it in its partition.
   quota_usage    projection: images granted / refunded / added by an admin, per user and
                  UTC day. Written in the same transaction as the events; rebuildable.
   quota_buckets  projection: each user's rate-limit bucket after their last grant.
   quota_outbox   decisions committed but not yet known to be on NATS (the relay's work).
-  quota_chain_head  one row: the last event's hash; locking it is the append lock.
+  quota_chain_head  one row per partition: its last event's hash and position; locking it
+                 is that partition's append lock.
 
-Appends are serialised by a row lock on `quota_chain_head` (the last event's hash): the
-chain needs one order, and holding the lock from reading the user's state to commit means
-two quota processes can never both spend the same user's last image. `(stream_id,
-version)` stays unique as the database's own guard; a conflict there rolls the batch back
-and it is decided again. Decisions are batched, so the lock is taken once per batch.
+A user's events all go to one partition (`partition_of`, a stable hash of the user id).
+Appends to a partition are serialised by the row lock on its head: the chain needs one
+order, and holding the lock from reading the user's state to commit means two quota
+processes can never both spend the same user's last image. Users of different partitions
+do not wait for each other. `(stream_id, version)` stays unique as the database's own
+guard (it also covers processes that disagree on the number of partitions for a moment,
+after it grew); a conflict there rolls the batch back and it is decided again. Decisions
+are batched, so each partition's lock is taken once per batch.
 """
 
 from __future__ import annotations
 
+import hashlib
+import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -40,6 +47,18 @@ class Conflict(Exception):
 
 def user_stream(user_id: str) -> str:
     return f"user:{user_id}"
+
+
+def partition_of(user_id: str, partitions: int) -> int:
+    """The partition of a user's events: the same in every process and after restarts
+    (unlike Python's salted `hash`)."""
+    digest = hashlib.blake2b(user_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % partitions
+
+
+async def partition_count(conn: asyncpg.Connection | asyncpg.Pool) -> int:
+    """How many partitions the log has: one head row each (`migrate` adds them)."""
+    return await conn.fetchval("SELECT count(*) FROM quota_chain_head")
 
 
 def _to_json(value: Any) -> str:
@@ -80,11 +99,13 @@ class UserRecord:
 
 
 class Appender:
-    """Appends to the log inside a transaction that holds the append lock."""
+    """Appends to one partition of the log inside a transaction that holds its lock."""
 
-    def __init__(self, conn: asyncpg.Connection, head: str) -> None:
+    def __init__(self, conn: asyncpg.Connection, partition: int, head: str, lock_wait_s: float = 0.0) -> None:
         self.conn = conn
-        self.head = head  # the hash of the last event
+        self.partition = partition
+        self.head = head  # the hash of the partition's last event
+        self.lock_wait_s = lock_wait_s  # how long taking the lock took
 
     async def users(self, users_on_days: Iterable[tuple[str, str]]) -> dict[str, UserRecord]:
         return await user_records(self.conn, users_on_days)
@@ -118,7 +139,7 @@ class Appender:
                 prev_hash=self.head,
             )
             self.head = chain.event_hash(**row)
-            rows.append((*row.values(), self.head))
+            rows.append((*row.values(), self.head, self.partition))
         touched = {entry.event.user_id for entry in entries}
         usage = [
             (user, day, u.granted, u.refunded, u.extra)
@@ -135,23 +156,26 @@ class Appender:
                 [b.tokens for _, b in buckets],
                 [b.at for _, b in buckets],
                 self.head,
+                self.partition,
             )
-        except asyncpg.UniqueViolationError as error:
+        except (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError) as error:
+            # (A deadlock needs two appenders writing the same users under different locks:
+            # processes that disagree on the partitions for a moment. Either way: decide again.)
             raise Conflict(str(error)) from error
         return sorted(row["position"] for row in positions)
 
 
 # The events, the projections (absolute values, computed by the policy's own `apply`, so
-# they are what `audit rebuild` would make), the outbox and the chain head: one statement,
-# one round trip.
+# they are what `audit rebuild` would make), the outbox and the partition's head: one
+# statement, one round trip.
 APPEND = """
 WITH events AS (
     INSERT INTO quota_events
-        (stream_id, version, event_type, request_id, payload, metadata, recorded_at, prev_hash, hash)
-    SELECT s, v, t, r, p, m, at, prev, h
+        (stream_id, version, event_type, request_id, payload, metadata, recorded_at, prev_hash, hash, partition)
+    SELECT s, v, t, r, p, m, at, prev, h, part
     FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[],
-                $7::timestamptz[], $8::text[], $9::text[])
-         WITH ORDINALITY AS x(s, v, t, r, p, m, at, prev, h, n)
+                $7::timestamptz[], $8::text[], $9::text[], $10::smallint[])
+         WITH ORDINALITY AS x(s, v, t, r, p, m, at, prev, h, part, n)
     ORDER BY n
     RETURNING position, event_type
 ), outbox AS (
@@ -159,15 +183,16 @@ WITH events AS (
     SELECT position FROM events WHERE event_type IN ('QuotaGranted', 'QuotaDenied')
 ), usage AS (
     INSERT INTO quota_usage (user_id, day, granted, refunded, extra)
-    SELECT * FROM unnest($10::text[], $11::text[], $12::int[], $13::int[], $14::int[])
+    SELECT * FROM unnest($11::text[], $12::text[], $13::int[], $14::int[], $15::int[])
     ON CONFLICT (user_id, day) DO UPDATE SET
         granted = excluded.granted, refunded = excluded.refunded, extra = excluded.extra
 ), buckets AS (
     INSERT INTO quota_buckets (user_id, tokens, at)
-    SELECT * FROM unnest($15::text[], $16::float8[], $17::timestamptz[])
+    SELECT * FROM unnest($16::text[], $17::float8[], $18::timestamptz[])
     ON CONFLICT (user_id) DO UPDATE SET tokens = excluded.tokens, at = excluded.at
 ), head AS (
-    UPDATE quota_chain_head SET hash = $18
+    UPDATE quota_chain_head SET hash = $19, position = (SELECT max(position) FROM events)
+    WHERE partition = $20
 )
 SELECT position FROM events
 """
@@ -179,13 +204,25 @@ def _day_of(event: LogEvent) -> str:
 
 
 @asynccontextmanager
-async def appending(pool: asyncpg.Pool) -> AsyncIterator[Appender]:
-    """A transaction holding the append lock: the chain head's row. Every statement after
-    it sees every earlier append (in READ COMMITTED each statement takes a new snapshot,
-    and a locked row is re-read at its newest version)."""
+async def appending(pool: asyncpg.Pool, partition: int) -> AsyncIterator[Appender]:
+    """A transaction holding a partition's append lock: its head's row. Every statement
+    after it sees every earlier append (in READ COMMITTED each statement takes a new
+    snapshot, and a locked row is re-read at its newest version)."""
     async with pool.acquire() as conn, conn.transaction():
-        head = await conn.fetchval("SELECT hash FROM quota_chain_head FOR UPDATE")
-        yield Appender(conn, head)
+        asked = time.perf_counter()
+        head = await conn.fetchval("SELECT hash FROM quota_chain_head WHERE partition = $1 FOR UPDATE", partition)
+        if head is None:
+            raise ValueError(f"the quota log has no partition {partition}")
+        yield Appender(conn, partition, head, time.perf_counter() - asked)
+
+
+@asynccontextmanager
+async def appending_everywhere(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """A transaction holding every partition's lock (in partition order, as no appender
+    waits on two, so it cannot deadlock with one): nothing is appended meanwhile."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT partition FROM quota_chain_head ORDER BY partition FOR UPDATE")
+        yield conn
 
 
 async def user_records(conn: asyncpg.Connection, users_on_days: Iterable[tuple[str, str]]) -> dict[str, UserRecord]:
@@ -282,11 +319,17 @@ async def unpublished(pool: asyncpg.Pool, older_than_s: float, limit: int = 500)
 
 
 async def read_events(
-    conn: asyncpg.Connection, user_id: str | None = None, batch: int = 5000
+    conn: asyncpg.Connection, user_id: str | None = None, batch: int = 5000, partition: int | None = None
 ) -> AsyncIterator[asyncpg.Record]:
-    """Every event (of one user, if given) in position order."""
-    where = "WHERE stream_id = $1" if user_id else ""
-    args = [user_stream(user_id)] if user_id else []
+    """Every event (of one user, or of one partition, if given) in position order."""
+    conditions, args = [], []
+    if user_id:
+        args.append(user_stream(user_id))
+        conditions.append(f"stream_id = ${len(args)}")
+    if partition is not None:
+        args.append(partition)
+        conditions.append(f"partition = ${len(args)}")
+    where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
     query = f"SELECT * FROM quota_events {where} ORDER BY position"
     if conn.is_in_transaction():  # the caller's snapshot
         async for row in conn.cursor(query, *args, prefetch=batch):

@@ -24,6 +24,17 @@ over_soft_cap = meter.create_counter(
 )
 
 
+# How long appenders wait for a partition's lock: the cost of one order per partition. If
+# it grows with load, the log wants more partitions (KILN_QUOTA_PARTITIONS).
+lock_wait = meter.create_histogram(
+    "kiln_quota_lock_wait", unit="s", description="Time to take a log partition's append lock"
+)
+
+
+def observe_lock_wait(seconds: float) -> None:
+    lock_wait.record(seconds)
+
+
 degraded = meter.create_counter(
     "kiln_quota_degraded", description="Grants degraded under fleet pressure (fewer steps than asked), by plan"
 )

@@ -17,16 +17,22 @@ from shared.settings import Settings, asyncpg_url
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def _config(database_url: str | None = None) -> Config:
+def _config(database_url: str | None = None, partitions: int | None = None) -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     if database_url is not None:
         config.set_main_option("sqlalchemy.url", asyncpg_url(database_url))
+    if partitions is not None:
+        config.attributes["partitions"] = partitions  # read by migrations/env.py
     return config
 
 
-def upgrade(database_url: str) -> None:
-    command.upgrade(_config(database_url), "head")
+def upgrade(database_url: str, partitions: int | None = None) -> None:
+    """Bring the schema to head and the log to at least `partitions` partitions
+    (default: KILN_QUOTA_PARTITIONS). Partitions are never removed: a user's partition
+    is a hash modulo their number, and events already written stay where they are."""
+    wanted = Settings.from_env().quota_partitions if partitions is None else partitions
+    command.upgrade(_config(database_url, wanted), "head")
 
 
 async def schema_problem(conn: asyncpg.Connection) -> str | None:
@@ -46,5 +52,6 @@ async def schema_problem(conn: asyncpg.Connection) -> str | None:
 
 
 if __name__ == "__main__":
-    upgrade(Settings.from_env().database_url)
-    print("quota migrations: at head")
+    settings = Settings.from_env()
+    upgrade(settings.database_url)
+    print(f"quota migrations: at head, at least {settings.quota_partitions} partitions")

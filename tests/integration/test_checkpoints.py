@@ -25,7 +25,7 @@ from shared.events import ImageDelivered, QuotaDenied
 from shared.settings import PROJECT_ROOT, Settings
 from tests.conftest import TEST_PLANS, replaced
 from tests.conftest import TestClient as AdminClient  # (as itself, pytest would take it for tests)
-from tests.integration.test_quota import _prompt, _rewrite, _wait_for_decisions
+from tests.integration.test_quota import _prompt, _rewrite, _wait_for_decisions, reset_heads
 
 pytestmark = pytest.mark.integration
 
@@ -114,7 +114,7 @@ async def test_quota_checkpoints_a_decision_within_ten_seconds_and_verify_reads_
 
     verified = _kiln(platform, "audit", "verify", database_url=platform.database_url)
     assert verified.returncode == 0, verified.stdout + verified.stderr
-    assert "chain intact" in verified.stdout and "signed checkpoints match, the newest at position" in verified.stdout
+    assert "chains intact" in verified.stdout and "signed checkpoints match, the newest at position" in verified.stdout
 
     exported = tmp_path / "checkpoints.jsonl"
     log = tmp_path / "log.jsonl"
@@ -130,13 +130,14 @@ async def test_quota_checkpoints_a_decision_within_ten_seconds_and_verify_reads_
 
 
 async def _copy_log(platform: Platform, scratch: str, up_to: int) -> None:
-    """The platform's log up to `up_to`, copied as it is (positions, hashes) into `scratch`,
-    with the chain head at its last event: a copy to tamper with, the original untouched."""
+    """The platform's log up to `up_to`, copied as it is (positions, partitions, hashes) into
+    `scratch`, each partition's head at its last event: a copy to tamper with, the original
+    untouched."""
     source, target = await asyncpg.connect(platform.database_url), await asyncpg.connect(scratch)
     try:
         rows = await source.fetch("SELECT * FROM quota_events WHERE position <= $1 ORDER BY position", up_to)
         await target.copy_records_to_table("quota_events", records=rows, columns=list(rows[0].keys()))
-        await target.execute("UPDATE quota_chain_head SET hash = $1", rows[-1]["hash"])
+        await reset_heads(target)
     finally:
         await source.close()
         await target.close()
@@ -166,6 +167,11 @@ async def test_tampering_with_a_copy_of_the_log_is_found_against_the_streams_che
     intact = _kiln(platform, "audit", "verify", database_url=scratch_database)
     assert intact.returncode == 0, intact.stdout + intact.stderr
 
+    # Where the newest checkpointed event's partition ends once it is gone.
+    partition = await db.fetchval("SELECT partition FROM quota_events WHERE position = $1", newest.position)
+    before = await db.fetchval(
+        "SELECT max(position) FROM quota_events WHERE partition = $1 AND position < $2", partition, newest.position
+    )
     await _rewrite(scratch_database, *TAMPERING[tampering](newest.position))
     alone = _kiln(platform, "audit", "verify", "--no-checkpoints", database_url=scratch_database)
     assert alone.returncode == 0, alone.stdout  # the chain alone cannot tell
@@ -173,7 +179,8 @@ async def test_tampering_with_a_copy_of_the_log_is_found_against_the_streams_che
     assert broken.returncode == 1, broken.stdout + broken.stderr
     first = broken.stdout.splitlines()[0]
     if tampering == "newest removed":
-        assert first.startswith(f"BROKEN: the log ends at position {newest.position - 1} but the checkpoint"), first
+        ends = f"ends at position {before}" if before else "is empty"
+        assert first.startswith(f"BROKEN: partition {partition} {ends} but the checkpoint"), first
         assert f"covers position {newest.position}: the newest events were removed" in first
     else:
         assert first.startswith(f"BROKEN: position {newest.position}: its hash"), first

@@ -20,6 +20,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 import msgspec
+import nacl.signing
 import nats.js.errors
 import pytest
 
@@ -42,8 +43,10 @@ from shared.events import (
     encode,
 )
 from shared.failpoints import EXIT_CODE
-from shared.settings import PROJECT_ROOT
+from shared.settings import PROJECT_ROOT, Settings
 from tests.conftest import TEST_PLANS, replaced
+
+DEFAULT_PARTITIONS = Settings.from_env().quota_partitions  # what a scratch database is migrated to
 
 pytestmark = pytest.mark.integration
 
@@ -302,7 +305,8 @@ def _table_rows(text: str) -> dict[str, list[str]]:
 
 
 async def _write_log(url: str, users: int = 3, prompts_each: int = 4, refund: bool = True) -> None:
-    """Decisions made by the real service code, appended to a scratch database."""
+    """Decisions made by the real service code, appended to a scratch database: all to
+    partition 0 (a service that knows one partition), so positions follow one another."""
     pool = await quota_log.connect(url)
     config = plans.load(TEST_PLANS)
     quota = QuotaService(pool, None, config, FleetMonitor(config.pressure))  # deciding needs no bus
@@ -311,7 +315,7 @@ async def _write_log(url: str, users: int = 3, prompts_each: int = 4, refund: bo
             batch = [Received(_prompt(f"user{u}", f"r{n}"), None) for u in range(users)]
             await quota.decide(batch)
         if refund:
-            async with quota_log.appending(pool) as log:
+            async with quota_log.appending(pool, 0) as log:  # the service's one partition
                 refunded = QuotaRefunded(request_id="r0", user_id="user0", day=_today(), reason="gave_up")
                 await log.append([quota_log.Entry(refunded, {})])
     finally:
@@ -350,7 +354,7 @@ TAMPERING = {
 async def test_verify_names_the_first_edited_deleted_or_reordered_event(scratch_database: str, tampering: str):
     await _write_log(scratch_database)
     intact = _kiln("audit", "verify", "--no-checkpoints", database_url=scratch_database)
-    assert intact.returncode == 0 and "chain intact: 13 events" in intact.stdout
+    assert intact.returncode == 0 and f"{DEFAULT_PARTITIONS} partitions' chains intact: 13 events" in intact.stdout
 
     conn = await asyncpg.connect(scratch_database)
     try:  # what a superuser could do: switch the append-only trigger off and rewrite history
@@ -364,7 +368,7 @@ async def test_verify_names_the_first_edited_deleted_or_reordered_event(scratch_
     assert broken.returncode == 1
     first = broken.stdout.splitlines()[0]
     if tampering == "newest removed":  # the chain left is whole: only the head can tell
-        assert first.startswith("BROKEN: the log ends with hash") and "newest events were removed" in first
+        assert first.startswith("BROKEN: partition 0 ends with hash") and "newest events were removed" in first
         return
     named = 7 if tampering == "deleted" else 6  # after a deletion, the event that follows the gap
     assert first.startswith(f"BROKEN: event at position {named} "), first
@@ -394,7 +398,7 @@ async def test_replay_lists_a_decision_the_policy_would_not_make(scratch_databas
             "usage": {forged.day: {"granted": 3, "refunded": 0, "extra": 0}},
             "bucket": {"tokens": third["payload"]["tokens_left"], "at": third["payload"]["decided_at"]},
         }
-        async with quota_log.appending(pool) as log:
+        async with quota_log.appending(pool, 0) as log:
             await log.append([quota_log.Entry(forged, metadata)])
     finally:
         await pool.close()
@@ -428,39 +432,143 @@ async def test_usage_projection_is_rebuilt_from_the_log(scratch_database: str, t
     assert len(lines) == 13 and lines[0]["position"] == 1 and lines[-1]["event_type"] == "QuotaRefunded"
 
 
+# -- the log in partitions ---------------------------------------------------------------
+
+
+def _quota(pool: asyncpg.Pool, partitions: int) -> QuotaService:
+    config = plans.load(TEST_PLANS)
+    return QuotaService(pool, None, config, FleetMonitor(config.pressure), partitions=partitions)
+
+
+async def test_a_partitioned_log_is_one_chain_per_partition_checked_alone_or_together(scratch_database: str):
+    pool = await quota_log.connect(scratch_database, size=8)
+    try:
+        partitions = await quota_log.partition_count(pool)
+        assert partitions == DEFAULT_PARTITIONS > 1
+        quota = _quota(pool, partitions)
+        users = [f"part{n}" for n in range(12)]
+        for n in range(3):
+            await quota.decide([Received(_prompt(user, f"r{n}"), None) for user in users])
+        async with pool.acquire() as conn:
+            rows = await conn.fetch("SELECT stream_id, partition FROM quota_events")
+            assert len(rows) == 36
+            # Every event in its user's partition, the users spread over several.
+            assert all(r["partition"] == quota_log.partition_of(r["stream_id"][5:], partitions) for r in rows)
+            used = {r["partition"] for r in rows}
+            assert len(used) > 2
+            report = await audit.verify(conn)
+            assert report.broken == [] and report.events == 36 and report.partitions == partitions
+            assert set(report.heads) == used
+
+            # Signed heads match; an edit in one partition breaks that one only.
+            key = nacl.signing.SigningKey.generate()
+            signed = [checkpoints.sign(key, await checkpoints.heads(conn), datetime.now(UTC))]
+            assert (await audit.verify(conn, signed, key.verify_key)).broken == []
+            victim, other = sorted(used)[:2]
+            edited = await conn.fetchval("SELECT min(position) FROM quota_events WHERE partition = $1", victim)
+            await conn.execute("ALTER TABLE quota_events DISABLE TRIGGER quota_events_append_only")
+            await conn.execute(
+                "UPDATE quota_events SET payload = jsonb_set(payload, '{used}', '0') WHERE position = $1", edited
+            )
+            await conn.execute("ALTER TABLE quota_events ENABLE TRIGGER quota_events_append_only")
+            broken = await audit.verify(conn)
+            assert broken.broken[0].startswith(f"event at position {edited} ") and "was edited" in broken.broken[0]
+            assert (await audit.verify(conn, partition=victim)).broken == broken.broken
+            alone = await audit.verify(conn, signed, key.verify_key, partition=other)
+            assert alone.broken == [] and alone.partitions == 1
+    finally:
+        await pool.close()
+
+    by_cli = _kiln("audit", "verify", "--no-checkpoints", "--partition", str(other), database_url=scratch_database)
+    assert by_cli.returncode == 0 and "its chain intact" in by_cli.stdout, by_cli.stdout
+    replayed = _kiln("audit", "replay", "--partition", str(other), database_url=scratch_database)
+    assert replayed.returncode == 0 and "0 not reproduced" in replayed.stdout, replayed.stdout
+
+
+async def test_processes_that_disagree_on_the_partitions_never_grant_a_user_more_than_the_plan(scratch_database: str):
+    """One process still deciding with 1 partition (it started before the log grew) beside
+    two that know them all: they take different locks for the same user, and the unique
+    stream version is what keeps them from both spending the same image."""
+    pools = [await quota_log.connect(scratch_database, size=8) for _ in range(3)]
+    try:
+        partitions = await quota_log.partition_count(pools[0])
+        services = [_quota(pools[0], 1), _quota(pools[1], partitions), _quota(pools[2], partitions)]
+        users = [f"race{n}" for n in range(6)]
+
+        async def ask(quota: QuotaService, round_: int) -> None:
+            await quota.decide([Received(_prompt(user, f"q{id(quota)}r{round_}"), None) for user in users])
+
+        await asyncio.gather(*(ask(quota, round_) for round_ in range(3) for quota in services))
+        async with pools[0].acquire() as conn:
+            granted = await conn.fetch(
+                "SELECT stream_id, count(*) AS n FROM quota_events WHERE event_type = 'QuotaGranted' GROUP BY 1"
+            )
+            decided = await conn.fetchval("SELECT count(*) FROM quota_events")
+            report = await audit.verify(conn)
+    finally:
+        for pool in pools:
+            await pool.close()
+    assert decided == 3 * 3 * len(users)  # every request decided once
+    assert {row["stream_id"] for row in granted} == {quota_log.user_stream(user) for user in users}
+    assert all(row["n"] == 3 for row in granted), granted  # free: 3 a day, not one more
+    assert report.broken == []
+
+
 # -- checkpoints outside the database, and numbers JSONB keeps its own way ---------------
 
 
 async def _rewrite(url: str, sql: str, from_position: int | None = None) -> None:
     """Tamper as a superuser who also covers their tracks: after `sql`, every hash from
-    `from_position` on is recomputed and the chain head set to the last, so the chain
-    alone holds."""
+    `from_position` on is recomputed (each after its partition's event before it) and each
+    partition's head set to its last event, so the chains alone hold."""
     conn = await quota_log.connect(url, size=1)
     try:
         async with conn.acquire() as c, c.transaction():
             await c.execute("ALTER TABLE quota_events DISABLE TRIGGER quota_events_append_only")
             await c.execute(sql)
-            previous = await c.fetchval(
-                "SELECT hash FROM quota_events WHERE position < $1 ORDER BY position DESC LIMIT 1",
-                from_position or 0,
-            )
+            previous: dict[int, str] = {}
             for row in await c.fetch(
                 "SELECT * FROM quota_events WHERE position >= $1 ORDER BY position", from_position or 10**9
             ):
+                part = row["partition"]
+                if part not in previous:
+                    previous[part] = (
+                        await c.fetchval(
+                            "SELECT hash FROM quota_events WHERE partition = $1 AND position < $2"
+                            " ORDER BY position DESC LIMIT 1",
+                            part,
+                            row["position"],
+                        )
+                        or chain.GENESIS
+                    )
                 fields = {k: row[k] for k in ("stream_id", "version", "event_type", "request_id", "payload")}
-                fields |= {"metadata": row["metadata"], "recorded_at": row["recorded_at"], "prev_hash": previous}
-                previous = chain.event_hash(**fields)
+                fields |= {"metadata": row["metadata"], "recorded_at": row["recorded_at"], "prev_hash": previous[part]}
+                previous[part] = chain.event_hash(**fields)
                 await c.execute(
                     "UPDATE quota_events SET prev_hash = $1, hash = $2 WHERE position = $3",
                     fields["prev_hash"],
-                    previous,
+                    previous[part],
                     row["position"],
                 )
-            last = await c.fetchval("SELECT hash FROM quota_events ORDER BY position DESC LIMIT 1")
-            await c.execute("UPDATE quota_chain_head SET hash = $1", last)
+            await reset_heads(c)
             await c.execute("ALTER TABLE quota_events ENABLE TRIGGER quota_events_append_only")
     finally:
         await conn.close()
+
+
+async def reset_heads(conn: asyncpg.Connection) -> None:
+    """Each partition's head set to its last event, as if the log had always ended there."""
+    await conn.execute(
+        """
+        UPDATE quota_chain_head h SET hash = coalesce(last.hash, $1), position = last.position
+        FROM quota_chain_head p LEFT JOIN LATERAL (
+            SELECT hash, position FROM quota_events e WHERE e.partition = p.partition
+            ORDER BY position DESC LIMIT 1
+        ) last ON true
+        WHERE h.partition = p.partition
+        """,
+        chain.GENESIS,
+    )
 
 
 async def _checkpoint_file(url: str, folder: Path, positions: tuple[int, ...]) -> list[str]:
@@ -471,7 +579,10 @@ async def _checkpoint_file(url: str, folder: Path, positions: tuple[int, ...]) -
         hashes = dict(await conn.fetch("SELECT position, hash FROM quota_events WHERE position = ANY($1)", positions))
     finally:
         await conn.close()
-    signed = [checkpoints.sign(key, position, hashes[position], datetime.now(UTC)) for position in positions]
+    signed = [
+        checkpoints.sign(key, [checkpoints.Head(0, position, hashes[position])], datetime.now(UTC))
+        for position in positions
+    ]
     with (folder / "checkpoints.jsonl").open("wb") as file:
         audit.export_checkpoints(signed, file)
     return [
@@ -508,7 +619,7 @@ async def test_verify_finds_covered_tracks_against_the_signed_checkpoints(
     assert broken.returncode == 1
     first = broken.stdout.splitlines()[0]
     if tampering == "newest removed":
-        assert first.startswith("BROKEN: the log ends at position 11 but the checkpoint signed at"), first
+        assert first.startswith("BROKEN: partition 0 ends at position 11 but the checkpoint signed at"), first
         assert "covers position 13: the newest events were removed" in first
     else:
         assert first.startswith("BROKEN: position 10: its hash"), first

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -11,6 +12,7 @@ import nacl.signing
 import pytest
 
 from services.quota import audit, chain, checkpoints
+from services.quota import log as quota_log
 from services.quota.log_events import QuotaAdjusted, QuotaRefunded
 
 AT = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
@@ -69,37 +71,79 @@ HASHES = {position: f"{position:064x}" for position in (10, 20, 30)}
 
 
 def signed_at(*positions: int) -> list[checkpoints.Checkpoint]:
-    return [checkpoints.sign(KEY, position, HASHES[position], AT) for position in positions]
+    """Checkpoints of a one-partition log."""
+    return [checkpoints.sign(KEY, [checkpoints.Head(0, position, HASHES[position])], AT) for position in positions]
 
 
 def test_an_honest_table_matches_its_checkpoints() -> None:
-    report = checkpoints.check(signed_at(10, 20, 30), KEY.verify_key, HASHES, 31)
+    report = checkpoints.check(signed_at(10, 20, 30), KEY.verify_key, HASHES, {0: 31})
     assert report.broken == [] and report.checked == 3 and report.newest.position == 30
 
 
 def test_removed_newest_rows_are_named() -> None:
-    report = checkpoints.check(signed_at(10, 20, 30), KEY.verify_key, {10: HASHES[10], 20: HASHES[20]}, 25)
+    report = checkpoints.check(signed_at(10, 20, 30), KEY.verify_key, {10: HASHES[10], 20: HASHES[20]}, {0: 25})
     assert report.broken == [
-        "the log ends at position 25 but the checkpoint signed at 2026-01-02T03:04:05.678901+00:00 covers"
+        "partition 0 ends at position 25 but the checkpoint signed at 2026-01-02T03:04:05.678901+00:00 covers"
         " position 30: the newest events were removed"
     ]
 
 
 def test_a_rewritten_middle_row_is_named_after_the_last_matching_checkpoint() -> None:
     rewritten = {**HASHES, 20: "f" * 64, 30: "e" * 64}
-    report = checkpoints.check(signed_at(10, 20, 30), KEY.verify_key, rewritten, 30)
+    report = checkpoints.check(signed_at(10, 20, 30), KEY.verify_key, rewritten, {0: 30})
     assert len(report.broken) == 2
     assert report.broken[0].startswith("position 20: its hash ffffffffffff… differs from the checkpoint")
     assert "history was rewritten after position 10, up to position 20" in report.broken[0]
 
 
 def test_a_checkpoint_of_another_key_counts_for_nothing() -> None:
-    forged = checkpoints.sign(nacl.signing.SigningKey(b"x" * 32), 30, "e" * 64, AT)
+    forged = checkpoints.sign(nacl.signing.SigningKey(b"x" * 32), [checkpoints.Head(0, 30, "e" * 64)], AT)
     tampered = signed_at(20)[0]
-    tampered.hash = "d" * 64  # the signature no longer covers it
-    report = checkpoints.check([forged, tampered], KEY.verify_key, HASHES, 30)
+    tampered.heads = [checkpoints.Head(0, 20, "d" * 64)]  # the signature no longer covers it
+    report = checkpoints.check([forged, tampered], KEY.verify_key, HASHES, {0: 30})
     assert report.checked == 0
     assert all("is not signed by quota's checkpoint key" in line for line in report.broken)
+
+
+# Partition 0 holds 10 and 30, partition 1 holds 20 and 25.
+PARTITIONED = {10: "a" * 64, 20: "b" * 64, 25: "c" * 64, 30: "d" * 64}
+
+
+def heads_at(*heads: tuple[int, int]) -> checkpoints.Checkpoint:
+    return checkpoints.sign(KEY, [checkpoints.Head(p, position, PARTITIONED[position]) for p, position in heads], AT)
+
+
+def test_a_checkpoint_covers_every_partitions_head() -> None:
+    checkpoint = heads_at((1, 25), (0, 30))
+    assert (checkpoint.position, checkpoint.hash) == (30, PARTITIONED[30])  # the newest head
+    assert [head.partition for head in checkpoint.heads] == [0, 1]
+    report = checkpoints.check([checkpoint], KEY.verify_key, PARTITIONED, {0: 30, 1: 25})
+    assert report.broken == [] and report.matched == 1
+
+
+def test_one_partitions_removed_newest_event_is_found_while_the_other_matches() -> None:
+    older, newer = heads_at((0, 10), (1, 20)), heads_at((0, 30), (1, 25))
+    hashes = {position: PARTITIONED[position] for position in (10, 20, 30)}  # 25 is gone
+    report = checkpoints.check([older, newer], KEY.verify_key, hashes, {0: 30, 1: 20})
+    assert report.matched == 1 and len(report.broken) == 1
+    assert report.broken[0].startswith("partition 1 ends at position 20 but the checkpoint signed at")
+    # Checking partition 0 alone: nothing wrong there.
+    assert checkpoints.check([older, newer], KEY.verify_key, hashes, {0: 30, 1: 20}, partition=0).broken == []
+
+
+def test_a_checkpoint_from_before_partitions_is_read_as_partition_zeros_head() -> None:
+    old = checkpoints.Checkpoint(position=30, hash=PARTITIONED[30], at=AT, key=KEY.verify_key.encode().hex())
+    old.signature = KEY.sign(old.signed_bytes()).signature.hex()  # the document it signed: no heads
+    assert b"heads" not in old.signed_bytes()
+    assert old.covered() == [checkpoints.Head(0, 30, PARTITIONED[30])]
+    assert checkpoints.check([old], KEY.verify_key, PARTITIONED, {0: 30, 1: 25}).broken == []
+
+
+def test_a_user_stays_in_one_partition_and_users_spread_over_all() -> None:
+    assert quota_log.partition_of("alice", 16) == quota_log.partition_of("alice", 16)
+    assert quota_log.partition_of("alice", 1) == 0
+    counts = Counter(quota_log.partition_of(f"user{n}", 16) for n in range(16_000))
+    assert set(counts) == set(range(16)) and max(counts.values()) < 1.2 * min(counts.values())
 
 
 def test_a_checkpoint_survives_its_wire_form(tmp_path) -> None:
