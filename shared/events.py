@@ -84,7 +84,7 @@ class PromptSubmitted(Event, kw_only=True):
     submitted_at: datetime = msgspec.field(default_factory=utcnow)
 
 
-DenialReason = Literal["daily_limit", "rate_limit", "capacity", "invalid", "too_costly"]
+DenialReason = Literal["daily_limit", "rate_limit", "capacity", "invalid", "too_costly", "concurrency"]
 # Fleet pressure, from the render workers' heartbeats; quota sheds load by it.
 Pressure = Literal["normal", "elevated", "critical"]
 

@@ -262,9 +262,13 @@ class QuotaService:
             state = user.state
             plan_name = user.plan if user.plan in self.config.plans else DEFAULT_PLAN
             plan = self.config.plan(plan_name)
-            state_before = msgspec.to_builtins(state)
-            decision = policy.decide(submission, plan_name, plan, state, pressure, self.config.shedding, now, pricing)
+            state_before, active_before = msgspec.to_builtins(state), user.active
+            decision = policy.decide(
+                submission, plan_name, plan, state, pressure, self.config.shedding, now, pricing, user.active
+            )
             policy.apply(state, decision)
+            if isinstance(decision, QuotaGranted):
+                user.active += 1  # the user's next request in this batch sees this one
             decisions[_key(submission)] = decision
             if isinstance(decision, QuotaGranted) and decision.over_soft_cap:
                 logger.warning(
@@ -290,6 +294,7 @@ class QuotaService:
                             "shedding": msgspec.to_builtins(self.config.shedding),
                             "state_before": state_before,
                             "pricing": msgspec.to_builtins(pricing),
+                            "active": active_before,
                         },
                     },
                 )
@@ -304,6 +309,9 @@ class QuotaService:
 
     async def handle_outcome(self, outcome: QuotaDenied | ImageDelivered | RequestFailed) -> None:
         metrics.count_outcome(outcome)
+        if isinstance(outcome, QuotaDenied):
+            return  # never granted: nothing in progress, nothing to give back
+        await quota_log.ended(self.pool, outcome.user_id, outcome.request_id)
         if not isinstance(outcome, RequestFailed):
             return
         async with quota_log.appending(self.pool, quota_log.partition_of(outcome.user_id, self.partitions)) as log:

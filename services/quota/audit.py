@@ -194,6 +194,7 @@ def _replay_decision(recorded: QuotaGranted | QuotaDenied, meta: dict[str, Any],
         msgspec.convert(inputs["shedding"], Shedding),
         recorded.decided_at,
         msgspec.convert(inputs.get("pricing", {}), policy.Pricing),
+        inputs.get("active", 0),
     )
     want, got = msgspec.to_builtins(recorded), msgspec.to_builtins(again)
     if want != got:

@@ -9,6 +9,8 @@ Tables (migrations in `migrations/`):
                  UTC day. Written in the same transaction as the events; rebuildable.
   quota_buckets  projection: each user's rate-limit bucket after their last grant.
   quota_outbox   decisions committed but not yet known to be on NATS (the relay's work).
+  quota_active   requests granted and not yet ended, per user (a plan's `max_active`):
+                 added with each grant, removed when quota hears the request's outcome.
   quota_chain_head  one row per partition: its last event's hash and position; locking it
                  is that partition's append lock.
 
@@ -29,7 +31,7 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -39,6 +41,10 @@ from services.quota import chain
 from services.quota.log_events import Decision, LogEvent, from_payload
 from services.quota.policy import Bucket, Usage, UserState, apply
 from services.quota.policy import utc_day as policy_day
+
+# A granted request whose outcome quota never hears (lost beyond every retry) stops
+# counting against its user's `max_active` after this: the limit bounds, it never locks out.
+ACTIVE_FOR = timedelta(minutes=15)
 
 
 class Conflict(Exception):
@@ -96,6 +102,7 @@ class UserRecord:
     plan: str | None  # the account's plan; None: no account (the default plan)
     state: UserState  # from the projections
     version: int  # the user's stream's last version, 0 if none
+    active: int = 0  # requests granted and not yet ended
 
 
 class Appender:
@@ -177,10 +184,15 @@ WITH events AS (
                 $7::timestamptz[], $8::text[], $9::text[], $10::smallint[])
          WITH ORDINALITY AS x(s, v, t, r, p, m, at, prev, h, part, n)
     ORDER BY n
-    RETURNING position, event_type
+    RETURNING position, event_type, stream_id, request_id
 ), outbox AS (
     INSERT INTO quota_outbox (position)
     SELECT position FROM events WHERE event_type IN ('QuotaGranted', 'QuotaDenied')
+), active AS (
+    INSERT INTO quota_active (user_id, request_id)
+    SELECT substr(stream_id, 6), request_id FROM events  -- stream_id: 'user:' || user id
+    WHERE event_type = 'QuotaGranted'
+    ON CONFLICT DO NOTHING
 ), usage AS (
     INSERT INTO quota_usage (user_id, day, granted, refunded, extra)
     SELECT * FROM unnest($11::text[], $12::text[], $13::int[], $14::int[], $15::int[])
@@ -232,7 +244,9 @@ async def user_records(conn: asyncpg.Connection, users_on_days: Iterable[tuple[s
         """
         SELECT d.user_id, d.day, a.plan, q.granted, q.refunded, q.extra, b.tokens, b.at,
                (SELECT coalesce(max(version), 0) FROM quota_events e
-                WHERE e.stream_id = d.stream_id) AS version
+                WHERE e.stream_id = d.stream_id) AS version,
+               (SELECT count(*) FROM quota_active r
+                WHERE r.user_id = d.user_id AND r.granted_at > now() - $4::interval) AS active
         FROM unnest($1::text[], $2::text[], $3::text[]) AS d(user_id, day, stream_id)
         LEFT JOIN accounts a ON a.user_id = d.user_id
         LEFT JOIN quota_usage q ON q.user_id = d.user_id AND q.day = d.day
@@ -241,12 +255,12 @@ async def user_records(conn: asyncpg.Connection, users_on_days: Iterable[tuple[s
         [user for user, _ in pairs],
         [day for _, day in pairs],
         [user_stream(user) for user, _ in pairs],
+        ACTIVE_FOR,
     )
     records: dict[str, UserRecord] = {}
     for row in rows:
-        record = records.setdefault(
-            row["user_id"], UserRecord(row["plan"], UserState(bucket=Bucket(row["tokens"], row["at"])), row["version"])
-        )
+        state = UserState(bucket=Bucket(row["tokens"], row["at"]))
+        record = records.setdefault(row["user_id"], UserRecord(row["plan"], state, row["version"], row["active"]))
         if row["granted"] is not None:
             record.state.usage[row["day"]] = Usage(row["granted"], row["refunded"], row["extra"])
     return records
@@ -277,6 +291,17 @@ async def refund_recorded(conn: asyncpg.Connection, user_id: str, request_id: st
             user_stream(user_id),
             request_id,
         )
+    )
+
+
+async def ended(pool: asyncpg.Pool, user_id: str, request_id: str) -> None:
+    """The request has its outcome: it no longer counts against the user's `max_active`;
+    nor does any of the user's requests granted longer ago than ACTIVE_FOR."""
+    await pool.execute(
+        "DELETE FROM quota_active WHERE user_id = $1 AND (request_id = $2 OR granted_at < now() - $3::interval)",
+        user_id,
+        request_id,
+        ACTIVE_FOR,
     )
 
 

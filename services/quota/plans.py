@@ -25,10 +25,13 @@ class Plan(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     per_hour: float
     soft_cap: int = 0
     budget_s: float = 0.0  # seconds of a worker's time one image may take; 0 = no budget
+    max_active: int = 0  # requests granted and not yet ended, at once; 0 = no limit
 
     def __post_init__(self) -> None:
         if self.daily_limit < 0 or self.burst < 1 or self.per_hour <= 0 or self.soft_cap < 0 or self.budget_s < 0:
             raise ValueError("need daily_limit >= 0, burst >= 1, per_hour > 0, soft_cap >= 0, budget_s >= 0")
+        if self.max_active < 0:
+            raise ValueError("need max_active >= 0 (0: no limit)")
         # Kept below 10^15: larger floats come back from JSONB as integers, which would
         # change the logged decision's canonical form (and its hash).
         if max(self.daily_limit, self.burst, self.per_hour, self.soft_cap, self.budget_s) >= 1e15:

@@ -18,10 +18,13 @@ from shared import cost
 from shared.events import MAX_SIDE, MAX_STEPS, MIN_SIDE, Pressure, PromptSubmitted, QuotaDenied, QuotaGranted
 from shared.model_card import ModelCard
 
-POLICY_VERSION = "4"  # 3: sizes and cost (`Pricing`); 4: free images degraded under pressure
+# 3: sizes and cost (`Pricing`); 4: free images degraded under pressure; 5: `max_active`
+POLICY_VERSION = "5"
 # Versions whose decisions replay re-runs: version 2 had no pricing, which `Pricing()` is;
-# before 4 the recorded shedding rules have no `elevated_max_steps`, which is no degrading.
-REPLAYABLE_VERSIONS = ("2", "3", "4")
+# before 4 the recorded shedding rules have no `elevated_max_steps`, which is no degrading;
+# before 5 no plan had `max_active` and no decision recorded `active`, which is no limit.
+REPLAYABLE_VERSIONS = ("2", "3", "4", "5")
+ACTIVE_RETRY_S = 10  # a user at max_active may try again this soon: requests end in seconds
 MAX_PROMPT_CHARS = 1000
 SIZE_RANGE = (MIN_SIDE, MAX_SIDE)
 STEPS_RANGE = (1, MAX_STEPS)
@@ -133,7 +136,10 @@ def decide(
     shedding: Shedding,
     now: datetime,
     pricing: Pricing = Pricing(),
+    active: int = 0,
 ) -> QuotaGranted | QuotaDenied:
+    """`active`: the user's requests granted and not yet ended (not in `state`: it comes
+    from the outcomes on the bus, not the log, and is recorded with the decision)."""
     ids = dict(
         request_id=submission.request_id,
         user_id=submission.user_id,
@@ -170,6 +176,14 @@ def decide(
     if pressure == "critical" and plan.tier == "free":
         retry = now + timedelta(seconds=shedding.critical_retry_after_s)
         return deny("capacity", "the render fleet is overloaded; free images are paused", retry)
+
+    # Refused at once rather than queued: a user's work in the fleet stays bounded.
+    if plan.max_active and active >= plan.max_active:
+        return deny(
+            "concurrency",
+            f"the {plan_name} plan allows {plan.max_active} requests at once and {active} are still in progress",
+            now + timedelta(seconds=ACTIVE_RETRY_S),
+        )
 
     day = utc_day(now)
     usage = state.on(day)

@@ -26,7 +26,7 @@ import pytest
 
 from infra.platform import Platform
 from kiln.client import KilnClient
-from services.quota import audit, chain, checkpoints, plans, policy
+from services.quota import accounts, audit, chain, checkpoints, plans, policy
 from services.quota import log as quota_log
 from services.quota.application import QuotaService
 from services.quota.log_events import QuotaRefunded
@@ -512,6 +512,40 @@ async def test_processes_that_disagree_on_the_partitions_never_grant_a_user_more
     assert {row["stream_id"] for row in granted} == {quota_log.user_stream(user) for user in users}
     assert all(row["n"] == 3 for row in granted), granted  # free: 3 a day, not one more
     assert report.broken == []
+
+
+async def test_requests_in_progress_count_against_max_active_until_their_outcomes(scratch_database: str):
+    """The `capped` plan allows 2 at once: a third waits for an outcome, refused at once."""
+    pool = await quota_log.connect(scratch_database)
+    config = plans.load(TEST_PLANS)
+    quota = QuotaService(pool, None, config, FleetMonitor(config.pressure))
+    try:
+        async with pool.acquire() as conn:
+            await accounts.add(conn, config, "busy", "capped")
+
+        async def ask(*requests: str) -> list:
+            decisions, _, _ = await quota.decide([Received(_prompt("busy", r), None) for r in requests])
+            return [decisions[("busy", r)] for r in requests]
+
+        first = await ask("r0", "r1", "r2")
+        assert [type(d) for d in first] == [QuotaGranted, QuotaGranted, QuotaDenied]
+        assert first[2].reason == "concurrency" and first[2].retry_at is not None
+        assert isinstance((await ask("r3"))[0], QuotaDenied)  # still two in progress
+
+        await quota.handle_outcome(ImageDelivered(request_id="r0", user_id="busy", image_key="k", render_ms=1))
+        assert isinstance((await ask("r4"))[0], QuotaGranted)
+        failed = RequestFailed(request_id="r1", user_id="busy", stage="render", reason="error", detail="boom")
+        await quota.handle_outcome(failed)  # ends it, and refunds it
+        assert isinstance((await ask("r5"))[0], QuotaGranted)
+        assert [d.reason for d in await ask("r6")] == ["concurrency"]
+        async with pool.acquire() as conn:
+            in_progress = await conn.fetch("SELECT request_id FROM quota_active WHERE user_id = 'busy'")
+            replayed = await audit.replay(conn)
+    finally:
+        await pool.close()
+    assert sorted(row["request_id"] for row in in_progress) == ["r4", "r5"]
+    # The count each decision saw is recorded with it: replay makes the same decisions.
+    assert replayed.mismatches == [] and replayed.checked == 7 and replayed.refunds == 1
 
 
 # -- checkpoints outside the database, and numbers JSONB keeps its own way ---------------

@@ -174,3 +174,30 @@ def test_without_measured_figures_or_a_budget_nothing_is_refused_for_cost():
     for plan, pricing in ((BUDGETED, unpriced), (FREE, PRICED)):
         decision = policy.decide(_prompt(steps=50), "free", plan, policy.UserState(), "normal", SHEDDING, NOW, pricing)
         assert isinstance(decision, QuotaGranted)
+
+
+# -- requests at once (`max_active`) -------------------------------------------------------
+
+CAPPED = Plan(tier="paid", daily_limit=100, burst=50, per_hour=600, max_active=2)
+
+
+def test_a_user_at_the_plans_requests_at_once_is_refused_at_once_with_a_retry_time():
+    state = policy.UserState()
+    decisions = [
+        policy.decide(_prompt(request_id=f"r{n}"), "capped", CAPPED, state, "normal", SHEDDING, NOW, active=n)
+        for n in range(3)
+    ]
+    assert [type(d) for d in decisions] == [QuotaGranted, QuotaGranted, QuotaDenied]
+    refused = decisions[2]
+    assert refused.reason == "concurrency" and refused.retry_at == NOW + timedelta(seconds=policy.ACTIVE_RETRY_S)
+    assert "allows 2 requests at once and 2 are still in progress" in refused.detail
+
+
+def test_without_max_active_any_number_may_be_in_progress():
+    decision = policy.decide(_prompt(), "plus", PLUS, policy.UserState(), "normal", SHEDDING, NOW, active=1000)
+    assert isinstance(decision, QuotaGranted)
+
+
+def test_a_negative_max_active_is_refused():
+    with pytest.raises(ValueError, match="max_active"):
+        Plan(tier="paid", daily_limit=1, burst=1, per_hour=1, max_active=-1)
