@@ -8,7 +8,7 @@ PHOENIX := .phoenix/.installed
 CHROMIUM ?= /usr/bin/chromium
 export KILN_CHROMIUM := $(CHROMIUM)
 
-.PHONY: run test test-faults lint asyncapi bench bench-scale model model-check clean
+.PHONY: run cluster test test-faults lint asyncapi bench bench-scale model model-check clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,6 +19,11 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP) $(PHOENIX)
 	$(VENV)/bin/kiln up
+
+# The same platform on a 3-node JetStream cluster (embedded nats-servers, R3 streams): a
+# node can be killed (`kill -9 $$(cat .kiln/nats/node-2/nats-server.pid)`) and Kiln rides it out.
+cluster: $(STAMP) $(PHOENIX)
+	$(VENV)/bin/kiln up --nats-cluster 3
 
 test: $(STAMP) $(PHOENIX) $(CHROMIUM)
 	$(PYTHON) -m pytest -q

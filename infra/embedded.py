@@ -32,7 +32,7 @@ warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
 
 NATS_CONFIG = """\
 listen: 127.0.0.1:{port}
-server_name: kiln-embedded
+server_name: {name}
 jetstream {{
   store_dir: "{store}"
   # Sync every write to disk before acknowledging it: accepted work survives power loss.
@@ -113,12 +113,15 @@ def stop_pid(pid: int, cmdline_hint: str, timeout_s: float = 10, sig: int = sign
 
 
 class EmbeddedNats:
-    def __init__(self, root: Path, port: int, auth: str = "") -> None:
+    def __init__(self, root: Path, port: int, auth: str = "", name: str = "kiln-embedded", extra: str = "") -> None:
         """`auth`: nats-server config that turns authentication on (`infra.nats_auth`);
-        empty: anyone who reaches the port may do anything."""
+        empty: anyone who reaches the port may do anything. `name` and `extra` (more
+        config): a node of a cluster (`infra.nats_cluster`)."""
         self.root = root
         self.port = port
         self.auth = auth
+        self.name = name
+        self.extra = extra
         self.pid_file = root / "nats-server.pid"
         self.log = root / "nats-server.log"
         self.process: subprocess.Popen | None = None
@@ -133,7 +136,8 @@ class EmbeddedNats:
         if port_in_use(self.port):
             raise ServerError(f"port {self.port} is taken; set KILN_NATS_PORT to another port")
         config = self.root / "nats-server.conf"
-        config.write_text(NATS_CONFIG.format(port=self.port, store=self.root / "jetstream") + self.auth)
+        text = NATS_CONFIG.format(port=self.port, name=self.name, store=self.root / "jetstream")
+        config.write_text(text + self.extra + self.auth)
         config.chmod(0o600)  # it holds the account JWTs
         binary = shutil.which("nats-server", path=str(Path(sys.executable).parent)) or "nats-server"
         with open(self.log, "ab") as log:

@@ -39,11 +39,12 @@ from infra.nats_auth import (
     service_permissions,
     write_private,
 )
+from infra.nats_cluster import EmbeddedNatsCluster, NodePorts
 from infra.tracing_ui import Phoenix
 from services.quota.migrate import upgrade
 from shared import subjects
 from shared.access import Access, credential_options
-from shared.bus import Bus
+from shared.bus import Bus, nats_servers
 from shared.settings import (
     DEFAULT_HTTP_PORT,
     DEFAULT_METRICS_PORTS,
@@ -60,6 +61,8 @@ from shared.settings import (
     hide_password,
 )
 from shared.telemetry import USER_REF_KEY_FILE
+
+CLUSTER_REPLICAS = 3  # copies of each stream on an embedded cluster
 
 # The durable consumer each service pulls from: it has pull requests waiting once the
 # service is up and serving. Render takes its jobs through the fair queue instead: it is
@@ -80,6 +83,8 @@ class Platform:
     nats_auth: bool = True
     database_url: str | None = None
     nats_port: int = EMBEDDED_NATS_PORT
+    # Embedded nats-servers: 1, or a JetStream cluster of 3 (or 5) whose streams are R3.
+    nats_cluster: int = 1
     postgres_port: int = EMBEDDED_POSTGRES_PORT
     http_port: int = DEFAULT_HTTP_PORT
     model_path: Path = DEFAULT_MODEL
@@ -95,7 +100,7 @@ class Platform:
     services: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
     # instance → (service, its extra env): how to start it again (a rolling restart)
     started_as: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict, init=False)
-    _nats: EmbeddedNats | None = field(default=None, init=False, repr=False)
+    _nats: EmbeddedNats | EmbeddedNatsCluster | None = field(default=None, init=False, repr=False)
     _postgres: EmbeddedPostgres | None = field(default=None, init=False, repr=False)
     _phoenix: Phoenix | None = field(default=None, init=False, repr=False)
     _lock: TextIO | None = field(default=None, init=False, repr=False)
@@ -109,6 +114,7 @@ class Platform:
             nats_auth=settings.nats_auth,
             database_url=settings.database_url,
             nats_port=settings.nats_port,
+            nats_cluster=settings.nats_cluster,
             postgres_port=settings.postgres_port,
             http_port=settings.http_port,
             model_path=settings.model_path,
@@ -130,6 +136,7 @@ class Platform:
             nats_auth=settings.nats_auth,
             database_url=settings.database_url,
             nats_port=free_port(),
+            nats_cluster=settings.nats_cluster,
             postgres_port=free_port(),
             http_port=free_port(),
             model_path=model_path,
@@ -143,6 +150,15 @@ class Platform:
     @property
     def embedded_postgres(self) -> EmbeddedPostgres | None:
         return self._postgres
+
+    @property
+    def embedded_nats_cluster(self) -> EmbeddedNatsCluster | None:
+        return self._nats if isinstance(self._nats, EmbeddedNatsCluster) else None
+
+    @property
+    def stream_replicas(self) -> int:
+        """R3 on our own cluster (a node may die, a majority stays); else as configured."""
+        return CLUSTER_REPLICAS if self.embedded_nats_cluster else Settings.from_env().stream_replicas
 
     @property
     def http_url(self) -> str:
@@ -171,7 +187,7 @@ class Platform:
         if self.nats_url is None:
             # Kept before starting, so that `stop` stops it even if starting is interrupted.
             auth = Authority.open(self.data_dir).server_config() if self.nats_auth else ""
-            self._nats = EmbeddedNats(self.data_dir / "nats", self.nats_port, auth)
+            self._nats = self._embedded_nats(auth)
             self.nats_url = self._nats.start()
         if self.database_url is None:
             self._postgres = EmbeddedPostgres(self.data_dir / "postgres" / "data", self.postgres_port)
@@ -183,6 +199,14 @@ class Platform:
             except ServerError as error:
                 self._no_tracing_ui(error)
         TracingInfo(self.otlp_endpoint, self.trace_url).save(self.data_dir)  # for the CLI
+
+    def _embedded_nats(self, auth: str) -> EmbeddedNats | EmbeddedNatsCluster:
+        if self.nats_cluster == 1:
+            return EmbeddedNats(self.data_dir / "nats", self.nats_port, auth)
+        # A throwaway platform's nodes take free ports, as its other servers do.
+        size = self.nats_cluster
+        ports = NodePorts.free(size) if self.throwaway else NodePorts.counting_from(self.nats_port, size)
+        return EmbeddedNatsCluster(self.data_dir / "nats", ports, auth)
 
     def _no_tracing_ui(self, error: ServerError) -> None:
         """The tracing UI is a help, not a part: without it Kiln runs, untraced."""
@@ -261,7 +285,7 @@ class Platform:
         on, no service may change them."""
         bus = await self.bus()
         try:
-            await bus.declare(Settings.from_env().stream_replicas)
+            await bus.declare(self.stream_replicas)
         finally:
             await bus.close()
 
@@ -297,6 +321,7 @@ class Platform:
         return {
             **os.environ,
             "KILN_NATS_URL": self.nats_url,
+            "KILN_STREAM_REPLICAS": str(self.stream_replicas),
             "KILN_NATS_AUTH": "on" if self.nats_auth else "off",
             "KILN_DATABASE_URL": self.database_url,
             "KILN_MODEL": str(self.model_path),
@@ -369,7 +394,7 @@ class Platform:
 
     async def _wait_started(self, service: str, instance: str, pid: int, timeout_s: float) -> None:
         """Until the new process serves (`_serving`)."""
-        nc = await nats.connect(self.nats_url, **self.nats_options(ADMIN))
+        nc = await nats.connect(nats_servers(self.nats_url), **self.nats_options(ADMIN))
         heartbeats = await nc.subscribe(subjects.FLEET_TELEMETRY.pattern)
         deadline = time.monotonic() + timeout_s
         try:
@@ -411,7 +436,7 @@ class Platform:
     async def wait_ready(self, timeout_s: float = 120) -> None:
         """Wait until every service is pulling from its consumer and delivery answers HTTP."""
         deadline = time.monotonic() + timeout_s
-        nc = await nats.connect(self.nats_url, **self.nats_options(ADMIN))
+        nc = await nats.connect(nats_servers(self.nats_url), **self.nats_options(ADMIN))
         heartbeats = await nc.subscribe(subjects.FLEET_TELEMETRY.pattern)
         try:
             js = nc.jetstream()
@@ -437,6 +462,8 @@ class Platform:
             info = await js.consumer_info(stream, durable)
         except nats.js.errors.NotFoundError:
             return False
+        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
+            return False  # on a cluster, a consumer just made answers once its leader is elected
         return bool(info.num_waiting) and (service != "delivery" or await self._http_ok())
 
     @staticmethod
@@ -469,6 +496,8 @@ class Platform:
         """Where everything is, for the operator who just ran `kiln up`."""
 
         def origin(server: object | None) -> str:
+            if isinstance(server, EmbeddedNatsCluster):
+                return f"  (embedded: a cluster of {len(server.nodes)}, streams R{self.stream_replicas})"
             return "  (embedded)" if server is not None else "  (external)"
 
         metrics = ", ".join(f"{name} :{port}" for name, port in self.metrics_ports.items())

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import getpass
 import io
 import math
@@ -85,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     up = commands.add_parser("up", help="start the platform (embedded servers unless KILN_*_URL are set)")
+    up.add_argument(
+        "--nats-cluster",
+        type=int,
+        choices=(1, 3, 5),
+        help="embedded nats-servers, as one JetStream cluster with R3 streams (default: KILN_NATS_CLUSTER, 1)",
+    )
     up.set_defaults(run=_up)
 
     login = commands.add_parser(
@@ -588,10 +595,13 @@ def _up(args: argparse.Namespace) -> int:
     from infra.platform import Platform
 
     try:
-        platform = Platform.from_settings(Settings.from_env())
+        settings = Settings.from_env()
     except SettingsError as error:
         console.print(f"kiln up: {error}")
         return EXIT_USAGE
+    if args.nats_cluster:
+        settings = dataclasses.replace(settings, nats_cluster=args.nats_cluster)
+    platform = Platform.from_settings(settings)
     # SIGTERM stops Kiln the way Ctrl-C does, at any point, startup included. (SIGINT is
     # set too: a shell starting us in the background would have us ignore it.)
     signal.signal(signal.SIGTERM, signal.default_int_handler)

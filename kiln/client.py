@@ -51,6 +51,7 @@ tracer = trace.get_tracer("kiln.client")
 log = logging.getLogger("kiln.client")
 
 ANNOUNCED_LOOKUPS, ANNOUNCED_LOOKUP_PAUSE_S = 20, 0.05
+RECONNECT_CHECK_S = 1.0  # how soon a wait notices that its connection moved to another server
 
 
 class ServiceUnavailable(Exception):
@@ -303,14 +304,19 @@ class KilnClient:
         """Pass progress on until an outcome is announced (True) or `until` (False).
 
         An announcement is only a cue: a plain subscriber also sees a second outcome that
-        JetStream refused to store, so the caller reads the stored, first one."""
+        JetStream refused to store, so the caller reads the stored, first one. The
+        connection moving to another server (one of a cluster died) is a cue too: an
+        announcement made meanwhile was not heard."""
         loop = asyncio.get_running_loop()
         rendering = False
+        reconnects = self.bus.reconnects
         while (remaining := until - loop.time()) > 0:
             try:
-                msg = await asyncio.wait_for(inbox.get(), remaining)
+                msg = await asyncio.wait_for(inbox.get(), min(remaining, RECONNECT_CHECK_S))
             except TimeoutError:
-                return False
+                if self.bus.reconnects != reconnects:
+                    return True
+                continue
             try:
                 event = msg.event()
             except msgspec.DecodeError:

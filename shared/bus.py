@@ -81,6 +81,12 @@ _READER = dict(
 )
 
 
+def nats_servers(url: str) -> list[str]:
+    """The servers in a URL that may name several, comma-separated (KILN_NATS_URL for a
+    cluster): nats-py takes them as a list, and reconnects to another when one goes."""
+    return [part.strip() for part in url.split(",") if part.strip()]
+
+
 @dataclass(frozen=True)
 class Message:
     """A message as a listener hears it."""
@@ -130,7 +136,7 @@ class Bus:
 
         settings: dict[str, Any] = {"max_reconnect_attempts": -1, "error_cb": on_error} | options
         settings |= credential_options(credentials, service)
-        nc = await nats.connect(url, name=f"kiln-{service}", **settings)
+        nc = await nats.connect(nats_servers(url), name=f"kiln-{service}", **settings)
         return cls(nc, service, tracer, access)
 
     async def close(self) -> None:
@@ -142,6 +148,12 @@ class Bus:
     @property
     def is_connected(self) -> bool:
         return self._nc.is_connected
+
+    @property
+    def reconnects(self) -> int:
+        """How often the connection has moved to a server again (a plain subscriber hears
+        nothing sent while it moved)."""
+        return self._nc.stats["reconnects"]
 
     # -- streams and buckets --------------------------------------------------------------
 
@@ -267,7 +279,8 @@ class Bus:
         while True:
             try:
                 return await self._js.publish(subject, data, headers=headers)
-            except nats.errors.NoRespondersError as error:
+            # nats-py's js.publish raises NoStreamResponseError for no responders (a 503).
+            except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError) as error:
                 last: nats.errors.Error = error
             except (nats.errors.TimeoutError, nats.errors.ConnectionReconnectingError) as error:
                 if "Nats-Msg-Id" not in headers:

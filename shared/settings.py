@@ -100,9 +100,17 @@ def _on_off(value: str) -> bool:
 
 
 def _nats_url(value: str) -> str:
-    if not value.startswith(("nats://", "tls://", "ws://", "wss://")):
-        raise ValueError("must be a nats:// (or tls://, ws://, wss://) URL")
+    # A cluster's servers may be listed, comma-separated (shared.bus.nats_servers).
+    if not all(part.strip().startswith(("nats://", "tls://", "ws://", "wss://")) for part in value.split(",")):
+        raise ValueError("must be a nats:// (or tls://, ws://, wss://) URL, or several, comma-separated")
     return value
+
+
+def _cluster_size(value: str) -> int:
+    # Even sizes add a node without adding a node that may fail: 2 of 2 is the quorum.
+    if value not in ("1", "3", "5"):
+        raise ValueError("must be 1, 3 or 5")
+    return int(value)
 
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://", "postgresql+asyncpg://")
@@ -199,6 +207,12 @@ class Settings:
         shown="KILN_DATABASE_URL as `kiln_auditor`",
     )
     nats_port: int = setting("KILN_NATS_PORT", EMBEDDED_NATS_PORT, "the embedded NATS's port", _port)
+    nats_cluster: int = setting(
+        "KILN_NATS_CLUSTER",
+        1,
+        "embedded nats-servers `kiln up` runs as one JetStream cluster (3: R3 streams that ride out a lost node; ports from KILN_NATS_PORT up)",
+        _cluster_size,
+    )
     nats_auth: bool = setting(
         "KILN_NATS_AUTH",
         True,
@@ -434,8 +448,8 @@ class Settings:
 
     @property
     def nats_address(self) -> str:
-        """The NATS to connect to: the configured one, else the embedded server."""
-        return self.nats_url or f"nats://127.0.0.1:{self.nats_port}"
+        """The NATS to connect to: the configured one, else the embedded server (or cluster)."""
+        return self.nats_url or ",".join(f"nats://127.0.0.1:{self.nats_port + n}" for n in range(self.nats_cluster))
 
     @property
     def database_address(self) -> str:

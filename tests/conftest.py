@@ -28,6 +28,7 @@ from infra.nats_auth import ADMIN
 from infra.platform import Platform
 from kiln.client import KilnClient
 from services.quota.migrate import upgrade
+from shared.bus import nats_servers
 from shared.settings import DEFAULT_MODEL, Settings
 
 TEST_PLANS = Path(__file__).parent / "integration" / "plans.toml"
@@ -97,7 +98,7 @@ async def client(platform: Platform) -> AsyncIterator[TestClient]:
     assert platform.nats_url
     # The admin's credential: the tests act for many users, as the playground's server does.
     async with await TestClient.connect(platform.nats_url, platform.credentials(ADMIN), ADMIN) as kiln:
-        kiln.nc = await nats.connect(platform.nats_url, **platform.nats_options(ADMIN))
+        kiln.nc = await nats.connect(nats_servers(platform.nats_url), **platform.nats_options(ADMIN))
         kiln.js = kiln.nc.jetstream()
         try:
             yield kiln

@@ -5,6 +5,7 @@ carries a Nats-Msg-Id."""
 from __future__ import annotations
 
 import nats.errors
+import nats.js.errors
 import pytest
 from opentelemetry import trace
 
@@ -42,6 +43,13 @@ async def test_a_publish_that_meets_no_stream_is_retried_until_one_answers():
     bus, js = bus_over([nats.errors.NoRespondersError(), nats.errors.NoRespondersError()])
     assert await bus._publish_retrying("kiln.x", b"", {}) == "acked"
     assert len(js.sent) == 3
+
+
+async def test_a_publish_that_meets_no_stream_is_retried_as_nats_py_reports_it():
+    # js.publish turns a request's NoRespondersError into NoStreamResponseError.
+    bus, js = bus_over([nats.js.errors.NoStreamResponseError()])
+    assert await bus._publish_retrying("kiln.x", b"", {}) == "acked"
+    assert len(js.sent) == 2
 
 
 async def test_a_lost_ack_is_retried_with_the_same_message_id_and_never_without_one():

@@ -54,6 +54,8 @@ from shared.telemetry import mark_failed, record_failure
 
 log = logging.getLogger("kiln.render")
 
+REDELIVER_AFTER_S = 5.0  # a job the bus failed mid-way comes back after this, not ack_wait
+
 # A batch is stopped once its time per image passes its plans' budget by this much: quota
 # priced it within the budget, so only a worker far slower than measured gets here.
 OVER_BUDGET_FACTOR = 2.0
@@ -133,13 +135,15 @@ class RenderWorker:
                     await self.intake.hand_back()
                     await sleep_unless_stopped(stop, IDLE_POLL_S)
                     continue
+                batch: list[Received] = []
                 try:
                     batch = await self.intake.next_batch(limit, stop, idle=self.finish_previous)
                     if batch:
                         await self._run_batch(batch)
                 except nats.errors.Error as error:
-                    # What was not acked, JetStream hands out again.
+                    # What was not acked, JetStream hands out again (what is being stored: by _store).
                     log.warning("bus error, jobs will be redelivered: %s", error)
+                    await _redeliver_soon([item for item in batch if id(item) not in self._storing])
                     await sleep_unless_stopped(stop, IDLE_POLL_S)
         finally:
             try:
@@ -291,6 +295,10 @@ class RenderWorker:
             await self.images.put(item, png, render_ms, batch_size)
             self.throughput.add()
             await self.outcomes.complete(item, render_ms, batch_size=batch_size)
+        except nats.errors.Error:
+            # Rendered again, or only reported if its image was stored.
+            await _redeliver_soon([item])
+            raise
         finally:
             self._storing.discard(id(item))
             self.outcomes.forget(item.event)
@@ -372,6 +380,16 @@ class RenderWorker:
                     await item.msg.in_progress()
                 except nats.errors.Error as error:
                     log.warning("could not extend job %s: %s", item.event.request_id, error)
+
+
+async def _redeliver_soon(items: list[Received]) -> None:
+    """Jobs the bus failed mid-way (a cluster electing a stream's leader after a node died)
+    come back in seconds rather than after ack_wait; a job acked already stays done."""
+    for item in items:
+        try:
+            await item.msg.nak(delay=REDELIVER_AFTER_S)
+        except nats.errors.Error:
+            return  # (our node is the one gone) they come back after ack_wait
 
 
 def over_budget(per_image_s: float, budget_s: float | None) -> bool:
