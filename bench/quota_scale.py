@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import tempfile
 import time
@@ -29,7 +28,6 @@ from pathlib import Path
 import asyncpg
 from opentelemetry import trace
 
-from bench.e2e_latency import RESULTS
 from bench.quota_throughput import (
     BENCH_ACCESS,
     BENCH_PLANS,
@@ -39,6 +37,7 @@ from bench.quota_throughput import (
     raw_insert_rate,
     wait_for_quota,
 )
+from bench.scale import record
 from infra.databases import create_database, drop_database
 from infra.nats_auth import ADMIN
 from infra.platform import Platform
@@ -174,11 +173,7 @@ def main() -> None:
     )
     quota["at"] = utcnow().isoformat()
     quota["took_s"] = round(time.monotonic() - started, 1)
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "scale.json"
-    previous = json.loads(path.read_text()) if path.exists() else {}
-    path.write_text(json.dumps(previous | {"quota": quota}, indent=2) + "\n")
-    print(f"written to {path}")
+    record({"quota": quota})
 
 
 if __name__ == "__main__":

@@ -24,12 +24,12 @@ import time
 import uuid
 from pathlib import Path
 
+from bench.scale import record
 from infra.platform import Platform
 from kiln.client import KilnClient
 from shared.events import ImageDelivered, RequestFailed, utcnow
 from shared.settings import DEFAULT_MODEL, Settings
 
-RESULTS = Path(__file__).parent / "results"
 BENCH_PLANS = Path(__file__).parent / "plans.toml"
 BEFORE_S = 30.0
 REQUEST_TIMEOUT_S = 300.0
@@ -108,11 +108,7 @@ def main() -> None:
     arguments = parser.parse_args()
     result = asyncio.run(measure(arguments.workers, arguments.clients)) | {"at": utcnow().isoformat()}
     print(json.dumps({"rolling_update": result}, indent=2))
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "scale.json"
-    previous = json.loads(path.read_text()) if path.exists() else {}
-    path.write_text(json.dumps(previous | {"rolling_update": result}, indent=2) + "\n")
-    print(f"written to {path}")
+    record({"rolling_update": result})
 
 
 if __name__ == "__main__":

@@ -309,6 +309,12 @@ def main() -> None:
             server.stop()
     results["at"] = utcnow().isoformat()
     print(json.dumps(results, indent=2))
+    record(results)
+
+
+def record(results: dict) -> None:
+    """Write `results`' keys into bench/results/scale.json, keeping the other keys there
+    (each part of `make bench-scale` writes its own)."""
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "scale.json"
     previous = json.loads(path.read_text()) if path.exists() else {}
