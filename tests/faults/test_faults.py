@@ -153,16 +153,16 @@ async def kiln(platform: Platform) -> AsyncIterator[KilnClient]:
         yield client
 
 
-async def _send(kiln: KilnClient, request: Request) -> None:
+async def _send(kiln: KilnClient, request: Request, steps: int = STEPS, deadline_s: float = REQUEST_DEADLINE_S) -> None:
     """Ask until the request has an outcome or its deadline passes. generate() raises when
     the bus is away (a publish or lookup during a NATS restart); asking again with the same
     request id is what a client does, and is idempotent."""
     request.sent_at = time.time()
-    deadline = time.monotonic() + REQUEST_DEADLINE_S
+    deadline = time.monotonic() + deadline_s
     while (left := deadline - time.monotonic()) > 0:
         try:
             request.outcome = await kiln.generate(
-                "a red circle", user_id=request.user, request_id=request.request_id, steps=STEPS, timeout_s=left
+                "a red circle", user_id=request.user, request_id=request.request_id, steps=steps, timeout_s=left
             )
             request.ended_at = time.time()
             return
@@ -171,15 +171,21 @@ async def _send(kiln: KilnClient, request: Request) -> None:
             await asyncio.sleep(0.5)
 
 
-async def _closed_loop(kiln: KilnClient, released: asyncio.Queue[Request]) -> None:
-    """CONCURRENT clients, each sending the next released request when its last one ended;
+async def _closed_loop(
+    kiln: KilnClient,
+    released: asyncio.Queue[Request | None],
+    clients: int = CONCURRENT,
+    steps: int = STEPS,
+    deadline_s: float = REQUEST_DEADLINE_S,
+) -> None:
+    """`clients` clients, each sending the next released request when its last one ended;
     a None ends a client."""
 
     async def client() -> None:
         while (request := await released.get()) is not None:
-            await _send(kiln, request)
+            await _send(kiln, request, steps, deadline_s)
 
-    await asyncio.gather(*(client() for _ in range(CONCURRENT)))
+    await asyncio.gather(*(client() for _ in range(clients)))
 
 
 async def _next_delivery_after(requests: list[Request], since: float) -> float:
@@ -390,19 +396,36 @@ async def test_no_request_is_lost_duplicated_or_over_granted_while_everything_fa
         fault.in_flight = _in_flight(requests, fault.at)
 
     # 4. The records: outcomes, the quota log, the images, the audit.
-    found = Findings()
     nc = await nats.connect(platform.nats_url, **platform.nats_options(ADMIN))
-    db = await asyncpg.connect(platform.database_url)
     try:
-        await _check_outcomes(nc.jetstream(), kiln, requests, found)
-        await _check_quota_log(db, requests, found)
-        await _check_images(nc.jetstream(), requests, found)
+        found, audit = await _read_records(nc.jetstream(), kiln, platform, requests)
     finally:
         await nc.close()
-        await db.close()
-    audit = await asyncio.to_thread(_audit_verify, platform)
-
     _print_report(requests, faults, found, audit, took_s)
+    _assert_every_request_ended_once(found, audit, supervisor, requests)
+
+
+async def _read_records(
+    js: nats.js.JetStreamContext, kiln: KilnClient, platform: Platform, requests: list[Request]
+) -> tuple[Findings, subprocess.CompletedProcess]:
+    """What the records say of each request: its outcomes, the quota log, its image, and
+    `kiln audit verify`."""
+    found = Findings()
+    db = await asyncpg.connect(platform.database_url)
+    try:
+        await _check_outcomes(js, kiln, requests, found)
+        await _check_quota_log(db, requests, found)
+        await _check_images(js, requests, found)
+    finally:
+        await db.close()
+    return found, await asyncio.to_thread(_audit_verify, platform)
+
+
+def _assert_every_request_ended_once(
+    found: Findings, audit: subprocess.CompletedProcess, supervisor: Supervisor, requests: list[Request]
+) -> None:
+    """Kiln's promise: every request delivered, denied, or failed and refunded, once; no
+    user over the plan; the log verifies; no service died on its own."""
     assert not supervisor.exits, f"services that exited on their own: {supervisor.exits}"
     assert not found.lost, f"requests that never ended: {sorted(found.lost)}"
     assert not found.duplicated, f"requests that happened twice: {found.duplicated}"

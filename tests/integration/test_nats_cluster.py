@@ -21,7 +21,6 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import asyncpg
 import nats
 import nats.errors
 import nats.js.errors
@@ -36,7 +35,7 @@ from infra.platform import Platform
 from kiln.client import CLIENT_ACCESS, KilnClient
 from shared import subjects
 from shared.bus import Bus, nats_servers
-from shared.events import ImageDelivered, QuotaDenied, RequestFailed
+from shared.events import RequestFailed
 from shared.settings import Settings
 from tests.conftest import TEST_PLANS
 from tests.faults.test_faults import (
@@ -44,12 +43,11 @@ from tests.faults.test_faults import (
     Findings,
     Request,
     Supervisor,
-    _audit_verify,
-    _check_images,
-    _check_outcomes,
-    _check_quota_log,
+    _assert_every_request_ended_once,
+    _closed_loop,
     _in_flight,
     _next_delivery_after,
+    _read_records,
 )
 
 pytestmark = pytest.mark.integration
@@ -105,31 +103,6 @@ class Kill:
     caught_up_s: float | None = None  # restarted, until current again
 
 
-async def _send(kiln: KilnClient, request: Request) -> None:
-    """Ask until the request has an outcome or its deadline passes; asking again with the
-    same request id is what a client does when the bus fails it, and is idempotent."""
-    request.sent_at = time.time()
-    deadline = time.monotonic() + REQUEST_DEADLINE_S
-    while (left := deadline - time.monotonic()) > 0:
-        try:
-            request.outcome = await kiln.generate(
-                "a red circle", user_id=request.user, request_id=request.request_id, steps=STEPS, timeout_s=left
-            )
-            request.ended_at = time.time()
-            return
-        except (nats.errors.Error, TimeoutError, OSError):
-            request.client_retries += 1
-            await asyncio.sleep(0.5)
-
-
-async def _closed_loop(kiln: KilnClient, released: asyncio.Queue[Request | None]) -> None:
-    async def client() -> None:
-        while (request := await released.get()) is not None:
-            await _send(kiln, request)
-
-    await asyncio.gather(*(client() for _ in range(CONCURRENT)))
-
-
 async def _leader(js: nats.js.JetStreamContext, cluster: EmbeddedNatsCluster, stream: str) -> int:
     """The node that leads `stream`; asked again while the cluster is still settling after a
     restart (the API times out, or the stream has no leader yet)."""
@@ -170,7 +143,7 @@ async def test_no_request_is_lost_or_doubled_while_cluster_nodes_die(cluster_pla
     js = admin.jetstream()
     assert (await js.stream_info(subjects.PROMPTS.name)).config.num_replicas == 3
     released: asyncio.Queue[Request | None] = asyncio.Queue()
-    loop = asyncio.ensure_future(_closed_loop(kiln, released))
+    loop = asyncio.ensure_future(_closed_loop(kiln, released, CONCURRENT, STEPS, REQUEST_DEADLINE_S))
     supervisor = Supervisor(platform)
     supervising = asyncio.ensure_future(supervisor.run())
     kills: list[Kill] = []
@@ -218,26 +191,12 @@ async def test_no_request_is_lost_or_doubled_while_cluster_nodes_die(cluster_pla
         kill.in_flight = _in_flight(requests, kill.at)
 
     # 4. The records, read through the two nodes left: outcomes, the quota log, images, audit.
-    found = Findings()
-    db = await asyncpg.connect(platform.database_url)
     try:
-        await _check_outcomes(js, kiln, requests, found)
-        await _check_quota_log(db, requests, found)
-        await _check_images(js, requests, found)
+        found, audit = await _read_records(js, kiln, platform, requests)
     finally:
         await admin.close()
-        await db.close()
-    audit = await asyncio.to_thread(_audit_verify, platform)
-
     _print_report(requests, kills, found, audit.stdout + audit.stderr, took_s)
-    assert not supervisor.exits, f"services that exited on their own: {supervisor.exits}"
-    assert not found.lost, f"requests that never ended: {sorted(found.lost)}"
-    assert not found.duplicated, f"requests that happened twice: {found.duplicated}"
-    assert not found.over_granted, f"users granted more than {FREE_DAILY_LIMIT} today: {found.over_granted}"
-    assert not found.unrefunded, f"failed requests never refunded: {sorted(found.unrefunded)}"
-    assert audit.returncode == 0, audit.stdout + audit.stderr
-    assert not found.oddities, found.oddities
-    assert all(isinstance(r.outcome, (ImageDelivered, QuotaDenied, RequestFailed)) for r in requests)
+    _assert_every_request_ended_once(found, audit, supervisor, requests)
 
 
 def _print_logs(platform: Platform, cluster: EmbeddedNatsCluster) -> None:
