@@ -324,7 +324,7 @@ async def _audit_verify(args: argparse.Namespace, pool: asyncpg.Pool, settings: 
         if note:
             out.print(note)
         return EXIT_FOUND_PROBLEMS
-    chains = "its chain" if report.partitions == 1 else f"{report.partitions} partitions' chains"
+    chains = "chain" if report.partitions == 1 else f"{report.partitions} partitions' chains"
     out.print(f"{chains} intact: {report.events} events")
     for partition, head in sorted(report.heads.items()):
         out.print(f"  partition {partition}: head {head} at position {report.last_positions[partition]}")

@@ -313,8 +313,9 @@ class Settings:
     )
     quota_partitions: int = setting(
         "KILN_QUOTA_PARTITIONS",
-        8,
-        "hash chains the quota log is split into, by user, each with its own lock; set when migrating, grows only",
+        1,
+        "hash chains the quota log is split into, by user, each with its own lock (16 for several quota processes"
+        " on a shared PostgreSQL); set when migrating, grows only",
         _integer(1, 256),
     )
     checkpoint_every: int = setting(

@@ -114,7 +114,7 @@ async def test_quota_checkpoints_a_decision_within_ten_seconds_and_verify_reads_
 
     verified = _kiln(platform, "audit", "verify", database_url=platform.database_url)
     assert verified.returncode == 0, verified.stdout + verified.stderr
-    assert "chains intact" in verified.stdout and "signed checkpoints match, the newest at position" in verified.stdout
+    assert "intact: " in verified.stdout and "signed checkpoints match, the newest at position" in verified.stdout
 
     exported = tmp_path / "checkpoints.jsonl"
     log = tmp_path / "log.jsonl"
