@@ -8,7 +8,7 @@ PHOENIX := .phoenix/.installed
 CHROMIUM ?= /usr/bin/chromium
 export KILN_CHROMIUM := $(CHROMIUM)
 
-.PHONY: run cluster test test-faults lint asyncapi bench bench-scale model model-check clean
+.PHONY: run cluster test test-faults lint asyncapi bench bench-scale soak model model-check clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -68,10 +68,18 @@ bench: $(STAMP) $(PHOENIX)
 
 # The render queue at crowd scale, on the bus alone (embedded nats-server, simulated
 # workers): 100,000 users in one spike, and throughput with 1-8 workers; then a rolling
-# restart of 3 real render workers under load. About 7 minutes.
+# restart of 3 real render workers under load; quota with 1-4 processes on 1 and 16 log
+# partitions. About 10 minutes.
 bench-scale: $(STAMP)
 	$(PYTHON) -m bench.scale
 	$(PYTHON) -m bench.rolling_update
+	$(PYTHON) -m bench.quota_scale
+
+# Overload for 10 minutes: open-loop arrivals at 3x the render worker's measured capacity,
+# 20 % pro and 80 % free users. Load must be shed by plan (free requests degraded, denied
+# with a reason and a retry time), nothing lost, no restarts; bench/results/soak.json.
+soak: $(STAMP)
+	$(PYTHON) -m bench.soak --minutes 10
 
 # Does the shipped model draw what it is asked? 60 held-out prompts, judged from the pixels.
 model-check: $(STAMP)
