@@ -46,7 +46,6 @@ import psutil
 from opentelemetry import trace
 
 from bench.e2e_latency import RESULTS, percentile
-from infra.databases import create_database, drop_database
 from infra.nats_auth import ADMIN
 from infra.platform import Platform
 from kiln.client import CLIENT_ACCESS, KilnClient, ServiceUnavailable
@@ -133,16 +132,8 @@ async def soak_platform(data_dir: Path, settings: Settings | None = None) -> Asy
     with soak_plans():
         stack = Platform.isolated(data_dir, DEFAULT_MODEL, settings)
         stack.tracing_ui = False
-        external_db, database_name = stack.database_url, None
-        if external_db:  # KILN_DATABASE_URL: a fresh database of its own there, as the tests do
-            stack.database_url, database_name = await create_database(external_db, "kiln_soak")
-        try:
-            await stack.start()
+        async with stack.running("kiln_soak"):
             yield stack
-        finally:
-            stack.stop()
-            if database_name:
-                await drop_database(external_db, database_name)
 
 
 async def add_accounts(stack: Platform, users: list[str], plan: str) -> None:

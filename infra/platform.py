@@ -15,6 +15,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -27,6 +29,7 @@ import nats.js.errors
 import psutil
 from opentelemetry import trace
 
+from infra.databases import create_database, drop_database
 from infra.embedded import EmbeddedNats, EmbeddedPostgres, ServerError, die_with, free_port, stop_pid
 from infra.nats_auth import (
     ADMIN,
@@ -537,6 +540,22 @@ class Platform:
         await asyncio.to_thread(upgrade, self.database_url)  # alembic runs its own event loop
         self.start_services()
         await self.wait_ready()
+
+    @asynccontextmanager
+    async def running(self, database_prefix: str) -> AsyncIterator[Platform]:
+        """Started, and stopped after. On an external PostgreSQL (KILN_DATABASE_URL) it runs
+        in a new database of its own, `<database_prefix>_<random>`, dropped after: tests and
+        benchmarks never touch the database they were pointed at."""
+        external_db, database_name = self.database_url, None
+        if external_db:
+            self.database_url, database_name = await create_database(external_db, database_prefix)
+        try:
+            await self.start()
+            yield self
+        finally:
+            self.stop()
+            if external_db and database_name:
+                await drop_database(external_db, database_name)
 
     def stop(self) -> None:
         self.stop_services()

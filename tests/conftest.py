@@ -42,26 +42,18 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest_asyncio.fixture(scope="session")
 async def platform(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> AsyncIterator[Platform]:
     settings = Settings.from_env()
-    external_db = settings.database_url
-    database_name = None
     # The services (children) read the test plans: small paid limits, pressure only when a
     # test injects it.
     os.environ["KILN_PLANS"] = str(TEST_PLANS)
     # Some render tests need a render long enough to stop in the middle (hundreds of steps).
     os.environ["KILN_RENDER_MAX_STEPS"] = "500"
     stack = Platform.isolated(tmp_path_factory.mktemp("kiln"), model_path, settings)
-    if external_db:
-        stack.database_url, database_name = await create_database(external_db, "kiln_test")
     try:
-        await stack.start()
-        yield stack
+        async with stack.running("kiln_test"):
+            yield stack
     except BaseException:
-        _print_service_logs(stack)
+        _print_service_logs(stack)  # (the logs outlive the stopped platform)
         raise
-    finally:
-        stack.stop()
-        if database_name:
-            await drop_database(external_db, database_name)
 
 
 def _print_service_logs(stack: Platform) -> None:

@@ -28,7 +28,6 @@ import pytest
 import pytest_asyncio
 from opentelemetry import trace
 
-from infra.databases import create_database, drop_database
 from infra.nats_auth import ADMIN
 from infra.nats_cluster import EmbeddedNatsCluster
 from infra.platform import Platform
@@ -69,16 +68,8 @@ async def cluster_platform(tmp_path_factory: pytest.TempPathFactory, model_path:
     settings = dataclasses.replace(Settings.from_env(), nats_url=None, nats_cluster=3)
     stack = Platform.isolated(tmp_path_factory.mktemp("kiln-cluster"), model_path, settings)
     stack.tracing_ui = False
-    external_db, database_name = settings.database_url, None
-    if external_db:
-        stack.database_url, database_name = await create_database(external_db, "kiln_test")
-    try:
-        await stack.start()
+    async with stack.running("kiln_test"):
         yield stack
-    finally:
-        stack.stop()
-        if database_name:
-            await drop_database(external_db, database_name)
 
 
 @pytest_asyncio.fixture
