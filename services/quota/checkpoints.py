@@ -189,9 +189,12 @@ def _head_problem(
     found = hashes.get(head.position)
     where = f"partition {head.partition}"
     if last is None or head.position > last:
-        ends = f"{where} ends at position {last}" if last is not None else f"{where} is empty"
         if not last_positions:
             ends = "the log is empty"
+        elif last is None:
+            ends = f"{where} is empty"
+        else:
+            ends = f"{where} ends at position {last}"
         return f"{ends} but the checkpoint signed at {when} covers position {head.position}: the newest events were removed"
     if found is None:
         return (
