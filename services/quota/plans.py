@@ -66,6 +66,10 @@ class Shedding(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     elevated_per_hour: float = 6.0
     elevated_max_steps: int = 0  # free images render with at most this many steps while elevated; 0: as asked
     critical_retry_after_s: float = 300.0
+    # The lane paid images take while critical. Kiln's plans say "paid": paid work keeps
+    # its lane. "free" (the rule before policy 6, and so the default when replaying a
+    # decision recorded without it) sends it behind the free work already accepted.
+    critical_paid_lane: Literal["paid", "free"] = "free"
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

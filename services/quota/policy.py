@@ -18,12 +18,14 @@ from shared import cost
 from shared.events import MAX_SIDE, MAX_STEPS, MIN_SIDE, Pressure, PromptSubmitted, QuotaDenied, QuotaGranted
 from shared.model_card import ModelCard
 
-# 3: sizes and cost (`Pricing`); 4: free images degraded under pressure; 5: `max_active`
-POLICY_VERSION = "5"
+# 3: sizes and cost (`Pricing`); 4: free images degraded under pressure; 5: `max_active`;
+# 6: `critical_paid_lane` (paid images keep their lane while critical)
+POLICY_VERSION = "6"
 # Versions whose decisions replay re-runs: version 2 had no pricing, which `Pricing()` is;
 # before 4 the recorded shedding rules have no `elevated_max_steps`, which is no degrading;
-# before 5 no plan had `max_active` and no decision recorded `active`, which is no limit.
-REPLAYABLE_VERSIONS = ("2", "3", "4", "5")
+# before 5 no plan had `max_active` and no decision recorded `active`, which is no limit;
+# before 6 no shedding rule had `critical_paid_lane`, whose default is the old lane.
+REPLAYABLE_VERSIONS = ("2", "3", "4", "5", "6")
 ACTIVE_RETRY_S = 10  # a user at max_active may try again this soon: requests end in seconds
 MAX_PROMPT_CHARS = 1000
 SIZE_RANGE = (MIN_SIDE, MAX_SIDE)
@@ -213,9 +215,7 @@ def decide(
         used=used,
         limit=limit,
         day=day,
-        # Under critical pressure paid work is still served, but in the lower lane: the
-        # fleet first drains what it has already accepted.
-        tier="free" if pressure == "critical" else plan.tier,
+        tier=shedding.critical_paid_lane if pressure == "critical" else plan.tier,
         pressure=pressure,
         over_soft_cap=plan.soft_cap > 0 and used > plan.soft_cap,
         tokens_left=tokens - 1,

@@ -2,6 +2,7 @@
 
 from datetime import UTC, datetime, timedelta
 
+import msgspec
 import pytest
 
 from services.quota import policy
@@ -20,9 +21,9 @@ def _prompt(**overrides) -> PromptSubmitted:
     return PromptSubmitted(**(fields | overrides))
 
 
-def _decide(state=None, plan=FREE, pressure="normal", now=NOW, **prompt):
+def _decide(state=None, plan=FREE, pressure="normal", now=NOW, shedding=SHEDDING, **prompt):
     name = "free" if plan is FREE else "plus"
-    return policy.decide(_prompt(**prompt), name, plan, state or policy.UserState(), pressure, SHEDDING, now)
+    return policy.decide(_prompt(**prompt), name, plan, state or policy.UserState(), pressure, shedding, now)
 
 
 def _state_after(decisions: int, plan=FREE, pressure="normal", now=NOW) -> policy.UserState:
@@ -118,12 +119,15 @@ def test_elevated_pressure_degrades_free_images_before_any_is_denied_and_records
     assert _decide(pressure="elevated").degraded is None  # rules without a cap (before policy 4): as asked
 
 
-def test_critical_pressure_sheds_free_requests_and_serves_paid_ones_in_the_lower_lane():
+def test_critical_pressure_sheds_free_requests_and_serves_paid_ones_in_the_lane_the_rules_name():
     shed = _decide(pressure="critical")
     assert isinstance(shed, QuotaDenied)
     assert (shed.reason, shed.retry_at, shed.pressure) == ("capacity", NOW + timedelta(seconds=300), "critical")
+    # Rules recorded before policy 6 had no `critical_paid_lane`: paid went behind free.
     paid = _decide(plan=PLUS, pressure="critical")
     assert isinstance(paid, QuotaGranted) and (paid.tier, paid.pressure) == ("free", "critical")
+    keeps = msgspec.structs.replace(SHEDDING, critical_paid_lane="paid")
+    assert _decide(plan=PLUS, pressure="critical", shedding=keeps).tier == "paid"
     assert _decide(plan=PLUS).tier == "paid"
 
 
