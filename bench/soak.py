@@ -83,7 +83,7 @@ class Request:
     reason: str | None = None  # a denial's or a failure's
     retry_at: datetime | None = None
     degraded: bool = False  # granted with fewer steps than asked (from the quota log)
-    lane: str | None = None  # the render lane granted: "free" for paid work under critical pressure
+    lane: str | None = None  # the render lane granted (`critical_paid_lane` names paid work's while critical)
     client_retries: int = 0  # generate() raised (a bus hiccup) and was called again
 
 
@@ -399,7 +399,6 @@ def outcomes(requests: list[Request]) -> dict:
         "failed": dict(Counter(r.reason for r in failed).most_common()),
         "lost": sum(r.outcome is None for r in requests),
         "delivered_latency": latency_ms(delivered),
-        # Paid work granted under critical pressure goes to the free lane (policy.decide).
         "delivered_latency_by_lane": {
             lane: latency_ms([r for r in delivered if r.lane == lane]) for lane in sorted({r.lane for r in delivered})
         },

@@ -234,7 +234,7 @@ async def test_plans_burst_limits_soft_caps_and_shedding_by_fleet_pressure(
     pro_grants = [row for row in await _wait_for_decisions(db, pro, 2) if row["event_type"] == "QuotaGranted"]
     assert [(g["payload"]["tier"], g["metadata"]["pressure"]) for g in pro_grants] == [
         ("paid", "elevated"),
-        ("free", "critical"),
+        ("paid", "critical"),  # paid work keeps its lane (`critical_paid_lane`)
     ]
 
     # An admin grant: two more images for the free user today, logged as an event.
