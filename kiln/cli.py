@@ -48,7 +48,7 @@ from kiln.client import KilnClient, ServiceUnavailable
 from kiln.credentials import for_command as credentials_for
 from kiln.credentials import login as credentials_login
 from kiln.credentials import login_over_http as credentials_login_over_http
-from shared import telemetry
+from shared import model_card, quoted, telemetry
 from shared.events import (
     DEFAULT_SIZE,
     DEFAULT_STEPS,
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--user", required=True, help="the user asking (letters, digits, _ and -)")
     chat.add_argument("--conversation", help="continue this conversation (default: a new one)")
     chat.add_argument("--style", help="a style preset to start with")
-    chat.add_argument("--size", type=int, default=DEFAULT_SIZE)
+    chat.add_argument("--size", type=int, help="width and height in pixels (default: the model's for the prompt)")
     chat.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     chat.add_argument("--save", type=Path, help="a folder to write each image to")
     chat.add_argument("--native", action="store_true", help="save the model's pixels, not scaled up")
@@ -167,7 +167,11 @@ def _request_arguments(parser: argparse.ArgumentParser) -> None:
         "--native", action="store_true", help=f"write the model's pixels (default: scaled up to {VIEWABLE_PX} px)"
     )
     parser.add_argument("--request-id", help="idempotency key (default: a new one)")
-    parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="width and height in pixels")
+    parser.add_argument(
+        "--size",
+        type=int,
+        help=f"width and height in pixels (default {DEFAULT_SIZE}; for quoted text, the text model's)",
+    )
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--timeout", type=float, default=120, help="seconds to wait for the outcome")
@@ -233,6 +237,21 @@ async def _edit(client: KilnClient, args: argparse.Namespace, settings: Settings
     )
 
 
+def _side(size: int | None, prompt: str, settings: Settings) -> int:
+    """`--size`, else the side of the model that draws the prompt: for quoted text the text
+    model's (from the local model card), else the default."""
+    if size is not None:
+        return size
+    if quoted.find(prompt) is not None:
+        try:
+            card = model_card.text_card(settings.model_path)
+        except model_card.CardError:
+            card = None  # quota names the sizes
+        if card is not None and card.sizes:
+            return max(card.sizes)
+    return DEFAULT_SIZE
+
+
 async def _one_request(client: KilnClient, args: argparse.Namespace, settings: Settings, **fields) -> int:
     # Chosen here, not by the SDK, so that every message can name it: re-running with the
     # same --request-id picks the request up where it is, without spending quota again.
@@ -244,8 +263,8 @@ async def _one_request(client: KilnClient, args: argparse.Namespace, settings: S
                 args.prompt,
                 user_id=args.user,
                 request_id=request_id,
-                width=args.size,
-                height=args.size,
+                width=_side(args.size, args.prompt, settings),
+                height=_side(args.size, args.prompt, settings),
                 steps=args.steps,
                 seed=args.seed,
                 timeout_s=args.timeout,
@@ -520,8 +539,8 @@ async def _chat_turn(
             request_id=request_id,
             conversation_id=conversation,
             style=style,
-            width=args.size,
-            height=args.size,
+            width=_side(args.size, text, settings),
+            height=_side(args.size, text, settings),
             steps=args.steps,
         )
     except asyncio.CancelledError:  # Ctrl-C ends the chat, not the request in flight
@@ -541,7 +560,7 @@ def _wait_for_turn(args: argparse.Namespace, conversation: str, text: str, reque
     """The `generate` that waits for a chat turn's request (the same prompt, should it
     have to be submitted again: it is idempotent)."""
     command = [*_program(), "generate", text, "--user", args.user, "--conversation", conversation]
-    if args.size != DEFAULT_SIZE:
+    if args.size is not None:
         command += ["--size", str(args.size)]
     if args.steps != DEFAULT_STEPS:
         command += ["--steps", str(args.steps)]

@@ -132,6 +132,7 @@ class Composition(msgspec.Struct, kw_only=True):
     subject: str  # what the picture shows: the text, or an earlier subject with an edit applied
     style: str = ""  # the style preset in force ("" for none)
     edit_of: str | None = None  # the request whose image this edits
+    written: str | None = None  # the quoted text the picture shows, as the text model writes it
 
 
 class TurnComposed(Event, kw_only=True):
@@ -160,6 +161,7 @@ class RenderRequested(Planned, kw_only=True):
     mask_key: str | None = None
     strength: float = 0.8
     composition: Composition | None = None
+    text: str | None = None  # quoted text to write (A-Z, 0-9, space): drawn by the model's text model
     budget_s: float | None = None  # the plan's seconds per image: a render far past it is stopped
     requested_at: datetime = msgspec.field(default_factory=utcnow)
 

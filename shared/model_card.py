@@ -5,6 +5,10 @@ native sizes. Render loads the weights; the others read only this small file.
 
 A model folder without the file (SD 1.5, SDXL…) draws anything described in words, at any
 side from MIN_SIDE to MAX_SIDE in multiples of 8.
+
+A card may name a second model for prompts that quote text (`text_model`, a folder beside
+it): that model's own card gives the sizes text is drawn at, its words, and `text_chars`,
+the most characters it writes (shared/quoted.py).
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ class Vocabulary(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 class ModelCard(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     sizes: list[int] | None = None  # native square sides; None: any side Kiln allows
     vocabulary: Vocabulary | None = None  # None: anything described in words
+    text_model: str | None = None  # the folder (relative to this one) of the model that draws quoted text
+    text_chars: int = 0  # a text model's own card: the most characters it writes
 
     def __post_init__(self) -> None:
         for side in self.sizes or ():
@@ -53,12 +59,12 @@ class ModelCard(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         if self.sizes == []:
             raise ValueError("`sizes` is empty: name at least one size, or leave it out")
 
-    def size_problem(self, width: int, height: int) -> str | None:
+    def size_problem(self, width: int, height: int, what: str = "the model draws") -> str | None:
         """Why the model cannot draw a `width`×`height` picture; None if it can."""
         if self.sizes is None or (width == height and width in self.sizes):
             return None
         offered = ", ".join(f"{side}×{side}" for side in self.sizes)
-        return f"the model draws {offered} only, not {width}×{height}"
+        return f"{what} {offered} only, not {width}×{height}"
 
     def offered_sides(self) -> list[int]:
         """The sides a menu offers: the native ones, or a few common ones."""
@@ -71,6 +77,18 @@ class CardError(Exception):
 
 def words_of(text: str) -> list[str]:
     return [word.lower() for word in _WORD.findall(text)]
+
+
+def text_model_path(model_path: Path) -> Path | None:
+    """The folder of the model that draws the quoted text of `model_path`'s prompts (None:
+    its prompts' quotes are words like any other)."""
+    name = load(model_path).text_model
+    return None if name is None else (model_path / name).resolve()
+
+
+def text_card(model_path: Path) -> ModelCard | None:
+    path = text_model_path(model_path)
+    return None if path is None else load(path)
 
 
 @cache

@@ -19,6 +19,7 @@ from opentelemetry import metrics
 from services.context import config as context_config
 from services.context.compose import (
     Refusal,
+    TextModel,
     check_submission,
     compose,
     render_request,
@@ -51,11 +52,16 @@ LATEST_IMAGE_LOOKBACK = 20  # turns searched, newest first, for "the last one"
 
 class Context:
     def __init__(
-        self, bus: Bus, config: context_config.Config, vocabulary: model_card.Vocabulary | None = None
+        self,
+        bus: Bus,
+        config: context_config.Config,
+        vocabulary: model_card.Vocabulary | None = None,
+        text_model: TextModel | None = None,
     ) -> None:
         self.bus = bus
         self.config = config
         self.vocabulary = vocabulary  # what the model draws; None: anything
+        self.text_model = text_model  # the model that draws quoted text; None: quotes are words
 
     @classmethod
     @asynccontextmanager
@@ -66,9 +72,10 @@ class Context:
             raise CannotStart(f"cannot read its config: {error}") from error
         try:
             card = model_card.load(settings.model_path)
+            text_model = TextModel.of(model_card.text_card(settings.model_path))
         except model_card.CardError as error:
             raise CannotStart(f"cannot read the model card: {error}") from error
-        yield cls(bus, config, card.vocabulary)
+        yield cls(bus, config, card.vocabulary, text_model)
 
     async def handle_decision(self, event: QuotaGranted | QuotaDenied) -> None:
         if isinstance(event, QuotaDenied):
@@ -90,7 +97,7 @@ class Context:
                 }
             )
         turns.add(1, {"kind": "edit" if composition.edit_of else "new"})
-        job = render_request(event, composition, prompt, self.config)
+        job = render_request(event, composition, prompt, self.config, self.text_model)
         # The job subject is shared by all requests of a user's tier, so duplicates are caught
         # by message id within the window; past it, render finds the stored image or outcome.
         await self.bus.publish(
@@ -155,7 +162,7 @@ class Context:
             source = await self.image(grant.user_id, submission.edit_of)
             if source is None:
                 raise Refusal("no_such_image", f"you have no image from request {submission.edit_of}")
-        return compose(grant, style, self.config, source, self.vocabulary)
+        return compose(grant, style, self.config, source, self.vocabulary, self.text_model)
 
     async def latest_image(self, grant: QuotaGranted, turns: list[TurnComposed]) -> tuple[str, Composition] | None:
         """The newest image of the conversation. If the newest turn is still being drawn,

@@ -12,15 +12,20 @@ A turn is either a new picture or an edit of an earlier one:
   - the conversation's style (the latest one picked) adds its fragment and parameters;
   - a model that declares its vocabulary (its card) is given only what it can draw: a new
     picture must name one of its subjects, an edit may use only words it knows. The style's
-    fragment is context's own and is not checked.
+    fragment is context's own and is not checked;
+  - a picture whose subject quotes text ('a sign that says "OPEN"') is drawn by the model's
+    text model (`TextModel`), at its side, from the whole description: the composition keeps
+    the text (`written`), and an edit can change it ('change the text to "CLOSED"').
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import dataclass
 
 from services.context.config import Config
+from shared import quoted
 from shared.events import (
     LAST_IMAGE,
     MAX_SIDE,
@@ -31,7 +36,7 @@ from shared.events import (
     RenderRequested,
     TurnComposed,
 )
-from shared.model_card import Vocabulary, words_of
+from shared.model_card import ModelCard, Vocabulary, words_of
 from shared.subjects import image_key
 
 DEFAULT_GUIDANCE = 3.0
@@ -72,6 +77,30 @@ _EDIT_PREFIX = re.compile(
 )
 
 
+# An edit that rewrites the picture's text: "change the text to CLOSED", "make it say OPEN".
+_TEXT_EDIT = re.compile(
+    r"\b(?:(?:the\s+)?(?:text|word|words|writing|lettering|sign|label)\s+(?:to\s+(?:say|read)|to|into)|says?|reads?)"
+    r"\s+(.+)$",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True)
+class TextModel:
+    """The model that draws quoted text, from its card: the words it knows besides the
+    text, the side it draws, the most characters it writes."""
+
+    vocabulary: Vocabulary | None
+    side: int
+    max_chars: int
+
+    @classmethod
+    def of(cls, card: ModelCard | None) -> TextModel | None:
+        if card is None or not card.sizes or not card.text_chars:
+            return None
+        return cls(card.vocabulary, max(card.sizes), card.text_chars)
+
+
 class Refusal(Exception):
     """The prompt cannot be drawn as asked: it ends as RequestFailed(stage="context")."""
 
@@ -109,8 +138,18 @@ def edit_change(instruction: str) -> str:
     return re.sub(r"[\s,]*\bplease\b", "", change, flags=re.IGNORECASE).strip(" ,.!")
 
 
+def text_change(change: str) -> str | None:
+    """The text an edit asks the picture to show instead, as typed: 'say "OPEN"' and
+    "the text to CLOSED" → OPEN, CLOSED; None when it asks for something else."""
+    if (written := quoted.find(change)) is not None:
+        return written
+    found = _TEXT_EDIT.search(change)
+    return found.group(1).strip(" .,!") if found else None
+
+
 def apply_edit(subject: str, instruction: str, vocabulary: Vocabulary | None = None) -> str:
-    """The subject with the instruction applied. A colour, a background or a position
+    """The subject with the instruction applied. New text replaces the quoted text ("a sign
+    that says "OPEN"" + "change the text to CLOSED"). A colour, a background or a position
     replaces the subject's own, or joins it ("a red circle" + "make it blue" → "a blue
     circle"); a model's subject alone swaps the subject's ("make it a square"); a change
     naming a subject and more is a whole description. Anything else, without its "make it",
@@ -118,6 +157,8 @@ def apply_edit(subject: str, instruction: str, vocabulary: Vocabulary | None = N
     change = edit_change(instruction)
     if not change:
         return subject
+    if (written := text_change(change)) is not None:
+        return quoted.replace(subject, written)
     if found := _COLOUR_CHANGE.fullmatch(change):
         return _recolour(subject, found[1].lower())
     if found := _BACKGROUND.fullmatch(change):
@@ -135,12 +176,14 @@ def apply_edit(subject: str, instruction: str, vocabulary: Vocabulary | None = N
 
 
 def _recolour(subject: str, colour: str) -> str:
-    """The subject's object in `colour`: its first colour outside the background changes."""
+    """The subject's object in `colour`: its first colour outside the background (and the
+    quoted text: "RED" written is not the colour) changes."""
     background = _BACKGROUND.search(subject)
+    skip = [span.span() for span in (background, quoted.QUOTED.search(subject)) if span is not None]
     for found in re.finditer(rf"\b(?:{_COLOUR})\b", subject, re.IGNORECASE):
-        if background is None or not background.start() <= found.start() < background.end():
+        if not any(start <= found.start() < end for start, end in skip):
             return subject[: found.start()] + colour + subject[found.end() :]
-    return f"{subject}, {colour}"
+    return f"{subject} in {colour}" if quoted.find(subject) is not None else f"{subject}, {colour}"
 
 
 def _replace(subject: str, part: re.Pattern[str], word: str, added: str) -> str:
@@ -150,10 +193,19 @@ def _replace(subject: str, part: re.Pattern[str], word: str, added: str) -> str:
     return subject[: found.start(1)] + word + subject[found.end(1) :]
 
 
-def check_drawable(composition: Composition, vocabulary: Vocabulary | None) -> None:
+def check_drawable(
+    composition: Composition, vocabulary: Vocabulary | None, text_model: TextModel | None = None
+) -> None:
     """Refuse what the model would draw as something else: an edit in words it does not
     know, a picture naming none of its subjects. Only the user's words are checked (the
-    style's fragment is context's own). A model without a vocabulary draws anything."""
+    style's fragment is context's own). A model without a vocabulary draws anything. A
+    picture with text is the text model's: its words, around text it can write."""
+    if composition.written is not None and text_model is not None:
+        if text_model.vocabulary is not None and (
+            unknown := text_model.vocabulary.unknown_in(quoted.without(composition.subject))
+        ):
+            raise Refusal("not_drawable", f"the text model does not know {_quoted(unknown)}; it writes quoted text")
+        return
     if vocabulary is None:
         return
     if composition.edit_of is not None and looks_like_edit(composition.text):
@@ -232,18 +284,21 @@ def compose(
     config: Config,
     source: tuple[str, Composition] | None = None,
     vocabulary: Vocabulary | None = None,
+    text_model: TextModel | None = None,
 ) -> tuple[Composition, str]:
     """The turn's composition and the prompt to draw. `source` is the edited image's
-    request id and composition; `vocabulary` what the model draws (None: anything)."""
+    request id and composition; `vocabulary` what the model draws (None: anything);
+    `text_model` the model that draws quoted text (None: quotes are words like others)."""
     text = grant.submission.prompt.strip()
-    if source is None:
-        composition = Composition(text=text, subject=text, style=style)
-    else:
+    subject, edit_of = text, None
+    if source is not None:
         # "make it blue" changes the earlier subject; a whole description replaces it.
-        source_id, earlier = source
+        edit_of, earlier = source
         subject = apply_edit(earlier.subject, text, vocabulary) if looks_like_edit(text) else text
-        composition = Composition(text=text, subject=subject, style=style, edit_of=source_id)
-    check_drawable(composition, vocabulary)
+    composition = Composition(
+        text=text, subject=subject, style=style, edit_of=edit_of, written=_written(subject, text_model)
+    )
+    check_drawable(composition, vocabulary, text_model)
     prompt = composition.subject
     if style:
         prompt = f"{prompt}, {config.styles[style].fragment}"
@@ -257,7 +312,19 @@ def compose(
     return composition, prompt
 
 
-def render_request(grant: QuotaGranted, composition: Composition, prompt: str, config: Config) -> RenderRequested:
+def _written(subject: str, text_model: TextModel | None) -> str | None:
+    """The subject's quoted text as the text model writes it; None without one."""
+    if text_model is None or (text := quoted.find(subject)) is None:
+        return None
+    try:
+        return quoted.clean(text, text_model.max_chars)
+    except ValueError as error:
+        raise Refusal("bad_text", str(error)) from None
+
+
+def render_request(
+    grant: QuotaGranted, composition: Composition, prompt: str, config: Config, text_model: TextModel | None = None
+) -> RenderRequested:
     submission = grant.submission
     preset = config.styles.get(composition.style)
     guidance = preset.guidance if preset and preset.guidance is not None else DEFAULT_GUIDANCE
@@ -267,8 +334,6 @@ def render_request(grant: QuotaGranted, composition: Composition, prompt: str, c
         conversation_id=grant.conversation_id,
         prompt=prompt,
         negative_prompt=preset.negative if preset else "",
-        width=submission.width,
-        height=submission.height,
         steps=grant.steps or submission.steps,  # fewer when quota degraded it under pressure
         guidance=guidance,
         seed=submission.seed if submission.seed is not None else seed_for(grant.request_id),
@@ -276,16 +341,21 @@ def render_request(grant: QuotaGranted, composition: Composition, prompt: str, c
         plan=grant.plan,
         budget_s=grant.budget_s,
         composition=composition,
-        **_edit(grant, composition),
+        **_drawn(grant, composition, text_model),
     )
 
 
-def _edit(grant: QuotaGranted, composition: Composition) -> dict:
-    """An edit starts from the user's own earlier image: the key is built from the granted
-    user, so a prompt can never point at another user's image."""
+def _drawn(grant: QuotaGranted, composition: Composition, text_model: TextModel | None) -> dict:
+    """The size, and what the picture starts from. Text is drawn by the text model at its
+    one side from the whole description (it has no image-to-image: an edit of a picture
+    with text is drawn again). An edit starts from the user's own earlier image: the key is
+    built from the granted user, so a prompt can never point at another user's image."""
+    if composition.written is not None and text_model is not None:
+        return {"width": text_model.side, "height": text_model.side, "text": composition.written}
+    size = {"width": grant.submission.width, "height": grant.submission.height}
     if composition.edit_of is None:
-        return {}
-    return {
+        return size
+    return size | {
         "mode": "inpaint" if grant.submission.mask_key else "edit",
         "source_key": image_key(grant.user_id, composition.edit_of),
         "mask_key": grant.submission.mask_key,

@@ -317,6 +317,7 @@ def create_app(site: Site) -> Starlette:
                 "quota": quota,
                 "styles": styles,
                 "sizes": _sizes(site),
+                "text_size": _text_size(site),
             }
         )
 
@@ -612,6 +613,16 @@ def _sizes(site: Site) -> list[int]:
     except model_card.CardError as error:
         log.warning("sizes: %s", error)
         return [DEFAULT_SIZE]  # the page still works; quota names the sizes if this is wrong
+
+
+def _text_size(site: Site) -> int | None:
+    """The side a prompt quoting text is drawn at (its text model's), None: no text model."""
+    try:
+        card = model_card.text_card(site.settings.model_path)
+    except model_card.CardError as error:
+        log.warning("text size: %s", error)
+        return None
+    return max(card.sizes) if card is not None and card.sizes else None
 
 
 async def _styles(site: Site) -> dict[str, str]:

@@ -75,6 +75,7 @@ class QuotaService:
         config: Config,
         fleet: FleetMonitor,
         card: ModelCard = ModelCard(),
+        text_card: ModelCard | None = None,
         checkpoint_key: checkpoints.SigningKey | None = None,
         checkpoint_schedule: checkpoints.Schedule | None = None,
         partitions: int = 1,
@@ -85,6 +86,7 @@ class QuotaService:
         self.config = config
         self.fleet = fleet
         self.card = card  # the model's native sizes
+        self.text_card = text_card  # those of the model that draws quoted text (None: there is none)
         self.checkpoint_key = checkpoint_key  # signs the log's head (None: no checkpoints)
         self.checkpoint_schedule = checkpoint_schedule or checkpoints.Schedule()
         self._tasks: set[asyncio.Task] = set()
@@ -100,6 +102,7 @@ class QuotaService:
             raise CannotStart(f"cannot read the plans: {error}") from error
         try:
             card = model_card.load(settings.model_path)
+            text_card = model_card.text_card(settings.model_path)
         except model_card.CardError as error:
             raise CannotStart(f"cannot read the model card: {error}") from error
         try:
@@ -117,7 +120,7 @@ class QuotaService:
             metrics.watch_pressure(fleet)
             key = checkpoints.signing_key(settings.data_dir)
             schedule = checkpoints.Schedule(every=settings.checkpoint_every, after_s=settings.checkpoint_after_s)
-            yield cls(pool, bus, config, fleet, card, key, schedule, partitions)
+            yield cls(pool, bus, config, fleet, card, text_card, key, schedule, partitions)
         finally:
             await pool.close()
 
@@ -252,7 +255,13 @@ class QuotaService:
         """Decide the requests not decided before, in order; each decision is applied to
         its user's state at once, so the next request of that user sees it."""
         pressure, why = self.fleet.level()
-        pricing = policy.Pricing(sizes=self.card.sizes, step_seconds=self.fleet.step_seconds())
+        text = self.text_card
+        pricing = policy.Pricing(
+            sizes=self.card.sizes,
+            step_seconds=self.fleet.step_seconds(),
+            text_sizes=None if text is None else text.sizes,
+            text_chars=0 if text is None else text.text_chars,
+        )
         entries = []
         for delivery in batch:
             submission: PromptSubmitted = delivery.event

@@ -14,17 +14,19 @@ import msgspec
 
 from services.quota.log_events import LogEvent, QuotaAdjusted, QuotaRefunded
 from services.quota.plans import Plan, Shedding
-from shared import cost
+from shared import cost, quoted
 from shared.events import MAX_SIDE, MAX_STEPS, MIN_SIDE, Pressure, PromptSubmitted, QuotaDenied, QuotaGranted
 from shared.model_card import ModelCard
 
 # 3: sizes and cost (`Pricing`); 4: free images degraded under pressure; 5: `max_active`;
-# 6: `critical_paid_lane` (paid images keep their lane while critical)
+# 6: `critical_paid_lane` (paid images keep their lane while critical), quoted text checked
+# against the text model's sizes and characters (`Pricing.text_sizes`)
 POLICY_VERSION = "6"
 # Versions whose decisions replay re-runs: version 2 had no pricing, which `Pricing()` is;
 # before 4 the recorded shedding rules have no `elevated_max_steps`, which is no degrading;
 # before 5 no plan had `max_active` and no decision recorded `active`, which is no limit;
-# before 6 no shedding rule had `critical_paid_lane`, whose default is the old lane.
+# before 6 no shedding rule had `critical_paid_lane`, whose default is the old lane, and no
+# pricing had `text_sizes`, which is quotes as plain words.
 REPLAYABLE_VERSIONS = ("2", "3", "4", "5", "6")
 ACTIVE_RETRY_S = 10  # a user at max_active may try again this soon: requests end in seconds
 MAX_PROMPT_CHARS = 1000
@@ -40,6 +42,29 @@ class Pricing(msgspec.Struct, frozen=True):
 
     sizes: list[int] | None = None
     step_seconds: dict[str, float] = {}
+    # The model that draws quoted text (shared/quoted.py): its sides and the most characters
+    # it writes. None: there is none, and quotes are words like any other.
+    text_sizes: list[int] | None = None
+    text_chars: int = 0
+
+    def quoted_text(self, submission: PromptSubmitted) -> str | None:
+        """The text the prompt asks to see written, if a model here draws text."""
+        return quoted.find(submission.prompt) if self.text_sizes is not None else None
+
+    def card_for(self, submission: PromptSubmitted) -> ModelCard:
+        """The sizes of the model that draws this prompt."""
+        return ModelCard(sizes=self.sizes if self.quoted_text(submission) is None else self.text_sizes)
+
+    def drawing_problem(self, submission: PromptSubmitted) -> str | None:
+        """Why the models cannot draw this prompt at this size; None if they can."""
+        width, height = submission.width, submission.height
+        if (text := self.quoted_text(submission)) is None:
+            return self.card_for(submission).size_problem(width, height)
+        try:
+            quoted.clean(text, self.text_chars)
+        except ValueError as error:
+            return str(error)
+        return self.card_for(submission).size_problem(width, height, "a prompt quoting text is drawn at")
 
 
 class Usage(msgspec.Struct):
@@ -159,9 +184,7 @@ def decide(
             decided_at=now,
         )
 
-    problem = invalid_reason(submission) or ModelCard(sizes=pricing.sizes).size_problem(
-        submission.width, submission.height
-    )
+    problem = invalid_reason(submission) or pricing.drawing_problem(submission)
     if problem is not None:
         return deny("invalid", problem, None)
 
@@ -231,7 +254,7 @@ def decide(
 def _too_costly(submission: PromptSubmitted, plan_name: str, budget: float, estimate: float, pricing: Pricing) -> str:
     """'32×32×50 needs about 40 s here; the free plan allows 20 s an image — try --steps 25'"""
     width, height, steps = submission.width, submission.height, submission.steps
-    sides = ModelCard(sizes=pricing.sizes).offered_sides()
+    sides = pricing.card_for(submission).offered_sides()
     hint = cost.what_fits(pricing.step_seconds, width, height, steps, budget, sides)
     return (
         f"{width}×{height}×{steps} needs about {cost.duration(estimate)} here; the {plan_name} plan allows "

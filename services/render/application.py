@@ -69,12 +69,15 @@ class Render:
             max_side=settings.render_max_side,
             max_steps=settings.render_max_steps,
         )
-        # Priced from its first heartbeat on: a warm-up render at the model's sizes.
+        # Priced from its first heartbeat on: a warm-up render at the model's sizes (and
+        # its text model's).
         try:
             sides = model_card.load(settings.model_path).offered_sides()
+            text_card = model_card.text_card(settings.model_path)
         except model_card.CardError as error:
             raise CannotStart(f"cannot read the model card: {error}") from error
-        await asyncio.to_thread(renderer.warm_up, sides, worker.clock)
+        text_sides = (text_card.sizes or []) if text_card is not None else []
+        await asyncio.to_thread(renderer.warm_up, sides, worker.clock, text_sides=text_sides)
         fleet = Fleet(worker_id)
         dispatcher = Dispatcher(
             bus,

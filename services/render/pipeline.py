@@ -4,6 +4,9 @@ One model, three modes, sharing the same weights: text-to-image, edit (image-to-
 an earlier image, with a strength) and inpaint (repaint where a mask is white). Any local
 pipeline folder diffusers has the classes for works (Kiln's own model, SD 1.5, SD-Turbo,
 SDXL…). On a GPU it runs in fp16; on a CPU in fp32.
+
+A job with quoted text to write (`job.text`) goes to the model's text model, named by its
+card (Kiln's own: kiln-text, glyph-conditioned, kiln_model/glyph_pipeline.py).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from shared import model_card
 from shared.cost import StepClock
 from shared.events import RenderRequested
 
@@ -58,7 +62,7 @@ def quiet_model_libraries() -> None:
 def batch_key(job: RenderRequested) -> tuple:
     """Jobs with the same key can run as one batch: one pipeline call, same size and steps."""
     strength = job.strength if job.mode != "text" else None
-    return (job.mode, job.width, job.height, job.steps, job.guidance, strength)
+    return (job.mode, job.width, job.height, job.steps, job.guidance, strength, job.text is not None)
 
 
 class Renderer:
@@ -92,28 +96,40 @@ class Renderer:
         for pipe in self.pipelines.values():
             pipe.set_progress_bar_config(disable=True)
         self.model = model_path.name
+        self.text_pipeline = None  # draws jobs with quoted text; None: this model has no text model
+        if (text_path := model_card.text_model_path(model_path)) is not None:
+            from services.render.kiln_model.glyph_pipeline import GlyphPipeline
 
-    def warm_up(self, sides: Sequence[int], clock: StepClock, slow_step_s: float = 1.0) -> None:
+            self.text_pipeline = GlyphPipeline.from_folder(text_path, self.device, dtype)
+
+    def warm_up(
+        self, sides: Sequence[int], clock: StepClock, slow_step_s: float = 1.0, text_sides: Sequence[int] = ()
+    ) -> None:
         """Render a 2-step image at each side, smallest first, and time it: the first call
         pays torch's start-up, and pricing starts from measured figures, not none. Stops
-        after a side whose step takes `slow_step_s` (larger ones are extrapolated)."""
-        for side in sorted(sides):
-            job = RenderRequested(
-                request_id="warm-up",
-                user_id="kiln",
-                conversation_id="warm-up",
-                prompt="warm up",
-                width=side,
-                height=side,
-                steps=2,
-                seed=0,
-                plan="",
-            )
-            self.render_batch([job], lambda step, total: None)
-            _, render_ms = self.render_batch([job], lambda step, total: None)
-            clock.record(side, side, 1, job.steps, render_ms / 1000)
-            if render_ms / 1000 / job.steps >= slow_step_s:
-                break
+        after a side whose step takes `slow_step_s` (larger ones are extrapolated). The
+        text model's sides are timed too, with text, if this worker has one."""
+        plain = [(side, None) for side in sorted(sides)]
+        written = [(side, "WARM UP") for side in sorted(text_sides)] if self.text_pipeline else []
+        for jobs in (plain, written):
+            for side, text in jobs:
+                job = RenderRequested(
+                    request_id="warm-up",
+                    user_id="kiln",
+                    conversation_id="warm-up",
+                    prompt="warm up",
+                    width=side,
+                    height=side,
+                    steps=2,
+                    seed=0,
+                    plan="",
+                    text=text,
+                )
+                self.render_batch([job], lambda step, total: None)
+                _, render_ms = self.render_batch([job], lambda step, total: None)
+                clock.record(side, side, 1, job.steps, render_ms / 1000)
+                if render_ms / 1000 / job.steps >= slow_step_s:
+                    break
 
     def render_batch(
         self,
@@ -126,7 +142,9 @@ class Renderer:
         per job, in order, and the pipeline's own time in milliseconds."""
         first = jobs[0]
         if any(batch_key(job) != batch_key(first) for job in jobs):
-            raise ValueError("jobs in one batch must share mode, size, steps, guidance and strength")
+            raise ValueError("jobs in one batch must share mode, size, steps, guidance, strength and text or none")
+        if first.text is not None:
+            return self._render_text(jobs, on_step)
         pipe = self.pipelines[first.mode]
 
         def step_end(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
@@ -153,6 +171,27 @@ class Renderer:
             )
         started = time.perf_counter()
         images = pipe(**arguments).images
+        render_ms = (time.perf_counter() - started) * 1000
+        return [_png(image) for image in images], render_ms
+
+    def _render_text(self, jobs: Sequence[RenderRequested], on_step: StepCallback) -> tuple[list[bytes], float]:
+        """Jobs with quoted text, drawn by the text model at its own size."""
+        if self.text_pipeline is None:
+            raise ValueError(f"the model {self.model} writes no text: it has no text model")
+        first = jobs[0]
+        if (first.width, first.height) != self.text_pipeline.size:
+            width, height = self.text_pipeline.size
+            raise ValueError(f"the text model draws {width}×{height} only, not {first.width}×{first.height}")
+        started = time.perf_counter()
+        images = self.text_pipeline(
+            [job.prompt for job in jobs],
+            [job.text or "" for job in jobs],
+            negative_prompts=[job.negative_prompt for job in jobs],
+            num_inference_steps=first.steps,
+            guidance_scale=first.guidance,
+            generators=[self.torch.Generator(self.device).manual_seed(job.seed) for job in jobs],
+            on_step=on_step,
+        )
         render_ms = (time.perf_counter() - started) * 1000
         return [_png(image) for image in images], render_ms
 

@@ -2,6 +2,7 @@ import pytest
 
 from services.context.compose import (
     Refusal,
+    TextModel,
     apply_edit,
     check_submission,
     compose,
@@ -302,3 +303,59 @@ def test_a_composed_prompt_past_the_limit_is_refused():
     with pytest.raises(Refusal) as refusal:
         compose(_grant(prompt="add dots"), "watercolor", CONFIG, source)
     assert refusal.value.reason == "prompt_too_long" and "new conversation" in refusal.value.detail
+
+
+# -- quoted text ---------------------------------------------------------------------------
+
+SIGN_WORDS = ["a", "the", "sign", "that", "says", "word", "in", "on", "background", "red", "blue", "white", "black"]
+TEXT_MODEL = TextModel(model_card.Vocabulary(subjects=[], words=SIGN_WORDS), side=128, max_chars=12)
+
+
+def _text_job(prompt: str, source=None, **fields):
+    grant = _grant(prompt=prompt, **fields)
+    composition, drawn = compose(grant, "", CONFIG, source, SHAPES, TEXT_MODEL)
+    return render_request(grant, composition, drawn, CONFIG, TEXT_MODEL)
+
+
+def test_a_prompt_quoting_text_goes_to_the_text_model_with_the_text_in_its_composition():
+    job = _text_job('a sign that says "Open 24h"', width=32, height=32)
+    assert (job.text, job.width, job.height, job.mode) == ("OPEN 24H", 128, 128, "text")
+    assert job.composition.written == "OPEN 24H" and job.prompt == 'a sign that says "Open 24h"'
+    # Without a text model, quotes are words like any other: the shapes model knows none.
+    with pytest.raises(Refusal) as refusal:
+        _job(_grant(prompt='a sign that says "OPEN"'), vocabulary=SHAPES)
+    assert refusal.value.reason == "not_drawable"
+
+
+@pytest.mark.parametrize(
+    "instruction, subject, written",
+    [
+        ("change the text to CLOSED", 'the word "CLOSED" in red on white', "CLOSED"),
+        ('make it say "sale"', 'the word "sale" in red on white', "SALE"),
+        ("now make it blue", 'the word "OPEN" in blue on white', "OPEN"),
+        ("on a black background", 'the word "OPEN" in red on black', "OPEN"),
+    ],
+)
+def test_an_edit_of_a_picture_with_text_draws_it_again_with_the_change(instruction, subject, written):
+    source = ("r0", Composition(text="x", subject='the word "OPEN" in red on white', written="OPEN"))
+    job = _text_job(instruction, source=source)
+    assert (job.prompt, job.text, job.mode, job.source_key) == (subject, written, "text", None)
+    assert job.composition.edit_of == "r0"
+
+
+def test_a_colour_written_in_the_text_is_not_the_colour_of_the_text():
+    source = ("r0", Composition(text="x", subject='the word "RED" on white', written="RED"))
+    assert _text_job("make it blue", source=source).prompt == 'the word "RED" on white in blue'
+
+
+@pytest.mark.parametrize(
+    "prompt, reason, detail",
+    [
+        ('a sign that says "THIRTEEN CHAR"', "bad_text", "has 13 characters; the model draws at most 12"),
+        ('a neon sign that says "OPEN"', "not_drawable", 'the text model does not know "neon"'),
+    ],
+)
+def test_text_the_text_model_cannot_draw_is_refused(prompt, reason, detail):
+    with pytest.raises(Refusal) as refusal:
+        _text_job(prompt)
+    assert refusal.value.reason == reason and detail in refusal.value.detail

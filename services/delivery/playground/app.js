@@ -3,7 +3,7 @@
 "use strict";
 
 const $ = (selector) => document.querySelector(selector);
-const state = { conversation: null, editOf: null, busy: false, csrf: null };
+const state = { conversation: null, editOf: null, busy: false, csrf: null, textSize: null };
 
 // A POST carries the session's CSRF token (from /api/me); the server refuses one without it.
 async function api(path, body) {
@@ -43,6 +43,7 @@ async function start() {
   for (const side of me.sizes) {
     $("#size").append(new Option(`${side}×${side}`, side));
   }
+  state.textSize = me.text_size;
   const key = `kiln-conversation-${me.user}`;
   state.conversation = localStorage.getItem(key) || newConversationId();
   localStorage.setItem(key, state.conversation);
@@ -276,7 +277,8 @@ $("#composer").addEventListener("submit", async (event) => {
       conversation_id: state.conversation,
       style: $("#style").value || null,
       edit_of: state.editOf,
-      size: Number($("#size").value),
+      // Quoted text is drawn by the text model, at its one size.
+      size: /["“”][^"“”]*["“”]/.test(text) && state.textSize ? state.textSize : Number($("#size").value),
       steps: Number($("#steps").value),
     });
     $("#prompt").value = "";

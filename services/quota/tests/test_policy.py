@@ -180,6 +180,34 @@ def test_without_measured_figures_or_a_budget_nothing_is_refused_for_cost():
         assert isinstance(decision, QuotaGranted)
 
 
+# -- quoted text ---------------------------------------------------------------------------
+
+WITH_TEXT = policy.Pricing(sizes=[32], text_sizes=[128], text_chars=12)
+
+
+def _text_decision(prompt: str, side: int, pricing: policy.Pricing = WITH_TEXT):
+    submission = _prompt(prompt=prompt, width=side, height=side)
+    return policy.decide(submission, "free", FREE, policy.UserState(), "normal", SHEDDING, NOW, pricing)
+
+
+def test_a_prompt_quoting_text_is_drawn_at_the_text_models_size():
+    assert isinstance(_text_decision('a sign that says "OPEN"', 128), QuotaGranted)
+    wrong = _text_decision('a sign that says "OPEN"', 32)
+    assert isinstance(wrong, QuotaDenied) and wrong.reason == "invalid"
+    assert wrong.detail == "a prompt quoting text is drawn at 128×128 only, not 32×32"
+    assert isinstance(_text_decision("a red circle", 32), QuotaGranted)  # no quotes: the picture model
+
+
+def test_text_the_model_cannot_write_is_invalid_before_anyone_is_charged():
+    too_long = _text_decision('a sign that says "THIRTEEN CHARS"', 128)
+    assert isinstance(too_long, QuotaDenied) and too_long.reason == "invalid"
+    assert "has 14 characters; the model draws at most 12" in too_long.detail
+    odd = _text_decision("the word “CAFÉ!”", 128)
+    assert isinstance(odd, QuotaDenied) and "'!É'" in odd.detail
+    # Without a text model (and in decisions recorded before policy 6) quotes are words.
+    assert isinstance(_text_decision('a sign that says "CAFÉ!"', 32, PRICED), QuotaGranted)
+
+
 # -- requests at once (`max_active`) -------------------------------------------------------
 
 CAPPED = Plan(tier="paid", daily_limit=100, burst=50, per_hour=600, max_active=2)
