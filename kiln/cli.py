@@ -383,6 +383,8 @@ async def _say_outcome(client: KilnClient, outcome: Outcome) -> int:
         _say(f"failed at {outcome.stage}: {outcome.reason}: {outcome.detail}")
         return EXIT_FAILED
     _say(f"image {outcome.request_id} drawn as: {outcome.prompt}")
+    if outcome.composition is not None and outcome.composition.degraded:
+        _say(f"note: drawn with less than asked while Kiln is busy: {outcome.composition.degraded}")
     try:
         link = await client.link(outcome.user_id, outcome.request_id)
     except ServiceUnavailable as error:

@@ -133,6 +133,7 @@ class Composition(msgspec.Struct, kw_only=True):
     style: str = ""  # the style preset in force ("" for none)
     edit_of: str | None = None  # the request whose image this edits
     written: str | None = None  # the quoted text the picture shows, as the text model writes it
+    degraded: str | None = None  # why it is drawn with less than asked (quota, while the fleet is loaded)
 
 
 class TurnComposed(Event, kw_only=True):

@@ -296,7 +296,12 @@ def compose(
         edit_of, earlier = source
         subject = apply_edit(earlier.subject, text, vocabulary) if looks_like_edit(text) else text
     composition = Composition(
-        text=text, subject=subject, style=style, edit_of=edit_of, written=_written(subject, text_model)
+        text=text,
+        subject=subject,
+        style=style,
+        edit_of=edit_of,
+        written=_written(subject, text_model),
+        degraded=grant.degraded,  # told to the user with the image
     )
     check_drawable(composition, vocabulary, text_model)
     prompt = composition.subject

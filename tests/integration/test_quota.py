@@ -212,6 +212,8 @@ async def test_plans_burst_limits_soft_caps_and_shedding_by_fleet_pressure(
         # per hour while elevated; paid users are not touched.
         degraded = await client.generate("a red square", user_id=free, steps=10)
         assert isinstance(degraded, ImageDelivered)
+        # The image tells its user why it has fewer steps.
+        assert degraded.composition.degraded == "10 steps asked, 2 rendered while the fleet is elevated"
         limited = await client.generate("a red square", user_id=free)
         assert isinstance(limited, QuotaDenied) and (limited.reason, limited.pressure) == ("rate_limit", "elevated")
         assert isinstance(await client.generate("a red square", user_id=pro), ImageDelivered)

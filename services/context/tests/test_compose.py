@@ -1,3 +1,4 @@
+import msgspec
 import pytest
 
 from services.context.compose import (
@@ -74,6 +75,12 @@ def test_render_request_carries_the_prompt_and_parameters():
         "text",
     )
     assert job.composition == Composition(text="a red circle", subject="a red circle")
+
+
+def test_a_degraded_grant_draws_fewer_steps_and_says_why_in_the_composition():
+    grant = msgspec.structs.replace(_grant(steps=30), steps=12, degraded="30 steps asked, 12 rendered")
+    job = _job(grant)
+    assert (job.steps, job.composition.degraded) == (12, "30 steps asked, 12 rendered")
 
 
 def test_seed_is_the_clients_or_derived_from_the_request():

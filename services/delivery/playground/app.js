@@ -138,6 +138,8 @@ function showOutcome(card, outcome) {
     const drawn = document.createElement("div");
     drawn.className = "drawn";
     drawn.textContent = `drawn: ${outcome.prompt}`;
+    const degraded = outcome.composition && outcome.composition.degraded;
+    if (degraded) drawn.textContent += ` (drawn with less than asked while Kiln is busy: ${degraded})`;
     const image = document.createElement("img");
     image.src = outcome.image;
     image.alt = outcome.prompt;
