@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 
 import msgspec
 
@@ -108,24 +109,31 @@ class FleetMonitor:
 
 class Shed:
     """What this quota process shed in the last WINDOW_S seconds: free requests denied for
-    capacity or for the tighter rate under pressure, and images degraded (for `kiln status`)."""
+    capacity or for the tighter rate under pressure, and images degraded (for `kiln status`).
+    Counted per second, so that memory stays flat however much is shed (a list of every
+    time grew by the whole window's sheds: tens of thousands in an overload soak)."""
 
     WINDOW_S = 600.0
 
     def __init__(self, clock=time.monotonic) -> None:
         self.clock = clock
-        self._events: dict[str, list[float]] = {"shed": [], "degraded": []}
+        # Per kind, [second, count] pairs, oldest first: at most WINDOW_S + 1 of them.
+        self._seconds: dict[str, deque[list[int]]] = {"shed": deque(), "degraded": deque()}
 
     def record(self, kind: str) -> None:
-        self._events[kind].append(self.clock())
+        second, seconds = int(self.clock()), self._seconds[kind]
+        if seconds and seconds[-1][0] == second:
+            seconds[-1][1] += 1
+        else:
+            seconds.append([second, 1])
         self._forget()
 
     def counts(self) -> dict[str, int]:
         self._forget()
-        return {kind: len(times) for kind, times in self._events.items()}
+        return {kind: sum(count for _, count in seconds) for kind, seconds in self._seconds.items()}
 
     def _forget(self) -> None:
         cutoff = self.clock() - self.WINDOW_S
-        for kind, times in self._events.items():
-            if times and times[0] < cutoff:
-                self._events[kind] = [at for at in times if at >= cutoff]
+        for seconds in self._seconds.values():
+            while seconds and seconds[0][0] < cutoff:
+                seconds.popleft()

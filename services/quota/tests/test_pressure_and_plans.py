@@ -117,3 +117,7 @@ def test_what_was_shed_is_counted_over_the_last_ten_minutes_only():
     now[0] += Shed.WINDOW_S + 1
     shed.record("shed")
     assert shed.counts() == {"shed": 1, "degraded": 0}
+    for _ in range(10_000):  # an overload: many a second, kept as one count per second
+        now[0] += 0.01
+        shed.record("shed")
+    assert shed.counts()["shed"] == 10_001 and len(shed._seconds["shed"]) <= 101
