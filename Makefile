@@ -7,8 +7,9 @@ STAMP  := $(VENV)/.installed
 PHOENIX := .phoenix/.installed
 CHROMIUM ?= /usr/bin/chromium
 export KILN_CHROMIUM := $(CHROMIUM)
+TESSERACT ?= /usr/bin/tesseract
 
-.PHONY: run cluster test test-faults lint asyncapi bench bench-scale soak model model-check clean
+.PHONY: run cluster test test-faults lint asyncapi bench bench-scale soak model model-text model-check clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,7 +26,7 @@ run: $(STAMP) $(PHOENIX)
 cluster: $(STAMP) $(PHOENIX)
 	$(VENV)/bin/kiln up --nats-cluster 3
 
-test: $(STAMP) $(PHOENIX) $(CHROMIUM)
+test: $(STAMP) $(PHOENIX) $(CHROMIUM) $(TESSERACT)
 	$(PYTHON) -m pytest -q
 
 # Faults under load on the real servers: each service killed, NATS and PostgreSQL restarted,
@@ -56,6 +57,13 @@ $(CHROMIUM):
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 
+# OCR, to read the text the text model writes (`make model-check`, tests/integration/test_text.py):
+# Debian's Tesseract, installed once per machine.
+$(TESSERACT):
+	@command -v apt-get >/dev/null || { echo "install Tesseract at $(TESSERACT) (or set TESSERACT=path)"; exit 1; }
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tesseract-ocr >/dev/null
+
 bench: $(STAMP) $(PHOENIX)
 	$(PYTHON) -m bench.e2e_latency
 	$(PYTHON) -m bench.quota_throughput
@@ -81,14 +89,25 @@ bench-scale: $(STAMP)
 soak: $(STAMP)
 	$(PYTHON) -m bench.soak --minutes 10
 
-# Does the shipped model draw what it is asked? 60 held-out prompts, judged from the pixels.
-model-check: $(STAMP)
+# Does the shipped model draw what it is asked? 60 held-out prompts, judged from the pixels;
+# then the text model's held-out words, read back by OCR.
+model-check: $(STAMP) $(TESSERACT)
 	$(PYTHON) -m services.render.kiln_model.check services/render/models/kiln-shapes \
 		--json bench/results/model_check.json --sheet bench/results/model_check.png
+	$(PYTHON) -m services.render.kiln_model.text_check services/render/models/kiln-text \
+		--json bench/results/text_check.json --sheet bench/results/text_check.png
 
 model: $(STAMP)
 	# Retrains Kiln's own model (about 60 minutes on 2 cores); CI never does.
 	$(PYTHON) -m services.render.kiln_model.train services/render/models/kiln-shapes
+
+model-text: $(STAMP)
+	# Retrains the text model the shipped one came from: 8 minutes of autoencoder, then 57 of
+	# UNet (about 70 minutes on 2 cores, checkpoints every 5); CI never does.
+	$(PYTHON) -m services.render.kiln_model.text_train services/render/models/kiln-text \
+		--autoencoder-minutes 8 --minutes 0
+	$(PYTHON) -m services.render.kiln_model.text_train services/render/models/kiln-text \
+		--vae services/render/models/kiln-text/vae --minutes 57 --save-every 5
 
 # As root, the embedded PostgreSQL keeps its data in /var/lib/kiln/data/<hash>, which
 # .kiln/postgres/data links to: removed first, while the link still says where.

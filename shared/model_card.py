@@ -7,7 +7,7 @@ A model folder without the file (SD 1.5, SDXL…) draws anything described in wo
 side from MIN_SIDE to MAX_SIDE in multiples of 8.
 
 A card may name a second model for prompts that quote text (`text_model`, a folder beside
-it): that model's own card gives the sizes text is drawn at, its words, and `text_chars`,
+it): that model's own card gives the sizes text is drawn at, its words, and `max_text_chars`,
 the most characters it writes (shared/quoted.py).
 """
 
@@ -50,7 +50,9 @@ class ModelCard(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     sizes: list[int] | None = None  # native square sides; None: any side Kiln allows
     vocabulary: Vocabulary | None = None  # None: anything described in words
     text_model: str | None = None  # the folder (relative to this one) of the model that draws quoted text
-    text_chars: int = 0  # a text model's own card: the most characters it writes
+    max_text_chars: int = 0  # a text model's own card: the most characters it writes
+    steps: int | None = None  # the most steps it needs to draw its best (None: as asked)
+    guidance: float | None = None  # the guidance it draws best at (None: the style's or Kiln's default)
 
     def __post_init__(self) -> None:
         for side in self.sizes or ():

@@ -8,7 +8,10 @@ import sys
 from PIL import Image
 
 from infra.embedded import free_port
-from kiln.cli import viewable
+from kiln.cli import _side, viewable
+from shared import model_card
+from shared.events import DEFAULT_SIZE
+from shared.settings import DEFAULT_MODEL, Settings
 
 
 def _kiln(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -62,3 +65,11 @@ def test_an_odd_size_is_scaled_past_256_and_a_large_image_is_left_as_it_is():
     assert Image.open(io.BytesIO(viewable(_png(40, 40)))).size == (280, 280)  # 7 times
     large = _png(256, 64)
     assert viewable(large) == large
+
+
+def test_a_prompt_quoting_text_defaults_to_the_text_models_size():
+    settings = Settings(model_path=DEFAULT_MODEL)
+    side = max(model_card.text_card(DEFAULT_MODEL).sizes)
+    assert _side(None, 'a sign that says "OPEN"', settings) == side != DEFAULT_SIZE
+    assert _side(None, "a red circle", settings) == DEFAULT_SIZE
+    assert _side(64, 'a sign that says "OPEN"', settings) == 64  # --size wins

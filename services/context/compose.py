@@ -93,12 +93,14 @@ class TextModel:
     vocabulary: Vocabulary | None
     side: int
     max_chars: int
+    steps: int | None = None  # the most it needs
+    guidance: float | None = None
 
     @classmethod
     def of(cls, card: ModelCard | None) -> TextModel | None:
-        if card is None or not card.sizes or not card.text_chars:
+        if card is None or not card.sizes or not card.max_text_chars:
             return None
-        return cls(card.vocabulary, max(card.sizes), card.text_chars)
+        return cls(card.vocabulary, max(card.sizes), card.max_text_chars, card.steps, card.guidance)
 
 
 class Refusal(Exception):
@@ -333,13 +335,17 @@ def render_request(
     submission = grant.submission
     preset = config.styles.get(composition.style)
     guidance = preset.guidance if preset and preset.guidance is not None else DEFAULT_GUIDANCE
+    steps = grant.steps or submission.steps  # fewer when quota degraded it under pressure
+    if composition.written is not None and text_model is not None:  # the text model's own recipe
+        steps = min(steps, text_model.steps or steps)
+        guidance = text_model.guidance or guidance
     return RenderRequested(
         request_id=grant.request_id,
         user_id=grant.user_id,
         conversation_id=grant.conversation_id,
         prompt=prompt,
         negative_prompt=preset.negative if preset else "",
-        steps=grant.steps or submission.steps,  # fewer when quota degraded it under pressure
+        steps=steps,
         guidance=guidance,
         seed=submission.seed if submission.seed is not None else seed_for(grant.request_id),
         tier=grant.tier,

@@ -260,7 +260,7 @@ class QuotaService:
             sizes=self.card.sizes,
             step_seconds=self.fleet.step_seconds(),
             text_sizes=None if text is None else text.sizes,
-            text_chars=0 if text is None else text.text_chars,
+            text_chars=0 if text is None else text.max_text_chars,
         )
         entries = []
         for delivery in batch:

@@ -315,7 +315,9 @@ def test_a_composed_prompt_past_the_limit_is_refused():
 # -- quoted text ---------------------------------------------------------------------------
 
 SIGN_WORDS = ["a", "the", "sign", "that", "says", "word", "in", "on", "background", "red", "blue", "white", "black"]
-TEXT_MODEL = TextModel(model_card.Vocabulary(subjects=[], words=SIGN_WORDS), side=128, max_chars=12)
+TEXT_MODEL = TextModel(
+    model_card.Vocabulary(subjects=[], words=SIGN_WORDS), side=128, max_chars=12, steps=6, guidance=1.5
+)
 
 
 def _text_job(prompt: str, source=None, **fields):
@@ -325,8 +327,10 @@ def _text_job(prompt: str, source=None, **fields):
 
 
 def test_a_prompt_quoting_text_goes_to_the_text_model_with_the_text_in_its_composition():
-    job = _text_job('a sign that says "Open 24h"', width=32, height=32)
+    job = _text_job('a sign that says "Open 24h"', width=32, height=32, steps=20)
     assert (job.text, job.width, job.height, job.mode) == ("OPEN 24H", 128, 128, "text")
+    assert (job.steps, job.guidance) == (6, 1.5)  # the text model's recipe: at most its steps
+    assert _text_job('the word "GO"', steps=4).steps == 4
     assert job.composition.written == "OPEN 24H" and job.prompt == 'a sign that says "Open 24h"'
     # Without a text model, quotes are words like any other: the shapes model knows none.
     with pytest.raises(Refusal) as refusal:
