@@ -136,9 +136,9 @@ async def soak_platform(data_dir: Path, settings: Settings | None = None) -> Asy
             yield stack
 
 
-async def add_accounts(stack: Platform, users: list[str], plan: str) -> None:
+async def add_accounts(stack: Platform, users: list[str], plan: str, plans_file: Path = SOAK_PLANS) -> None:
     """`kiln accounts add USER PLAN` for each, against the platform's database."""
-    config = plans.load(SOAK_PLANS)
+    config = plans.load(plans_file)
     conn = await asyncpg.connect(stack.database_url)
     try:
         for user in users:

@@ -1,6 +1,7 @@
 """Proof under faults: while a closed loop of clients sends N_REQUESTS prompts for N_USERS
-free users, each service is SIGKILLed and started again in turn, then NATS is restarted,
-then PostgreSQL, then quota dies between committing its decisions and publishing them.
+users (half on the free plan, which allows 3 of their 10 a day, half on pro), each service
+is SIGKILLed and started again in turn, then NATS is restarted, then PostgreSQL, then quota
+dies between committing its decisions and publishing them.
 
 Afterwards the records are checked, not the services' counters: each request's one outcome
 in the KILN_OUTCOMES stream, the quota log in PostgreSQL (grants, refunds, `kiln audit
@@ -35,6 +36,7 @@ import pytest
 import pytest_asyncio
 from opentelemetry import trace
 
+from bench.soak import add_accounts
 from infra.nats_auth import ADMIN
 from infra.platform import Platform
 from kiln.client import CLIENT_ACCESS, KilnClient
@@ -45,15 +47,16 @@ from shared.events import ImageDelivered, QuotaDenied, RequestFailed
 from shared.failpoints import EXIT_CODE
 from shared.records import Outcome
 from shared.settings import PROJECT_ROOT
+from tests.conftest import TEST_PLANS
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(os.environ.get("KILN_FAULTS") != "1", reason="the fault suite runs by `make test-faults`"),
 ]
 
-N_REQUESTS = 120  # the issue's target: 500 over 50 users (on a paid plan with room for 10 each)
-N_USERS = 40
-FREE_DAILY_LIMIT = 3  # tests/integration/plans.toml's free plan: N_REQUESTS / N_USERS fits it
+N_REQUESTS = 500
+N_USERS = 50  # 10 requests each: a free user's last 7 are denied, a pro user's all drawn
+PRO_PLAN = "pro"  # tests/integration/plans.toml: 100 a day, a burst of 50
 CONCURRENT = 8  # clients in the closed loop, each with one request in flight
 STEPS = 4  # a short render: the faults, not the GPU, are under test
 IN_FLIGHT_S = 1.0  # from releasing a share of the requests to the fault: some are mid-way
@@ -246,7 +249,7 @@ class Findings:
     lost: set[str] = field(default_factory=set)  # request ids with no outcome
     duplicated: dict[str, str] = field(default_factory=dict)  # request id → what was twice
     unrefunded: set[str] = field(default_factory=set)  # failed after a grant, never refunded
-    over_granted: dict[str, int] = field(default_factory=dict)  # user → net grants today
+    over_granted: dict[str, str] = field(default_factory=dict)  # user → net grants today, of its limit
     oddities: list[str] = field(default_factory=list)
 
 
@@ -286,6 +289,7 @@ async def _check_quota_log(db: asyncpg.Connection, requests: list[Request], foun
 
     decisions: dict[str, int] = {}
     net: dict[tuple[str, str], int] = {}  # (stream, day) → grants less refunds
+    limit: dict[tuple[str, str], int] = {}  # (stream, day) → the most a grant said was allowed
     day_of: dict[str, str] = {}
     for row in rows:
         payload = json.loads(row["payload"])
@@ -293,7 +297,9 @@ async def _check_quota_log(db: asyncpg.Connection, requests: list[Request], foun
             decisions[row["request_id"]] = decisions.get(row["request_id"], 0) + 1
         if row["event_type"] == "QuotaGranted":
             day_of[row["request_id"]] = payload["day"]
-            net[(row["stream_id"], payload["day"])] = net.get((row["stream_id"], payload["day"]), 0) + 1
+            key = (row["stream_id"], payload["day"])
+            net[key] = net.get(key, 0) + 1
+            limit[key] = max(limit.get(key, 0), payload["limit"])
     for row in rows:
         if row["event_type"] == "QuotaRefunded" and row["request_id"] in day_of:
             key = (row["stream_id"], day_of[row["request_id"]])
@@ -301,9 +307,9 @@ async def _check_quota_log(db: asyncpg.Connection, requests: list[Request], foun
     for request_id, count in decisions.items():
         if count > 1:
             found.duplicated[request_id] = f"{count} quota decisions"
-    for (stream, _day), count in net.items():
-        if count > FREE_DAILY_LIMIT:
-            found.over_granted[stream.removeprefix("user:")] = count
+    for (stream, day), count in net.items():
+        if count > limit[(stream, day)]:
+            found.over_granted[stream.removeprefix("user:")] = f"{count} of {limit[(stream, day)]}"
     for r in requests:
         if isinstance(r.outcome, ImageDelivered) and r.request_id not in granted:
             found.oddities.append(f"{r.request_id}: delivered with no grant in the log")
@@ -354,6 +360,7 @@ async def test_no_request_is_lost_duplicated_or_over_granted_while_everything_fa
 ):
     run = uuid.uuid4().hex[:6]
     users = [f"f{run}u{n}" for n in range(N_USERS)]
+    await add_accounts(platform, users[1::2], PRO_PLAN, TEST_PLANS)
     # Users interleaved, so that each user's requests are spread over the faults.
     requests = [Request(users[n % N_USERS], uuid.uuid4().hex) for n in range(N_REQUESTS)]
     faults = _faults(platform)
@@ -429,7 +436,7 @@ def _assert_every_request_ended_once(
     assert not supervisor.exits, f"services that exited on their own: {supervisor.exits}"
     assert not found.lost, f"requests that never ended: {sorted(found.lost)}"
     assert not found.duplicated, f"requests that happened twice: {found.duplicated}"
-    assert not found.over_granted, f"users granted more than {FREE_DAILY_LIMIT} today: {found.over_granted}"
+    assert not found.over_granted, f"users granted more than their plan allows today: {found.over_granted}"
     assert not found.unrefunded, f"failed requests never refunded: {sorted(found.unrefunded)}"
     assert audit.returncode == 0, audit.stdout + audit.stderr
     assert not found.oddities, found.oddities
