@@ -42,11 +42,12 @@ import torch.nn.functional as F
 
 from services.render.kiln_model import glyphs, text_scenes
 from services.render.kiln_model.glyph_pipeline import MAX_TOKENS, encoder_caption, glyph_condition, glyph_masks
+from services.render.kiln_model.train import train_diffusion
 from services.render.pipeline import quiet_model_libraries
 
 quiet_model_libraries()
 import diffusers  # noqa: E402
-from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel  # noqa: E402
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel  # noqa: E402
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast  # noqa: E402
 
@@ -305,53 +306,28 @@ def train(
         save(folder, tokenizer, text_encoder, vae, unet)
     scaling = vae.config.scaling_factor
 
-    # 2. The UNet and text encoder, on latents of whole pictures
-    noise_schedule = DDPMScheduler(
-        num_train_timesteps=TRAIN_STEPS, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction"
-    )
-    parameters = [*unet.parameters(), *text_encoder.parameters()]
-    optimiser = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=0.01)
-    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
-    ema_pairs = [
-        *zip(ema_unet.parameters(), unet.parameters(), strict=True),
-        *zip(ema_text.parameters(), text_encoder.parameters(), strict=True),
-    ]
-    budget_s, started, last_save = minutes * 60, time.monotonic(), time.monotonic()
-    step, running = 0, 0.0
-    while (elapsed := time.monotonic() - started) < budget_s:
-        step += 1
-        warmup = min(1.0, step / 100)
-        for group in optimiser.param_groups:  # cosine over the time budget
-            group["lr"] = 1e-3 * warmup * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * elapsed / budget_s)))
+    # 2. The UNet and text encoder, on latents of whole pictures, each drawn batch used for
+    #    BATCH_REUSE steps, the glyphs joined to the noisy latents
+    drawn: dict[str, object] = {}
+
+    def inputs(step: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         if (step - 1) % BATCH_REUSE == 0:
             pixels, masks, captions = batches.next()
             with torch.no_grad():
                 latents = vae.encode(pixels).latent_dist.mode() * scaling
-            condition = glyph_condition(masks, FACTOR)
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, TRAIN_STEPS, (len(latents),))
-        noisy = noise_schedule.add_noise(latents, noise, timesteps)
-        target = noise_schedule.get_velocity(latents, noise, timesteps)
-        model_input = torch.cat([noisy, condition], dim=1)
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # faster a step on this CPU, as in train.py
-            prediction = unet(model_input, timesteps, encode_text(tokenizer, text_encoder, captions)).sample
-        loss = F.mse_loss(prediction.float(), target)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimiser.step()
-        with torch.no_grad():
-            decay = min(EMA_DECAY, (1 + step) / (10 + step))
-            for ema, live in ema_pairs:
-                ema.lerp_(live, 1 - decay)
-        running = loss.item() if step == 1 else 0.98 * running + 0.02 * loss.item()
-        if step % 25 == 0:
-            print(f"step {step} ({elapsed / 60:.1f} min): loss {running:.4f}", flush=True)
-        if time.monotonic() - last_save > save_every * 60:
-            save(folder, tokenizer, ema_text, vae, ema_unet)
-            last_save = time.monotonic()
-    save(folder, tokenizer, ema_text, vae, ema_unet)
-    print(f"done: {step} steps in {(time.monotonic() - started) / 60:.1f} min", flush=True)
+            drawn.update(latents=latents, condition=glyph_condition(masks, FACTOR), captions=captions)
+        return drawn["latents"], drawn["condition"], drawn["captions"]  # type: ignore[return-value]
+
+    train_diffusion(
+        unet,
+        text_encoder,
+        lambda captions: encode_text(tokenizer, text_encoder, captions),
+        inputs,
+        minutes,
+        save_every,
+        lambda text_encoder, unet: save(folder, tokenizer, text_encoder, vae, unet),
+        log_every=25,
+    )
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ import copy
 import math
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -226,6 +227,40 @@ def train(folder: Path, minutes: float, batch_size: int, save_every: float, ae_m
     vae.register_to_config(scaling_factor=scaling)
     print(f"autoencoder done: loss {loss:.5f}, latent scaling {scaling:.3f}", flush=True)
 
+    def inputs(step: int) -> tuple[torch.Tensor, None, list[str]]:
+        pixels, captions = batches.next()
+        with torch.no_grad():
+            return vae.encode(pixels).latent_dist.mode() * scaling, None, captions
+
+    train_diffusion(
+        unet,
+        text_encoder,
+        lambda captions: encode_text(tokenizer, text_encoder, captions),
+        inputs,
+        minutes,
+        save_every,
+        lambda text_encoder, unet: save(folder, tokenizer, text_encoder, vae, unet),
+    )
+
+
+Inputs = Callable[[int], tuple[torch.Tensor, torch.Tensor | None, list[str]]]
+
+
+def train_diffusion(
+    unet: UNet2DConditionModel,
+    text_encoder: CLIPTextModel,
+    encode: Callable[[list[str]], torch.Tensor],
+    inputs: Inputs,
+    minutes: float,
+    save_every: float,
+    save_models: Callable[[CLIPTextModel, UNet2DConditionModel], None],
+    log_every: int = 50,
+) -> None:
+    """Train `unet` and `text_encoder` together for `minutes` (v-prediction on a cosine
+    noise schedule; AdamW, the learning rate warming up then following a cosine over the
+    time budget; EMA weights), saving the EMA weights every `save_every` minutes and at the
+    end. `inputs(step)` gives the step's latents, the channels joined to the noisy latents
+    (a text model's glyphs; None: none) and the captions."""
     noise_schedule = DDPMScheduler(
         num_train_timesteps=TRAIN_STEPS, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction"
     )
@@ -244,15 +279,15 @@ def train(folder: Path, minutes: float, batch_size: int, save_every: float, ae_m
         warmup = min(1.0, step / 100)
         for group in optimiser.param_groups:  # cosine over the time budget
             group["lr"] = 1e-3 * warmup * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * elapsed / budget_s)))
-        pixels, captions = batches.next()
-        with torch.no_grad():
-            latents = vae.encode(pixels).latent_dist.mode() * scaling
+        latents, joined, captions = inputs(step)
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, TRAIN_STEPS, (len(latents),))
         noisy = noise_schedule.add_noise(latents, noise, timesteps)
         target = noise_schedule.get_velocity(latents, noise, timesteps)
+        if joined is not None:
+            noisy = torch.cat([noisy, joined], dim=1)
         with torch.autocast("cpu", dtype=torch.bfloat16):  # ~1.5× faster a step on this CPU
-            prediction = unet(noisy, timesteps, encode_text(tokenizer, text_encoder, captions)).sample
+            prediction = unet(noisy, timesteps, encode(captions)).sample
         loss = F.mse_loss(prediction.float(), target)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -263,12 +298,12 @@ def train(folder: Path, minutes: float, batch_size: int, save_every: float, ae_m
             for ema, live in ema_pairs:
                 ema.lerp_(live, 1 - decay)
         running = loss.item() if step == 1 else 0.98 * running + 0.02 * loss.item()
-        if step % 50 == 0:
+        if step % log_every == 0:
             print(f"step {step} ({elapsed / 60:.1f} min): loss {running:.4f}", flush=True)
         if time.monotonic() - last_save > save_every * 60:
-            save(folder, tokenizer, ema_text, vae, ema_unet)
+            save_models(ema_text, ema_unet)
             last_save = time.monotonic()
-    save(folder, tokenizer, ema_text, vae, ema_unet)
+    save_models(ema_text, ema_unet)
     print(f"done: {step} steps in {(time.monotonic() - started) / 60:.1f} min", flush=True)
 
 
