@@ -38,7 +38,6 @@ from shared.events import RequestFailed
 from shared.settings import Settings
 from tests.conftest import TEST_PLANS
 from tests.faults.test_faults import (
-    FREE_DAILY_LIMIT,
     Findings,
     Request,
     Supervisor,
@@ -52,6 +51,7 @@ from tests.faults.test_faults import (
 pytestmark = pytest.mark.integration
 
 N_USERS = 15
+FREE_DAILY_LIMIT = 3  # tests/integration/plans.toml's free plan
 EXTRA = 5  # users with one request more than the free plan allows: denied, or the plan broken
 N_REQUESTS = N_USERS * FREE_DAILY_LIMIT + EXTRA
 CONCURRENT = 6  # clients in the closed loop, each with one request in flight
