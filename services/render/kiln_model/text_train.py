@@ -42,20 +42,18 @@ import torch.nn.functional as F
 
 from services.render.kiln_model import glyphs, text_scenes
 from services.render.kiln_model.glyph_pipeline import MAX_TOKENS, encoder_caption, glyph_condition, glyph_masks
-from services.render.kiln_model.train import train_diffusion
+from services.render.kiln_model.train import build_tokenizer, train_diffusion
 from services.render.pipeline import quiet_model_libraries
 
 quiet_model_libraries()
 import diffusers  # noqa: E402
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel  # noqa: E402
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast  # noqa: E402
 
 SIZE = 128  # see the docstring for why
 FACTOR = 4  # VAE downsampling per side
 LATENT_CHANNELS = 8
 GLYPH_CHANNELS = FACTOR * FACTOR
-SPECIALS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
 TRAIN_STEPS = 1000  # noise levels
 CAPTION_DROPOUT = 0.1
 EMA_DECAY = 0.995
@@ -94,27 +92,6 @@ words = [
     {words}
 ]
 """
-
-
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Whole words in, one id each; any other word is [UNK] (as kiln-shapes' tokenizer)."""
-    vocab = {token: index for index, token in enumerate([*SPECIALS, *text_scenes.WORDS])}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
-    )
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", vocab["[BOS]"]), ("[EOS]", vocab["[EOS]"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token="[BOS]",
-        eos_token="[EOS]",
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        model_max_length=MAX_TOKENS,
-    )
 
 
 def build_text_encoder(tokenizer: PreTrainedTokenizerFast) -> CLIPTextModel:
@@ -281,7 +258,7 @@ def train(
 ) -> None:
     torch.manual_seed(seed)
     batches = Batches(batch_size, seed)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(text_scenes.WORDS)  # the words of its captions
     text_encoder, unet = build_text_encoder(tokenizer), build_unet()
     print(
         f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters, "

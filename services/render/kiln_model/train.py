@@ -68,10 +68,10 @@ CAPTION_DROPOUT = 0.1
 EMA_DECAY = 0.995
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(words: list[str] = WORDS) -> PreTrainedTokenizerFast:
     """Whole words in, one id each; any other word is [UNK], which training teaches the
     model to ignore."""
-    vocab = {token: index for index, token in enumerate([*SPECIALS, *WORDS])}
+    vocab = {token: index for index, token in enumerate([*SPECIALS, *words])}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
