@@ -8,12 +8,14 @@ import argparse
 import asyncio
 import getpass
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime
 from pathlib import Path
 
 import asyncpg
 import nats.errors
+import nats.js.errors
 from opentelemetry import trace
 from rich.console import Console
 from rich.table import Table
@@ -32,7 +34,7 @@ from services.quota import log as quota_log
 from services.quota.migrate import upgrade
 from shared import subjects
 from shared.access import Access
-from shared.bus import Bus
+from shared.bus import PUBLISH_RETRY_S, Bus
 from shared.events import ID_PATTERN, as_utc
 from shared.settings import Settings, SettingsError
 
@@ -356,9 +358,18 @@ async def _stream_checkpoints(settings: Settings) -> list[checkpoints.Checkpoint
         connect_timeout=2,
         max_reconnect_attempts=1,
     )
+    deadline = time.monotonic() + PUBLISH_RETRY_S
     try:
-        last = await bus.last_message(stream, subject)
-        stored = await bus.read_subject(stream, subject, last.seq) if last else []
+        while True:
+            try:
+                last = await bus.last_message(stream, subject)
+                stored = await bus.read_subject(stream, subject, last.seq) if last else []
+                break
+            # A cluster that lost a node answers 503 while the stream elects a leader.
+            except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
     finally:
         await bus.close()
     return [checkpoints.decode(message.data) for message in stored]
