@@ -41,14 +41,13 @@ import torch
 import torch.nn.functional as F
 
 from services.render.kiln_model import glyphs, text_scenes
-from services.render.kiln_model.glyph_pipeline import MAX_TOKENS, encoder_caption, glyph_condition, glyph_masks
-from services.render.kiln_model.train import build_tokenizer, train_diffusion
+from services.render.kiln_model.glyph_pipeline import encoder_caption, glyph_condition, glyph_masks
+from services.render.kiln_model.train import build_text_encoder, build_tokenizer, encode_text, train_diffusion
 from services.render.pipeline import quiet_model_libraries
 
 quiet_model_libraries()
 import diffusers  # noqa: E402
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast  # noqa: E402
 
 SIZE = 128  # see the docstring for why
 FACTOR = 4  # VAE downsampling per side
@@ -92,22 +91,6 @@ words = [
     {words}
 ]
 """
-
-
-def build_text_encoder(tokenizer: PreTrainedTokenizerFast) -> CLIPTextModel:
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=MAX_TOKENS,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-    )
 
 
 def build_vae() -> AutoencoderKL:
@@ -240,11 +223,6 @@ def save(folder: Path, tokenizer, text_encoder, vae, unet) -> None:
     (folder / "kiln-model.toml").write_text(CARD.replace("{words}", words + ","))
     size_mb = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6
     print(f"saved {folder} ({size_mb:.1f} MB)", flush=True)
-
-
-def encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
-    ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
-    return text_encoder(ids.input_ids)[0]
 
 
 def train(

@@ -90,8 +90,9 @@ def build_tokenizer(words: list[str] = WORDS) -> PreTrainedTokenizerFast:
     )
 
 
-def build_models(tokenizer: PreTrainedTokenizerFast) -> tuple[CLIPTextModel, AutoencoderKL, UNet2DConditionModel]:
-    text_encoder = CLIPTextModel(
+def build_text_encoder(tokenizer: PreTrainedTokenizerFast) -> CLIPTextModel:
+    """A 2-layer, 128-wide CLIP text encoder over the tokenizer's words."""
+    return CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
             hidden_size=128,
@@ -104,6 +105,10 @@ def build_models(tokenizer: PreTrainedTokenizerFast) -> tuple[CLIPTextModel, Aut
             eos_token_id=tokenizer.eos_token_id,
         )
     )
+
+
+def build_models(tokenizer: PreTrainedTokenizerFast) -> tuple[CLIPTextModel, AutoencoderKL, UNet2DConditionModel]:
+    text_encoder = build_text_encoder(tokenizer)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
