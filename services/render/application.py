@@ -40,9 +40,10 @@ class Render:
     @classmethod
     @asynccontextmanager
     async def open(cls, settings: Settings, bus: Bus, *, worker_id: str) -> AsyncIterator[Render]:
-        from services.render.pipeline import Renderer  # imports torch: after CUDA_VISIBLE_DEVICES
+        # imports torch: after CUDA_VISIBLE_DEVICES
+        from services.render.pipeline import Renderer, on_torch_thread
 
-        renderer = await asyncio.to_thread(Renderer, settings.model_path, settings.render_threads)
+        renderer = await on_torch_thread(Renderer, settings.model_path, settings.render_threads)
         gpu = Gpu()
 
         def temperature() -> float | None:
@@ -77,7 +78,7 @@ class Render:
         except model_card.CardError as error:
             raise CannotStart(f"cannot read the model card: {error}") from error
         text_sides = (text_card.sizes or []) if text_card is not None else []
-        await asyncio.to_thread(renderer.warm_up, sides, worker.clock, text_sides=text_sides)
+        await on_torch_thread(renderer.warm_up, sides, worker.clock, text_sides=text_sides)
         fleet = Fleet(worker_id)
         dispatcher = Dispatcher(
             bus,

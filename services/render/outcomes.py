@@ -102,7 +102,8 @@ class Outcomes:
 class Progress:
     """A batch's step progress, one RenderProgress per job (plain NATS), at most one every
     PROGRESS_INTERVAL_S and always the last step. `step` runs on the render thread: it
-    hands the publishing to the event loop."""
+    hands the publishing to the event loop, once per report for the whole batch (each
+    wake-up of the loop slows the render beside it)."""
 
     def __init__(self, bus: Bus, todo: list[Received], loop: asyncio.AbstractEventLoop) -> None:
         self.bus = bus
@@ -117,6 +118,9 @@ class Progress:
         if not self.due(step, total, now):
             return
         self.last_sent = now
+        asyncio.run_coroutine_threadsafe(self._publish(step, total), self.loop)
+
+    async def _publish(self, step: int, total: int) -> None:
         for item in self.todo:
             job: RenderRequested = item.event
             progress = RenderProgress(
@@ -128,7 +132,7 @@ class Progress:
             )
             subject = subjects.render_progress(job.user_id, job.request_id)
             # In the job's own trace, not the batch's (this thread runs in the batch span).
-            asyncio.run_coroutine_threadsafe(self.bus.publish_plain(subject, progress, span=item.span), self.loop)
+            await self.bus.publish_plain(subject, progress, span=item.span)
 
 
 def _ns(moment: datetime) -> int:

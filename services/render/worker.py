@@ -39,7 +39,7 @@ from services.render.attempts import RENDER_ATTEMPTS, Attempts, out_of_attempts
 from services.render.cancels import Cancels, JobKey, job_key
 from services.render.intake import IDLE_POLL_S, Intake
 from services.render.outcomes import Outcomes, Progress
-from services.render.pipeline import Cancelled, OverBudget, Renderer
+from services.render.pipeline import Cancelled, OverBudget, Renderer, on_torch_thread
 from services.render.queue import JobQueue
 from services.render.status import Throughput, WorkerStatus
 from services.render.storage import BadInput, ImageStore
@@ -200,11 +200,12 @@ class RenderWorker:
 
     async def _settled_before(self, item: Received) -> bool:
         job: RenderRequested = item.event
-        render_ms = await self.images.stored_render_ms(job)
+        # Both lookups at once: each is a round trip to the bus, on every job's path.
+        render_ms, cancelled = await asyncio.gather(self.images.stored_render_ms(job), self.cancels.is_cancelled(job))
         if render_ms is not None:
             await self.outcomes.complete(item, render_ms)
             return True
-        if await self.cancels.is_cancelled(job):
+        if cancelled:
             await self.outcomes.fail(item, "cancelled", "cancelled before it was rendered")
             return True
         return False
@@ -227,7 +228,7 @@ class RenderWorker:
     async def _starting(self, todo: list[Received]) -> tuple[dict[JobKey, int], list[Received]]:
         attempts: dict[JobKey, int] = {}  # this batch's, by (user, request)
         ready = []
-        started = await asyncio.gather(*(self.attempts.start(item.event) for item in todo))
+        started = await asyncio.gather(*(self.attempts.start(item.event, item.attempt == 1) for item in todo))
         for item, attempt in zip(todo, started, strict=True):
             if out_of_attempts(attempt):
                 why = f"not finished in {RENDER_ATTEMPTS} renders"
@@ -359,7 +360,7 @@ class RenderWorker:
 
         if failpoints.armed("render.batch:oom") and len(jobs) > 2:  # tests: a device that fits 2 at once
             raise MemoryError(f"failpoint: out of memory for a batch of {len(jobs)}")
-        rendering = asyncio.ensure_future(asyncio.to_thread(self.renderer.render_batch, jobs, on_step, sources, masks))
+        rendering = asyncio.ensure_future(on_torch_thread(self.renderer.render_batch, jobs, on_step, sources, masks))
         metrics.InFlight.jobs += len(todo)
         self._rendering = (jobs, utcnow())  # for the heartbeat
         try:

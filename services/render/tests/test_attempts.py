@@ -37,3 +37,11 @@ async def test_a_job_past_its_renders_is_out_of_attempts():
     attempts = Attempts(KeyValue())  # type: ignore[arg-type]
     started = [await attempts.start(job()) for _ in range(RENDER_ATTEMPTS + 1)]
     assert [out_of_attempts(attempt) for attempt in started] == [False] * RENDER_ATTEMPTS + [True]
+
+
+async def test_a_first_delivery_counts_one_without_reading_the_count():
+    kv = KeyValue()
+    kv.values["alice.r1"] = b"2"  # a copy of the job published past the dedupe window starts again
+    attempts = Attempts(kv)  # type: ignore[arg-type]
+    assert await attempts.start(job("r1", "alice"), first_delivery=True) == 1
+    assert await attempts.start(job("r1", "alice")) == 2  # a redelivery reads what was counted

@@ -1,5 +1,6 @@
 import asyncio
 from datetime import timedelta
+from types import SimpleNamespace
 
 from opentelemetry import trace
 
@@ -12,8 +13,9 @@ from .jobs import held
 class Msg:
     headers = None
 
-    def __init__(self) -> None:
+    def __init__(self, delivered: int = 1) -> None:
         self.acked = False
+        self.metadata = SimpleNamespace(num_delivered=delivered)  # JetStream's delivery count
 
     async def ack(self) -> None:
         self.acked = True

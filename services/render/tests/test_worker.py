@@ -144,7 +144,7 @@ async def test_any_other_failure_is_retried_with_its_own_jobs_attempt(monkeypatc
     worker = a_worker(renderer)
     await worker.attempts.start(held("r1", "bob").event)  # bob's r1 started once before
     batch = jobs("r1") + [held("r1", "bob")]
-    batch[1].msg = Msg()
+    batch[1].msg = Msg(delivered=2)  # redelivered after that render
     await worker._run_batch(batch)
     assert sorted(retried) == [(("alice", "r1"), 1), (("bob", "r1"), 2)]
     assert worker.bus.outcomes == {} and worker.outcomes.queued_ms == {}
