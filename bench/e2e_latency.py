@@ -53,7 +53,8 @@ def summary(values: list[float]) -> dict[str, float]:
 
 STAGES = {
     "quota": "submitted → decided: bus, reading the user's log",
-    "context, queue, store": "decided → rendered: commit, publishes, context, queue, PNG store",
+    "context, store": "decided → rendered, less the queue: publishes, context, checks, PNG store",
+    "queue": "job requested → its batch starts: dispatcher, claim",
     "delivery": "render completed → delivered",
     "back to client": "delivered → the client has read the stored outcome",
 }
@@ -74,7 +75,8 @@ async def _stage_times(client: KilnClient, delivered: ImageDelivered, received_a
 
     return {
         "quota": ms(grant.submission.submitted_at, grant.decided_at),
-        "context, queue, store": ms(grant.decided_at, done.completed_at) - done.render_ms,
+        "context, store": ms(grant.decided_at, done.completed_at) - done.render_ms - (done.queued_ms or 0.0),
+        "queue": done.queued_ms or 0.0,
         "delivery": ms(done.completed_at, delivered.delivered_at),
         "back to client": ms(delivered.delivered_at, received_at),
     }

@@ -4,9 +4,10 @@ Three figures, all on Kiln's own model (32×32, 20 steps) and on this machine's 
 GPU is present:
 
 1. images/s of the render service ÷ a plain diffusers loop on the same model, batch size and
-   steps. The service figure is end to end for the render service: jobs published to the
-   queue until every `RenderCompleted` is out (fair queue, batching, progress events, PNG
-   encoding, object-store writes, outcome events).
+   steps, on the same host: beside the servers, idle (the loop alone, with no servers
+   running, is reported too). The service figure is end to end for the render service:
+   jobs published to the queue until every `RenderCompleted` is out (fair queue, batching,
+   progress events, PNG encoding, object-store writes, outcome events).
 2. batched ÷ batch-1 service throughput, under a load that fills the batches (all jobs
    queued at once).
 3. p50 / p95 queue wait (job requested → its batch starts) at 1, 2 and 4 workers under one
@@ -36,7 +37,7 @@ import msgspec
 
 from infra.platform import Platform
 from kiln.client import CLIENT_ACCESS, KilnClient
-from services.render.pipeline import quiet_model_libraries
+from services.render.pipeline import on_torch_thread, quiet_model_libraries
 from shared import subjects
 from shared.access import Access
 from shared.bus import Message
@@ -200,15 +201,25 @@ async def connect_client(stack: Platform) -> KilnClient:
     return KilnClient(await stack.bus(access=BENCH_ACCESS))
 
 
+async def _plain_loops(batch: int, jobs: int, repeats: int) -> tuple[float, float]:
+    """The plain loop at `batch` and at 1, on one thread as the service renders
+    (pipeline.on_torch_thread)."""
+    batched = await on_torch_thread(plain_loop, batch, max(1, jobs // batch), repeats)
+    return batched, await on_torch_thread(plain_loop, 1, min(jobs, 16), repeats)
+
+
 async def measure(jobs: int, batch: int, rate: float, seconds: float, repeats: int, settings: Settings) -> dict:
-    plain = await asyncio.to_thread(plain_loop, batch, max(1, jobs // batch), repeats)
-    plain_1 = await asyncio.to_thread(plain_loop, 1, min(jobs, 16), repeats)
-    result: dict = {"plain_loop_per_s": {"batch": round(plain, 2), "batch_1": round(plain_1, 2)}}
+    alone = await _plain_loops(batch, jobs, repeats)
+    result: dict = {"plain_loop_alone_per_s": {"batch": round(alone[0], 2), "batch_1": round(alone[1], 2)}}
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
         stack = Platform.isolated(Path(tmp) / "kiln", DEFAULT_MODEL, settings)
         stack.start_servers()
         try:
             await stack.declare()  # the streams and buckets, as `kiln up` makes them before any service
+            # The ratio's base: the plain loop on the same host as the service, beside the
+            # servers (idle here; the service's own bus traffic is part of what it costs).
+            plain, plain_1 = await _plain_loops(batch, jobs, repeats)
+            result["plain_loop_per_s"] = {"batch": round(plain, 2), "batch_1": round(plain_1, 2)}
             async with await connect_client(stack) as client:
                 workers = Workers(stack, client)
                 for label, max_batch in (("batch", batch), ("batch_1", 1)):
@@ -261,6 +272,10 @@ def main() -> None:
     print(
         f"  batch 1: plain loop {plain['batch_1']:.1f}/s, service {service['batch_1']:.1f}/s "
         f"-> service / plain {result['service_vs_plain_batch_1']:.3f}"
+    )
+    alone = result["plain_loop_alone_per_s"]
+    print(
+        f"  plain loop with no servers running: batch {args.batch} {alone['batch']:.1f}/s, batch 1 {alone['batch_1']:.1f}/s"
     )
     print(f"  service batched / batch 1: {result['batched_vs_batch_1']:.2f}x")
     for workers, figures in result["queue_wait"].items():
