@@ -94,7 +94,7 @@ async def _platform(auth: bool) -> AsyncIterator[Platform]:
     # Embedded servers only: an external NATS does not trust Kiln's operator.
     settings = dataclasses.replace(Settings.from_env(), nats_auth=auth, nats_url=None)
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
-        stack = Platform.isolated(Path(tmp) / "kiln", DEFAULT_MODEL, settings)
+        stack = Platform.isolated(Path(tmp) / "kiln", DEFAULT_MODEL, settings, tracing_ui=False)
         try:
             await stack.start()
             yield stack

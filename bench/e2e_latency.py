@@ -90,7 +90,7 @@ async def connect_client(stack: Platform) -> KilnClient:
 
 async def measure(requests: int, warmup: int, settings: Settings) -> dict:
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
-        stack = Platform.isolated(Path(tmp) / "kiln", DEFAULT_MODEL, settings)
+        stack = Platform.isolated(Path(tmp) / "kiln", DEFAULT_MODEL, settings, tracing_ui=False)
         await stack.start()
         try:
             async with await connect_client(stack) as client:

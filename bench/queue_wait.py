@@ -99,7 +99,7 @@ async def _estimate_errors(client: KilnClient, side: int, burst: int) -> list[di
 async def measure(rounds: int, burst: int, settings: Settings) -> dict:
     os.environ["KILN_PLANS"] = str(SHIPPED_PLANS)  # the services read it
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
-        stack = Platform.isolated(Path(tmp) / "kiln", DEFAULT_MODEL, settings)
+        stack = Platform.isolated(Path(tmp) / "kiln", DEFAULT_MODEL, settings, tracing_ui=False)
         await stack.start()
         try:
             async with await KilnClient.connect(stack.nats_url, stack.credentials(ADMIN), ADMIN) as client:

@@ -103,8 +103,7 @@ async def run(
     os.environ["KILN_PLANS"] = str(BENCH_PLANS)  # for the quota processes this starts
     runs = []
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
-        stack = Platform.isolated(Path(tmp) / "kiln", Path(tmp) / "no-model", settings)
-        stack.tracing_ui = False
+        stack = Platform.isolated(Path(tmp) / "kiln", Path(tmp) / "no-model", settings, tracing_ui=False)
         stack.start_servers()
         server_url = stack.database_url
         assert server_url

@@ -236,7 +236,7 @@ async def run(
 ) -> dict:
     os.environ["KILN_PLANS"] = str(BENCH_PLANS)  # for the quota processes this starts
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
-        stack = Platform.isolated(Path(tmp) / "kiln", Path(tmp) / "no-model", settings)
+        stack = Platform.isolated(Path(tmp) / "kiln", Path(tmp) / "no-model", settings, tracing_ui=False)
         dropped = None
         if stack.database_url:
             stack.database_url, dropped = await create_database(stack.database_url, "kiln_bench")

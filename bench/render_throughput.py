@@ -212,7 +212,7 @@ async def measure(jobs: int, batch: int, rate: float, seconds: float, repeats: i
     alone = await _plain_loops(batch, jobs, repeats)
     result: dict = {"plain_loop_alone_per_s": {"batch": round(alone[0], 2), "batch_1": round(alone[1], 2)}}
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
-        stack = Platform.isolated(Path(tmp) / "kiln", DEFAULT_MODEL, settings)
+        stack = Platform.isolated(Path(tmp) / "kiln", DEFAULT_MODEL, settings, tracing_ui=False)
         stack.start_servers()
         try:
             await stack.declare()  # the streams and buckets, as `kiln up` makes them before any service

@@ -45,7 +45,7 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 async def measure(workers: int, clients: int) -> dict:
     os.environ["KILN_PLANS"] = str(BENCH_PLANS)
     with tempfile.TemporaryDirectory(prefix="kiln-bench-roll-") as tmp:
-        stack = Platform.isolated(Path(tmp) / "kiln", DEFAULT_MODEL, Settings.from_env())
+        stack = Platform.isolated(Path(tmp) / "kiln", DEFAULT_MODEL, Settings.from_env(), tracing_ui=False)
         await stack.start()
         try:
             for n in range(2, workers + 1):

@@ -130,8 +130,7 @@ async def soak_platform(data_dir: Path, settings: Settings | None = None) -> Asy
     """An isolated platform on the soak's plans, with no tracing UI: Phoenix would take a
     core of the worker's under a load that is not about tracing."""
     with soak_plans():
-        stack = Platform.isolated(data_dir, DEFAULT_MODEL, settings)
-        stack.tracing_ui = False
+        stack = Platform.isolated(data_dir, DEFAULT_MODEL, settings, tracing_ui=False)
         async with stack.running("kiln_soak"):
             yield stack
 

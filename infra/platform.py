@@ -128,10 +128,13 @@ class Platform:
         )
 
     @classmethod
-    def isolated(cls, data_dir: Path, model_path: Path, settings: Settings | None = None) -> Platform:
+    def isolated(
+        cls, data_dir: Path, model_path: Path, settings: Settings | None = None, *, tracing_ui: bool = True
+    ) -> Platform:
         """A platform that shares nothing with `make run`: its own data folder and free
         ports, joining external servers only where KILN_NATS_URL / KILN_DATABASE_URL say.
-        Its embedded PostgreSQL's data goes when it stops."""
+        Its embedded PostgreSQL's data goes when it stops. `tracing_ui=False`: no Phoenix
+        (benchmarks: Phoenix and recorded spans take CPU from what they measure)."""
         settings = settings or Settings.from_env()
         return cls(
             data_dir=data_dir,
@@ -148,6 +151,7 @@ class Platform:
             tracing_port=free_port(),
             metrics_ports={name: free_port() for name in SERVICES},
             throwaway=True,
+            tracing_ui=tracing_ui,
         )
 
     @property
