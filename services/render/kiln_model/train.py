@@ -251,6 +251,13 @@ def train(folder: Path, minutes: float, batch_size: int, save_every: float, ae_m
 Inputs = Callable[[int], tuple[torch.Tensor, torch.Tensor | None, list[str]]]
 
 
+def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """MSE with `weight` (B, 1, H, W) per position, divided by its mean: the loss keeps the
+    plain MSE's scale, so the learning rate and gradient clipping mean the same."""
+    weight = weight.to(prediction.dtype)
+    return (weight * (prediction - target) ** 2).mean() / weight.mean()
+
+
 def train_diffusion(
     unet: UNet2DConditionModel,
     text_encoder: CLIPTextModel,
@@ -260,17 +267,21 @@ def train_diffusion(
     save_every: float,
     save_models: Callable[[CLIPTextModel, UNet2DConditionModel], None],
     log_every: int = 50,
+    peak_lr: float = 1e-3,
+    loss_weight: Callable[[int], torch.Tensor] | None = None,
 ) -> None:
     """Train `unet` and `text_encoder` together for `minutes` (v-prediction on a cosine
     noise schedule; AdamW, the learning rate warming up then following a cosine over the
     time budget; EMA weights), saving the EMA weights every `save_every` minutes and at the
     end. `inputs(step)` gives the step's latents, the channels joined to the noisy latents
-    (a text model's glyphs; None: none) and the captions."""
+    (a text model's glyphs; None: none) and the captions. `loss_weight(step)`, called after
+    `inputs(step)`, may weight the squared error per latent position (broadcast over the
+    channels, normalised by its mean); None: a plain MSE."""
     noise_schedule = DDPMScheduler(
         num_train_timesteps=TRAIN_STEPS, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction"
     )
     parameters = [*unet.parameters(), *text_encoder.parameters()]
-    optimiser = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=0.01)
+    optimiser = torch.optim.AdamW(parameters, lr=peak_lr, weight_decay=0.01)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     ema_pairs = [
         *zip(ema_unet.parameters(), unet.parameters(), strict=True),
@@ -283,7 +294,7 @@ def train_diffusion(
         step += 1
         warmup = min(1.0, step / 100)
         for group in optimiser.param_groups:  # cosine over the time budget
-            group["lr"] = 1e-3 * warmup * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * elapsed / budget_s)))
+            group["lr"] = peak_lr * warmup * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * elapsed / budget_s)))
         latents, joined, captions = inputs(step)
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, TRAIN_STEPS, (len(latents),))
@@ -293,7 +304,10 @@ def train_diffusion(
             noisy = torch.cat([noisy, joined], dim=1)
         with torch.autocast("cpu", dtype=torch.bfloat16):  # ~1.5× faster a step on this CPU
             prediction = unet(noisy, timesteps, encode(captions)).sample
-        loss = F.mse_loss(prediction.float(), target)
+        if loss_weight is None:
+            loss = F.mse_loss(prediction.float(), target)
+        else:
+            loss = weighted_mse(prediction.float(), target, loss_weight(step))
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
