@@ -66,8 +66,7 @@ async def cluster_platform(tmp_path_factory: pytest.TempPathFactory, model_path:
     """Its own platform on an embedded 3-node cluster; no tracing UI (the CPUs are for the load)."""
     os.environ["KILN_PLANS"] = str(TEST_PLANS)  # as the `platform` fixture: free = 3 a day
     settings = dataclasses.replace(Settings.from_env(), nats_url=None, nats_cluster=3)
-    stack = Platform.isolated(tmp_path_factory.mktemp("kiln-cluster"), model_path, settings)
-    stack.tracing_ui = False
+    stack = Platform.isolated(tmp_path_factory.mktemp("kiln-cluster"), model_path, settings, tracing_ui=False)
     async with stack.running("kiln_test"):
         yield stack
 

@@ -48,7 +48,13 @@ import torch.nn.functional as F
 
 from services.render.kiln_model import glyphs, text_scenes
 from services.render.kiln_model.glyph_pipeline import encoder_caption, glyph_condition, glyph_masks
-from services.render.kiln_model.train import build_text_encoder, build_tokenizer, encode_text, train_diffusion
+from services.render.kiln_model.train import (
+    build_text_encoder,
+    build_tokenizer,
+    encode_text,
+    latent_scaling,
+    train_diffusion,
+)
 from services.render.pipeline import quiet_model_libraries
 
 quiet_model_libraries()
@@ -188,14 +194,6 @@ def train_autoencoder(vae: AutoencoderKL, batches: Batches, minutes: float, seed
     return loss.item()
 
 
-def latent_scaling(vae: AutoencoderKL, batches: Batches) -> float:
-    """The scaling that puts latents in [-1, 1], like pixels: the saved scheduler clips its
-    estimate of the clean latent to that range (thresholding with a maximum of 1)."""
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(batches.next()[0]).latent_dist.mode() for _ in range(4)])
-    return 1.0 / latents.abs().quantile(0.999).item()
-
-
 def resume_models(folder: Path, tokenizer: PreTrainedTokenizerFast) -> tuple[CLIPTextModel, UNet2DConditionModel]:
     """The folder's text encoder and UNet in fp32, to train further. The captions' ids must
     mean what they meant: the saved tokenizer has to be the one `build_tokenizer` rebuilds."""
@@ -295,7 +293,7 @@ def train(
     else:
         vae = build_vae()
         loss = train_autoencoder(vae, Batches(16, seed + 1), ae_minutes, seed)
-        vae.register_to_config(scaling_factor=latent_scaling(vae, batches))
+        vae.register_to_config(scaling_factor=latent_scaling(vae, batches, draws=4))  # type: ignore[arg-type]
         print(f"autoencoder done: loss {loss:.5f}, latent scaling {vae.config.scaling_factor:.3f}", flush=True)
         save(folder, tokenizer, text_encoder, vae, unet)
     scaling = vae.config.scaling_factor

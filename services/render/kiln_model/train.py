@@ -175,13 +175,14 @@ def train_autoencoder(vae: AutoencoderKL, batches: Batches, minutes: float) -> f
     return loss.item()
 
 
-def latent_scaling(vae: AutoencoderKL, batches: Batches) -> float:
+def latent_scaling(vae: AutoencoderKL, batches: Batches, draws: int = 8) -> float:
     """The scaling factor that puts latents in [-1, 1], like pixels: the sampler clips its
     estimate of the clean latent to that range at every step (SD pipelines turn a
     scheduler's `clip_sample` off, so the saved scheduler clips by `thresholding` with a
-    maximum of 1, which is the same thing)."""
+    maximum of 1, which is the same thing). Measured on `draws` batches (any batches whose
+    `next()` gives the pixels first)."""
     with torch.no_grad():
-        latents = torch.cat([vae.encode(batches.next()[0]).latent_dist.mode() for _ in range(8)])
+        latents = torch.cat([vae.encode(batches.next()[0]).latent_dist.mode() for _ in range(draws)])
     return 1.0 / latents.abs().quantile(0.999).item()
 
 
