@@ -6,9 +6,11 @@ from datetime import UTC, datetime
 import msgspec
 import pytest
 
+from shared import events
 from shared.events import (
     MAX_EVENT_BYTES,
     MSGPACK,
+    Composition,
     PromptSubmitted,
     QuotaDenied,
     QuotaGranted,
@@ -132,3 +134,25 @@ def test_hostile_payloads_are_refused_with_a_reason(data: bytes, content_type: s
 def test_a_heartbeat_or_a_body_gets_the_same_guards():
     with pytest.raises(msgspec.DecodeError, match="nested too deeply"):
         decode_json(b'{"worker_id": "w", "x": ' + DEEP + b"}", WorkerHeartbeat)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"a\x00": 1},
+        {"a": [1, 2, {"b": float("-inf")}]},
+        ("ok", ["\x00"]),
+        Composition(text="t", subject="s", degraded="x\x00"),
+        {"fine": [1, "two", 3.5, None, True]},
+        Composition(text="t", subject="s"),
+    ],
+    ids=["key", "nested-list", "tuple", "struct", "fine-dict", "fine-struct"],
+)
+def test_the_quick_walk_refuses_what_the_slow_walk_refuses(value: object):
+    # Every decode runs the quick walk; only when it finds something does the slow one name the field.
+    try:
+        events._refuse_odd_values(value)
+        refused = False
+    except msgspec.DecodeError:
+        refused = True
+    assert events._has_odd_value(value) is refused
