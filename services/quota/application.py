@@ -261,6 +261,7 @@ class QuotaService:
             step_seconds=self.fleet.step_seconds(),
             text_sizes=None if text is None else text.sizes,
             text_chars=0 if text is None else text.max_text_chars,
+            text_steps=None if text is None else text.steps,
         )
         entries = []
         for delivery in batch:

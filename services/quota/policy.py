@@ -20,14 +20,16 @@ from shared.model_card import ModelCard
 
 # 3: sizes and cost (`Pricing`); 4: free images degraded under pressure; 5: `max_active`;
 # 6: `critical_paid_lane` (paid images keep their lane while critical), quoted text checked
-# against the text model's sizes and characters (`Pricing.text_sizes`)
-POLICY_VERSION = "6"
+# against the text model's sizes and characters (`Pricing.text_sizes`); 7: quoted text priced
+# and degraded from the steps the text model draws (`Pricing.text_steps`)
+POLICY_VERSION = "7"
 # Versions whose decisions replay re-runs: version 2 had no pricing, which `Pricing()` is;
 # before 4 the recorded shedding rules have no `elevated_max_steps`, which is no degrading;
 # before 5 no plan had `max_active` and no decision recorded `active`, which is no limit;
 # before 6 no shedding rule had `critical_paid_lane`, whose default is the old lane, and no
-# pricing had `text_sizes`, which is quotes as plain words.
-REPLAYABLE_VERSIONS = ("2", "3", "4", "5", "6")
+# pricing had `text_sizes`, which is quotes as plain words; before 7 none had `text_steps`,
+# which is text priced at the steps asked.
+REPLAYABLE_VERSIONS = ("2", "3", "4", "5", "6", "7")
 ACTIVE_RETRY_S = 10  # a user at max_active may try again this soon: requests end in seconds
 MAX_PROMPT_CHARS = 1000
 SIZE_RANGE = (MIN_SIDE, MAX_SIDE)
@@ -46,10 +48,16 @@ class Pricing(msgspec.Struct, frozen=True):
     # it writes. None: there is none, and quotes are words like any other.
     text_sizes: list[int] | None = None
     text_chars: int = 0
+    text_steps: int | None = None  # the most steps it draws, whatever is asked (None: as asked)
 
     def quoted_text(self, submission: PromptSubmitted) -> str | None:
         """The text the prompt asks to see written, if a model here draws text."""
         return quoted.find(submission.prompt) if self.text_sizes is not None else None
+
+    def steps_drawn(self, submission: PromptSubmitted) -> int:
+        """The steps the picture is drawn with when the fleet is not under pressure."""
+        most = self.text_steps if self.quoted_text(submission) is not None else None
+        return min(submission.steps, most or submission.steps)
 
     def card_for(self, submission: PromptSubmitted) -> ModelCard:
         """The sizes of the model that draws this prompt."""
@@ -139,11 +147,14 @@ def bucket_rule(plan: Plan, pressure: Pressure, shedding: Shedding) -> tuple[int
     return plan.burst, plan.per_hour
 
 
-def degraded_steps(asked: int, plan: Plan, pressure: Pressure, shedding: Shedding) -> tuple[int, str | None]:
-    """(steps to render, why they are fewer than asked, or None)."""
+def degraded_steps(
+    asked: int, drawn: int, plan: Plan, pressure: Pressure, shedding: Shedding
+) -> tuple[int, str | None]:
+    """(steps to render, why they are fewer than the model would draw, or None). `drawn`:
+    what the model draws of the `asked` steps without pressure (a text model draws fewer)."""
     cap = shedding.elevated_max_steps
-    if plan.tier != "free" or pressure == "normal" or not cap or asked <= cap:
-        return asked, None
+    if plan.tier != "free" or pressure == "normal" or not cap or drawn <= cap:
+        return drawn, None
     return cap, f"{asked} steps asked, {cap} rendered while the fleet is {pressure}"
 
 
@@ -189,7 +200,7 @@ def decide(
         return deny("invalid", problem, None)
 
     # Under pressure a free image is first made cheaper (fewer steps), before any is denied.
-    steps, degraded = degraded_steps(submission.steps, plan, pressure, shedding)
+    steps, degraded = degraded_steps(submission.steps, pricing.steps_drawn(submission), plan, pressure, shedding)
 
     # What the image costs is known before anyone is charged: one over the plan's budget
     # is refused with what would fit, not left to hold a worker for minutes.
@@ -253,7 +264,7 @@ def decide(
 
 def _too_costly(submission: PromptSubmitted, plan_name: str, budget: float, estimate: float, pricing: Pricing) -> str:
     """'32×32×50 needs about 40 s here; the free plan allows 20 s an image — try --steps 25'"""
-    width, height, steps = submission.width, submission.height, submission.steps
+    width, height, steps = submission.width, submission.height, pricing.steps_drawn(submission)
     sides = pricing.card_for(submission).offered_sides()
     hint = cost.what_fits(pricing.step_seconds, width, height, steps, budget, sides)
     return (

@@ -208,6 +208,28 @@ def test_text_the_model_cannot_write_is_invalid_before_anyone_is_charged():
     assert isinstance(_text_decision('a sign that says "CAFÉ!"', 32, PRICED), QuotaGranted)
 
 
+def test_quoted_text_is_priced_and_degraded_from_the_steps_the_text_model_draws():
+    # The text model draws 6 steps whatever is asked: 30 asked are priced as 6, and a cap
+    # of 12 under pressure takes nothing from them.
+    seconds = {"128x128": 0.5}
+    pricing = policy.Pricing(sizes=[32], step_seconds=seconds, text_sizes=[128], text_chars=12, text_steps=6)
+    shedding = Shedding(elevated_burst=5, elevated_per_hour=60, elevated_max_steps=12)
+    submission = _prompt(prompt='a sign that says "OPEN"', width=128, height=128, steps=30)
+
+    def decide(pricing: policy.Pricing, pressure="elevated", shedding=shedding):
+        return policy.decide(submission, "free", FREE, policy.UserState(), pressure, shedding, NOW, pricing)
+
+    granted = decide(pricing)
+    assert isinstance(granted, QuotaGranted)
+    assert (granted.estimate_s, granted.steps, granted.degraded) == (3.0, None, None)
+    tight = decide(pricing, shedding=Shedding(elevated_burst=5, elevated_per_hour=60, elevated_max_steps=2))
+    assert (tight.estimate_s, tight.steps) == (1.0, 2)
+    assert tight.degraded == "30 steps asked, 2 rendered while the fleet is elevated"
+    # Recorded before policy 7 (no `text_steps`): priced and degraded from the steps asked, as then.
+    before = decide(msgspec.structs.replace(pricing, text_steps=None))
+    assert (before.estimate_s, before.steps) == (6.0, 12)
+
+
 # -- requests at once (`max_active`) -------------------------------------------------------
 
 CAPPED = Plan(tier="paid", daily_limit=100, burst=50, per_hour=600, max_active=2)
