@@ -51,8 +51,11 @@ from services.render.kiln_model.glyph_pipeline import encoder_caption, glyph_con
 from services.render.kiln_model.train import (
     build_text_encoder,
     build_tokenizer,
+    cell_weight,
     encode_text,
     latent_scaling,
+    load_vae,
+    resume_models,
     train_diffusion,
 )
 from services.render.pipeline import quiet_model_libraries
@@ -60,8 +63,6 @@ from services.render.pipeline import quiet_model_libraries
 quiet_model_libraries()
 import diffusers  # noqa: E402
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-from transformers import CLIPTextModel, PreTrainedTokenizerFast  # noqa: E402
 
 SIZE = 128  # see the docstring for why
 FACTOR = 4  # VAE downsampling per side
@@ -194,28 +195,6 @@ def train_autoencoder(vae: AutoencoderKL, batches: Batches, minutes: float, seed
     return loss.item()
 
 
-def resume_models(folder: Path, tokenizer: PreTrainedTokenizerFast) -> tuple[CLIPTextModel, UNet2DConditionModel]:
-    """The folder's text encoder and UNet in fp32, to train further. The captions' ids must
-    mean what they meant: the saved tokenizer has to be the one `build_tokenizer` rebuilds."""
-    saved = PreTrainedTokenizerFast.from_pretrained(folder / "tokenizer", local_files_only=True)
-    if saved.get_vocab() != tokenizer.get_vocab():
-        raise SystemExit(f"{folder}/tokenizer is not text_scenes.WORDS' vocabulary: cannot resume")
-    # Built from this file's architecture and loaded strictly: a mismatch fails here, and the
-    # saved configs stay free of the source folder's path.
-    text_encoder, unet = build_text_encoder(tokenizer), build_unet()
-    text_encoder.load_state_dict(load_file(folder / "text_encoder" / "model.safetensors"))
-    unet.load_state_dict(load_file(folder / "unet" / "diffusion_pytorch_model.safetensors"))
-    return text_encoder, unet  # fp32: load_state_dict copies the fp16 weights into them
-
-
-def letter_weight(masks: torch.Tensor, weight: float) -> torch.Tensor:
-    """(B, 1, H, W) glyph masks → (B, 1, H/FACTOR, W/FACTOR) loss weights: `weight` on the
-    latent cells a letter touches and their neighbours (a stroke's edge), 1 elsewhere. The
-    letters are ~10% of the latents, so a plain MSE mostly teaches the background."""
-    cells = F.max_pool2d(masks, FACTOR)
-    return 1 + (weight - 1) * F.max_pool2d(cells, 3, 1, 1)
-
-
 def build_scheduler() -> DPMSolverMultistepScheduler:
     return DPMSolverMultistepScheduler(
         num_train_timesteps=TRAIN_STEPS,
@@ -271,7 +250,7 @@ def train(
     batches = Batches(batch_size, seed)
     tokenizer = build_tokenizer(text_scenes.WORDS)  # the words of its captions
     if resume:
-        text_encoder, unet = resume_models(folder, tokenizer)
+        text_encoder, unet = resume_models(folder, tokenizer, build_text_encoder(tokenizer), build_unet())
         print(f"resuming the text encoder and UNet of {folder}", flush=True)
     else:
         text_encoder, unet = build_text_encoder(tokenizer), build_unet()
@@ -283,12 +262,7 @@ def train(
 
     # 1. The autoencoder: trained here, or an earlier run's reused
     if vae_from is not None:
-        vae = (
-            AutoencoderKL.from_pretrained(vae_from, local_files_only=True, low_cpu_mem_usage=False)
-            .float()
-            .eval()
-            .requires_grad_(False)
-        )
+        vae = load_vae(vae_from, build_vae())
         print(f"autoencoder from {vae_from}: latent scaling {vae.config.scaling_factor:.3f}", flush=True)
     else:
         vae = build_vae()
@@ -311,7 +285,8 @@ def train(
                 latents=latents,
                 condition=glyph_condition(masks, FACTOR),
                 captions=captions,
-                weight=letter_weight(masks, letters),
+                # the letters are ~10% of the latents: a plain MSE mostly teaches the background
+                weight=cell_weight(masks, FACTOR, letters),
             )
         return drawn["latents"], drawn["condition"], drawn["captions"]  # type: ignore[return-value]
 

@@ -17,12 +17,18 @@ Three parts, all standard diffusers / transformers classes, so `StableDiffusionP
 The run stops after `--minutes` of diffusion training (the learning rate follows a cosine
 over that time) and writes a checkpoint every `--save-every` minutes, so a cut-short run
 still leaves a usable model. Weights are saved in fp16 (about 5 MB in all).
+
+`--resume` trains the folder's UNet and text encoder further on its own autoencoder (at a
+lower `--lr`); `--object-weight` counts the latent cells the object covers that many times
+in the UNet's loss: the object is a fifth of a picture, so a plain MSE mostly teaches the
+background, while shapes and digits are told apart by a few edge cells.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import random
 import time
@@ -43,6 +49,7 @@ from diffusers import (  # noqa: E402
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from safetensors.torch import load_file  # noqa: E402
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast  # noqa: E402
 
@@ -137,15 +144,16 @@ def build_models(tokenizer: PreTrainedTokenizerFast) -> tuple[CLIPTextModel, Aut
 
 
 class Batches:
-    """Endless batches of freshly drawn (image, caption) pairs, never a held-out scene."""
+    """Endless batches of freshly drawn pictures, never a held-out scene: pixels in [-1, 1],
+    captions, and object masks (B, 1, H, W), 1 where a pixel differs from the background."""
 
     def __init__(self, size: int, seed: int) -> None:
         self.size = size
         self.rng = random.Random(seed)
         self.held_out = {(s.thing, s.colour, s.background, s.position) for s in scenes.held_out_scenes()}
 
-    def next(self) -> tuple[torch.Tensor, list[str]]:
-        images, captions = [], []
+    def next(self) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+        images, captions, backgrounds = [], [], []
         while len(images) < self.size:
             scene = scenes.random_scene(self.rng)
             if (scene.thing, scene.colour, scene.background, scene.position) in self.held_out:
@@ -153,8 +161,11 @@ class Batches:
             text, _ = scenes.caption(scene, self.rng)
             images.append(torch.frombuffer(bytearray(scenes.draw(scene, self.rng).tobytes()), dtype=torch.uint8))
             captions.append("" if self.rng.random() < CAPTION_DROPOUT else text)
+            backgrounds.append(scenes.COLOURS[scene.background or "white"])
         pixels = torch.stack(images).view(-1, scenes.SIZE, scenes.SIZE, 3).permute(0, 3, 1, 2)
-        return pixels.float() / 127.5 - 1.0, captions
+        # A plain background is drawn exactly; the object's edges (antialiased) count as object.
+        masks = (pixels != torch.tensor(backgrounds, dtype=torch.uint8)[:, :, None, None]).any(1, keepdim=True)
+        return pixels.float() / 127.5 - 1.0, captions, masks.float()
 
 
 def train_autoencoder(vae: AutoencoderKL, batches: Batches, minutes: float) -> float:
@@ -162,7 +173,7 @@ def train_autoencoder(vae: AutoencoderKL, batches: Batches, minutes: float) -> f
     started, step = time.monotonic(), 0
     while time.monotonic() - started < minutes * 60:
         step += 1
-        pixels, _ = batches.next()
+        pixels = batches.next()[0]
         posterior = vae.encode(pixels).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         loss = F.mse_loss(reconstruction, pixels) + 1e-6 * posterior.kl().mean()
@@ -171,6 +182,38 @@ def train_autoencoder(vae: AutoencoderKL, batches: Batches, minutes: float) -> f
         optimiser.step()
         if step % 50 == 0:
             print(f"autoencoder step {step}: loss {loss.item():.5f}", flush=True)
+    vae.eval().requires_grad_(False)
+    return loss.item()
+
+
+def train_decoder(vae: AutoencoderKL, batches: Batches, minutes: float, object_weight: float) -> float:
+    """Fine-tune a trained autoencoder's decoder alone, the object's pixels and their edges
+    weighted `object_weight` times: a blurred corner turns a triangle into a circle for the
+    checker. The encoder, and so the latents the UNet learnt, stay as they were. It decodes
+    the posterior's mode, which is what the UNet learnt to make: decoding samples (their
+    noise is a quarter of the latents' spread) teaches it to blur."""
+    parameters = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    vae.train().requires_grad_(False)
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    optimiser = torch.optim.AdamW(parameters, lr=1e-3)
+    budget_s, started, step, loss = minutes * 60, time.monotonic(), 0, torch.tensor(0.0)
+    while (elapsed := time.monotonic() - started) < budget_s:
+        step += 1
+        for group in optimiser.param_groups:  # cosine over the time budget
+            group["lr"] = (
+                1e-3 * min(1.0, step / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * elapsed / budget_s)))
+            )
+        pixels, _, masks = batches.next()
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.mode()
+        reconstruction = vae.decode(latents).sample
+        loss = weighted_mse(reconstruction, pixels, 1 + (object_weight - 1) * F.max_pool2d(masks, 3, 1, 1))
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        if step % 50 == 0:
+            print(f"decoder step {step} ({elapsed / 60:.1f} min): loss {loss.item():.5f}", flush=True)
     vae.eval().requires_grad_(False)
     return loss.item()
 
@@ -217,24 +260,79 @@ def encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
     return text_encoder(ids.input_ids)[0]
 
 
-def train(folder: Path, minutes: float, batch_size: int, save_every: float, ae_minutes: float, seed: int) -> None:
+def resume_models(
+    folder: Path, tokenizer: PreTrainedTokenizerFast, text_encoder: CLIPTextModel, unet: UNet2DConditionModel
+) -> tuple[CLIPTextModel, UNet2DConditionModel]:
+    """Load the folder's weights into freshly built (fp32) `text_encoder` and `unet`, to train
+    further. The captions' ids must mean what they meant, so the saved tokenizer has to be
+    `tokenizer`'s vocabulary; the weights load strictly, so an architecture mismatch fails
+    here, and the saved configs stay free of the source folder's path."""
+    saved = PreTrainedTokenizerFast.from_pretrained(folder / "tokenizer", local_files_only=True)
+    if saved.get_vocab() != tokenizer.get_vocab():
+        raise SystemExit(f"{folder}/tokenizer is not the vocabulary this trainer builds: cannot resume")
+    text_encoder.load_state_dict(load_file(folder / "text_encoder" / "model.safetensors"))
+    unet.load_state_dict(load_file(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+    return text_encoder, unet  # fp32: load_state_dict copies the fp16 weights into them
+
+
+def load_vae(folder: Path, vae: AutoencoderKL) -> AutoencoderKL:
+    """A trained autoencoder (a vae/ folder) loaded strictly into the freshly built `vae`, in
+    fp32 and frozen: built here, its saved config stays free of the source folder's path."""
+    vae.load_state_dict(load_file(folder / "diffusion_pytorch_model.safetensors"))
+    vae.register_to_config(scaling_factor=json.loads((folder / "config.json").read_text())["scaling_factor"])
+    return vae.float().eval().requires_grad_(False)
+
+
+def cell_weight(masks: torch.Tensor, factor: int, weight: float) -> torch.Tensor:
+    """(B, 1, H, W) masks → (B, 1, H/factor, W/factor) loss weights: `weight` on the latent
+    cells the mask touches and their neighbours (its edges), 1 elsewhere."""
+    cells = F.max_pool2d(masks, factor)
+    return 1 + (weight - 1) * F.max_pool2d(cells, 3, 1, 1)
+
+
+def train(
+    folder: Path,
+    minutes: float,
+    batch_size: int,
+    save_every: float,
+    ae_minutes: float,
+    seed: int,
+    resume: bool = False,
+    peak_lr: float = 1e-3,
+    object_weight: float = 1.0,
+    decoder_minutes: float = 0.0,
+) -> None:
     torch.manual_seed(seed)
     batches = Batches(batch_size, seed)
     tokenizer = build_tokenizer()
     text_encoder, vae, unet = build_models(tokenizer)
+    if resume:
+        text_encoder, unet = resume_models(folder, tokenizer, text_encoder, unet)
+        vae = load_vae(folder / "vae", vae)
+        print(f"resuming the text encoder and UNet of {folder}, on its autoencoder", flush=True)
     print(
         f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters, "
         f"text encoder {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f} M",
         flush=True,
     )
 
-    loss = train_autoencoder(vae, batches, ae_minutes)
-    scaling = latent_scaling(vae, batches)
-    vae.register_to_config(scaling_factor=scaling)
-    print(f"autoencoder done: loss {loss:.5f}, latent scaling {scaling:.3f}", flush=True)
+    if resume:
+        scaling = vae.config.scaling_factor
+        if decoder_minutes > 0:
+            loss = train_decoder(vae, Batches(batch_size, seed + 1), decoder_minutes, object_weight)
+            print(f"decoder done: loss {loss:.5f}", flush=True)
+    else:
+        loss = train_autoencoder(vae, batches, ae_minutes)
+        scaling = latent_scaling(vae, batches)
+        vae.register_to_config(scaling_factor=scaling)
+        print(f"autoencoder done: loss {loss:.5f}, latent scaling {scaling:.3f}", flush=True)
+    factor = scenes.SIZE // unet.config.sample_size
+    weights: dict[int, torch.Tensor] = {}
 
     def inputs(step: int) -> tuple[torch.Tensor, None, list[str]]:
-        pixels, captions = batches.next()
+        pixels, captions, masks = batches.next()
+        weights[step] = cell_weight(masks, factor, object_weight)
+        weights.pop(step - 1, None)
         with torch.no_grad():
             return vae.encode(pixels).latent_dist.mode() * scaling, None, captions
 
@@ -246,6 +344,8 @@ def train(folder: Path, minutes: float, batch_size: int, save_every: float, ae_m
         minutes,
         save_every,
         lambda text_encoder, unet: save(folder, tokenizer, text_encoder, vae, unet),
+        peak_lr=peak_lr,
+        loss_weight=weights.__getitem__ if object_weight != 1.0 else None,
     )
 
 
@@ -335,9 +435,35 @@ def main() -> None:
     parser.add_argument("--save-every", type=float, default=10.0, help="minutes between checkpoints")
     parser.add_argument("--autoencoder-minutes", type=float, default=8.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--resume", action="store_true", help="train the folder's UNet and text encoder further, on its autoencoder"
+    )
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (a resume wants less)")
+    parser.add_argument(
+        "--object-weight",
+        type=float,
+        default=1.0,
+        help="weight of the object's latent cells in the UNet's loss (and of its pixels in the decoder's)",
+    )
+    parser.add_argument(
+        "--decoder-minutes", type=float, default=0.0, help="with --resume: fine-tune the VAE's decoder first"
+    )
     args = parser.parse_args()
+    if args.decoder_minutes and not args.resume:
+        parser.error("--decoder-minutes needs --resume: a new autoencoder trains whole")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    train(args.folder, args.minutes, args.batch, args.save_every, args.autoencoder_minutes, args.seed)
+    train(
+        args.folder,
+        args.minutes,
+        args.batch,
+        args.save_every,
+        args.autoencoder_minutes,
+        args.seed,
+        resume=args.resume,
+        peak_lr=args.lr,
+        object_weight=args.object_weight,
+        decoder_minutes=args.decoder_minutes,
+    )
 
 
 if __name__ == "__main__":
