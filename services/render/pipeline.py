@@ -12,6 +12,8 @@ card (Kiln's own: kiln-text, glyph-conditioned, kiln_model/glyph_pipeline.py).
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import functools
 import io
 import os
@@ -37,6 +39,26 @@ T = TypeVar("T")
 # gives each thread that calls into torch a team of its own: spread over asyncio's thread
 # pool, the teams fought over the cores, and a batch of 16 took 2.2 s instead of 1.4 s.
 _TORCH_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, where the C library has one."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Hand the memory a batch freed back to the system. glibc keeps freed blocks in its
+    arenas for reuse, and batches of every size, step count and model leave them scattered:
+    under a mixed load a worker's RSS went from 497 to 1,232 MB in 5 minutes without this,
+    and stayed between 520 and 780 MB (the peaks mid-batch) with it, at the same images/s."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 async def on_torch_thread(function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
@@ -159,6 +181,18 @@ class Renderer:
     ) -> tuple[list[bytes], float]:
         """Render compatible jobs (equal `batch_key`) in one pipeline call; return one PNG
         per job, in order, and the pipeline's own time in milliseconds."""
+        try:
+            return self._render_batch(jobs, on_step, sources, masks)
+        finally:
+            release_freed_memory()
+
+    def _render_batch(
+        self,
+        jobs: Sequence[RenderRequested],
+        on_step: StepCallback,
+        sources: Sequence[Image.Image | None],
+        masks: Sequence[Image.Image | None],
+    ) -> tuple[list[bytes], float]:
         first = jobs[0]
         if any(batch_key(job) != batch_key(first) for job in jobs):
             raise ValueError("jobs in one batch must share mode, size, steps, guidance, strength and text or none")
