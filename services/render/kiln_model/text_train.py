@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -56,6 +55,7 @@ from services.render.kiln_model.train import (
     latent_scaling,
     load_vae,
     resume_models,
+    set_learning_rate,
     train_diffusion,
 )
 from services.render.pipeline import quiet_model_libraries
@@ -176,10 +176,7 @@ def train_autoencoder(vae: AutoencoderKL, batches: Batches, minutes: float, seed
     budget_s, started, step = minutes * 60, time.monotonic(), 0
     while (elapsed := time.monotonic() - started) < budget_s:
         step += 1
-        for group in optimiser.param_groups:  # cosine over the time budget
-            group["lr"] = (
-                2e-3 * min(1.0, step / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * elapsed / budget_s)))
-            )
+        set_learning_rate(optimiser, 2e-3, step, 50, elapsed / budget_s)
         pixels, masks, _ = batches.next()
         pixels, masks = text_crops(pixels, masks, rng)
         posterior = vae.encode(pixels).latent_dist

@@ -186,6 +186,14 @@ def train_autoencoder(vae: AutoencoderKL, batches: Batches, minutes: float) -> f
     return loss.item()
 
 
+def set_learning_rate(optimiser: torch.optim.Optimizer, peak: float, step: int, warmup_steps: int, done: float) -> None:
+    """Warm up linearly over `warmup_steps`, then follow a cosine from `peak` down to 5 % of
+    it as `done` (the share of the time budget spent) goes from 0 to 1."""
+    lr = peak * min(1.0, step / warmup_steps) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * done)))
+    for group in optimiser.param_groups:
+        group["lr"] = lr
+
+
 def train_decoder(vae: AutoencoderKL, batches: Batches, minutes: float, object_weight: float) -> float:
     """Fine-tune a trained autoencoder's decoder alone, the object's pixels and their edges
     weighted `object_weight` times: a blurred corner turns a triangle into a circle for the
@@ -200,10 +208,7 @@ def train_decoder(vae: AutoencoderKL, batches: Batches, minutes: float, object_w
     budget_s, started, step, loss = minutes * 60, time.monotonic(), 0, torch.tensor(0.0)
     while (elapsed := time.monotonic() - started) < budget_s:
         step += 1
-        for group in optimiser.param_groups:  # cosine over the time budget
-            group["lr"] = (
-                1e-3 * min(1.0, step / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * elapsed / budget_s)))
-            )
+        set_learning_rate(optimiser, 1e-3, step, 50, elapsed / budget_s)
         pixels, _, masks = batches.next()
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.mode()
@@ -393,9 +398,7 @@ def train_diffusion(
     step, running = 0, 0.0
     while (elapsed := time.monotonic() - started) < budget_s:
         step += 1
-        warmup = min(1.0, step / 100)
-        for group in optimiser.param_groups:  # cosine over the time budget
-            group["lr"] = peak_lr * warmup * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * elapsed / budget_s)))
+        set_learning_rate(optimiser, peak_lr, step, 100, elapsed / budget_s)
         latents, joined, captions = inputs(step)
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, TRAIN_STEPS, (len(latents),))
